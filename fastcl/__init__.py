@@ -1,0 +1,12 @@
+"""fastcl: fused, memory-efficient contrastive losses for PyTorch.
+
+>>> from fastcl import SupConLoss
+>>> loss = SupConLoss(temperature=0.1)(features, labels)   # features [bsz, n_views, dim]
+"""
+
+from fastcl import functional
+from fastcl.losses import InfoNCELoss, NTXentLoss, SupConLoss
+
+__version__ = "0.1.0"
+
+__all__ = ["SupConLoss", "NTXentLoss", "InfoNCELoss", "functional", "__version__"]

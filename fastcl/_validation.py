@@ -1,0 +1,115 @@
+"""Input checks shared by the functional forms and the modules.
+
+Every error names the argument and the shape or type that was expected, so a user can fix the call from the
+message alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BACKENDS = ("auto", "triton", "chunked", "reference")
+CONTRAST_MODES = ("all", "one")
+
+
+def check_positive(name: str, value: float) -> float:
+    """A strictly positive finite number (temperatures)."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Python number, got a tensor")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return value
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_contrast_mode(contrast_mode: str) -> str:
+    if contrast_mode not in CONTRAST_MODES:
+        raise ValueError(f"contrast_mode must be one of {CONTRAST_MODES}, got {contrast_mode!r}")
+    return contrast_mode
+
+
+def check_float_tensor(name: str, x: torch.Tensor, shape_doc: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor of shape {shape_doc}, got dtype {x.dtype}")
+
+
+def check_embeddings(name: str, x: torch.Tensor) -> None:
+    """A ``[N, D]`` floating-point matrix with N >= 1 and D >= 1."""
+    check_float_tensor(name, x, "[N, D]")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape [N, D], got {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
+
+
+def check_same_kind(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Two embedding tensors that meet in one matrix product: same device, dtype and feature dim."""
+    if a.device != b.device:
+        raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same feature dim, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+def check_features(features: torch.Tensor) -> torch.Tensor:
+    """SupCon features ``[bsz, n_views, ...]`` -> ``[bsz, n_views, dim]`` (extra dims flattened)."""
+    check_float_tensor("features", features, "[bsz, n_views, ...]")
+    if features.dim() < 3:
+        raise ValueError(
+            f"features must be [bsz, n_views, ...] (at least 3 dimensions), got shape {tuple(features.shape)}"
+        )
+    if features.dim() > 3:
+        features = features.reshape(features.shape[0], features.shape[1], -1)
+    if features.shape[0] == 0 or features.shape[1] == 0 or features.shape[2] == 0:
+        raise ValueError(f"features must be non-empty, got shape {tuple(features.shape)}")
+    return features
+
+
+def check_labels(name: str, labels: torch.Tensor, expected_len: int, device: torch.device) -> torch.Tensor:
+    """Integer class labels ``[expected_len]`` (``[n, 1]`` accepted), moved to ``device`` as int64."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer labels of shape [{expected_len}]")
+    if labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"{name} must be an integer (or bool) tensor, got dtype {labels.dtype}")
+    if labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels.reshape(-1)
+    if labels.dim() != 1 or labels.shape[0] != expected_len:
+        raise ValueError(
+            f"{name} must have shape [{expected_len}] (one per sample), got shape {tuple(labels.shape)}"
+        )
+    return labels.to(device=device, dtype=torch.int64)
+
+
+def check_mask(mask: torch.Tensor, bsz: int, device: torch.device) -> torch.Tensor:
+    """A ``[bsz, bsz]`` positive-pair mask (bool or float weights) -> float32 on ``device``."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor of shape [{bsz}, {bsz}], got {type(mask).__name__}")
+    if mask.is_complex():
+        raise TypeError(f"mask must be a real (bool, int or float) tensor, got dtype {mask.dtype}")
+    if tuple(mask.shape) != (bsz, bsz):
+        raise ValueError(f"mask must have shape [bsz, bsz] = [{bsz}, {bsz}], got {tuple(mask.shape)}")
+    return mask.to(device=device, dtype=torch.float32).contiguous()
+
+
+def check_label_indices(labels: torch.Tensor, n_query: int, n_key: int, device: torch.device) -> torch.Tensor:
+    """InfoNCE positive indices ``[n_query]`` with values in ``[0, n_key)``."""
+    labels = check_labels("labels", labels, n_query, device)
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= n_key:
+        raise ValueError(f"labels must index keys in [0, {n_key}), got values in [{lo}, {hi}]")
+    return labels
+

@@ -1,0 +1,172 @@
+"""Blockwise PyTorch backend: the contrastive op of :mod:`fastcl._core` on any device, O(N*D + block*N) memory.
+
+Anchors are processed in blocks of rows. For each block the logits ``[block, Nc]`` are formed by one matrix
+product and reduced to the row log-sum-exp (self pair excluded), in place, then freed. When a gradient is needed
+the same pass turns the block into the softmax part of ``dL/ds`` and accumulates ``dA`` and ``dC`` (three matrix
+products per block, as many as the dense form), so backward only scales the stored ``[N, D]`` gradients by
+``grad_output``: nothing ``N x N`` is kept and nothing is recomputed. With labels (and SimCLR) the positive terms
+never touch the block: they come from per-class sums of embeddings in ``O(N * D)``; with a ``[B, B]`` mask the
+block's weights are read from the mask.
+Half-precision inputs are computed in fp32; float64 stays float64 (``gradcheck``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from fastcl._core import grad_coefficients, row_losses
+
+# Bytes of fp32 logits per block: small enough to stay near the caches on a CPU, large enough for fast GEMMs.
+_BLOCK_BYTES = int(os.environ.get("FASTCL_CHUNK_BYTES", 4 * 1024 * 1024))
+
+
+def _block_rows(n_anchor: int, n_contrast: int, device: torch.device) -> int:
+    budget = _BLOCK_BYTES if device.type == "cpu" else 64 * _BLOCK_BYTES
+    return max(8, min(n_anchor, budget // (4 * n_contrast)))
+
+
+def _mask_weights(rows: torch.Tensor, mask: torch.Tensor, contrast_samples: torch.Tensor, dtype) -> torch.Tensor:
+    """``w [block, Nc]`` for anchor rows ``rows``, read from the ``[B, B]`` mask at ``[i % B, j % B]``."""
+    return mask.index_select(0, rows % mask.shape[0]).index_select(1, contrast_samples).to(dtype)
+
+
+class _LabelPositives:
+    """Positives from labels without any ``[block, Nc]`` weight matrix.
+
+    With dense class ids, ``sum_{j: l_j = l_i} s_ij = a_i . S[l_i]`` where ``S[k]`` sums the contrast rows of
+    class k, so the positive-logit sums, the positive counts and the positive part of both gradients are
+    ``O(N * D)`` (the self pair, when excluded, is subtracted explicitly).
+    """
+
+    def __init__(self, a_all, c_all, anchor_labels, contrast_labels, exclude_self):
+        n_anchor = a_all.shape[0]
+        _, ids = torch.unique(torch.cat([anchor_labels, contrast_labels]), return_inverse=True)
+        self.anchor_ids, self.contrast_ids = ids[:n_anchor], ids[n_anchor:]
+        n_classes = int(ids.max()) + 1
+        self.class_sum = torch.zeros(n_classes, c_all.shape[1], dtype=c_all.dtype, device=c_all.device)
+        self.class_sum.index_add_(0, self.contrast_ids, c_all)
+        counts = torch.bincount(self.contrast_ids, minlength=n_classes).to(c_all.dtype)
+        self.exclude_self = exclude_self
+        self.pos_logit_sum = torch.linalg.vecdot(a_all, self.class_sum[self.anchor_ids])
+        self.pos_weight = counts[self.anchor_ids]
+        if exclude_self:  # anchor i is contrast row i, with the same label
+            self.pos_logit_sum -= torch.linalg.vecdot(a_all, c_all[:n_anchor])
+            self.pos_weight -= 1
+
+    def subtract_gradients(self, grad_anchor, grad_contrast, a_all, c_all, coef_pos):
+        """``dA -= coef_pos_i * sum_{j in P(i)} c_j`` and ``dC_j -= sum_{i: j in P(i)} coef_pos_i a_i``."""
+        n_anchor = a_all.shape[0]
+        positive_sum = self.class_sum[self.anchor_ids]
+        if self.exclude_self:
+            positive_sum = positive_sum - c_all[:n_anchor]
+        grad_anchor.addcmul_(positive_sum, coef_pos[:, None], value=-1.0)
+        weighted = a_all * coef_pos[:, None]
+        per_class = torch.zeros_like(self.class_sum).index_add_(0, self.anchor_ids, weighted)
+        grad_contrast.sub_(per_class[self.contrast_ids])
+        if self.exclude_self:
+            grad_contrast[:n_anchor] += weighted
+
+
+def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature, scale, want_grad):
+    """Row statistics for every anchor and, with ``want_grad``, ``dL/dA`` and ``dL/dC`` for grad_output = 1."""
+    compute_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
+    a_all = anchor.to(compute_dtype) * inv_temperature  # s = a_all @ c_all.T
+    c_all = contrast.to(compute_dtype)
+    n_anchor, n_contrast = a_all.shape[0], c_all.shape[0]
+    device = a_all.device
+
+    lse = torch.empty(n_anchor, dtype=compute_dtype, device=device)
+    if mask is None:
+        labels = _LabelPositives(a_all, c_all, anchor_labels, contrast_labels, exclude_self)
+        pos_logit_sum, pos_weight = labels.pos_logit_sum, labels.pos_weight
+    else:
+        contrast_samples = torch.arange(n_contrast, device=device) % mask.shape[0]
+        pos_logit_sum, pos_weight = torch.empty_like(lse), torch.empty_like(lse)
+    if want_grad:
+        grad_anchor = torch.empty_like(a_all)
+        grad_contrast = torch.zeros_like(c_all)
+        coef_softmax = coef_pos = None
+        if mask is None:
+            coef_softmax, coef_pos = grad_coefficients(pos_weight, scale / n_anchor)
+
+    block = _block_rows(n_anchor, n_contrast, device)
+    for start in range(0, n_anchor, block):
+        stop = min(start + block, n_anchor)
+        rows = torch.arange(start, stop, device=device)
+        local = rows - start
+        a = a_all[start:stop]
+        logits = a @ c_all.T  # [block, Nc]
+        if mask is not None:
+            w = _mask_weights(rows, mask, contrast_samples, compute_dtype)
+            if exclude_self:
+                w[local, rows] = 0.0
+            pos_logit_sum[start:stop] = torch.linalg.vecdot(w, logits)  # before the self logit becomes -inf
+            pos_weight[start:stop] = w.sum(1)
+        if exclude_self:
+            logits[local, rows] = float("-inf")
+        row_max = logits.amax(dim=1)
+        shift = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)  # empty row
+        exps = logits.sub_(shift[:, None]).exp_()  # in place: the block's only [block, Nc] buffer
+        row_sum = exps.sum(dim=1)
+        lse[start:stop] = shift + torch.log(row_sum)
+        if want_grad:
+            # dL/ds = coef_softmax * exps / row_sum - coef_pos * w   (the 1/Na of the mean included)
+            if mask is None:
+                softmax_scale = coef_softmax[start:stop] / row_sum
+            else:
+                block_softmax, block_pos = grad_coefficients(pos_weight[start:stop], scale / n_anchor)
+                softmax_scale = block_softmax / row_sum
+            softmax_scale = torch.where(row_sum > 0, softmax_scale, torch.zeros_like(softmax_scale))
+            if mask is None:
+                torch.mm(exps, c_all, out=grad_anchor[start:stop])
+                grad_anchor[start:stop] *= softmax_scale[:, None]
+                grad_contrast.addmm_(exps.T, a * softmax_scale[:, None])
+            else:
+                dlogits = exps.mul_(softmax_scale[:, None]).addcmul_(w, block_pos[:, None], value=-1.0)
+                torch.mm(dlogits, c_all, out=grad_anchor[start:stop])
+                grad_contrast.addmm_(dlogits.T, a)
+        del logits, exps
+    stats = (pos_logit_sum, pos_weight, lse)
+    if not want_grad:
+        return stats, None, None
+    if mask is None:
+        labels.subtract_gradients(grad_anchor, grad_contrast, a_all, c_all, coef_pos)
+    return stats, grad_anchor.mul_(inv_temperature), grad_contrast
+
+
+class _ChunkedContrastiveLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature, scale, grad_enabled):
+        want_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        stats, grad_anchor, grad_contrast = _fused_pass(
+            anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature, scale, want_grad
+        )
+        loss = row_losses(*stats, scale).mean()
+        if want_grad:
+            ctx.save_for_backward(grad_anchor, grad_contrast)
+        ctx.dtypes = (anchor.dtype, contrast.dtype)
+        return loss.to(torch.float64 if loss.dtype == torch.float64 else torch.float32)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        grad_anchor, grad_contrast = ctx.saved_tensors
+        grad_anchor = grad_anchor * grad_output
+        grad_contrast = grad_contrast * grad_output
+        return (
+            grad_anchor.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
+            grad_contrast.to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None,
+            None, None, None, None, None, None, None,
+        )
+
+
+def chunked_contrastive_loss(anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature, scale):
+    """The op of :mod:`fastcl._core` on the blockwise PyTorch path; arguments as in ``contrastive_loss``."""
+    return _ChunkedContrastiveLoss.apply(
+        anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature, scale,
+        torch.is_grad_enabled(),
+    )

@@ -1,0 +1,183 @@
+"""Functional forms of the fastcl losses.
+
+Each validates its inputs, lays the embeddings out as anchors and a contrast set, and hands them to the one fused
+op in :mod:`fastcl._core` (or to the dense reference for ``backend='reference'``). All return an fp32 scalar
+(float64 for float64 inputs); the fused backends never allocate anything ``N x N``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastcl import _validation as V
+from fastcl._core import contrastive_loss
+from fastcl.reference import info_nce_loss_reference, supcon_loss_reference
+
+__all__ = ["supcon_loss", "nt_xent_loss", "info_nce_loss"]
+
+
+def supcon_loss(
+    features: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 0.07,
+    contrast_mode: str = "all",
+    base_temperature: float = 0.07,
+    normalize: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, L_out), numerically the SupContrast ``SupConLoss``.
+
+    Args:
+        features: ``[bsz, n_views, ...]`` float (extra dims are flattened to ``dim``). The contrast set is all views
+            stacked view-major (row ``v * bsz + i`` is view v of sample i).
+        labels: ``[bsz]`` integer class labels; samples with equal labels are positives.
+        mask: ``[bsz, bsz]`` positive-pair mask (bool or float weights, may be asymmetric); ``mask[i, j]`` says
+            whether sample j is a positive of anchor sample i. At most one of ``labels`` and ``mask``; neither
+            gives SimCLR (the positives of a view are the other views of the same sample).
+        temperature: softmax temperature ``t > 0``.
+        contrast_mode: ``'all'`` (every view is an anchor) or ``'one'`` (view 0 only).
+        base_temperature: the loss is scaled by ``t / base_temperature``.
+        normalize: L2-normalise ``features`` along ``dim`` first (SupContrast expects normalised features).
+        backend: ``'auto' | 'triton' | 'chunked' | 'reference'``.
+
+    Returns:
+        Scalar: mean over anchors of ``-(t / base_t) * mean_{p in P(i)} log softmax_{j != i}(s_ij)[p]``; an anchor
+        without positives contributes 0 and still counts in the mean.
+
+    Example:
+        >>> feats = torch.nn.functional.normalize(torch.randn(8, 2, 128), dim=-1)
+        >>> loss = supcon_loss(feats, labels=torch.randint(0, 3, (8,)), temperature=0.1)
+    """
+    temperature = V.check_positive("temperature", temperature)
+    base_temperature = V.check_positive("base_temperature", base_temperature)
+    V.check_contrast_mode(contrast_mode)
+    V.check_backend(backend)
+    features = V.check_features(features)
+    bsz, n_views = features.shape[0], features.shape[1]
+    if labels is not None and mask is not None:
+        raise ValueError("Cannot define both `labels` and `mask`: pass one of them (or neither for SimCLR)")
+    if labels is not None:
+        labels = V.check_labels("labels", labels, bsz, features.device)
+    if mask is not None:
+        mask = V.check_mask(mask, bsz, features.device)
+    if normalize:
+        features = F.normalize(features, dim=-1)
+
+    if backend == "reference":
+        return supcon_loss_reference(features, labels, mask, temperature, contrast_mode, base_temperature)
+
+    contrast = features.transpose(0, 1).reshape(n_views * bsz, -1)  # view-major, as torch.cat(torch.unbind(f, 1))
+    anchor = contrast[:bsz] if contrast_mode == "one" else contrast
+    anchor_labels = contrast_labels = None
+    if mask is None:
+        sample_ids = labels if labels is not None else torch.arange(bsz, device=features.device)
+        contrast_labels = sample_ids.repeat(n_views)
+        anchor_labels = contrast_labels[: anchor.shape[0]]
+    return contrastive_loss(
+        anchor,
+        contrast,
+        anchor_labels,
+        contrast_labels,
+        mask,
+        exclude_self=True,
+        temperature=temperature,
+        scale=temperature / base_temperature,
+        backend=backend,
+    )
+
+
+def nt_xent_loss(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    *,
+    temperature: float = 0.5,
+    normalize: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """SimCLR's NT-Xent over two views: ``z_a``, ``z_b`` ``[B, D]`` -> scalar.
+
+    Equal to :func:`supcon_loss` on ``stack([z_a, z_b], 1)`` with no labels and ``base_temperature =
+    temperature``: each of the 2B embeddings has its other view as the positive and the 2B - 2 others as negatives.
+    """
+    V.check_embeddings("z_a", z_a)
+    V.check_embeddings("z_b", z_b)
+    V.check_same_kind("z_a", z_a, "z_b", z_b)
+    if z_a.shape != z_b.shape:
+        raise ValueError(f"z_a and z_b must have the same shape [B, D], got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
+    temperature = V.check_positive("temperature", temperature)
+    return supcon_loss(
+        torch.stack([z_a, z_b], dim=1),
+        temperature=temperature,
+        base_temperature=temperature,
+        normalize=normalize,
+        backend=backend,
+    )
+
+
+def info_nce_loss(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 0.07,
+    symmetric: bool = True,
+    normalize: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Two-tower (CLIP-style) InfoNCE.
+
+    Args:
+        query: ``[B, D]``; key: ``[M, D]`` (same dtype and device).
+        labels: ``[B]`` integer index of each query's positive key (default ``arange(B)``).
+        symmetric: average the query->key and key->query cross-entropies, as CLIP does (needs ``M == B`` and the
+            default pairing).
+        normalize: L2-normalise query and key first.
+
+    Returns:
+        Scalar ``mean_i -log softmax_j(q_i . k_j / t)[labels[i]]`` (averaged with the key->query term when symmetric).
+    """
+    V.check_embeddings("query", query)
+    V.check_embeddings("key", key)
+    V.check_same_kind("query", query, "key", key)
+    temperature = V.check_positive("temperature", temperature)
+    V.check_backend(backend)
+    n_query, n_key = query.shape[0], key.shape[0]
+    if symmetric:
+        if n_key != n_query:
+            raise ValueError(
+                f"symmetric=True needs as many keys as queries (key [M, D] with M == B), got B={n_query}, M={n_key}; "
+                "pass symmetric=False for a one-directional loss"
+            )
+        if labels is not None:
+            raise ValueError("symmetric=True uses the default pairing (query i <-> key i): pass labels=None")
+    if labels is not None:
+        labels = V.check_label_indices(labels, n_query, n_key, query.device)
+    elif n_key < n_query:
+        raise ValueError(
+            f"the default pairing (query i <-> key i) needs key [M, D] with M >= B, got B={n_query}, M={n_key}; "
+            "pass labels [B] with each query's key index"
+        )
+    if normalize:
+        query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
+
+    if backend == "reference":
+        return info_nce_loss_reference(query, key, labels, temperature, symmetric)
+
+    key_ids = torch.arange(n_key, device=query.device)
+    query_labels = labels if labels is not None else key_ids[:n_query]
+
+    def one_direction(anchor, contrast, anchor_labels, contrast_labels):
+        return contrastive_loss(
+            anchor, contrast, anchor_labels, contrast_labels, None,
+            exclude_self=False, temperature=temperature, scale=1.0, backend=backend,
+        )
+
+    loss = one_direction(query, key, query_labels, key_ids)
+    if symmetric:
+        loss = 0.5 * (loss + one_direction(key, query, key_ids, query_labels))
+    return loss

@@ -1,0 +1,123 @@
+"""``nn.Module`` forms of the fastcl losses: thin wrappers over :mod:`fastcl.functional`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fastcl import _validation as V
+from fastcl import functional as FF
+
+__all__ = ["SupConLoss", "NTXentLoss", "InfoNCELoss"]
+
+
+class SupConLoss(nn.Module):
+    """Supervised contrastive loss; a drop-in for SupContrast's ``SupConLoss`` (same constructor, same numbers).
+
+    Args:
+        temperature: softmax temperature (default 0.07).
+        contrast_mode: ``'all'`` (every view is an anchor) or ``'one'`` (view 0 only).
+        base_temperature: the loss is scaled by ``temperature / base_temperature``.
+        normalize: L2-normalise the features inside the loss (default False, as SupContrast).
+        backend: ``'auto'`` (Triton on CUDA, chunked elsewhere), ``'triton'``, ``'chunked'`` or ``'reference'``.
+
+    Shape:
+        ``forward(features [bsz, n_views, ...], labels [bsz] = None, mask [bsz, bsz] = None) -> scalar``.
+
+    Example:
+        >>> criterion = SupConLoss(temperature=0.1)
+        >>> loss = criterion(torch.nn.functional.normalize(torch.randn(32, 2, 128), dim=-1), torch.randint(0, 10, (32,)))
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        contrast_mode: str = "all",
+        base_temperature: float = 0.07,
+        *,
+        normalize: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.temperature = V.check_positive("temperature", temperature)
+        self.contrast_mode = V.check_contrast_mode(contrast_mode)
+        self.base_temperature = V.check_positive("base_temperature", base_temperature)
+        self.normalize = bool(normalize)
+        self.backend = V.check_backend(backend)
+
+    def forward(
+        self, features: torch.Tensor, labels: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        return FF.supcon_loss(
+            features,
+            labels,
+            mask,
+            temperature=self.temperature,
+            contrast_mode=self.contrast_mode,
+            base_temperature=self.base_temperature,
+            normalize=self.normalize,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, contrast_mode={self.contrast_mode!r}, "
+            f"base_temperature={self.base_temperature}, normalize={self.normalize}, backend={self.backend!r}"
+        )
+
+
+class NTXentLoss(nn.Module):
+    """SimCLR's NT-Xent loss over two views.
+
+    Shape:
+        ``forward(z_a [B, D], z_b [B, D]) -> scalar``; embeddings are L2-normalised inside unless ``normalize=False``.
+    """
+
+    def __init__(self, temperature: float = 0.5, *, normalize: bool = True, backend: str = "auto") -> None:
+        super().__init__()
+        self.temperature = V.check_positive("temperature", temperature)
+        self.normalize = bool(normalize)
+        self.backend = V.check_backend(backend)
+
+    def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        return FF.nt_xent_loss(z_a, z_b, temperature=self.temperature, normalize=self.normalize, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, normalize={self.normalize}, backend={self.backend!r}"
+
+
+class InfoNCELoss(nn.Module):
+    """Two-tower (CLIP-style) InfoNCE loss.
+
+    Shape:
+        ``forward(query [B, D], key [M, D], labels [B] = None) -> scalar``; the positive of query i is key
+        ``labels[i]`` (default i). ``symmetric=True`` (needs M == B, default pairing) averages both directions.
+    """
+
+    def __init__(
+        self, temperature: float = 0.07, *, symmetric: bool = True, normalize: bool = True, backend: str = "auto"
+    ) -> None:
+        super().__init__()
+        self.temperature = V.check_positive("temperature", temperature)
+        self.symmetric = bool(symmetric)
+        self.normalize = bool(normalize)
+        self.backend = V.check_backend(backend)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return FF.info_nce_loss(
+            query,
+            key,
+            labels,
+            temperature=self.temperature,
+            symmetric=self.symmetric,
+            normalize=self.normalize,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, symmetric={self.symmetric}, normalize={self.normalize}, "
+            f"backend={self.backend!r}"
+        )

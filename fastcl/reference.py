@@ -1,0 +1,78 @@
+"""Dense PyTorch references: the ground truth that the fused backends are tested and benchmarked against.
+
+They follow the widely used formulations step by step (SupContrast's ``SupConLoss`` and CLIP's symmetric
+cross-entropy) and materialise the full ``N x N`` similarity matrix, so they are readable but take O(N^2) memory.
+Inputs are assumed validated (see :mod:`fastcl.functional`). ``upcast=True`` computes in float64.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def supcon_loss_reference(
+    features: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    temperature: float = 0.07,
+    contrast_mode: str = "all",
+    base_temperature: float = 0.07,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """SupCon (L_out), the SupContrast formulation. ``features [bsz, n_views, dim]`` -> scalar."""
+    if upcast:
+        features = features.double()
+    device = features.device
+    bsz, n_views = features.shape[0], features.shape[1]
+    if mask is None:
+        if labels is None:
+            mask = torch.eye(bsz, dtype=features.dtype, device=device)
+        else:
+            labels = labels.reshape(-1, 1)
+            mask = torch.eq(labels, labels.T).to(features.dtype)
+    else:
+        mask = mask.to(features.dtype)
+
+    contrast_feature = torch.cat(torch.unbind(features, dim=1), dim=0)  # [n_views*bsz, dim], view-major
+    if contrast_mode == "one":
+        anchor_feature, anchor_count = features[:, 0], 1
+    else:
+        anchor_feature, anchor_count = contrast_feature, n_views
+
+    logits = anchor_feature @ contrast_feature.T / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()  # stability only
+    mask = mask.repeat(anchor_count, n_views)
+    n_anchor = bsz * anchor_count
+    logits_mask = torch.ones_like(mask)
+    logits_mask[torch.arange(n_anchor, device=device), torch.arange(n_anchor, device=device)] = 0  # no self-pairs
+    mask = mask * logits_mask
+    exp_logits = torch.exp(logits) * logits_mask
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    positives = mask.sum(1)
+    positives = torch.where(positives < 1e-6, torch.ones_like(positives), positives)
+    mean_log_prob_pos = (mask * log_prob).sum(1) / positives
+    loss = -(temperature / base_temperature) * mean_log_prob_pos
+    return loss.view(anchor_count, bsz).mean().float() if upcast else loss.view(anchor_count, bsz).mean()
+
+
+def info_nce_loss_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    temperature: float = 0.07,
+    symmetric: bool = True,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Two-tower InfoNCE: ``query [B, D]``, ``key [M, D]``; the positive of query i is key ``labels[i]`` (default i)."""
+    if upcast:
+        query, key = query.double(), key.double()
+    logits = query @ key.T / temperature
+    if labels is None:
+        labels = torch.arange(query.shape[0], device=query.device)
+    loss = F.cross_entropy(logits, labels)
+    if symmetric:
+        loss = 0.5 * (loss + F.cross_entropy(logits.T, labels))
+    return loss.float() if upcast else loss

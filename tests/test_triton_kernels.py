@@ -1,0 +1,102 @@
+"""The fused Triton backend against the float64 formulas (on CPU through TRITON_INTERPRET=1, or on a GPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICE
+from fastcl import functional as FF
+from float64_reference import info_nce_float64, supcon_float64
+
+pytestmark = pytest.mark.triton
+
+# fp32 in the interpreter is exact fp32; on a GPU the dot may use tf32 if the user allows it.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _check_supcon(bsz, n_views, dim, contrast_mode, positives, dtype=torch.float32, temperature=0.2, base=0.15):
+    features = F.normalize(torch.randn(bsz, n_views, dim), dim=-1)
+    labels = torch.randint(0, 3, (bsz,))
+    mask = torch.rand(bsz, bsz) * (torch.rand(bsz, bsz) < 0.4) if positives == "mask" else None
+    kwargs = dict(labels=labels if positives == "labels" else None, mask=mask)
+    x = features.to(DEVICE, dtype).requires_grad_()
+    device_kwargs = {k: (v.to(DEVICE) if v is not None else None) for k, v in kwargs.items()}
+    loss = FF.supcon_loss(x, **device_kwargs, temperature=temperature, contrast_mode=contrast_mode,
+                          base_temperature=base, backend="triton")
+    (loss * 1.3).backward()
+    ref_x = x.detach().cpu().double().requires_grad_()
+    ref = supcon_float64(ref_x, **kwargs, temperature=temperature, contrast_mode=contrast_mode, base_temperature=base)
+    (ref * 1.3).backward()
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) <= TOLERANCE[dtype] * max(1.0, abs(ref.item()))
+    assert _rel(x.grad.cpu(), ref_x.grad) < 5 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("contrast_mode", ["all", "one"])
+@pytest.mark.parametrize("positives", ["labels", "mask", "simclr"])
+@pytest.mark.parametrize("n_views,dim", [(1, 3), (2, 20), (3, 7)])
+def test_supcon_fp32(contrast_mode, positives, n_views, dim):
+    _check_supcon(11, n_views, dim, contrast_mode, positives)  # N = 11..33, tiles of 16 in the interpreter
+
+
+def test_supcon_feature_dim_beyond_one_tile():
+    _check_supcon(9, 2, 300, "all", "labels")  # D > 256: looped D tiles, 3 output tiles in backward
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+def test_supcon_half_precision(dtype):
+    _check_supcon(13, 2, 32, "all", "labels", dtype=dtype, temperature=0.5, base=0.5)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_info_nce(symmetric):
+    query, key = torch.randn(18, 12), torch.randn(18 if symmetric else 29, 12)
+    labels = None if symmetric else torch.randint(0, 29, (18,))
+    q, k = query.to(DEVICE).requires_grad_(), key.to(DEVICE).requires_grad_()
+    loss = FF.info_nce_loss(q, k, None if labels is None else labels.to(DEVICE), temperature=0.1,
+                            symmetric=symmetric, backend="triton")
+    loss.backward()
+    rq, rk = query.detach().double().requires_grad_(), key.detach().double().requires_grad_()
+    ref = info_nce_float64(F.normalize(rq, dim=-1), F.normalize(rk, dim=-1), labels, 0.1, symmetric)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-4 * abs(ref.item())
+    assert _rel(q.grad.cpu(), rq.grad) < 1e-4 and _rel(k.grad.cpu(), rk.grad) < 1e-4
+
+
+def test_triton_agrees_with_chunked_nt_xent():
+    z_a, z_b = torch.randn(21, 16, device=DEVICE), torch.randn(21, 16, device=DEVICE)
+    a = FF.nt_xent_loss(z_a, z_b, backend="triton")
+    b = FF.nt_xent_loss(z_a, z_b, backend="chunked")
+    assert abs(a.item() - b.item()) < 1e-5
+
+
+def test_zero_positive_anchors_and_single_column():
+    features = F.normalize(torch.randn(5, 1, 4), dim=-1).to(DEVICE)
+    labels = torch.tensor([0, 0, 1, 2, 3], device=DEVICE)
+    loss = FF.supcon_loss(features, labels, backend="triton")
+    assert abs(loss.item() - supcon_float64(features.cpu(), labels.cpu()).item()) < 1e-5
+    assert FF.supcon_loss(torch.randn(1, 1, 4, device=DEVICE), backend="triton").item() == 0.0
+
+
+def test_nan_in_gives_nan_out():
+    features = torch.randn(6, 2, 4, device=DEVICE)
+    features[4, 1, 3] = float("nan")
+    x = features.requires_grad_()
+    loss = FF.supcon_loss(x, torch.randint(0, 2, (6,), device=DEVICE), backend="triton")
+    assert torch.isnan(loss)
+    single = torch.randn(6, 1, 4, device=DEVICE)
+    single[2, 0, 0] = float("nan")
+    assert torch.isnan(FF.supcon_loss(single, backend="triton"))
+
+
+def test_non_contiguous_features():
+    base = torch.randn(10, 8, 2, device=DEVICE)
+    features = base.transpose(1, 2)  # [10, 2, 8], non-contiguous
+    labels = torch.randint(0, 3, (10,), device=DEVICE)
+    a = FF.supcon_loss(features, labels, backend="triton", normalize=True)
+    b = FF.supcon_loss(features.contiguous(), labels, backend="chunked", normalize=True)
+    assert abs(a.item() - b.item()) < 1e-5
