@@ -4,9 +4,20 @@
 >>> loss = SupConLoss(temperature=0.1)(features, labels)   # features [bsz, n_views, dim]
 """
 
-from fastcl import functional
+from fastcl import encoders, functional, heads
 from fastcl.losses import InfoNCELoss, NTXentLoss, SupConLoss
+from fastcl.models import ContrastiveModel, collect_representations
 
 __version__ = "0.1.0"
 
-__all__ = ["SupConLoss", "NTXentLoss", "InfoNCELoss", "functional", "__version__"]
+__all__ = [
+    "SupConLoss",
+    "NTXentLoss",
+    "InfoNCELoss",
+    "ContrastiveModel",
+    "collect_representations",
+    "functional",
+    "encoders",
+    "heads",
+    "__version__",
+]

@@ -21,6 +21,7 @@ from typing import Optional, Tuple
 import torch
 
 Stats = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def row_losses(pos_logit_sum: torch.Tensor, pos_weight: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
@@ -51,7 +52,7 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """``'auto'`` -> ``'triton'`` on CUDA tensors when Triton is importable, else ``'chunked'``."""
     if backend != "auto":
         return backend
-    if x.is_cuda and triton_available():
+    if x.is_cuda and x.dtype in TRITON_DTYPES and triton_available():
         return "triton"
     return "chunked"
 
@@ -90,6 +91,11 @@ def contrastive_loss(
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+        if contrast.dtype not in TRITON_DTYPES:
+            raise TypeError(
+                f"backend='triton' takes float32, float16 or bfloat16 embeddings, got {contrast.dtype}; "
+                "use backend='chunked' (float64 is computed in float64 there)"
+            )
         if not contrast.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import for CPU debugging); "

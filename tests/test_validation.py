@@ -86,3 +86,8 @@ def test_labels_of_shape_n_by_1_and_bool_mask_are_accepted():
     c = FF.supcon_loss(features, mask=labels[:, None] == labels[None, :])
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, c)
+
+
+def test_triton_backend_rejects_float64():
+    with pytest.raises(TypeError, match="backend='triton' takes float32, float16 or bfloat16"):
+        FF.supcon_loss(_features().double(), backend="triton")

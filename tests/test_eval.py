@@ -1,0 +1,300 @@
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastcl.eval import (
+    LinearProbeResult,
+    group_balanced_linear_probe,
+    group_ids,
+    linear_probe,
+    linear_probe_layers,
+    multi_shortcut_metrics,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny full-batch problems: thread hand-offs cost more than they save on a shared CPU
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def clusters(n: int, means: torch.Tensor, g: torch.Generator, noise: float = 1.0):
+    y = torch.arange(n) % means.shape[0]
+    return means[y] + noise * torch.randn(n, means.shape[1], generator=g), y
+
+
+# -------------------- linear_probe
+
+
+def test_probe_separable_data_reaches_full_accuracy():
+    g = torch.Generator().manual_seed(0)
+    means = 6.0 * torch.eye(4, 16)  # 4 classes, 8.5 noise std between class means
+    xtr, ytr = clusters(400, means, g)
+    xte, yte = clusters(400, means, g)
+    res = linear_probe(xtr, ytr, xte, yte)
+    assert isinstance(res, LinearProbeResult)
+    assert res.train_acc == 1.0
+    assert res.test_acc >= 0.99
+    assert res.weight.shape == (4, 16) and res.bias.shape == (4,)
+    assert torch.equal(res.test_pred, res.predict(xte))
+    assert res.test_acc == pytest.approx((res.test_pred == yte).double().mean().item())
+
+
+def test_probe_random_labels_is_at_chance():
+    g = torch.Generator().manual_seed(1)
+    xtr, xte = torch.randn(2000, 20, generator=g), torch.randn(4000, 20, generator=g)
+    ytr, yte = torch.randint(0, 4, (2000,), generator=g), torch.randint(0, 4, (4000,), generator=g)
+    res = linear_probe(xtr, ytr, xte, yte)
+    assert abs(res.test_acc - 0.25) < 0.03  # std of the estimate is ~0.007
+    assert res.train_acc > res.test_acc  # it does fit (overfit) the training labels a little
+
+
+def test_probe_solves_the_regularised_problem():
+    g = torch.Generator().manual_seed(2)
+    xtr, ytr = clusters(300, torch.randn(3, 5, generator=g), g, noise=1.5)
+    wd = 1e-2
+    res = linear_probe(xtr, ytr, xtr[:10], ytr[:10], weight_decay=wd)
+    # stationarity: the gradient of mean CE + wd/2 ||W||^2 vanishes at the returned solution
+    w = res.weight.clone().requires_grad_()
+    b = res.bias.clone().requires_grad_()
+    xs = (xtr.double() - res.mean) / res.std
+    loss = F.cross_entropy(xs @ w.T + b, ytr) + 0.5 * wd * (w * w).sum()
+    gw, gb = torch.autograd.grad(loss, (w, b))
+    assert gw.abs().max() < 1e-5 and gb.abs().max() < 1e-5
+    # standardisation statistics are the training ones
+    torch.testing.assert_close(res.mean, xtr.double().mean(0))
+    torch.testing.assert_close(res.std, xtr.double().std(0, unbiased=False))
+
+
+def test_probe_is_deterministic_and_invariant_to_feature_scaling():
+    g = torch.Generator().manual_seed(3)
+    xtr, ytr = clusters(300, torch.randn(3, 8, generator=g), g, noise=2.0)
+    xte, yte = clusters(300, torch.randn(3, 8, generator=g), g, noise=2.0)
+    xtr, xte = xtr.double(), xte.double()  # so that the rescaled copies lose no precision
+    a = linear_probe(xtr, ytr, xte, yte)
+    b = linear_probe(xtr.clone(), ytr.clone(), xte, yte)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    scale = torch.logspace(-3, 3, 8, dtype=torch.float64)
+    shift = torch.linspace(-50, 50, 8, dtype=torch.float64)
+    c = linear_probe(xtr * scale + shift, ytr, xte * scale + shift, yte)
+    torch.testing.assert_close(c.weight, a.weight, rtol=1e-5, atol=1e-6)
+    assert torch.equal(c.test_pred, a.test_pred)
+
+
+def test_weight_decay_shrinks_weights_and_constant_features_are_safe():
+    g = torch.Generator().manual_seed(4)
+    xtr, ytr = clusters(200, torch.randn(2, 4, generator=g), g)
+    xtr = torch.cat([xtr, torch.full((200, 1), 7.0)], dim=1)  # a constant column: std 0 -> 1
+    small = linear_probe(xtr, ytr, xtr, ytr, weight_decay=1e-4)
+    large = linear_probe(xtr, ytr, xtr, ytr, weight_decay=1.0)
+    assert large.weight.norm() < 0.5 * small.weight.norm()
+    assert small.std[-1] == 1.0 and torch.all(small.weight[:, -1] == 0)
+    assert linear_probe(xtr, ytr, xtr, ytr, num_classes=5).weight.shape == (5, 5)
+
+
+def test_probe_accepts_numpy_and_float32():
+    g = torch.Generator().manual_seed(5)
+    xtr, ytr = clusters(120, 6.0 * torch.eye(3, 6), g)
+    a = linear_probe(xtr.numpy(), ytr.numpy(), xtr.numpy(), ytr.numpy())
+    b = linear_probe(xtr, ytr, xtr, ytr, dtype=torch.float32)
+    assert a.test_acc == 1.0 and b.test_acc == 1.0 and b.weight.dtype == torch.float32
+
+
+def test_probe_bad_inputs():
+    x, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    with pytest.raises(ValueError, match="train_y must have shape"):
+        linear_probe(x, y[:9], x, y)
+    with pytest.raises(TypeError, match="train_y must be an integer"):
+        linear_probe(x, y.float(), x, y)
+    with pytest.raises(ValueError, match="test_feats has 4 features"):
+        linear_probe(x, y, torch.randn(10, 4), y)
+    with pytest.raises(ValueError, match="train_feats must have shape"):
+        linear_probe(x[0], y, x, y)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="train_feats contains NaN"):
+        linear_probe(bad, y, x, y)
+    with pytest.raises(ValueError, match="num_classes"):
+        linear_probe(x, y + 2, x, y, num_classes=2)
+    with pytest.raises(ValueError, match="weight_decay"):
+        linear_probe(x, y, x, y, weight_decay=-1.0)
+    with pytest.raises(ValueError, match="test_y must be non-negative"):
+        linear_probe(x, y, x, y - 1)
+    with pytest.raises(TypeError, match=r"train_feats must be a torch\.Tensor"):
+        linear_probe(x.tolist(), y, x, y)
+
+
+def test_linear_probe_layers():
+    g = torch.Generator().manual_seed(6)
+    xtr, ytr = clusters(200, 6.0 * torch.eye(2, 4), g)
+    xte, yte = clusters(200, 6.0 * torch.eye(2, 4), g)
+    noise_tr, noise_te = torch.randn(200, 4, generator=g), torch.randn(200, 4, generator=g)
+    res = linear_probe_layers({"good": xtr, "noise": noise_tr}, ytr, {"good": xte, "noise": noise_te}, yte)
+    assert set(res) == {"good", "noise"}
+    assert res["good"].test_acc == 1.0 and res["noise"].test_acc < 0.65
+    with pytest.raises(ValueError, match="different layers"):
+        linear_probe_layers({"a": xtr}, ytr, {"b": xte}, yte)
+
+
+# -------------------- group-balanced probe
+
+
+def spurious_data(n: int, minority: float, g: torch.Generator):
+    """Binary task; feature 0 is the noisy core signal, feature 1 a clean spurious cue that agrees with
+    the label except on a ``minority`` fraction (in a class-balanced way)."""
+    y = torch.arange(n) % 2
+    conflict = torch.rand(n, generator=g) < minority
+    a = torch.where(conflict, 1 - y, y)
+    x = torch.stack([(2.0 * y - 1.0) + 1.0 * torch.randn(n, generator=g),
+                     (2.0 * a - 1.0) + 0.1 * torch.randn(n, generator=g),
+                     torch.randn(n, generator=g)], dim=1)
+    return x, y, a
+
+
+def worst_group_acc(pred, y, a):
+    return min((pred[(y == i) & (a == j)] == i).double().mean().item() for i in (0, 1) for j in (0, 1))
+
+
+def test_group_balanced_probe_removes_spurious_reliance():
+    g = torch.Generator().manual_seed(7)
+    xtr, ytr, atr = spurious_data(2000, 0.05, g)
+    xte, yte, ate = spurious_data(4000, 0.5, g)
+    groups = group_ids(ytr, atr)
+    plain = linear_probe(xtr, ytr, xte, yte)
+    balanced = group_balanced_linear_probe(xtr, ytr, groups, xte, yte, num_repeats=5, seed=0)
+    wga_plain = worst_group_acc(plain.test_pred, yte, ate)
+    wga_bal = worst_group_acc(balanced.test_pred, yte, ate)
+    assert wga_plain < 0.5  # the imbalanced fit follows the spurious cue
+    assert wga_bal > 0.75  # core feature alone gives ~0.84
+    # the balanced classifier weights the core feature more than the spurious one
+    w = balanced.weight[1] - balanced.weight[0]
+    assert w[0] > w[1] > -0.1
+    again = group_balanced_linear_probe(xtr, ytr, groups, xte, yte, num_repeats=5, seed=0)
+    assert torch.equal(again.weight, balanced.weight)
+
+
+def test_group_balanced_probe_on_balanced_groups_equals_plain_probe():
+    g = torch.Generator().manual_seed(8)
+    x, y, a = spurious_data(400, 0.5, g)
+    idx = torch.cat([torch.nonzero((y == i) & (a == j)).flatten()[:60] for i in (0, 1) for j in (0, 1)])
+    x, y, a = x[idx], y[idx], a[idx]
+    bal = group_balanced_linear_probe(x, y, group_ids(y, a), x, y, num_repeats=1)
+    plain = linear_probe(x, y, x, y)  # same data up to a permutation: same convex problem
+    torch.testing.assert_close(bal.weight, plain.weight, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="train_groups must have shape"):
+        group_balanced_linear_probe(x, y, y[:5], x, y)
+
+
+def test_group_ids():
+    y = torch.tensor([1, 0, 1, 0, 1])
+    bg = torch.tensor([True, True, False, True, False])
+    # present (y, bg) pairs in lexicographic order: (0, 1) -> 0, (1, 0) -> 1, (1, 1) -> 2
+    assert group_ids(y, bg).tolist() == [2, 0, 1, 0, 1]
+    with pytest.raises(ValueError, match=r"attributes\[1\]"):
+        group_ids(y, bg[:3])
+
+
+# -------------------- UrbanCars metrics
+
+# (bg aligned, coobj aligned) -> {class: (n samples, n correct)}
+CELLS = {
+    (1, 1): {0: (10, 10), 1: (10, 10)},  # 1.0
+    (0, 1): {0: (10, 9), 1: (30, 15)},  # class-balanced 0.7, pooled 24/40 = 0.6
+    (1, 0): {0: (10, 8), 1: (10, 8)},  # 0.8
+    (0, 0): {0: (10, 6), 1: (10, 2)},  # 0.4, worst class cell 0.2
+}
+
+
+def build_predictions():
+    pred, y, bg, co = [], [], [], []
+    for (b, c), per_class in CELLS.items():
+        for cls, (n, n_correct) in per_class.items():
+            y += [cls] * n
+            pred += [cls] * n_correct + [1 - cls] * (n - n_correct)
+            bg += [b] * n
+            co += [c] * n
+    return torch.tensor(pred), torch.tensor(y), torch.tensor(bg, dtype=torch.bool), torch.tensor(co)
+
+
+def test_multi_shortcut_metrics_against_hand_computation():
+    pred, y, bg, co = build_predictions()
+    m = multi_shortcut_metrics(pred, y, bg, co, train_ratio=0.95)
+    id_acc = 0.95 * 0.95 * 1.0 + 0.05 * 0.95 * 0.7 + 0.95 * 0.05 * 0.8 + 0.05 * 0.05 * 0.4
+    assert id_acc == pytest.approx(0.97475)
+    assert m["id_acc"] == pytest.approx(id_acc)
+    assert m["bg_gap"] == pytest.approx(0.7 - id_acc)
+    assert m["coobj_gap"] == pytest.approx(0.8 - id_acc)
+    assert m["both_gap"] == pytest.approx(0.4 - id_acc)
+    assert m["worst_group_acc"] == pytest.approx(0.2)
+    assert (m["acc_aligned"], m["acc_bg_conflict"], m["acc_coobj_conflict"], m["acc_both_conflict"]) == \
+        pytest.approx((1.0, 0.7, 0.8, 0.4))
+    assert m["bg_gap"] < 0 and m["both_gap"] < m["bg_gap"]
+
+
+def test_multi_shortcut_metrics_options_and_input_forms():
+    pred, y, bg, co = build_predictions()
+    pooled = multi_shortcut_metrics(pred, y, bg, co, class_balanced=False)
+    assert pooled["acc_bg_conflict"] == pytest.approx(0.6)
+    uniform = multi_shortcut_metrics(pred, y, bg, co, train_ratio=0.5)
+    assert uniform["id_acc"] == pytest.approx((1.0 + 0.7 + 0.8 + 0.4) / 4)
+    logits = F.one_hot(pred, 2).float() * 3.0 - 1.0  # [N, C] logits: argmax == pred
+    from_logits = multi_shortcut_metrics(logits, y, bg.long(), co, train_ratio=0.95)
+    ref = multi_shortcut_metrics(pred, y, bg, co)
+    assert from_logits == pytest.approx(ref)
+    from_numpy = multi_shortcut_metrics(pred.numpy(), y.numpy(), bg.numpy(), co.numpy().astype(np.int64))
+    assert from_numpy == pytest.approx(ref)
+
+
+def test_perfect_and_shortcut_models():
+    _, y, bg, co = build_predictions()
+    perfect = multi_shortcut_metrics(y.clone(), y, bg, co)
+    assert perfect["id_acc"] == pytest.approx(1.0)
+    assert perfect["bg_gap"] == perfect["coobj_gap"] == perfect["both_gap"] == pytest.approx(0.0)
+    # a model that only reads the background cue: right iff the background is aligned
+    bg_only = torch.where(bg, y, 1 - y)
+    m = multi_shortcut_metrics(bg_only, y, bg, co)
+    assert m["id_acc"] == pytest.approx(0.95)
+    assert m["bg_gap"] == pytest.approx(-0.95) and m["both_gap"] == pytest.approx(-0.95)
+    assert m["coobj_gap"] == pytest.approx(0.05)
+    assert m["worst_group_acc"] == 0.0
+
+
+def test_empty_group_gives_nan_with_warning():
+    pred, y, bg, co = build_predictions()
+    keep = ~(~bg & ~co.bool())  # drop the (conflict, conflict) group
+    with pytest.warns(RuntimeWarning, match="bg_aligned=False, coobj_aligned=False"):
+        m = multi_shortcut_metrics(pred[keep], y[keep], bg[keep], co[keep])
+    assert math.isnan(m["acc_both_conflict"]) and math.isnan(m["id_acc"])
+    assert math.isnan(m["bg_gap"]) and math.isnan(m["worst_group_acc"])
+    assert m["acc_bg_conflict"] == pytest.approx(0.7)
+    # with train_ratio=1 only the aligned group has prior mass, so I.D. accuracy is still defined
+    aligned = bg & co.bool()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        m1 = multi_shortcut_metrics(pred[aligned], y[aligned], bg[aligned], co[aligned], train_ratio=1.0)
+    assert m1["id_acc"] == pytest.approx(1.0)
+
+
+def test_multi_shortcut_metrics_bad_inputs():
+    pred, y, bg, co = build_predictions()
+    with pytest.raises(ValueError, match="bg_aligned must have shape"):
+        multi_shortcut_metrics(pred, y, bg[:-1], co)
+    with pytest.raises(ValueError, match="y must have shape"):
+        multi_shortcut_metrics(pred, y[:-1], bg, co)
+    with pytest.raises(ValueError, match="coobj_aligned must contain only 0 and 1"):
+        multi_shortcut_metrics(pred, y, bg, co * 2)
+    with pytest.raises(TypeError, match="coobj_aligned must be a bool"):
+        multi_shortcut_metrics(pred, y, bg, co.float())
+    with pytest.raises(TypeError, match="pred labels must be an integer"):
+        multi_shortcut_metrics(pred.float(), y, bg, co)
+    with pytest.raises(ValueError, match="train_ratio"):
+        multi_shortcut_metrics(pred, y, bg, co, train_ratio=1.5)
+    with pytest.raises(ValueError, match="pred must have shape"):
+        multi_shortcut_metrics(pred.reshape(1, 1, -1), y, bg, co)
