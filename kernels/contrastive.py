@@ -86,7 +86,7 @@ def _pair_weights(
 @triton.jit
 def _dlogits_tile(logits2, lse2, coef_softmax, coef_pos, w, valid):
     """``dS = coef_softmax * softmax - coef_pos * w`` from base-2 logits and base-2 row LSE (fp32)."""
-    probs = tl.where(valid, tl.exp2(logits2 - lse2[:, None]), 0.0)
+    probs = tl.exp2(tl.where(valid, logits2 - lse2[:, None], float("-inf")))  # excluded pairs -> exactly 0
     return coef_softmax[:, None] * probs - coef_pos[:, None] * w
 
 
