@@ -2,8 +2,10 @@
 
 Anchors ``A [Na, D]`` are scored against a contrast set ``C [Nc, D]`` with logits ``s_ij = a_i . c_j / t``.
 Positive weights ``w_ij`` come either from labels compared on the fly (``w_ij = [anchor_labels[i] ==
-contrast_labels[j]]``) or from a ``[B, B]`` mask read at ``mask[i % B, j % B]``. With ``exclude_self`` the
-pair ``(i, i)`` is dropped from numerator and denominator (anchors are then the first ``Na`` rows of ``C``).
+contrast_labels[j]]``) or from a ``[B, B]`` mask read at ``mask[i % B, j % B]``. With an integer
+``self_offset`` anchor i is contrast row ``i + self_offset`` and that pair is dropped from numerator and
+denominator (``None``: no self pairs, as in two-tower InfoNCE). Rank-local anchors against a gathered global
+contrast set use the rank's row offset.
 Per anchor, with ``W_i = sum_j w_ij`` and ``P_i = W_i`` (or 1 when ``W_i < 1e-6``)::
 
     loss_i = -scale / P_i * (sum_j w_ij s_ij - W_i * logsumexp_j s_ij)
@@ -72,7 +74,7 @@ def contrastive_loss(
     contrast_labels: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
     *,
-    exclude_self: bool,
+    self_offset: Optional[int],
     temperature: float,
     scale: float,
     backend: str,
@@ -80,7 +82,7 @@ def contrastive_loss(
     """Mean over anchors of ``loss_i`` (module docstring) as an fp32 scalar; never allocates ``Na x Nc``.
 
     Args:
-        anchor: ``[Na, D]``; with ``exclude_self`` anchor i is contrast row i.
+        anchor: ``[Na, D]``; with ``self_offset = k`` anchor i is contrast row ``i + k`` (0 <= k <= Nc - Na).
         contrast: ``[Nc, D]``, same dtype and device.
         anchor_labels, contrast_labels: int64 ``[Na]``, ``[Nc]``; or both None when ``mask`` is given.
         mask: float32 ``[B, B]`` positive weights, read at ``[i % B, j % B]``.
@@ -104,12 +106,12 @@ def contrastive_loss(
         from fastcl.kernels.contrastive import triton_contrastive_loss
 
         return triton_contrastive_loss(
-            anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature, scale
+            anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale
         )
     if backend == "chunked":
         from fastcl.chunked import chunked_contrastive_loss
 
         return chunked_contrastive_loss(
-            anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature, scale
+            anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale
         )
     raise ValueError(f"backend {backend!r} has no fused implementation here")

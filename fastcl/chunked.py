@@ -42,7 +42,7 @@ class _LabelPositives:
     ``O(N * D)`` (the self pair, when excluded, is subtracted explicitly).
     """
 
-    def __init__(self, a_all, c_all, anchor_labels, contrast_labels, exclude_self):
+    def __init__(self, a_all, c_all, anchor_labels, contrast_labels, self_offset):
         n_anchor = a_all.shape[0]
         _, ids = torch.unique(torch.cat([anchor_labels, contrast_labels]), return_inverse=True)
         self.anchor_ids, self.contrast_ids = ids[:n_anchor], ids[n_anchor:]
@@ -50,28 +50,27 @@ class _LabelPositives:
         self.class_sum = torch.zeros(n_classes, c_all.shape[1], dtype=c_all.dtype, device=c_all.device)
         self.class_sum.index_add_(0, self.contrast_ids, c_all)
         counts = torch.bincount(self.contrast_ids, minlength=n_classes).to(c_all.dtype)
-        self.exclude_self = exclude_self
+        self.self_columns = None if self_offset is None else slice(self_offset, self_offset + n_anchor)
         self.pos_logit_sum = torch.linalg.vecdot(a_all, self.class_sum[self.anchor_ids])
         self.pos_weight = counts[self.anchor_ids]
-        if exclude_self:  # anchor i is contrast row i, with the same label
-            self.pos_logit_sum -= torch.linalg.vecdot(a_all, c_all[:n_anchor])
+        if self.self_columns is not None:  # anchor i is contrast row i + self_offset, with the same label
+            self.pos_logit_sum -= torch.linalg.vecdot(a_all, c_all[self.self_columns])
             self.pos_weight -= 1
 
     def subtract_gradients(self, grad_anchor, grad_contrast, a_all, c_all, coef_pos):
         """``dA -= coef_pos_i * sum_{j in P(i)} c_j`` and ``dC_j -= sum_{i: j in P(i)} coef_pos_i a_i``."""
-        n_anchor = a_all.shape[0]
         positive_sum = self.class_sum[self.anchor_ids]
-        if self.exclude_self:
-            positive_sum = positive_sum - c_all[:n_anchor]
+        if self.self_columns is not None:
+            positive_sum = positive_sum - c_all[self.self_columns]
         grad_anchor.addcmul_(positive_sum, coef_pos[:, None], value=-1.0)
         weighted = a_all * coef_pos[:, None]
         per_class = torch.zeros_like(self.class_sum).index_add_(0, self.anchor_ids, weighted)
         grad_contrast.sub_(per_class[self.contrast_ids])
-        if self.exclude_self:
-            grad_contrast[:n_anchor] += weighted
+        if self.self_columns is not None:
+            grad_contrast[self.self_columns] += weighted
 
 
-def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature, scale, want_grad):
+def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, want_grad):
     """Row statistics for every anchor and, with ``want_grad``, ``dL/dA`` and ``dL/dC`` for grad_output = 1."""
     compute_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
     a_all = anchor.to(compute_dtype) * inv_temperature  # s = a_all @ c_all.T
@@ -81,7 +80,7 @@ def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, exclude_
 
     lse = torch.empty(n_anchor, dtype=compute_dtype, device=device)
     if mask is None:
-        labels = _LabelPositives(a_all, c_all, anchor_labels, contrast_labels, exclude_self)
+        labels = _LabelPositives(a_all, c_all, anchor_labels, contrast_labels, self_offset)
         pos_logit_sum, pos_weight = labels.pos_logit_sum, labels.pos_weight
     else:
         contrast_samples = torch.arange(n_contrast, device=device) % mask.shape[0]
@@ -98,16 +97,17 @@ def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, exclude_
         stop = min(start + block, n_anchor)
         rows = torch.arange(start, stop, device=device)
         local = rows - start
+        self_cols = None if self_offset is None else rows + self_offset
         a = a_all[start:stop]
         logits = a @ c_all.T  # [block, Nc]
         if mask is not None:
             w = _mask_weights(rows, mask, contrast_samples, compute_dtype)
-            if exclude_self:
-                w[local, rows] = 0.0
+            if self_cols is not None:
+                w[local, self_cols] = 0.0
             pos_logit_sum[start:stop] = torch.linalg.vecdot(w, logits)  # before the self logit becomes -inf
             pos_weight[start:stop] = w.sum(1)
-        if exclude_self:
-            logits[local, rows] = float("-inf")
+        if self_cols is not None:
+            logits[local, self_cols] = float("-inf")
         row_max = logits.amax(dim=1)
         shift = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)  # empty row
         exps = logits.sub_(shift[:, None]).exp_()  # in place: the block's only [block, Nc] buffer
@@ -140,10 +140,10 @@ def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, exclude_
 
 class _ChunkedContrastiveLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature, scale, grad_enabled):
+    def forward(ctx, anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, grad_enabled):
         want_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         stats, grad_anchor, grad_contrast = _fused_pass(
-            anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature, scale, want_grad
+            anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, want_grad
         )
         loss = row_losses(*stats, scale).mean()
         if want_grad:
@@ -164,9 +164,9 @@ class _ChunkedContrastiveLoss(torch.autograd.Function):
         )
 
 
-def chunked_contrastive_loss(anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature, scale):
+def chunked_contrastive_loss(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale):
     """The op of :mod:`fastcl._core` on the blockwise PyTorch path; arguments as in ``contrastive_loss``."""
     return _ChunkedContrastiveLoss.apply(
-        anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature, scale,
+        anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale,
         torch.is_grad_enabled(),
     )

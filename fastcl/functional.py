@@ -84,7 +84,7 @@ def supcon_loss(
         anchor_labels,
         contrast_labels,
         mask,
-        exclude_self=True,
+        self_offset=0,
         temperature=temperature,
         scale=temperature / base_temperature,
         backend=backend,
@@ -174,7 +174,7 @@ def info_nce_loss(
     def one_direction(anchor, contrast, anchor_labels, contrast_labels):
         return contrastive_loss(
             anchor, contrast, anchor_labels, contrast_labels, None,
-            exclude_self=False, temperature=temperature, scale=1.0, backend=backend,
+            self_offset=None, temperature=temperature, scale=1.0, backend=backend,
         )
 
     loss = one_direction(query, key, query_labels, key_ids)

@@ -65,13 +65,13 @@ def _logits_tile(
 
 @triton.jit
 def _pair_weights(
-    rows, cols, row_valid, col_valid, row_labels, contrast_label_ptr, mask_ptr, mask_period, stride_mask,
+    rows, cols, row_valid, col_valid, row_labels, contrast_label_ptr, mask_ptr, mask_period, stride_mask, self_offset,
     HAS_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
 ):
     """``(w, valid)`` ``[BLOCK_M, BLOCK_N]``: positive weights and which pairs enter the softmax denominator."""
     valid = row_valid[:, None] & col_valid[None, :]
     if EXCLUDE_SELF:
-        valid = valid & (rows[:, None] != cols[None, :])
+        valid = valid & (rows[:, None] + self_offset != cols[None, :])
     if HAS_MASK:
         w = tl.load(
             mask_ptr + (rows % mask_period).to(tl.int64)[:, None] * stride_mask + (cols % mask_period)[None, :],
@@ -94,7 +94,7 @@ def _dlogits_tile(logits2, lse2, coef_softmax, coef_pos, w, valid):
 def _contrastive_fwd_kernel(
     pos_logit_sum_ptr, pos_weight_ptr, lse_ptr,
     anchor_ptr, contrast_ptr, anchor_label_ptr, contrast_label_ptr, mask_ptr,
-    n_anchor, n_contrast, dim, mask_period, stride_anchor, stride_contrast, stride_mask,
+    n_anchor, n_contrast, dim, mask_period, stride_anchor, stride_contrast, stride_mask, self_offset,
     logit_scale_log2,
     HAS_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     SINGLE_D_TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -122,7 +122,7 @@ def _contrastive_fwd_kernel(
         )
         w, valid = _pair_weights(
             rows, cols, row_valid, col_valid, row_labels, contrast_label_ptr, mask_ptr, mask_period, stride_mask,
-            HAS_MASK, EXCLUDE_SELF,
+            self_offset, HAS_MASK, EXCLUDE_SELF,
         )
         pos_sum += tl.sum(w * logits2, axis=1)
         pos_weight += tl.sum(w, axis=1)
@@ -144,7 +144,7 @@ def _contrastive_fwd_kernel(
 def _contrastive_bwd_anchor_kernel(
     grad_anchor_ptr,
     anchor_ptr, contrast_ptr, anchor_label_ptr, contrast_label_ptr, mask_ptr, lse_ptr, coef_softmax_ptr, coef_pos_ptr,
-    n_anchor, n_contrast, dim, mask_period, stride_anchor, stride_contrast, stride_mask, stride_grad,
+    n_anchor, n_contrast, dim, mask_period, stride_anchor, stride_contrast, stride_mask, self_offset, stride_grad,
     logit_scale_log2, grad_scale,
     HAS_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     SINGLE_D_TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -172,7 +172,7 @@ def _contrastive_bwd_anchor_kernel(
         )
         w, valid = _pair_weights(
             rows, cols, row_valid, col_valid, row_labels, contrast_label_ptr, mask_ptr, mask_period, stride_mask,
-            HAS_MASK, EXCLUDE_SELF,
+            self_offset, HAS_MASK, EXCLUDE_SELF,
         )
         dlogits = _dlogits_tile(logits2, lse2, coef_softmax, coef_pos, w, valid)
         acc = tl.dot(dlogits.to(c_tile.dtype), c_tile, acc, input_precision=INPUT_PRECISION)
@@ -189,7 +189,7 @@ def _contrastive_bwd_anchor_kernel(
 def _contrastive_bwd_contrast_kernel(
     grad_contrast_ptr,
     anchor_ptr, contrast_ptr, anchor_label_ptr, contrast_label_ptr, mask_ptr, lse_ptr, coef_softmax_ptr, coef_pos_ptr,
-    n_anchor, n_contrast, dim, mask_period, stride_anchor, stride_contrast, stride_mask, stride_grad,
+    n_anchor, n_contrast, dim, mask_period, stride_anchor, stride_contrast, stride_mask, self_offset, stride_grad,
     logit_scale_log2, grad_scale,
     HAS_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     SINGLE_D_TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -217,7 +217,7 @@ def _contrastive_bwd_contrast_kernel(
         )
         w, valid = _pair_weights(
             rows, cols, row_valid, col_valid, row_labels, contrast_label_ptr, mask_ptr, mask_period, stride_mask,
-            HAS_MASK, EXCLUDE_SELF,
+            self_offset, HAS_MASK, EXCLUDE_SELF,
         )
         dlogits = _dlogits_tile(logits2, lse2, coef_softmax, coef_pos, w, valid)
         acc = tl.dot(tl.trans(dlogits.to(a_tile.dtype)), a_tile, acc, input_precision=INPUT_PRECISION)
@@ -322,7 +322,7 @@ def input_precision_for(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _common_args(anchor, contrast, anchor_labels, contrast_labels, mask):
+def _common_args(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset):
     has_mask = mask is not None
     placeholder = anchor_labels if anchor_labels is not None else torch.zeros(1, dtype=torch.int64, device=anchor.device)
     block_d, single = block_d_for(anchor.shape[1])
@@ -342,9 +342,11 @@ def _common_args(anchor, contrast, anchor_labels, contrast_labels, mask):
             anchor.stride(0),
             contrast.stride(0),
             mask.stride(0) if has_mask else 1,
+            0 if self_offset is None else self_offset,
         ),
         constexprs=dict(
             HAS_MASK=has_mask,
+            EXCLUDE_SELF=self_offset is not None,
             INPUT_PRECISION=input_precision_for(anchor.dtype),
             SINGLE_D_TILE=single,
             BLOCK_D=block_d,
@@ -362,9 +364,9 @@ def _launch(name, grid_of, out_first, tensors, scalars, constexprs):
         kernel[grid_of](*out_first, *tensors, *scalars, **constexprs)
 
 
-def contrastive_forward(anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature):
+def contrastive_forward(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature):
     """Row statistics ``(pos_logit_sum, pos_weight, lse)``, each fp32 ``[Na]``."""
-    common = _common_args(anchor, contrast, anchor_labels, contrast_labels, mask)
+    common = _common_args(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset)
     n_anchor = anchor.shape[0]
     stats = [torch.empty(n_anchor, dtype=torch.float32, device=anchor.device) for _ in range(3)]
     _launch(
@@ -373,19 +375,19 @@ def contrastive_forward(anchor, contrast, anchor_labels, contrast_labels, mask, 
         stats,
         common["tensors"],
         (*common["sizes"], inv_temperature * LOG2E),
-        dict(common["constexprs"], EXCLUDE_SELF=exclude_self),
+        common["constexprs"],
     )
     return tuple(stats)
 
 
 def contrastive_backward(
-    anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature, lse, coef_softmax,
+    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, lse, coef_softmax,
     coef_pos, grad_scale, need_anchor=True, need_contrast=True,
 ):
     """``(dA, dC)`` in the input dtypes for ``dL/ds_ij = grad_scale * t * (coef_softmax_i softmax_ij - coef_pos_i w_ij)``."""
-    common = _common_args(anchor, contrast, anchor_labels, contrast_labels, mask)
+    common = _common_args(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset)
     tensors = (*common["tensors"], lse, coef_softmax, coef_pos)
-    constexprs = dict(common["constexprs"], EXCLUDE_SELF=exclude_self)
+    constexprs = common["constexprs"]
     n_anchor, n_contrast, dim = anchor.shape[0], contrast.shape[0], anchor.shape[1]
     d_tiles = triton.cdiv(dim, constexprs["BLOCK_D"])
     grad_anchor = grad_contrast = None
@@ -419,33 +421,33 @@ def contrastive_backward(
 
 class _TritonContrastiveLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature, scale):
+    def forward(ctx, anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale):
         pos_logit_sum, pos_weight, lse = contrastive_forward(
-            anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature
+            anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature
         )
         ctx.save_for_backward(anchor, contrast, anchor_labels, contrast_labels, mask, pos_weight, lse)
-        ctx.settings = (exclude_self, inv_temperature, scale)
+        ctx.settings = (self_offset, inv_temperature, scale)
         return row_losses(pos_logit_sum, pos_weight, lse, scale).mean()
 
     @staticmethod
     def backward(ctx, grad_output):
         anchor, contrast, anchor_labels, contrast_labels, mask, pos_weight, lse = ctx.saved_tensors
-        exclude_self, inv_temperature, scale = ctx.settings
+        self_offset, inv_temperature, scale = ctx.settings
         coef_softmax, coef_pos = grad_coefficients(pos_weight, scale, grad_output)
         grad_anchor, grad_contrast = contrastive_backward(
-            anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature, lse,
+            anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, lse,
             coef_softmax, coef_pos, inv_temperature / anchor.shape[0],
             need_anchor=ctx.needs_input_grad[0], need_contrast=ctx.needs_input_grad[1],
         )
         return grad_anchor, grad_contrast, None, None, None, None, None, None
 
 
-def triton_contrastive_loss(anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature, scale):
+def triton_contrastive_loss(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale):
     """The op of :mod:`fastcl._core` with the fused Triton kernels; arguments as in ``contrastive_loss``."""
     if anchor.stride(1) != 1:
         anchor = anchor.contiguous()
     if contrast.stride(1) != 1:
         contrast = contrast.contiguous()
     return _TritonContrastiveLoss.apply(
-        anchor, contrast, anchor_labels, contrast_labels, mask, exclude_self, inv_temperature, scale
+        anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale
     )
