@@ -101,3 +101,17 @@ def test_non_contiguous_features():
     a = FF.supcon_loss(features, labels, backend="triton", normalize=True)
     b = FF.supcon_loss(features.contiguous(), labels, backend="chunked", normalize=True)
     assert abs(a.item() - b.item()) < 1e-5
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="interpreter-only: on a GPU the autotuned configs run anyway")
+@pytest.mark.parametrize("block_m,block_n", [(64, 128), (128, 32)])
+def test_gpu_sized_tiles_in_the_interpreter(monkeypatch, block_m, block_n):
+    """The tile sizes GPUs use (not only the interpreter's 16 x 16), with N and D off the tile grid."""
+    import triton
+
+    import fastcl.kernels.contrastive as K
+
+    monkeypatch.setattr(K, "INTERPRETER_CONFIG", triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}))
+    monkeypatch.setattr(K, "_tuned", {})
+    _check_supcon(75, 2, 130, "all", "labels")  # N = 150, D = 130 -> BLOCK_D = 256
+    _check_supcon(40, 3, 300, "one", "mask")  # D = 300: looped feature tiles
