@@ -6,6 +6,8 @@ message alone.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 BACKENDS = ("auto", "triton", "chunked", "reference")
@@ -44,12 +46,12 @@ def check_float_tensor(name: str, x: torch.Tensor, shape_doc: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor of shape {shape_doc}, got dtype {x.dtype}")
 
 
-def check_embeddings(name: str, x: torch.Tensor) -> None:
-    """A ``[N, D]`` floating-point matrix with N >= 1 and D >= 1."""
+def check_embeddings(name: str, x: torch.Tensor, allow_empty: bool = False) -> None:
+    """A ``[N, D]`` floating-point matrix with N >= 1 (N >= 0 with ``allow_empty``) and D >= 1."""
     check_float_tensor(name, x, "[N, D]")
     if x.dim() != 2:
         raise ValueError(f"{name} must have shape [N, D], got {tuple(x.shape)}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
+    if (x.shape[0] == 0 and not allow_empty) or x.shape[1] == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
 
 
@@ -65,13 +67,20 @@ def check_same_kind(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) 
         )
 
 
-def check_features(features: torch.Tensor) -> torch.Tensor:
-    """SupCon features ``[bsz, n_views, ...]`` -> ``[bsz, n_views, dim]`` (extra dims flattened)."""
+def check_features(features: torch.Tensor, allow_empty: bool = False) -> torch.Tensor:
+    """SupCon features ``[bsz, n_views, ...]`` -> ``[bsz, n_views, dim]`` (extra dims flattened).
+
+    ``allow_empty`` accepts ``bsz == 0`` (a rank with no samples in a distributed loss); views and dim stay >= 1.
+    """
     check_float_tensor("features", features, "[bsz, n_views, ...]")
     if features.dim() < 3:
         raise ValueError(
             f"features must be [bsz, n_views, ...] (at least 3 dimensions), got shape {tuple(features.shape)}"
         )
+    if allow_empty and features.shape[0] == 0:
+        if features.shape[1] == 0 or math.prod(features.shape[2:]) == 0:
+            raise ValueError(f"features must have n_views >= 1 and dim >= 1, got shape {tuple(features.shape)}")
+        return features.reshape(0, features.shape[1], math.prod(features.shape[2:]))
     if features.dim() > 3:
         features = features.reshape(features.shape[0], features.shape[1], -1)
     if features.shape[0] == 0 or features.shape[1] == 0 or features.shape[2] == 0:
@@ -88,9 +97,7 @@ def check_labels(name: str, labels: torch.Tensor, expected_len: int, device: tor
     if labels.dim() == 2 and labels.shape[1] == 1:
         labels = labels.reshape(-1)
     if labels.dim() != 1 or labels.shape[0] != expected_len:
-        raise ValueError(
-            f"{name} must have shape [{expected_len}] (one per sample), got shape {tuple(labels.shape)}"
-        )
+        raise ValueError(f"{name} must have shape [{expected_len}] (one per sample), got shape {tuple(labels.shape)}")
     return labels.to(device=device, dtype=torch.int64)
 
 
@@ -112,4 +119,3 @@ def check_label_indices(labels: torch.Tensor, n_query: int, n_key: int, device: 
     if lo < 0 or hi >= n_key:
         raise ValueError(f"labels must index keys in [0, {n_key}), got values in [{lo}, {hi}]")
     return labels
-

@@ -89,7 +89,9 @@ def compile_one(job: tuple) -> dict:
         row["seconds"] = round(time.perf_counter() - start, 2)
         row["shared"] = compiled.metadata.shared
         row.update(_resource_usage(compiled.asm["cubin"]))
-        row["mma"] = "wgmma" if "wgmma" in compiled.asm["ptx"] else ("mma" if "mma.sync" in compiled.asm["ptx"] else "-")
+        row["mma"] = (
+            "wgmma" if "wgmma" in compiled.asm["ptx"] else ("mma" if "mma.sync" in compiled.asm["ptx"] else "-")
+        )
     except Exception as exc:  # report every failure, keep going
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return row
@@ -121,13 +123,19 @@ def main(argv=None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)
 
     todo = jobs(args.dtype, args.dim, args.mask, args.arch or [80, 90])
-    header = f"{'kernel':34s} {'arch':6s} {'BM':>4s} {'BN':>4s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'stack':>5s} {'shared':>7s} {'mma':>6s} {'sec':>5s}"
+    header = (
+        f"{'kernel':34s} {'arch':6s} {'BM':>4s} {'BN':>4s} {'warps':>5s} {'stages':>6s} "
+        f"{'regs':>5s} {'stack':>5s} {'shared':>7s} {'mma':>6s} {'sec':>5s}"
+    )
     print(f"fastcl AOT: {len(todo)} lowerings, dtype={args.dtype}, D={args.dim}, mask={args.mask}")
     print(header)
     failures = 0
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for row in pool.map(compile_one, todo):
-            prefix = f"{row['kernel']:34s} {row['arch']:6s} {row['BLOCK_M']:4d} {row['BLOCK_N']:4d} {row['warps']:5d} {row['stages']:6d}"
+            prefix = (
+                f"{row['kernel']:34s} {row['arch']:6s} {row['BLOCK_M']:4d} {row['BLOCK_N']:4d} "
+                f"{row['warps']:5d} {row['stages']:6d}"
+            )
             if "error" in row:
                 failures += 1
                 print(f"{prefix} FAILED {row['error']}")

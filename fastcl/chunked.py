@@ -13,7 +13,6 @@ Half-precision inputs are computed in fp32; float64 stays float64 (``gradcheck``
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -140,7 +139,9 @@ def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, self_off
 
 class _ChunkedContrastiveLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, grad_enabled):
+    def forward(
+        ctx, anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, grad_enabled
+    ):
         want_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         stats, grad_anchor, grad_contrast = _fused_pass(
             anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, want_grad
@@ -160,13 +161,28 @@ class _ChunkedContrastiveLoss(torch.autograd.Function):
         return (
             grad_anchor.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
             grad_contrast.to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None,
-            None, None, None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
-def chunked_contrastive_loss(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale):
+def chunked_contrastive_loss(
+    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale
+):
     """The op of :mod:`fastcl._core` on the blockwise PyTorch path; arguments as in ``contrastive_loss``."""
     return _ChunkedContrastiveLoss.apply(
-        anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale,
+        anchor,
+        contrast,
+        anchor_labels,
+        contrast_labels,
+        mask,
+        self_offset,
+        inv_temperature,
+        scale,
         torch.is_grad_enabled(),
     )

@@ -5,8 +5,9 @@
 
 The data are generated from a seed (no downloads): ``classes`` Gaussian clusters in a low-dimensional latent
 space, pushed through a fixed random nonlinear map, next to loud nuisance features. Each training view drops
-signal features at random and redraws the nuisance, so the loss teaches the encoder to ignore it. After training, a nearest-class-mean classifier on the frozen embeddings of held-out
-samples measures what the encoder learned (chance is ``1 / classes``).
+signal features at random and redraws the nuisance, so the loss teaches the encoder to ignore it. After
+training, a nearest-class-mean classifier on the frozen embeddings of held-out samples measures what the encoder
+learned (chance is ``1 / classes``).
 """
 
 from __future__ import annotations

@@ -173,8 +173,15 @@ def info_nce_loss(
 
     def one_direction(anchor, contrast, anchor_labels, contrast_labels):
         return contrastive_loss(
-            anchor, contrast, anchor_labels, contrast_labels, None,
-            self_offset=None, temperature=temperature, scale=1.0, backend=backend,
+            anchor,
+            contrast,
+            anchor_labels,
+            contrast_labels,
+            None,
+            self_offset=None,
+            temperature=temperature,
+            scale=1.0,
+            backend=backend,
         )
 
     loss = one_direction(query, key, query_labels, key_ids)

@@ -28,7 +28,8 @@ class SupConLoss(nn.Module):
 
     Example:
         >>> criterion = SupConLoss(temperature=0.1)
-        >>> loss = criterion(torch.nn.functional.normalize(torch.randn(32, 2, 128), dim=-1), torch.randint(0, 10, (32,)))
+        >>> features = torch.nn.functional.normalize(torch.randn(32, 2, 128), dim=-1)
+        >>> loss = criterion(features, torch.randint(0, 10, (32,)))
     """
 
     def __init__(

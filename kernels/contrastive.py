@@ -39,7 +39,7 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _load_rows(ptr, rows, valid, stride, d0, dim, BLOCK_D: tl.constexpr):
-    """A ``[len(rows), BLOCK_D]`` tile of a row-major ``[*, dim]`` matrix, columns ``d0 .. d0 + BLOCK_D``, zero padded."""
+    """Tile ``[len(rows), BLOCK_D]`` of a row-major ``[*, dim]`` matrix, columns ``d0 .. d0 + BLOCK_D``, zero padded."""
     d = d0 + tl.arange(0, BLOCK_D)
     offsets = rows.to(tl.int64)[:, None] * stride + d[None, :]  # int64: N * D may exceed 2**31
     return tl.load(ptr + offsets, mask=valid[:, None] & (d[None, :] < dim), other=0.0)
@@ -47,8 +47,21 @@ def _load_rows(ptr, rows, valid, stride, d0, dim, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _logits_tile(
-    anchor_ptr, contrast_ptr, a_tile, c_tile, rows, cols, row_valid, col_valid, dim, stride_anchor, stride_contrast,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D_TILE: tl.constexpr,
+    anchor_ptr,
+    contrast_ptr,
+    a_tile,
+    c_tile,
+    rows,
+    cols,
+    row_valid,
+    col_valid,
+    dim,
+    stride_anchor,
+    stride_contrast,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """Raw dot products ``a_i . c_j`` ``[BLOCK_M, BLOCK_N]`` in fp32 (preloaded tiles when the dim fits one tile)."""
@@ -65,8 +78,18 @@ def _logits_tile(
 
 @triton.jit
 def _pair_weights(
-    rows, cols, row_valid, col_valid, row_labels, contrast_label_ptr, mask_ptr, mask_period, stride_mask, self_offset,
-    HAS_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    rows,
+    cols,
+    row_valid,
+    col_valid,
+    row_labels,
+    contrast_label_ptr,
+    mask_ptr,
+    mask_period,
+    stride_mask,
+    self_offset,
+    HAS_MASK: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr,
 ):
     """``(w, valid)`` ``[BLOCK_M, BLOCK_N]``: positive weights and which pairs enter the softmax denominator."""
     valid = row_valid[:, None] & col_valid[None, :]
@@ -75,7 +98,8 @@ def _pair_weights(
     if HAS_MASK:
         w = tl.load(
             mask_ptr + (rows % mask_period).to(tl.int64)[:, None] * stride_mask + (cols % mask_period)[None, :],
-            mask=valid, other=0.0,
+            mask=valid,
+            other=0.0,
         )
     else:
         col_labels = tl.load(contrast_label_ptr + cols, mask=col_valid, other=0)
@@ -92,12 +116,30 @@ def _dlogits_tile(logits2, lse2, coef_softmax, coef_pos, w, valid):
 
 @triton.jit
 def _contrastive_fwd_kernel(
-    pos_logit_sum_ptr, pos_weight_ptr, lse_ptr,
-    anchor_ptr, contrast_ptr, anchor_label_ptr, contrast_label_ptr, mask_ptr,
-    n_anchor, n_contrast, dim, mask_period, stride_anchor, stride_contrast, stride_mask, self_offset,
+    pos_logit_sum_ptr,
+    pos_weight_ptr,
+    lse_ptr,
+    anchor_ptr,
+    contrast_ptr,
+    anchor_label_ptr,
+    contrast_label_ptr,
+    mask_ptr,
+    n_anchor,
+    n_contrast,
+    dim,
+    mask_period,
+    stride_anchor,
+    stride_contrast,
+    stride_mask,
+    self_offset,
     logit_scale_log2,
-    HAS_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    SINGLE_D_TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < n_anchor
@@ -117,12 +159,36 @@ def _contrastive_fwd_kernel(
         if SINGLE_D_TILE:
             c_tile = _load_rows(contrast_ptr, cols, col_valid, stride_contrast, 0, dim, BLOCK_D)
         logits2 = logit_scale_log2 * _logits_tile(
-            anchor_ptr, contrast_ptr, a_tile, c_tile, rows, cols, row_valid, col_valid, dim,
-            stride_anchor, stride_contrast, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D_TILE, INPUT_PRECISION,
+            anchor_ptr,
+            contrast_ptr,
+            a_tile,
+            c_tile,
+            rows,
+            cols,
+            row_valid,
+            col_valid,
+            dim,
+            stride_anchor,
+            stride_contrast,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            SINGLE_D_TILE,
+            INPUT_PRECISION,
         )
         w, valid = _pair_weights(
-            rows, cols, row_valid, col_valid, row_labels, contrast_label_ptr, mask_ptr, mask_period, stride_mask,
-            self_offset, HAS_MASK, EXCLUDE_SELF,
+            rows,
+            cols,
+            row_valid,
+            col_valid,
+            row_labels,
+            contrast_label_ptr,
+            mask_ptr,
+            mask_period,
+            stride_mask,
+            self_offset,
+            HAS_MASK,
+            EXCLUDE_SELF,
         )
         pos_sum += tl.sum(w * logits2, axis=1)
         pos_weight += tl.sum(w, axis=1)
@@ -143,11 +209,32 @@ def _contrastive_fwd_kernel(
 @triton.jit
 def _contrastive_bwd_anchor_kernel(
     grad_anchor_ptr,
-    anchor_ptr, contrast_ptr, anchor_label_ptr, contrast_label_ptr, mask_ptr, lse_ptr, coef_softmax_ptr, coef_pos_ptr,
-    n_anchor, n_contrast, dim, mask_period, stride_anchor, stride_contrast, stride_mask, self_offset, stride_grad,
-    logit_scale_log2, grad_scale,
-    HAS_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    SINGLE_D_TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    anchor_ptr,
+    contrast_ptr,
+    anchor_label_ptr,
+    contrast_label_ptr,
+    mask_ptr,
+    lse_ptr,
+    coef_softmax_ptr,
+    coef_pos_ptr,
+    n_anchor,
+    n_contrast,
+    dim,
+    mask_period,
+    stride_anchor,
+    stride_contrast,
+    stride_mask,
+    self_offset,
+    stride_grad,
+    logit_scale_log2,
+    grad_scale,
+    HAS_MASK: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """``dA[rows, d-tile] = grad_scale * sum_j dS_ij c_j``; grid (anchor blocks, output feature tiles)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -167,12 +254,36 @@ def _contrastive_bwd_anchor_kernel(
         col_valid = cols < n_contrast
         c_tile = _load_rows(contrast_ptr, cols, col_valid, stride_contrast, d_out, dim, BLOCK_D)
         logits2 = logit_scale_log2 * _logits_tile(
-            anchor_ptr, contrast_ptr, a_tile, c_tile, rows, cols, row_valid, col_valid, dim,
-            stride_anchor, stride_contrast, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D_TILE, INPUT_PRECISION,
+            anchor_ptr,
+            contrast_ptr,
+            a_tile,
+            c_tile,
+            rows,
+            cols,
+            row_valid,
+            col_valid,
+            dim,
+            stride_anchor,
+            stride_contrast,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            SINGLE_D_TILE,
+            INPUT_PRECISION,
         )
         w, valid = _pair_weights(
-            rows, cols, row_valid, col_valid, row_labels, contrast_label_ptr, mask_ptr, mask_period, stride_mask,
-            self_offset, HAS_MASK, EXCLUDE_SELF,
+            rows,
+            cols,
+            row_valid,
+            col_valid,
+            row_labels,
+            contrast_label_ptr,
+            mask_ptr,
+            mask_period,
+            stride_mask,
+            self_offset,
+            HAS_MASK,
+            EXCLUDE_SELF,
         )
         dlogits = _dlogits_tile(logits2, lse2, coef_softmax, coef_pos, w, valid)
         acc = tl.dot(dlogits.to(c_tile.dtype), c_tile, acc, input_precision=INPUT_PRECISION)
@@ -188,11 +299,32 @@ def _contrastive_bwd_anchor_kernel(
 @triton.jit
 def _contrastive_bwd_contrast_kernel(
     grad_contrast_ptr,
-    anchor_ptr, contrast_ptr, anchor_label_ptr, contrast_label_ptr, mask_ptr, lse_ptr, coef_softmax_ptr, coef_pos_ptr,
-    n_anchor, n_contrast, dim, mask_period, stride_anchor, stride_contrast, stride_mask, self_offset, stride_grad,
-    logit_scale_log2, grad_scale,
-    HAS_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    SINGLE_D_TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    anchor_ptr,
+    contrast_ptr,
+    anchor_label_ptr,
+    contrast_label_ptr,
+    mask_ptr,
+    lse_ptr,
+    coef_softmax_ptr,
+    coef_pos_ptr,
+    n_anchor,
+    n_contrast,
+    dim,
+    mask_period,
+    stride_anchor,
+    stride_contrast,
+    stride_mask,
+    self_offset,
+    stride_grad,
+    logit_scale_log2,
+    grad_scale,
+    HAS_MASK: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """``dC[cols, d-tile] = grad_scale * sum_i dS_ij a_i``; grid (contrast blocks, output feature tiles)."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -212,12 +344,36 @@ def _contrastive_bwd_contrast_kernel(
         coef_softmax = tl.load(coef_softmax_ptr + rows, mask=row_valid, other=0.0)
         coef_pos = tl.load(coef_pos_ptr + rows, mask=row_valid, other=0.0)
         logits2 = logit_scale_log2 * _logits_tile(
-            anchor_ptr, contrast_ptr, a_tile, c_tile, rows, cols, row_valid, col_valid, dim,
-            stride_anchor, stride_contrast, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D_TILE, INPUT_PRECISION,
+            anchor_ptr,
+            contrast_ptr,
+            a_tile,
+            c_tile,
+            rows,
+            cols,
+            row_valid,
+            col_valid,
+            dim,
+            stride_anchor,
+            stride_contrast,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            SINGLE_D_TILE,
+            INPUT_PRECISION,
         )
         w, valid = _pair_weights(
-            rows, cols, row_valid, col_valid, row_labels, contrast_label_ptr, mask_ptr, mask_period, stride_mask,
-            self_offset, HAS_MASK, EXCLUDE_SELF,
+            rows,
+            cols,
+            row_valid,
+            col_valid,
+            row_labels,
+            contrast_label_ptr,
+            mask_ptr,
+            mask_period,
+            stride_mask,
+            self_offset,
+            HAS_MASK,
+            EXCLUDE_SELF,
         )
         dlogits = _dlogits_tile(logits2, lse2, coef_softmax, coef_pos, w, valid)
         acc = tl.dot(tl.trans(dlogits.to(a_tile.dtype)), a_tile, acc, input_precision=INPUT_PRECISION)
@@ -324,7 +480,9 @@ def input_precision_for(dtype: torch.dtype) -> str:
 
 def _common_args(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset):
     has_mask = mask is not None
-    placeholder = anchor_labels if anchor_labels is not None else torch.zeros(1, dtype=torch.int64, device=anchor.device)
+    placeholder = (
+        anchor_labels if anchor_labels is not None else torch.zeros(1, dtype=torch.int64, device=anchor.device)
+    )
     block_d, single = block_d_for(anchor.shape[1])
     return dict(
         tensors=(
@@ -359,7 +517,9 @@ def _launch(name, grid_of, out_first, tensors, scalars, constexprs):
     if fixed is not None:
         meta = dict(fixed.kwargs)
         grid = grid_of(meta)
-        kernel[grid](*out_first, *tensors, *scalars, **constexprs, **meta, num_warps=fixed.num_warps, num_stages=fixed.num_stages)
+        kernel[grid](
+            *out_first, *tensors, *scalars, **constexprs, **meta, num_warps=fixed.num_warps, num_stages=fixed.num_stages
+        )
     else:
         kernel[grid_of](*out_first, *tensors, *scalars, **constexprs)
 
@@ -381,10 +541,21 @@ def contrastive_forward(anchor, contrast, anchor_labels, contrast_labels, mask, 
 
 
 def contrastive_backward(
-    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, lse, coef_softmax,
-    coef_pos, grad_scale, need_anchor=True, need_contrast=True,
+    anchor,
+    contrast,
+    anchor_labels,
+    contrast_labels,
+    mask,
+    self_offset,
+    inv_temperature,
+    lse,
+    coef_softmax,
+    coef_pos,
+    grad_scale,
+    need_anchor=True,
+    need_contrast=True,
 ):
-    """``(dA, dC)`` in the input dtypes for ``dL/ds_ij = grad_scale * t * (coef_softmax_i softmax_ij - coef_pos_i w_ij)``."""
+    """``(dA, dC)`` in the input dtypes, for ``dL/ds_ij = grad_scale * t * (coef_softmax_i p_ij - coef_pos_i w_ij)``."""
     common = _common_args(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset)
     tensors = (*common["tensors"], lse, coef_softmax, coef_pos)
     constexprs = common["constexprs"]
@@ -435,14 +606,26 @@ class _TritonContrastiveLoss(torch.autograd.Function):
         self_offset, inv_temperature, scale = ctx.settings
         coef_softmax, coef_pos = grad_coefficients(pos_weight, scale, grad_output)
         grad_anchor, grad_contrast = contrastive_backward(
-            anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, lse,
-            coef_softmax, coef_pos, inv_temperature / anchor.shape[0],
-            need_anchor=ctx.needs_input_grad[0], need_contrast=ctx.needs_input_grad[1],
+            anchor,
+            contrast,
+            anchor_labels,
+            contrast_labels,
+            mask,
+            self_offset,
+            inv_temperature,
+            lse,
+            coef_softmax,
+            coef_pos,
+            inv_temperature / anchor.shape[0],
+            need_anchor=ctx.needs_input_grad[0],
+            need_contrast=ctx.needs_input_grad[1],
         )
         return grad_anchor, grad_contrast, None, None, None, None, None, None
 
 
-def triton_contrastive_loss(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale):
+def triton_contrastive_loss(
+    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale
+):
     """The op of :mod:`fastcl._core` with the fused Triton kernels; arguments as in ``contrastive_loss``."""
     if anchor.stride(1) != 1:
         anchor = anchor.contiguous()

@@ -12,16 +12,23 @@ import pytest
 
 pytest.importorskip("triton")
 
-from fastcl import aot  # noqa: E402
+from fastcl import aot
 
 
 def test_one_kernel_lowers_to_sm90_cubin():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     job = ("_contrastive_bwd_anchor_kernel", {"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2, 90, "bf16", 128, False)
-    out = subprocess.run(
-        [sys.executable, "-c", f"from fastcl import aot; print(repr(aot.compile_one({job!r})))"],
-        env=env, capture_output=True, text=True, check=True,
-    ).stdout.strip().splitlines()[-1]
+    out = (
+        subprocess.run(
+            [sys.executable, "-c", f"from fastcl import aot; print(repr(aot.compile_one({job!r})))"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     row = ast.literal_eval(out)
     assert "error" not in row, row.get("error")
     assert 0 < row["reg"] <= 255

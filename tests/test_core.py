@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import triton_usable
+
 from fastcl._core import contrastive_loss
 
 
@@ -37,8 +37,9 @@ def test_local_anchors_against_global_contrast(backend, self_offset):
 
     a = anchor.to(dtype).detach().clone().requires_grad_()
     c = contrast.to(dtype).detach().clone().requires_grad_()
-    loss = contrastive_loss(a, c, anchor_labels, contrast_labels, None, self_offset=self_offset,
-                            temperature=0.3, scale=0.9, backend=backend)
+    loss = contrastive_loss(
+        a, c, anchor_labels, contrast_labels, None, self_offset=self_offset, temperature=0.3, scale=0.9, backend=backend
+    )
     (loss * 1.5).backward()
 
     ra, rc = anchor.clone().requires_grad_(), contrast.clone().requires_grad_()

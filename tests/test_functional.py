@@ -5,10 +5,10 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from float64_reference import info_nce_float64, supcon_float64
 
 import fastcl.chunked
 from fastcl import functional as FF
-from float64_reference import info_nce_float64, supcon_float64
 
 CPU_BACKENDS = ["chunked", "reference"]
 
@@ -45,13 +45,18 @@ def test_supcon_matches_float64(backend, contrast_mode, positives, n_views, dim,
 
     def ours(x):
         return FF.supcon_loss(
-            x, **kwargs, temperature=temperature, contrast_mode=contrast_mode,
-            base_temperature=base_temperature, backend=backend,
+            x,
+            **kwargs,
+            temperature=temperature,
+            contrast_mode=contrast_mode,
+            base_temperature=base_temperature,
+            backend=backend,
         )
 
     def expected(x):
-        return supcon_float64(x, **kwargs, temperature=temperature, contrast_mode=contrast_mode,
-                              base_temperature=base_temperature)
+        return supcon_float64(
+            x, **kwargs, temperature=temperature, contrast_mode=contrast_mode, base_temperature=base_temperature
+        )
 
     loss, grad = _value_and_grad(ours, features, grad_output=2.5)
     ref_loss, ref_grad = _value_and_grad(expected, features, grad_output=2.5)
@@ -91,7 +96,9 @@ def test_normalize_matches_prenormalized_including_gradient(backend):
 def test_info_nce_matches_float64(backend, symmetric, small_blocks):
     query, key = torch.randn(19, 6, dtype=torch.float64), torch.randn(19, 6, dtype=torch.float64)
     ours = FF.info_nce_loss(query, key, temperature=0.2, symmetric=symmetric, normalize=False, backend=backend)
-    torch.testing.assert_close(ours, info_nce_float64(query, key, temperature=0.2, symmetric=symmetric), rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        ours, info_nce_float64(query, key, temperature=0.2, symmetric=symmetric), rtol=1e-10, atol=0
+    )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -132,11 +139,17 @@ def test_chunked_gradcheck(small_blocks):
     labels = torch.tensor([0, 1, 0, 2, 1, 0, 3])
     for mode in ["all", "one"]:
         assert torch.autograd.gradcheck(
-            lambda x: FF.supcon_loss(x, labels, temperature=0.5, contrast_mode=mode, backend="chunked"), (features,)
+            lambda x, mode=mode: FF.supcon_loss(x, labels, temperature=0.5, contrast_mode=mode, backend="chunked"),
+            (features,),
         )
     mask = torch.rand(7, 7, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda x: FF.supcon_loss(x, mask=mask, backend="chunked", normalize=True), (features,))
-    query, key = torch.randn(5, 3, dtype=torch.float64, requires_grad=True), torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x: FF.supcon_loss(x, mask=mask, backend="chunked", normalize=True), (features,)
+    )
+    query, key = (
+        torch.randn(5, 3, dtype=torch.float64, requires_grad=True),
+        torch.randn(5, 3, dtype=torch.float64, requires_grad=True),
+    )
     assert torch.autograd.gradcheck(lambda q, k: FF.info_nce_loss(q, k, backend="chunked"), (query, key))
 
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from float64_reference import supcon_float64
 
 import fastcl
 from fastcl import InfoNCELoss, NTXentLoss, SupConLoss
 from fastcl import functional as FF
 from fastcl.reference import supcon_loss_reference
-from float64_reference import supcon_float64
 
 
 def test_public_api():

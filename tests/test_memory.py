@@ -6,7 +6,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastcl.chunked
-from conftest import triton_usable
 from fastcl import functional as FF
 
 

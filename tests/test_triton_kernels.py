@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import DEVICE
-from fastcl import functional as FF
 from float64_reference import info_nce_float64, supcon_float64
+
+from fastcl import functional as FF
 
 pytestmark = pytest.mark.triton
 
@@ -25,8 +25,14 @@ def _check_supcon(bsz, n_views, dim, contrast_mode, positives, dtype=torch.float
     kwargs = dict(labels=labels if positives == "labels" else None, mask=mask)
     x = features.to(DEVICE, dtype).requires_grad_()
     device_kwargs = {k: (v.to(DEVICE) if v is not None else None) for k, v in kwargs.items()}
-    loss = FF.supcon_loss(x, **device_kwargs, temperature=temperature, contrast_mode=contrast_mode,
-                          base_temperature=base, backend="triton")
+    loss = FF.supcon_loss(
+        x,
+        **device_kwargs,
+        temperature=temperature,
+        contrast_mode=contrast_mode,
+        base_temperature=base,
+        backend="triton",
+    )
     (loss * 1.3).backward()
     ref_x = x.detach().cpu().double().requires_grad_()
     ref = supcon_float64(ref_x, **kwargs, temperature=temperature, contrast_mode=contrast_mode, base_temperature=base)
@@ -57,8 +63,9 @@ def test_info_nce(symmetric):
     query, key = torch.randn(18, 12), torch.randn(18 if symmetric else 29, 12)
     labels = None if symmetric else torch.randint(0, 29, (18,))
     q, k = query.to(DEVICE).requires_grad_(), key.to(DEVICE).requires_grad_()
-    loss = FF.info_nce_loss(q, k, None if labels is None else labels.to(DEVICE), temperature=0.1,
-                            symmetric=symmetric, backend="triton")
+    loss = FF.info_nce_loss(
+        q, k, None if labels is None else labels.to(DEVICE), temperature=0.1, symmetric=symmetric, backend="triton"
+    )
     loss.backward()
     rq, rk = query.detach().double().requires_grad_(), key.detach().double().requires_grad_()
     ref = info_nce_float64(F.normalize(rq, dim=-1), F.normalize(rk, dim=-1), labels, 0.1, symmetric)
@@ -107,9 +114,8 @@ def test_non_contiguous_features():
 @pytest.mark.parametrize("block_m,block_n", [(64, 128), (128, 32)])
 def test_gpu_sized_tiles_in_the_interpreter(monkeypatch, block_m, block_n):
     """The tile sizes GPUs use (not only the interpreter's 16 x 16), with N and D off the tile grid."""
-    import triton
-
     import fastcl.kernels.contrastive as K
+    import triton
 
     monkeypatch.setattr(K, "INTERPRETER_CONFIG", triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}))
     monkeypatch.setattr(K, "_tuned", {})

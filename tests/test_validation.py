@@ -20,8 +20,16 @@ def _features(bsz=4, n_views=2, dim=3):
         (lambda: FF.supcon_loss(torch.randn(0, 2, 3)), ValueError, "features must be non-empty"),
         (lambda: FF.supcon_loss(torch.randn(4, 0, 3)), ValueError, "features must be non-empty"),
         (lambda: FF.supcon_loss(_features(), torch.tensor([0, 1, 2])), ValueError, r"labels must have shape \[4\]"),
-        (lambda: FF.supcon_loss(_features(), torch.tensor([0.0, 1.0, 0.0, 1.0])), TypeError, "labels must be an integer"),
-        (lambda: FF.supcon_loss(_features(), mask=torch.ones(4, 3)), ValueError, r"mask must have shape \[bsz, bsz\] = \[4, 4\]"),
+        (
+            lambda: FF.supcon_loss(_features(), torch.tensor([0.0, 1.0, 0.0, 1.0])),
+            TypeError,
+            "labels must be an integer",
+        ),
+        (
+            lambda: FF.supcon_loss(_features(), mask=torch.ones(4, 3)),
+            ValueError,
+            r"mask must have shape \[bsz, bsz\] = \[4, 4\]",
+        ),
         (
             lambda: FF.supcon_loss(_features(), torch.tensor([0, 1, 0, 1]), torch.ones(4, 4)),
             ValueError,
@@ -33,12 +41,28 @@ def _features(bsz=4, n_views=2, dim=3):
         (lambda: FF.supcon_loss(_features(), temperature=-1), ValueError, "temperature must be a positive"),
         (lambda: FF.supcon_loss(_features(), base_temperature=float("nan")), ValueError, "base_temperature must be"),
         (lambda: FF.supcon_loss(_features(), temperature="hot"), TypeError, "temperature must be a number"),
-        (lambda: FF.nt_xent_loss(torch.randn(4, 3), torch.randn(5, 3)), ValueError, r"z_a and z_b must have the same shape"),
+        (
+            lambda: FF.nt_xent_loss(torch.randn(4, 3), torch.randn(5, 3)),
+            ValueError,
+            r"z_a and z_b must have the same shape",
+        ),
         (lambda: FF.nt_xent_loss(torch.randn(4, 3), torch.randn(4, 3).double()), TypeError, "same dtype"),
-        (lambda: FF.nt_xent_loss(torch.randn(4, 3, 1), torch.randn(4, 3, 1)), ValueError, r"z_a must have shape \[N, D\]"),
-        (lambda: FF.info_nce_loss(torch.randn(4, 3), torch.randn(5, 3)), ValueError, "symmetric=True needs as many keys"),
+        (
+            lambda: FF.nt_xent_loss(torch.randn(4, 3, 1), torch.randn(4, 3, 1)),
+            ValueError,
+            r"z_a must have shape \[N, D\]",
+        ),
+        (
+            lambda: FF.info_nce_loss(torch.randn(4, 3), torch.randn(5, 3)),
+            ValueError,
+            "symmetric=True needs as many keys",
+        ),
         (lambda: FF.info_nce_loss(torch.randn(4, 3), torch.randn(4, 2)), ValueError, "same feature dim"),
-        (lambda: FF.info_nce_loss(torch.randn(4, 3), torch.randn(4, 3).half()), TypeError, "query and key must have the same dtype"),
+        (
+            lambda: FF.info_nce_loss(torch.randn(4, 3), torch.randn(4, 3).half()),
+            TypeError,
+            "query and key must have the same dtype",
+        ),
         (
             lambda: FF.info_nce_loss(torch.randn(4, 3), torch.randn(4, 3), torch.arange(4)),
             ValueError,
