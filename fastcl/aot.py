@@ -21,7 +21,13 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-KERNEL_NAMES = ("_contrastive_fwd_kernel", "_contrastive_bwd_anchor_kernel", "_contrastive_bwd_contrast_kernel")
+# (kernel, extra constexprs, label): every kernel, and the symmetric ('all' mode) variant of the anchor backward.
+KERNEL_VARIANTS = (
+    ("_contrastive_fwd_kernel", {}, "fwd"),
+    ("_contrastive_bwd_anchor_kernel", {"SYMMETRIC": False}, "bwd_anchor"),
+    ("_contrastive_bwd_anchor_kernel", {"SYMMETRIC": True}, "bwd_anchor[symmetric]"),
+    ("_contrastive_bwd_contrast_kernel", {}, "bwd_contrast"),
+)
 DTYPES = {"bf16": ("bf16", 2), "fp16": ("fp16", 2), "fp32": ("fp32", 4)}
 FLOAT_SCALARS = ("logit_scale_log2", "grad_scale")
 EMBEDDING_POINTERS = ("anchor_ptr", "contrast_ptr", "grad_anchor_ptr", "grad_contrast_ptr")
@@ -61,8 +67,8 @@ def _resource_usage(cubin: bytes) -> dict:
 
 def compile_one(job: tuple) -> dict:
     """Lower one kernel/config/arch to cubin; returns a result row (``error`` set on failure)."""
-    kernel_name, config_kwargs, num_warps, num_stages, arch, dtype, dim, has_mask = job
-    row = dict(kernel=kernel_name.strip("_"), arch=f"sm_{arch}", warps=num_warps, stages=num_stages, **config_kwargs)
+    kernel_name, variant, label, config_kwargs, num_warps, num_stages, arch, dtype, dim, has_mask = job
+    row = dict(kernel=label, arch=f"sm_{arch}", warps=num_warps, stages=num_stages, **config_kwargs)
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -78,6 +84,7 @@ def compile_one(job: tuple) -> dict:
             INPUT_PRECISION="ieee",
             SINGLE_D_TILE=single,
             BLOCK_D=block_d,
+            **variant,
             **config_kwargs,
         )
         start = time.perf_counter()
@@ -103,8 +110,8 @@ def jobs(dtype: str, dim: int, has_mask: bool, archs) -> list:
     block_d, _ = K.block_d_for(dim)
     element_size = DTYPES[dtype][1]
     return [
-        (name, dict(config.kwargs), config.num_warps, config.num_stages, arch, dtype, dim, has_mask)
-        for name in KERNEL_NAMES
+        (name, variant, label, dict(config.kwargs), config.num_warps, config.num_stages, arch, dtype, dim, has_mask)
+        for name, variant, label in KERNEL_VARIANTS
         for config in K.CONFIGS
         if K.keep_config(config, block_d, element_size)
         for arch in archs
@@ -124,7 +131,7 @@ def main(argv=None) -> int:
 
     todo = jobs(args.dtype, args.dim, args.mask, args.arch or [80, 90])
     header = (
-        f"{'kernel':34s} {'arch':6s} {'BM':>4s} {'BN':>4s} {'warps':>5s} {'stages':>6s} "
+        f"{'kernel':22s} {'arch':6s} {'BM':>4s} {'BN':>4s} {'warps':>5s} {'stages':>6s} "
         f"{'regs':>5s} {'stack':>5s} {'shared':>7s} {'mma':>6s} {'sec':>5s}"
     )
     print(f"fastcl AOT: {len(todo)} lowerings, dtype={args.dtype}, D={args.dim}, mask={args.mask}")
@@ -133,7 +140,7 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for row in pool.map(compile_one, todo):
             prefix = (
-                f"{row['kernel']:34s} {row['arch']:6s} {row['BLOCK_M']:4d} {row['BLOCK_N']:4d} "
+                f"{row['kernel']:22s} {row['arch']:6s} {row['BLOCK_M']:4d} {row['BLOCK_N']:4d} "
                 f"{row['warps']:5d} {row['stages']:6d}"
             )
             if "error" in row:

@@ -7,7 +7,9 @@ Only three fp32 numbers per anchor are written.
 
 Backward recomputes the logits tiles (flash-attention style) and forms ``dS = c_softmax * softmax - c_pos * w``
 tile by tile: one kernel accumulates ``dA = dS @ C`` per anchor block, a second ``dC = dS^T @ A`` per contrast block,
-so no atomics are needed and the result is deterministic. Nothing ``N x N`` is ever allocated.
+so no atomics are needed and the result is deterministic. When the anchors are the contrast set (SupCon 'all',
+NT-Xent) the first kernel alone forms ``(dS + dS^T) @ C`` from each tile (``SYMMETRIC``). Nothing ``N x N`` is ever
+allocated.
 
 Layout per op: ``@triton.jit`` kernels -> launchers (``contrastive_forward`` / ``contrastive_backward``) ->
 ``_TritonContrastiveLoss`` (autograd) -> ``triton_contrastive_loss`` (called by ``fastcl._core``).
@@ -232,11 +234,17 @@ def _contrastive_bwd_anchor_kernel(
     EXCLUDE_SELF: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SINGLE_D_TILE: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """``dA[rows, d-tile] = grad_scale * sum_j dS_ij c_j``; grid (anchor blocks, output feature tiles)."""
+    """``dA[rows, d-tile] = grad_scale * sum_j dS_ij c_j``; grid (anchor blocks, output feature tiles).
+
+    ``SYMMETRIC`` (anchors are the contrast set, ``A = C``, SupCon's 'all' mode): the whole gradient is
+    ``(dS + dS^T) C``, and ``dS^T`` comes from the same logits tile (``s_ji = s_ij``) with the column rows'
+    statistics, so one kernel and two matrix products per tile replace the two kernels and four products.
+    """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d_out = tl.program_id(1) * BLOCK_D
     row_valid = rows < n_anchor
@@ -286,6 +294,19 @@ def _contrastive_bwd_anchor_kernel(
             EXCLUDE_SELF,
         )
         dlogits = _dlogits_tile(logits2, lse2, coef_softmax, coef_pos, w, valid)
+        if SYMMETRIC:  # + dS_ji: anchor j's softmax over its columns, evaluated at column i
+            w_t = w
+            if HAS_MASK:
+                w_t = tl.load(
+                    mask_ptr + (cols % mask_period).to(tl.int64)[None, :] * stride_mask + (rows % mask_period)[:, None],
+                    mask=valid,
+                    other=0.0,
+                )
+            col_lse2 = tl.load(lse_ptr + cols, mask=col_valid, other=0.0) * 1.4426950408889634
+            col_coef_softmax = tl.load(coef_softmax_ptr + cols, mask=col_valid, other=0.0)
+            col_coef_pos = tl.load(coef_pos_ptr + cols, mask=col_valid, other=0.0)
+            probs_t = tl.exp2(tl.where(valid, logits2 - col_lse2[None, :], float("-inf")))
+            dlogits += col_coef_softmax[None, :] * probs_t - col_coef_pos[None, :] * w_t
         acc = tl.dot(dlogits.to(c_tile.dtype), c_tile, acc, input_precision=INPUT_PRECISION)
 
     d = d_out + tl.arange(0, BLOCK_D)
@@ -554,8 +575,13 @@ def contrastive_backward(
     grad_scale,
     need_anchor=True,
     need_contrast=True,
+    symmetric=False,
 ):
-    """``(dA, dC)`` in the input dtypes, for ``dL/ds_ij = grad_scale * t * (coef_softmax_i p_ij - coef_pos_i w_ij)``."""
+    """``(dA, dC)`` in the input dtypes, for ``dL/ds_ij = grad_scale * t * (coef_softmax_i p_ij - coef_pos_i w_ij)``.
+
+    ``symmetric`` (anchor is contrast, self_offset 0): ``dA`` is the whole gradient ``(dS + dS^T) C`` and ``dC`` is
+    None.
+    """
     common = _common_args(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset)
     tensors = (*common["tensors"], lse, coef_softmax, coef_pos)
     constexprs = common["constexprs"]
@@ -570,9 +596,9 @@ def contrastive_backward(
             (grad_anchor,),
             tensors,
             (*common["sizes"], grad_anchor.stride(0), inv_temperature * LOG2E, grad_scale),
-            constexprs,
+            dict(constexprs, SYMMETRIC=symmetric),
         )
-    if need_contrast:
+    if need_contrast and not symmetric:
         grad_contrast = torch.empty_like(contrast)
         _launch(
             "bwd_contrast",
@@ -592,18 +618,20 @@ def contrastive_backward(
 
 class _TritonContrastiveLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale):
+    def forward(
+        ctx, anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, symmetric
+    ):
         pos_logit_sum, pos_weight, lse = contrastive_forward(
             anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature
         )
         ctx.save_for_backward(anchor, contrast, anchor_labels, contrast_labels, mask, pos_weight, lse)
-        ctx.settings = (self_offset, inv_temperature, scale)
+        ctx.settings = (self_offset, inv_temperature, scale, symmetric)
         return row_losses(pos_logit_sum, pos_weight, lse, scale).mean()
 
     @staticmethod
     def backward(ctx, grad_output):
         anchor, contrast, anchor_labels, contrast_labels, mask, pos_weight, lse = ctx.saved_tensors
-        self_offset, inv_temperature, scale = ctx.settings
+        self_offset, inv_temperature, scale, symmetric = ctx.settings
         coef_softmax, coef_pos = grad_coefficients(pos_weight, scale, grad_output)
         grad_anchor, grad_contrast = contrastive_backward(
             anchor,
@@ -619,18 +647,26 @@ class _TritonContrastiveLoss(torch.autograd.Function):
             inv_temperature / anchor.shape[0],
             need_anchor=ctx.needs_input_grad[0],
             need_contrast=ctx.needs_input_grad[1],
+            symmetric=symmetric,
         )
-        return grad_anchor, grad_contrast, None, None, None, None, None, None
+        return grad_anchor, grad_contrast, None, None, None, None, None, None, None
 
 
 def triton_contrastive_loss(
     anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale
 ):
-    """The op of :mod:`fastcl._core` with the fused Triton kernels; arguments as in ``contrastive_loss``."""
-    if anchor.stride(1) != 1:
-        anchor = anchor.contiguous()
+    """The op of :mod:`fastcl._core` with the fused Triton kernels; arguments as in ``contrastive_loss``.
+
+    When the anchors are the contrast set itself (the same tensor, same labels, ``self_offset == 0``: SupCon's
+    'all' mode), the backward pass takes the one-kernel symmetric route.
+    """
+    same_labels = mask is not None or (
+        anchor_labels.shape == contrast_labels.shape and anchor_labels.data_ptr() == contrast_labels.data_ptr()
+    )
+    symmetric = anchor is contrast and self_offset == 0 and same_labels
     if contrast.stride(1) != 1:
         contrast = contrast.contiguous()
+    anchor = contrast if symmetric else (anchor if anchor.stride(1) == 1 else anchor.contiguous())
     return _TritonContrastiveLoss.apply(
-        anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale
+        anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, symmetric
     )

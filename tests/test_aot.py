@@ -17,7 +17,18 @@ from fastcl import aot
 
 def test_one_kernel_lowers_to_sm90_cubin():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    job = ("_contrastive_bwd_anchor_kernel", {"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2, 90, "bf16", 128, False)
+    job = (
+        "_contrastive_bwd_anchor_kernel",
+        {"SYMMETRIC": True},
+        "bwd_anchor[symmetric]",
+        {"BLOCK_M": 64, "BLOCK_N": 64},
+        8,
+        2,
+        90,
+        "bf16",
+        128,
+        False,
+    )
     out = (
         subprocess.run(
             [sys.executable, "-c", f"from fastcl import aot; print(repr(aot.compile_one({job!r})))"],
@@ -37,5 +48,5 @@ def test_one_kernel_lowers_to_sm90_cubin():
 
 def test_job_list_covers_every_kernel_and_arch():
     jobs = aot.jobs("bf16", 128, False, [80, 90])
-    assert {j[0] for j in jobs} == set(aot.KERNEL_NAMES)
-    assert {j[4] for j in jobs} == {80, 90}
+    assert {j[2] for j in jobs} == {"fwd", "bwd_anchor", "bwd_anchor[symmetric]", "bwd_contrast"}
+    assert {j[6] for j in jobs} == {80, 90}

@@ -121,3 +121,18 @@ def test_gpu_sized_tiles_in_the_interpreter(monkeypatch, block_m, block_n):
     monkeypatch.setattr(K, "_tuned", {})
     _check_supcon(75, 2, 130, "all", "labels")  # N = 150, D = 130 -> BLOCK_D = 256
     _check_supcon(40, 3, 300, "one", "mask")  # D = 300: looped feature tiles
+
+
+def test_all_mode_takes_the_one_kernel_symmetric_backward(monkeypatch):
+    import fastcl.kernels.contrastive as K
+
+    launched = []
+    original = K._launch
+    monkeypatch.setattr(K, "_launch", lambda name, *args: launched.append(name) or original(name, *args))
+    features = F.normalize(torch.randn(9, 2, 8, device=DEVICE), dim=-1).requires_grad_()
+    labels = torch.randint(0, 3, (9,), device=DEVICE)
+    FF.supcon_loss(features, labels, backend="triton").backward()
+    assert launched == ["fwd", "bwd_anchor"]
+    launched.clear()
+    FF.supcon_loss(features, labels, contrast_mode="one", backend="triton").backward()
+    assert launched == ["fwd", "bwd_anchor", "bwd_contrast"]
