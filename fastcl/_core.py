@@ -78,14 +78,19 @@ def contrastive_loss(
     temperature: float,
     scale: float,
     backend: str,
+    two_way: bool = False,
 ) -> torch.Tensor:
     """Mean over anchors of ``loss_i`` (module docstring) as an fp32 scalar; never allocates ``Na x Nc``.
+
+    ``two_way=True`` returns the average of this direction and the reverse one (contrast rows anchoring over the
+    anchor rows, labels swapped; CLIP's symmetric loss), sharing the similarity tiles where the backend can.
 
     Args:
         anchor: ``[Na, D]``; with ``self_offset = k`` anchor i is contrast row ``i + k`` (0 <= k <= Nc - Na).
         contrast: ``[Nc, D]``, same dtype and device.
         anchor_labels, contrast_labels: int64 ``[Na]``, ``[Nc]``; or both None when ``mask`` is given.
         mask: float32 ``[B, B]`` positive weights, read at ``[i % B, j % B]``.
+        scale: multiplies every anchor's loss (``temperature / base_temperature`` for SupCon).
         backend: ``'triton'`` or ``'chunked'`` (``'auto'`` resolved by :func:`resolve_backend`).
     """
     backend = resolve_backend(backend, contrast)
@@ -106,12 +111,18 @@ def contrastive_loss(
         from fastcl.kernels.contrastive import triton_contrastive_loss
 
         return triton_contrastive_loss(
-            anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale
+            anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way
         )
     if backend == "chunked":
         from fastcl.chunked import chunked_contrastive_loss
 
-        return chunked_contrastive_loss(
+        loss = chunked_contrastive_loss(
             anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale
         )
+        if two_way:
+            reverse = chunked_contrastive_loss(
+                contrast, anchor, contrast_labels, anchor_labels, mask, self_offset, inv_temperature, scale
+            )
+            loss = 0.5 * (loss + reverse)
+        return loss
     raise ValueError(f"backend {backend!r} has no fused implementation here")

@@ -21,12 +21,13 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-# (kernel, extra constexprs, label): every kernel, and the symmetric ('all' mode) variant of the anchor backward.
+# (kernel, extra constexprs, label): every kernel, one-way and with the reverse direction fused in (TWO_WAY).
 KERNEL_VARIANTS = (
     ("_contrastive_fwd_kernel", {}, "fwd"),
-    ("_contrastive_bwd_anchor_kernel", {"SYMMETRIC": False}, "bwd_anchor"),
-    ("_contrastive_bwd_anchor_kernel", {"SYMMETRIC": True}, "bwd_anchor[symmetric]"),
-    ("_contrastive_bwd_contrast_kernel", {}, "bwd_contrast"),
+    ("_contrastive_bwd_anchor_kernel", {"TWO_WAY": False}, "bwd_anchor"),
+    ("_contrastive_bwd_anchor_kernel", {"TWO_WAY": True}, "bwd_anchor[two_way]"),
+    ("_contrastive_bwd_contrast_kernel", {"TWO_WAY": False}, "bwd_contrast"),
+    ("_contrastive_bwd_contrast_kernel", {"TWO_WAY": True}, "bwd_contrast[two_way]"),
 )
 DTYPES = {"bf16": ("bf16", 2), "fp16": ("fp16", 2), "fp32": ("fp32", 4)}
 FLOAT_SCALARS = ("logit_scale_log2", "grad_scale")

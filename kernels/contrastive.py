@@ -8,8 +8,8 @@ Only three fp32 numbers per anchor are written.
 Backward recomputes the logits tiles (flash-attention style) and forms ``dS = c_softmax * softmax - c_pos * w``
 tile by tile: one kernel accumulates ``dA = dS @ C`` per anchor block, a second ``dC = dS^T @ A`` per contrast block,
 so no atomics are needed and the result is deterministic. When the anchors are the contrast set (SupCon 'all',
-NT-Xent) the first kernel alone forms ``(dS + dS^T) @ C`` from each tile (``SYMMETRIC``). Nothing ``N x N`` is ever
-allocated.
+NT-Xent) the first kernel alone forms ``(dS + dS^T) @ C`` from each tile (``TWO_WAY``); symmetric two-tower InfoNCE
+uses the same flag in both kernels, so each tile serves both directions. Nothing ``N x N`` is ever allocated.
 
 Layout per op: ``@triton.jit`` kernels -> launchers (``contrastive_forward`` / ``contrastive_backward``) ->
 ``_TritonContrastiveLoss`` (autograd) -> ``triton_contrastive_loss`` (called by ``fastcl._core``).
@@ -117,6 +117,34 @@ def _dlogits_tile(logits2, lse2, coef_softmax, coef_pos, w, valid):
 
 
 @triton.jit
+def _transposed_dlogits_tile(
+    logits2,
+    w,
+    valid,
+    rows,
+    cols,
+    mask_ptr,
+    mask_period,
+    stride_mask,
+    col_lse2,
+    col_coef_softmax,
+    col_coef_pos,
+    HAS_MASK: tl.constexpr,
+):
+    """``dS'_ji`` laid out ``[BLOCK_M, BLOCK_N]``: the reverse direction (contrast j as anchor over the anchors),
+    from the same logits tile (``s_ji = s_ij``) and the reverse direction's per-column statistics."""
+    w_t = w  # labels: [l_i == l_j] is symmetric
+    if HAS_MASK:
+        w_t = tl.load(
+            mask_ptr + (cols % mask_period).to(tl.int64)[None, :] * stride_mask + (rows % mask_period)[:, None],
+            mask=valid,
+            other=0.0,
+        )
+    probs_t = tl.exp2(tl.where(valid, logits2 - col_lse2[None, :], float("-inf")))
+    return col_coef_softmax[None, :] * probs_t - col_coef_pos[None, :] * w_t
+
+
+@triton.jit
 def _contrastive_fwd_kernel(
     pos_logit_sum_ptr,
     pos_weight_ptr,
@@ -219,6 +247,9 @@ def _contrastive_bwd_anchor_kernel(
     lse_ptr,
     coef_softmax_ptr,
     coef_pos_ptr,
+    col_lse_ptr,
+    col_coef_softmax_ptr,
+    col_coef_pos_ptr,
     n_anchor,
     n_contrast,
     dim,
@@ -234,16 +265,17 @@ def _contrastive_bwd_anchor_kernel(
     EXCLUDE_SELF: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SINGLE_D_TILE: tl.constexpr,
-    SYMMETRIC: tl.constexpr,
+    TWO_WAY: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """``dA[rows, d-tile] = grad_scale * sum_j dS_ij c_j``; grid (anchor blocks, output feature tiles).
 
-    ``SYMMETRIC`` (anchors are the contrast set, ``A = C``, SupCon's 'all' mode): the whole gradient is
-    ``(dS + dS^T) C``, and ``dS^T`` comes from the same logits tile (``s_ji = s_ij``) with the column rows'
-    statistics, so one kernel and two matrix products per tile replace the two kernels and four products.
+    ``TWO_WAY``: the loss also has the reverse direction (contrast rows as anchors over the anchor rows, with
+    statistics ``col_*``), whose logits are the transpose of the same tile, so ``dS + dS'^T`` is formed from one
+    recomputed tile. With ``A = C`` (SupCon 'all' mode: ``col_*`` are the row statistics) this kernel alone gives
+    the whole gradient ``(dS + dS^T) C``: two tile products instead of four.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d_out = tl.program_id(1) * BLOCK_D
@@ -294,19 +326,14 @@ def _contrastive_bwd_anchor_kernel(
             EXCLUDE_SELF,
         )
         dlogits = _dlogits_tile(logits2, lse2, coef_softmax, coef_pos, w, valid)
-        if SYMMETRIC:  # + dS_ji: anchor j's softmax over its columns, evaluated at column i
-            w_t = w
-            if HAS_MASK:
-                w_t = tl.load(
-                    mask_ptr + (cols % mask_period).to(tl.int64)[None, :] * stride_mask + (rows % mask_period)[:, None],
-                    mask=valid,
-                    other=0.0,
-                )
-            col_lse2 = tl.load(lse_ptr + cols, mask=col_valid, other=0.0) * 1.4426950408889634
-            col_coef_softmax = tl.load(coef_softmax_ptr + cols, mask=col_valid, other=0.0)
-            col_coef_pos = tl.load(coef_pos_ptr + cols, mask=col_valid, other=0.0)
-            probs_t = tl.exp2(tl.where(valid, logits2 - col_lse2[None, :], float("-inf")))
-            dlogits += col_coef_softmax[None, :] * probs_t - col_coef_pos[None, :] * w_t
+        if TWO_WAY:
+            col_lse2 = tl.load(col_lse_ptr + cols, mask=col_valid, other=0.0) * 1.4426950408889634
+            col_coef_softmax = tl.load(col_coef_softmax_ptr + cols, mask=col_valid, other=0.0)
+            col_coef_pos = tl.load(col_coef_pos_ptr + cols, mask=col_valid, other=0.0)
+            dlogits += _transposed_dlogits_tile(
+                logits2, w, valid, rows, cols, mask_ptr, mask_period, stride_mask,
+                col_lse2, col_coef_softmax, col_coef_pos, HAS_MASK,
+            )  # fmt: skip
         acc = tl.dot(dlogits.to(c_tile.dtype), c_tile, acc, input_precision=INPUT_PRECISION)
 
     d = d_out + tl.arange(0, BLOCK_D)
@@ -328,6 +355,9 @@ def _contrastive_bwd_contrast_kernel(
     lse_ptr,
     coef_softmax_ptr,
     coef_pos_ptr,
+    col_lse_ptr,
+    col_coef_softmax_ptr,
+    col_coef_pos_ptr,
     n_anchor,
     n_contrast,
     dim,
@@ -343,14 +373,25 @@ def _contrastive_bwd_contrast_kernel(
     EXCLUDE_SELF: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SINGLE_D_TILE: tl.constexpr,
+    TWO_WAY: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """``dC[cols, d-tile] = grad_scale * sum_i dS_ij a_i``; grid (contrast blocks, output feature tiles)."""
+    """``dC[cols, d-tile] = grad_scale * sum_i dS_ij a_i``; grid (contrast blocks, output feature tiles).
+
+    ``TWO_WAY`` adds the reverse direction's ``dS'^T`` as in the anchor kernel (two-tower InfoNCE, symmetric).
+    """
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     d_out = tl.program_id(1) * BLOCK_D
     col_valid = cols < n_contrast
+    col_lse2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    col_coef_softmax = col_lse2
+    col_coef_pos = col_lse2
+    if TWO_WAY:
+        col_lse2 = tl.load(col_lse_ptr + cols, mask=col_valid, other=0.0) * 1.4426950408889634
+        col_coef_softmax = tl.load(col_coef_softmax_ptr + cols, mask=col_valid, other=0.0)
+        col_coef_pos = tl.load(col_coef_pos_ptr + cols, mask=col_valid, other=0.0)
     c_tile = _load_rows(contrast_ptr, cols, col_valid, stride_contrast, 0, dim, BLOCK_D)
 
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -397,6 +438,11 @@ def _contrastive_bwd_contrast_kernel(
             EXCLUDE_SELF,
         )
         dlogits = _dlogits_tile(logits2, lse2, coef_softmax, coef_pos, w, valid)
+        if TWO_WAY:
+            dlogits += _transposed_dlogits_tile(
+                logits2, w, valid, rows, cols, mask_ptr, mask_period, stride_mask,
+                col_lse2, col_coef_softmax, col_coef_pos, HAS_MASK,
+            )  # fmt: skip
         acc = tl.dot(tl.trans(dlogits.to(a_tile.dtype)), a_tile, acc, input_precision=INPUT_PRECISION)
 
     d = d_out + tl.arange(0, BLOCK_D)
@@ -569,22 +615,24 @@ def contrastive_backward(
     mask,
     self_offset,
     inv_temperature,
-    lse,
-    coef_softmax,
-    coef_pos,
-    grad_scale,
+    row_stats,
+    col_stats=None,
+    grad_scale=1.0,
     need_anchor=True,
     need_contrast=True,
-    symmetric=False,
 ):
-    """``(dA, dC)`` in the input dtypes, for ``dL/ds_ij = grad_scale * t * (coef_softmax_i p_ij - coef_pos_i w_ij)``.
+    """``(dA, dC)`` in the input dtypes.
 
-    ``symmetric`` (anchor is contrast, self_offset 0): ``dA`` is the whole gradient ``(dS + dS^T) C`` and ``dC`` is
-    None.
+    ``row_stats = (lse, coef_softmax, coef_pos)`` fp32 ``[Na]`` give ``dS_ij = coef_softmax_i p_ij - coef_pos_i w_ij``
+    and ``grad_scale`` multiplies ``dS @ C`` and ``dS^T @ A``. With ``col_stats`` (``[Nc]``, the reverse direction:
+    contrast rows as anchors), ``dS'^T`` is added from the same tiles. ``col_stats is row_stats`` means the anchors
+    are the contrast set: then ``dA`` is the whole gradient and ``dC`` is None.
     """
     common = _common_args(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset)
-    tensors = (*common["tensors"], lse, coef_softmax, coef_pos)
-    constexprs = common["constexprs"]
+    two_way = col_stats is not None
+    self_symmetric = col_stats is row_stats
+    tensors = (*common["tensors"], *row_stats, *(col_stats if two_way else row_stats))
+    constexprs = dict(common["constexprs"], TWO_WAY=two_way)
     n_anchor, n_contrast, dim = anchor.shape[0], contrast.shape[0], anchor.shape[1]
     d_tiles = triton.cdiv(dim, constexprs["BLOCK_D"])
     grad_anchor = grad_contrast = None
@@ -596,9 +644,9 @@ def contrastive_backward(
             (grad_anchor,),
             tensors,
             (*common["sizes"], grad_anchor.stride(0), inv_temperature * LOG2E, grad_scale),
-            dict(constexprs, SYMMETRIC=symmetric),
+            constexprs,
         )
-    if need_contrast and not symmetric:
+    if need_contrast and not self_symmetric:
         grad_contrast = torch.empty_like(contrast)
         _launch(
             "bwd_contrast",
@@ -617,22 +665,41 @@ def contrastive_backward(
 
 
 class _TritonContrastiveLoss(torch.autograd.Function):
+    """``route``: 'one_way'; 'self' (anchor is contrast: one backward kernel); 'two_way' (the mean of both
+    directions, contrast rows also anchoring over the anchor rows with the labels swapped)."""
+
     @staticmethod
     def forward(
-        ctx, anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, symmetric
+        ctx, anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, route
     ):
         pos_logit_sum, pos_weight, lse = contrastive_forward(
             anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature
         )
-        ctx.save_for_backward(anchor, contrast, anchor_labels, contrast_labels, mask, pos_weight, lse)
-        ctx.settings = (self_offset, inv_temperature, scale, symmetric)
-        return row_losses(pos_logit_sum, pos_weight, lse, scale).mean()
+        loss = row_losses(pos_logit_sum, pos_weight, lse, scale).mean()
+        col_pos_weight = col_lse = None
+        if route == "two_way":
+            col_pos_logit_sum, col_pos_weight, col_lse = contrastive_forward(
+                contrast, anchor, contrast_labels, anchor_labels, mask, self_offset, inv_temperature
+            )
+            loss = 0.5 * (loss + row_losses(col_pos_logit_sum, col_pos_weight, col_lse, scale).mean())
+        ctx.save_for_backward(
+            anchor, contrast, anchor_labels, contrast_labels, mask, pos_weight, lse, col_pos_weight, col_lse
+        )
+        ctx.settings = (self_offset, inv_temperature, scale, route)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        anchor, contrast, anchor_labels, contrast_labels, mask, pos_weight, lse = ctx.saved_tensors
-        self_offset, inv_temperature, scale, symmetric = ctx.settings
-        coef_softmax, coef_pos = grad_coefficients(pos_weight, scale, grad_output)
+        anchor, contrast, anchor_labels, contrast_labels, mask, pos_weight, lse, col_pos_weight, col_lse = (
+            ctx.saved_tensors
+        )
+        self_offset, inv_temperature, scale, route = ctx.settings
+        if route == "two_way":
+            grad_output = 0.5 * grad_output
+        row_stats = (lse, *grad_coefficients(pos_weight, scale, grad_output))
+        col_stats = {"one_way": None, "self": row_stats}.get(route)
+        if route == "two_way":  # both directions average over Na == Nc anchors
+            col_stats = (col_lse, *grad_coefficients(col_pos_weight, scale, grad_output))
         grad_anchor, grad_contrast = contrastive_backward(
             anchor,
             contrast,
@@ -641,32 +708,43 @@ class _TritonContrastiveLoss(torch.autograd.Function):
             mask,
             self_offset,
             inv_temperature,
-            lse,
-            coef_softmax,
-            coef_pos,
-            inv_temperature / anchor.shape[0],
-            need_anchor=ctx.needs_input_grad[0],
+            row_stats,
+            col_stats,
+            grad_scale=inv_temperature / anchor.shape[0],
+            need_anchor=ctx.needs_input_grad[0] or route == "self",
             need_contrast=ctx.needs_input_grad[1],
-            symmetric=symmetric,
         )
         return grad_anchor, grad_contrast, None, None, None, None, None, None, None
 
 
 def triton_contrastive_loss(
-    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale
+    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way=False
 ):
     """The op of :mod:`fastcl._core` with the fused Triton kernels; arguments as in ``contrastive_loss``.
 
     When the anchors are the contrast set itself (the same tensor, same labels, ``self_offset == 0``: SupCon's
-    'all' mode), the backward pass takes the one-kernel symmetric route.
+    'all' mode), the backward pass takes the one-kernel route; ``two_way`` shares every tile between both
+    directions.
     """
-    same_labels = mask is not None or (
-        anchor_labels.shape == contrast_labels.shape and anchor_labels.data_ptr() == contrast_labels.data_ptr()
-    )
-    symmetric = anchor is contrast and self_offset == 0 and same_labels
     if contrast.stride(1) != 1:
         contrast = contrast.contiguous()
-    anchor = contrast if symmetric else (anchor if anchor.stride(1) == 1 else anchor.contiguous())
+    if two_way:
+        route = "two_way"
+    elif anchor is contrast and self_offset == 0 and _same_labels(anchor_labels, contrast_labels, mask):
+        route = "self"
+    else:
+        route = "one_way"
+    if route == "self":
+        anchor = contrast
+    elif anchor.stride(1) != 1:
+        anchor = anchor.contiguous()
     return _TritonContrastiveLoss.apply(
-        anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, symmetric
+        anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, route
+    )
+
+
+def _same_labels(anchor_labels, contrast_labels, mask) -> bool:
+    """The same label tensor on both sides (checked without a device sync), or a mask."""
+    return mask is not None or (
+        anchor_labels.shape == contrast_labels.shape and anchor_labels.data_ptr() == contrast_labels.data_ptr()
     )

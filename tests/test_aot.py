@@ -19,8 +19,8 @@ def test_one_kernel_lowers_to_sm90_cubin():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     job = (
         "_contrastive_bwd_anchor_kernel",
-        {"SYMMETRIC": True},
-        "bwd_anchor[symmetric]",
+        {"TWO_WAY": True},
+        "bwd_anchor[two_way]",
         {"BLOCK_M": 64, "BLOCK_N": 64},
         8,
         2,
@@ -48,5 +48,11 @@ def test_one_kernel_lowers_to_sm90_cubin():
 
 def test_job_list_covers_every_kernel_and_arch():
     jobs = aot.jobs("bf16", 128, False, [80, 90])
-    assert {j[2] for j in jobs} == {"fwd", "bwd_anchor", "bwd_anchor[symmetric]", "bwd_contrast"}
+    assert {j[2] for j in jobs} == {
+        "fwd",
+        "bwd_anchor",
+        "bwd_anchor[two_way]",
+        "bwd_contrast",
+        "bwd_contrast[two_way]",
+    }
     assert {j[6] for j in jobs} == {80, 90}
