@@ -10,7 +10,7 @@ import os
 
 from setuptools import setup
 
-PACKAGES = ["fastcl", "fastcl.kernels"]
+PACKAGES = ["fastcl", "fastcl.kernels", "fastcl.examples"]
 PACKAGE_DIR = {"fastcl": "fastcl", "fastcl.kernels": "kernels"}
 
 

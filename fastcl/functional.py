@@ -29,6 +29,8 @@ def supcon_loss(
     base_temperature: float = 0.07,
     normalize: bool = False,
     backend: str = "auto",
+    gather_distributed: bool = False,
+    group=None,
 ) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, L_out), numerically the SupContrast ``SupConLoss``.
 
@@ -44,6 +46,10 @@ def supcon_loss(
         base_temperature: the loss is scaled by ``t / base_temperature``.
         normalize: L2-normalise ``features`` along ``dim`` first (SupContrast expects normalised features).
         backend: ``'auto' | 'triton' | 'chunked' | 'reference'``.
+        gather_distributed: this rank's samples are the anchors and every rank's samples (``torch.distributed``,
+            ``group``) the contrast set, with the gradients of one big batch (:mod:`fastcl.distributed`); ``bsz``
+            may differ between ranks and be 0; ``mask`` is an error (pass labels).
+        group: the process group for ``gather_distributed`` (default: the world).
 
     Returns:
         Scalar: mean over anchors of ``-(t / base_t) * mean_{p in P(i)} log softmax_{j != i}(s_ij)[p]``; an anchor
@@ -53,6 +59,20 @@ def supcon_loss(
         >>> feats = torch.nn.functional.normalize(torch.randn(8, 2, 128), dim=-1)
         >>> loss = supcon_loss(feats, labels=torch.randint(0, 3, (8,)), temperature=0.1)
     """
+    if gather_distributed:
+        from fastcl.distributed import supcon_loss_distributed
+
+        return supcon_loss_distributed(
+            features,
+            labels,
+            mask,
+            temperature=temperature,
+            contrast_mode=contrast_mode,
+            base_temperature=base_temperature,
+            normalize=normalize,
+            backend=backend,
+            group=group,
+        )
     temperature = V.check_positive("temperature", temperature)
     base_temperature = V.check_positive("base_temperature", base_temperature)
     V.check_contrast_mode(contrast_mode)
@@ -98,12 +118,21 @@ def nt_xent_loss(
     temperature: float = 0.5,
     normalize: bool = True,
     backend: str = "auto",
+    gather_distributed: bool = False,
+    group=None,
 ) -> torch.Tensor:
     """SimCLR's NT-Xent over two views: ``z_a``, ``z_b`` ``[B, D]`` -> scalar.
 
     Equal to :func:`supcon_loss` on ``stack([z_a, z_b], 1)`` with no labels and ``base_temperature =
     temperature``: each of the 2B embeddings has its other view as the positive and the 2B - 2 others as negatives.
+    ``gather_distributed=True``: negatives from every rank's batch, as in :func:`supcon_loss`.
     """
+    if gather_distributed:
+        from fastcl.distributed import nt_xent_loss_distributed
+
+        return nt_xent_loss_distributed(
+            z_a, z_b, temperature=temperature, normalize=normalize, backend=backend, group=group
+        )
     V.check_embeddings("z_a", z_a)
     V.check_embeddings("z_b", z_b)
     V.check_same_kind("z_a", z_a, "z_b", z_b)
@@ -128,6 +157,8 @@ def info_nce_loss(
     symmetric: bool = True,
     normalize: bool = True,
     backend: str = "auto",
+    gather_distributed: bool = False,
+    group=None,
 ) -> torch.Tensor:
     """Two-tower (CLIP-style) InfoNCE.
 
@@ -137,10 +168,28 @@ def info_nce_loss(
         symmetric: average the query->key and key->query cross-entropies, as CLIP does (needs ``M == B`` and the
             default pairing).
         normalize: L2-normalise query and key first.
+        gather_distributed: this rank's queries against the keys of every rank (``torch.distributed``, ``group``),
+            with the gradients of one big batch (:mod:`fastcl.distributed`). Row counts may differ between ranks
+            (0 included); the default positive of local query i is local key i, and ``labels`` index the global
+            key set (all ranks' keys in rank order).
+        group: the process group for ``gather_distributed`` (default: the world).
 
     Returns:
         Scalar ``mean_i -log softmax_j(q_i . k_j / t)[labels[i]]`` (averaged with the key->query term when symmetric).
     """
+    if gather_distributed:
+        from fastcl.distributed import info_nce_loss_distributed
+
+        return info_nce_loss_distributed(
+            query,
+            key,
+            labels,
+            temperature=temperature,
+            symmetric=symmetric,
+            normalize=normalize,
+            backend=backend,
+            group=group,
+        )
     V.check_embeddings("query", query)
     V.check_embeddings("key", key)
     V.check_same_kind("query", query, "key", key)
@@ -171,20 +220,15 @@ def info_nce_loss(
     key_ids = torch.arange(n_key, device=query.device)
     query_labels = labels if labels is not None else key_ids[:n_query]
 
-    def one_direction(anchor, contrast, anchor_labels, contrast_labels):
-        return contrastive_loss(
-            anchor,
-            contrast,
-            anchor_labels,
-            contrast_labels,
-            None,
-            self_offset=None,
-            temperature=temperature,
-            scale=1.0,
-            backend=backend,
-        )
-
-    loss = one_direction(query, key, query_labels, key_ids)
-    if symmetric:
-        loss = 0.5 * (loss + one_direction(key, query, key_ids, query_labels))
-    return loss
+    return contrastive_loss(
+        query,
+        key,
+        query_labels,
+        key_ids,
+        None,
+        self_offset=None,
+        temperature=temperature,
+        scale=1.0,
+        backend=backend,
+        two_way=symmetric,  # key -> query as well, from the same similarity tiles
+    )

@@ -13,6 +13,19 @@ from fastcl import functional as FF
 __all__ = ["SupConLoss", "NTXentLoss", "InfoNCELoss"]
 
 
+def _check_distributed(gather_distributed: bool, backend: str) -> bool:
+    if gather_distributed and backend == "reference":
+        raise ValueError(
+            "backend='reference' (the dense single-process formulation) has no distributed form; "
+            "use 'auto', 'chunked' or 'triton' with gather_distributed=True"
+        )
+    return bool(gather_distributed)
+
+
+def _distributed_repr(gather_distributed: bool) -> str:
+    return ", gather_distributed=True" if gather_distributed else ""
+
+
 class SupConLoss(nn.Module):
     """Supervised contrastive loss; a drop-in for SupContrast's ``SupConLoss`` (same constructor, same numbers).
 
@@ -22,6 +35,10 @@ class SupConLoss(nn.Module):
         base_temperature: the loss is scaled by ``temperature / base_temperature``.
         normalize: L2-normalise the features inside the loss (default False, as SupContrast).
         backend: ``'auto'`` (Triton on CUDA, chunked elsewhere), ``'triton'``, ``'chunked'`` or ``'reference'``.
+        gather_distributed: anchors are this rank's samples, the contrast set is the global batch of all ranks
+            (``torch.distributed`` group ``group``), with exactly the gradients of one big batch after DDP's
+            averaging (:mod:`fastcl.distributed`). Batch sizes may differ between ranks, 0 included; labels, not
+            ``mask``.
 
     Shape:
         ``forward(features [bsz, n_views, ...], labels [bsz] = None, mask [bsz, bsz] = None) -> scalar``.
@@ -40,6 +57,8 @@ class SupConLoss(nn.Module):
         *,
         normalize: bool = False,
         backend: str = "auto",
+        gather_distributed: bool = False,
+        group=None,
     ) -> None:
         super().__init__()
         self.temperature = V.check_positive("temperature", temperature)
@@ -47,6 +66,8 @@ class SupConLoss(nn.Module):
         self.base_temperature = V.check_positive("base_temperature", base_temperature)
         self.normalize = bool(normalize)
         self.backend = V.check_backend(backend)
+        self.gather_distributed = _check_distributed(gather_distributed, backend)
+        self.group = group
 
     def forward(
         self, features: torch.Tensor, labels: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
@@ -60,13 +81,15 @@ class SupConLoss(nn.Module):
             base_temperature=self.base_temperature,
             normalize=self.normalize,
             backend=self.backend,
+            gather_distributed=self.gather_distributed,
+            group=self.group,
         )
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, contrast_mode={self.contrast_mode!r}, "
             f"base_temperature={self.base_temperature}, normalize={self.normalize}, backend={self.backend!r}"
-        )
+        ) + _distributed_repr(self.gather_distributed)
 
 
 class NTXentLoss(nn.Module):
@@ -74,19 +97,40 @@ class NTXentLoss(nn.Module):
 
     Shape:
         ``forward(z_a [B, D], z_b [B, D]) -> scalar``; embeddings are L2-normalised inside unless ``normalize=False``.
+        ``gather_distributed=True`` (``group``): negatives from the global batch of all ranks, as in ``SupConLoss``.
     """
 
-    def __init__(self, temperature: float = 0.5, *, normalize: bool = True, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        *,
+        normalize: bool = True,
+        backend: str = "auto",
+        gather_distributed: bool = False,
+        group=None,
+    ) -> None:
         super().__init__()
         self.temperature = V.check_positive("temperature", temperature)
         self.normalize = bool(normalize)
         self.backend = V.check_backend(backend)
+        self.gather_distributed = _check_distributed(gather_distributed, backend)
+        self.group = group
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
-        return FF.nt_xent_loss(z_a, z_b, temperature=self.temperature, normalize=self.normalize, backend=self.backend)
+        return FF.nt_xent_loss(
+            z_a,
+            z_b,
+            temperature=self.temperature,
+            normalize=self.normalize,
+            backend=self.backend,
+            gather_distributed=self.gather_distributed,
+            group=self.group,
+        )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, normalize={self.normalize}, backend={self.backend!r}"
+        return f"temperature={self.temperature}, normalize={self.normalize}, backend={self.backend!r}" + (
+            _distributed_repr(self.gather_distributed)
+        )
 
 
 class InfoNCELoss(nn.Module):
@@ -95,16 +139,27 @@ class InfoNCELoss(nn.Module):
     Shape:
         ``forward(query [B, D], key [M, D], labels [B] = None) -> scalar``; the positive of query i is key
         ``labels[i]`` (default i). ``symmetric=True`` (needs M == B, default pairing) averages both directions.
+        ``gather_distributed=True`` (``group``): this rank's queries against the keys of all ranks (B and M may differ
+        between ranks, 0 included); ``labels`` then index the global key set (all ranks' keys in rank order).
     """
 
     def __init__(
-        self, temperature: float = 0.07, *, symmetric: bool = True, normalize: bool = True, backend: str = "auto"
+        self,
+        temperature: float = 0.07,
+        *,
+        symmetric: bool = True,
+        normalize: bool = True,
+        backend: str = "auto",
+        gather_distributed: bool = False,
+        group=None,
     ) -> None:
         super().__init__()
         self.temperature = V.check_positive("temperature", temperature)
         self.symmetric = bool(symmetric)
         self.normalize = bool(normalize)
         self.backend = V.check_backend(backend)
+        self.gather_distributed = _check_distributed(gather_distributed, backend)
+        self.group = group
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         return FF.info_nce_loss(
@@ -115,10 +170,12 @@ class InfoNCELoss(nn.Module):
             symmetric=self.symmetric,
             normalize=self.normalize,
             backend=self.backend,
+            gather_distributed=self.gather_distributed,
+            group=self.group,
         )
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, symmetric={self.symmetric}, normalize={self.normalize}, "
             f"backend={self.backend!r}"
-        )
+        ) + _distributed_repr(self.gather_distributed)

@@ -114,8 +114,9 @@ def test_non_contiguous_features():
 @pytest.mark.parametrize("block_m,block_n", [(64, 128), (128, 32)])
 def test_gpu_sized_tiles_in_the_interpreter(monkeypatch, block_m, block_n):
     """The tile sizes GPUs use (not only the interpreter's 16 x 16), with N and D off the tile grid."""
-    import fastcl.kernels.contrastive as K
     import triton
+
+    import fastcl.kernels.contrastive as K
 
     monkeypatch.setattr(K, "INTERPRETER_CONFIG", triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}))
     monkeypatch.setattr(K, "_tuned", {})
@@ -123,7 +124,8 @@ def test_gpu_sized_tiles_in_the_interpreter(monkeypatch, block_m, block_n):
     _check_supcon(40, 3, 300, "one", "mask")  # D = 300: looped feature tiles
 
 
-def test_all_mode_takes_the_one_kernel_symmetric_backward(monkeypatch):
+def test_shared_tiles_routes(monkeypatch):
+    """SupCon 'all': one backward kernel; 'one': two; symmetric InfoNCE: both directions from the same tiles."""
     import fastcl.kernels.contrastive as K
 
     launched = []
@@ -136,3 +138,39 @@ def test_all_mode_takes_the_one_kernel_symmetric_backward(monkeypatch):
     launched.clear()
     FF.supcon_loss(features, labels, contrast_mode="one", backend="triton").backward()
     assert launched == ["fwd", "bwd_anchor", "bwd_contrast"]
+    launched.clear()
+    query, key = (
+        torch.randn(7, 8, device=DEVICE, requires_grad=True),
+        torch.randn(7, 8, device=DEVICE, requires_grad=True),
+    )
+    FF.info_nce_loss(query, key, backend="triton").backward()
+    assert launched == ["fwd", "fwd", "bwd_anchor", "bwd_contrast"]
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="interpreter-only: on a GPU the real autotuner runs")
+def test_autotuned_launch_path_with_pruning(monkeypatch):
+    """The autotuner wrapper (keys, pruning, launch grid from the chosen config), timed on the host."""
+    import time
+
+    import triton
+
+    import fastcl.kernels.contrastive as K
+
+    def host_timer(fn, quantiles=None):
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        return [elapsed, elapsed, elapsed] if quantiles else elapsed
+
+    configs = [
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 512, "BLOCK_N": 512}, num_warps=1, num_stages=4),  # pruned: cannot fit
+    ]
+    assert not K.keep_config(configs[2], 16, 4)
+    monkeypatch.setattr(K, "tuning_configs", lambda: configs)
+    monkeypatch.setattr(K, "AUTOTUNE_DO_BENCH", host_timer)
+    monkeypatch.setattr(K, "_tuned", {})
+    _check_supcon(21, 2, 8, "one", "labels")
+    for kernel, fixed in K._tuned.values():
+        assert fixed is None and kernel.best_config in configs[:2]

@@ -1,0 +1,218 @@
+"""The data movement of the cross-rank gather: ``torch.ops.fastcl.*`` when ``fastcl._C`` is built, PyTorch otherwise.
+
+A gathered batch is made of W segments, one per rank, of ``counts[r]`` rows each (rows are whatever trails dim 0).
+Ranks may hold different numbers of rows, so the collectives move a padded buffer of ``M >= max(counts)`` rows per
+rank, and three row maps convert between the layouts:
+
+* :func:`compact_segments`: padded ``[W * M, ...]`` (segment r in rows ``r*M .. r*M + counts[r]``) -> the global
+  batch ``[sum(counts), ...]``, segments in rank order. Its gradient is :func:`pad_segments`.
+* :func:`pad_segments`: ``[sum(counts), ...]`` -> ``[W * M, ...]`` with zero rows after each segment (the inverse,
+  used for the gradient before the reduce-scatter). :func:`pack_rows` is the one-segment case: a rank's rows
+  padded to the all-gather buffer's ``M`` rows.
+* :func:`repeat_segments`: ``[sum(counts), ...]`` -> ``[V * sum(counts), ...]`` with each segment's rows repeated V
+  times in a row: the labels (or sample ids) of the gathered view-major blocks ``[V * counts[r], D]``.
+
+The compiled ops (``csrc/ops.cpp``, CPU; ``csrc/cuda/segments.cu``, CUDA) are declared with ``TORCH_LIBRARY``; this
+module adds their fake (shape) functions and autograd formulas, so ``torch.compile`` traces through them. When the
+library is missing, every function here runs the same math in PyTorch (same results, bit for bit) and a one-time
+warning says so.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import List, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "extension_available",
+    "compact_segments",
+    "pad_segments",
+    "pack_rows",
+    "repeat_segments",
+    "compact_segments_torch",
+    "pad_segments_torch",
+    "repeat_segments_torch",
+]
+
+
+def _load() -> Optional[str]:
+    """Import the compiled library; the reason it is unusable, or None."""
+    try:
+        from fastcl import _C  # noqa: F401  (loading it registers torch.ops.fastcl.*)
+    except (ImportError, OSError) as err:
+        return f"{type(err).__name__}: {err}"
+    if not hasattr(torch.ops.fastcl, "compact_segments"):
+        return "fastcl._C loaded but registered no torch.ops.fastcl ops"
+    return None
+
+
+_LOAD_ERROR = _load()
+_WARNED = False
+_NO_KERNEL_WARNED = set()  # device types the library was built without, already reported
+
+
+def extension_available() -> bool:
+    """Whether ``fastcl._C`` (the compiled ``torch.ops.fastcl`` ops) is loaded."""
+    return _LOAD_ERROR is None
+
+
+def _use_extension(x: torch.Tensor) -> bool:
+    """Whether the compiled op serves ``x``'s device; says once why not, otherwise."""
+    global _WARNED
+    if _LOAD_ERROR is not None:
+        if not _WARNED:
+            _WARNED = True
+            warnings.warn(
+                f"fastcl: the compiled extension fastcl._C is not available ({_LOAD_ERROR}); the cross-rank gather "
+                "uses its pure-PyTorch fallback (same results). To build it, reinstall with a C++ compiler and "
+                "ninja present: pip install --no-build-isolation -e .",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return False
+    if x.device.type in ("cpu", "meta"):
+        return True
+    key = x.device.type.upper()  # 'CUDA': built only where torch had CUDA and nvcc was found
+    try:
+        has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("fastcl::compact_segments", key)
+    except RuntimeError:
+        has_kernel = False
+    if not has_kernel and key not in _NO_KERNEL_WARNED:
+        _NO_KERNEL_WARNED.add(key)
+        warnings.warn(
+            f"fastcl: fastcl._C was built without {key} kernels (no nvcc or no CUDA torch at install time); the "
+            f"cross-rank gather uses its pure-PyTorch fallback on {key} tensors (same results).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return has_kernel
+
+
+def _counts(counts: Sequence[int]) -> List[int]:
+    counts = [int(c) for c in counts]
+    if not counts or min(counts) < 0:
+        raise RuntimeError(f"counts must name at least one segment and be >= 0, got {counts}")
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure PyTorch: the fallback, and the statement of what the compiled ops compute
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def compact_segments_torch(padded: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    counts = _counts(counts)
+    n_segments = len(counts)
+    if padded.dim() < 1 or padded.shape[0] % n_segments:
+        raise RuntimeError(f"padded rows ({tuple(padded.shape)}) must be a multiple of the {n_segments} segments")
+    rows = padded.shape[0] // n_segments
+    if max(counts) > rows:
+        raise RuntimeError(f"counts {counts} exceed the {rows} padded rows per segment")
+    return torch.cat([padded.narrow(0, r * rows, c) for r, c in enumerate(counts)])
+
+
+def pad_segments_torch(rows: torch.Tensor, counts: Sequence[int], padded_rows: int) -> torch.Tensor:
+    counts = _counts(counts)
+    if rows.dim() < 1 or rows.shape[0] != sum(counts):
+        raise RuntimeError(f"input has shape {tuple(rows.shape)} but counts {counts} sum to {sum(counts)}")
+    if padded_rows < max(counts):
+        raise RuntimeError(f"padded_rows ({padded_rows}) must be >= max(counts) = {max(counts)}")
+    pieces = []
+    for piece, c in zip(rows.split(counts), counts):
+        pieces += [piece, rows.new_zeros((padded_rows - c, *rows.shape[1:]))]
+    return torch.cat(pieces)
+
+
+def repeat_segments_torch(values: torch.Tensor, counts: Sequence[int], repeats: int) -> torch.Tensor:
+    counts = _counts(counts)
+    if values.dim() < 1 or values.shape[0] != sum(counts):
+        raise RuntimeError(f"input has shape {tuple(values.shape)} but counts {counts} sum to {sum(counts)}")
+    if repeats < 1:
+        raise RuntimeError(f"repeats must be >= 1, got {repeats}")
+    ones = [1] * (values.dim() - 1)
+    return torch.cat([piece.repeat(repeats, *ones) for piece in values.split(counts)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry points: the compiled op when loaded, else the code above
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def compact_segments(padded: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Padded all-gather buffer ``[W * M, ...]`` -> the global batch ``[sum(counts), ...]`` in rank order."""
+    if _use_extension(padded):
+        return torch.ops.fastcl.compact_segments(padded, [int(c) for c in counts])
+    return compact_segments_torch(padded, counts)
+
+
+def pad_segments(rows: torch.Tensor, counts: Sequence[int], padded_rows: int) -> torch.Tensor:
+    """Global batch ``[sum(counts), ...]`` -> ``[W * padded_rows, ...]``, each segment followed by zero rows."""
+    if _use_extension(rows):
+        return torch.ops.fastcl.pad_segments(rows, [int(c) for c in counts], int(padded_rows))
+    return pad_segments_torch(rows, counts, padded_rows)
+
+
+def pack_rows(x: torch.Tensor, padded_rows: int) -> torch.Tensor:
+    """A rank's rows ``[n, ...]`` zero-padded to the all-gather buffer's ``[padded_rows, ...]``."""
+    return pad_segments(x, [x.shape[0]], padded_rows)
+
+
+def repeat_segments(values: torch.Tensor, counts: Sequence[int], repeats: int) -> torch.Tensor:
+    """``[sum(counts), ...]`` -> ``[repeats * sum(counts), ...]``, each segment's rows repeated ``repeats`` times."""
+    if _use_extension(values):
+        return torch.ops.fastcl.repeat_segments(values, [int(c) for c in counts], int(repeats))
+    return repeat_segments_torch(values, counts, repeats)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fake functions and autograd formulas of the compiled ops
+# ----------------------------------------------------------------------------------------------------------------
+
+if _LOAD_ERROR is None:
+
+    @torch.library.register_fake("fastcl::compact_segments")
+    def _compact_segments_fake(padded, counts):
+        torch._check(len(counts) >= 1, lambda: "counts must name at least one segment")
+        torch._check(padded.dim() >= 1, lambda: "padded must have at least 1 dimension")
+        return padded.new_empty((sum(counts), *padded.shape[1:]))
+
+    @torch.library.register_fake("fastcl::pad_segments")
+    def _pad_segments_fake(rows, counts, padded_rows):
+        torch._check(len(counts) >= 1, lambda: "counts must name at least one segment")
+        torch._check(rows.dim() >= 1, lambda: "rows must have at least 1 dimension")
+        return rows.new_empty((len(counts) * padded_rows, *rows.shape[1:]))
+
+    @torch.library.register_fake("fastcl::repeat_segments")
+    def _repeat_segments_fake(values, counts, repeats):
+        torch._check(len(counts) >= 1, lambda: "counts must name at least one segment")
+        torch._check(values.dim() >= 1, lambda: "values must have at least 1 dimension")
+        return values.new_empty((repeats * values.shape[0], *values.shape[1:]))
+
+    def _compact_setup(ctx, inputs, output):
+        padded, counts = inputs
+        ctx.counts = list(counts)
+        ctx.padded_rows = padded.shape[0] // len(counts)
+
+    def _compact_backward(ctx, grad):
+        return torch.ops.fastcl.pad_segments(grad, ctx.counts, ctx.padded_rows), None
+
+    def _pad_setup(ctx, inputs, output):
+        ctx.counts = list(inputs[1])
+
+    def _pad_backward(ctx, grad):
+        return torch.ops.fastcl.compact_segments(grad, ctx.counts), None, None
+
+    def _repeat_setup(ctx, inputs, output):
+        ctx.counts, ctx.repeats = list(inputs[1]), inputs[2]
+
+    def _repeat_backward(ctx, grad):
+        # Segment r of the output is [repeats, counts[r], ...]: its gradient sums over the repeats.
+        pieces = grad.split([ctx.repeats * c for c in ctx.counts])
+        summed = [p.reshape(ctx.repeats, c, *grad.shape[1:]).sum(0) for p, c in zip(pieces, ctx.counts)]
+        return torch.cat(summed), None, None
+
+    torch.library.register_autograd("fastcl::compact_segments", _compact_backward, setup_context=_compact_setup)
+    torch.library.register_autograd("fastcl::pad_segments", _pad_backward, setup_context=_pad_setup)
+    torch.library.register_autograd("fastcl::repeat_segments", _repeat_backward, setup_context=_repeat_setup)
