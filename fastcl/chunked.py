@@ -21,11 +21,12 @@ from fastcl._core import grad_coefficients, row_losses
 
 # Bytes of fp32 logits per block: small enough to stay near the caches on a CPU, large enough for fast GEMMs.
 _BLOCK_BYTES = int(os.environ.get("FASTCL_CHUNK_BYTES", 4 * 1024 * 1024))
+_MIN_BLOCK_ROWS = 64  # at very large N the byte budget alone would give GEMMs too thin to run fast
 
 
 def _block_rows(n_anchor: int, n_contrast: int, device: torch.device) -> int:
     budget = _BLOCK_BYTES if device.type == "cpu" else 64 * _BLOCK_BYTES
-    return max(8, min(n_anchor, budget // (4 * n_contrast)))
+    return min(n_anchor, max(_MIN_BLOCK_ROWS, budget // (4 * n_contrast)))
 
 
 def _mask_weights(rows: torch.Tensor, mask: torch.Tensor, contrast_samples: torch.Tensor, dtype) -> torch.Tensor:

@@ -29,6 +29,7 @@ def _value_and_grad(fn, x, grad_output=1.0):
 def small_blocks(monkeypatch):
     """Force several row blocks even at test sizes (blocks of 8 rows)."""
     monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 8)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -158,6 +159,7 @@ def test_chunked_block_size_does_not_change_result(monkeypatch):
     results = []
     for block_bytes in (1, 4 * 100 * 17, 1 << 30):
         monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 8)
         results.append(_value_and_grad(lambda x: FF.supcon_loss(x, labels, backend="chunked"), features))
     for loss, grad in results[1:]:
         torch.testing.assert_close(loss, results[0][0], rtol=1e-12, atol=0)
@@ -240,3 +242,11 @@ def test_every_mode_combination_agrees_between_backends():
         a = FF.supcon_loss(features, contrast_mode=mode, backend="chunked", **kw)
         b = FF.supcon_loss(features, contrast_mode=mode, backend="reference", **kw)
         torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
+
+
+def test_block_rows_stay_wide_enough_at_large_n():
+    """The byte budget alone would give 16-row blocks at N = 65536; GEMMs keep at least 64 rows."""
+    cpu = torch.device("cpu")
+    assert fastcl.chunked._block_rows(65536, 65536, cpu) == 64
+    assert fastcl.chunked._block_rows(8192, 8192, cpu) == 128
+    assert fastcl.chunked._block_rows(10, 8192, cpu) == 10

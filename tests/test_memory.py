@@ -38,6 +38,7 @@ def _largest_tensor(backend, n_views=2, bsz=300, dim=8, use_mask=False):
 def test_chunked_allocates_at_most_block_rows_by_n(monkeypatch, use_mask):
     block_rows = 32
     monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", block_rows * 4 * 600)
+    monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 8)
     largest, n = _largest_tensor("chunked", use_mask=use_mask)
     assert largest <= block_rows * n  # 32 x 600 = 19,200 elements, vs N x N = 360,000
     assert largest < n * n // 10

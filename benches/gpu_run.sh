@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Everything fastcl needs measured on a lent GPU, in one call of under 10 minutes, installing nothing from the
+# network. Run from anywhere:
+#
+#   OUT=/some/dir bash benches/gpu_run.sh
+#
+# Stages (each time-boxed; the whole run keeps to FASTCL_GPU_BUDGET_S, default 560 s; logs and results in $OUT):
+#   env       nvidia-smi, python / torch / triton versions                     -> env.txt
+#   install   pip install --no-deps --no-build-isolation -e .  (+ any wheels in $FASTCL_WHEELS, offline)
+#   aot       python -m fastcl.aot (sm_80 + sm_90 lowering), in the background while the tests run
+#   tests     python -m pytest tests -q (the tests detect CUDA; FASTCL_TRITON_AUTOTUNE=0: correctness only)
+#   correct   benches/gpu_correctness.py: triton vs float64 at N=16384, fp32 / bf16 / fp16   -> correctness.json
+#   targets   pytest benches/test_targets.py -m "not huge" (autotuned: ~14 configs x 3 kernels compiled per
+#             kernel variant, which is most of this stage's time)                          -> targets.json
+#   huge      pytest benches/test_targets.py -m huge (N = 2**20, FASTCL_TRITON_AUTOTUNE=0) -> huge.json
+#   sweep     FASTCL_BENCH_QUICK=1 pytest benches/test_losses.py (FASTCL_TRITON_AUTOTUNE=0) -> sweep.json
+#   report    benches/report.py                                                  -> report.md, bench-*.png
+# At the end everything is packed into $OUT/gpu_run.tar.gz; summary.txt and report.md stay beside it
+# (FASTCL_GPU_KEEP_LOOSE=0 removes the loose files, for transports that take few files).
+#
+# Environment: OUT (default ./gpu_out), PYTHON (default python3), FASTCL_GPU_BUDGET_S, FASTCL_WHEELS (a folder of
+# wheels to install offline first, e.g. pytorch-metric-learning and inf-cl for the peer comparisons),
+# FASTCL_GPU_RUN_DRY=1 (no GPU: exercise the plumbing on CPU at toy sizes).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/gpu_out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+BUDGET="${FASTCL_GPU_BUDGET_S:-560}"
+DRY="${FASTCL_GPU_RUN_DRY:-0}"
+RESERVE=35 # kept for the report and the packing
+START=$(date +%s)
+SUMMARY="$OUT/summary.txt"
+FAILED=0
+export PYTHONUNBUFFERED=1
+: >"$SUMMARY"
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+elapsed() { echo $(($(date +%s) - START)); }
+left() { echo $((BUDGET - $(elapsed))); }
+
+# stage NAME MAX_SECONDS CMD...: run CMD with a time limit of min(MAX, time left - RESERVE), log to $OUT/NAME.log.
+# Exports STAGE_DEADLINE (Unix time) for the benchmark stages, which stop starting new cases after it.
+stage() {
+    local name=$1 max=$2
+    shift 2
+    local limit=$(($(left) - RESERVE))
+    if ((limit > max)); then limit=$max; fi
+    if ((limit < 15)); then
+        note "SKIP  $name: out of time ($(elapsed) s used of $BUDGET)"
+        FAILED=1
+        return 0
+    fi
+    export FASTCL_BENCH_DEADLINE=$(($(date +%s) + limit - 25))
+    local t0=$(date +%s) rc=0
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1 || rc=$?
+    unset FASTCL_BENCH_DEADLINE
+    local status="ok   "
+    if ((rc == 124 || rc == 137)); then status="TIME "; elif ((rc != 0)); then status="FAIL "; fi
+    if ((rc != 0)); then FAILED=1; fi
+    note "$status $name: rc=$rc, $(($(date +%s) - t0)) s (limit $limit s); log $name.log; $(tail -n 1 "$OUT/$name.log" | cut -c1-160)"
+}
+
+note "fastcl gpu_run $(date -u '+%Y-%m-%d %H:%M UTC'), budget $BUDGET s, python $PY, dry=$DRY"
+
+# ---- env ------------------------------------------------------------------------------------------------------
+{
+    nvidia-smi || echo "nvidia-smi: not available"
+    "$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", torch.cuda.get_device_name(), "SMs", p.multi_processor_count, "memory GiB", round(p.total_memory / 2**30, 1))
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton missing")
+EOF
+} >"$OUT/env.txt" 2>&1 || true
+note "env: $(grep -E '^(device|python)' "$OUT/env.txt" | tr '\n' ' ')"
+if [[ "$DRY" != 1 ]] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    note "FAIL  no CUDA device visible to $PY (FASTCL_GPU_RUN_DRY=1 exercises the script on CPU)"
+    exit 2
+fi
+
+# ---- install (offline) ----------------------------------------------------------------------------------------
+install() {
+    local wheels="${FASTCL_WHEELS:-}"
+    if [[ -n "$wheels" ]] && compgen -G "$wheels/*.whl" >/dev/null; then
+        "$PY" -m pip install --no-index --no-deps --no-build-isolation "$wheels"/*.whl
+    fi
+    "$PY" -m pip install --no-deps --no-build-isolation -e .
+    "$PY" -c "import fastcl, fastcl.kernels.contrastive; print('fastcl', fastcl.__version__, 'from', fastcl.__file__)"
+    "$PY" -c "import pytest_benchmark" || { echo "pytest-benchmark is required (carry its wheel in FASTCL_WHEELS)"; exit 1; }
+    for mod in matplotlib pytorch_metric_learning inf_cl; do
+        if "$PY" -c "import $mod" 2>/dev/null; then echo "have $mod"; else echo "missing $mod (optional)"; fi
+    done
+}
+export -f install
+export PY
+stage install 60 bash -c 'set -euo pipefail; install'
+
+# ---- AOT lowering in the background (CPU only) while the tests use the GPU ------------------------------------
+AOT_ARGS=()
+if [[ "$DRY" == 1 ]]; then AOT_ARGS=(--arch 90 --jobs 2); fi
+(timeout 150 "$PY" -m fastcl.aot "${AOT_ARGS[@]}" >"$OUT/aot.log" 2>&1; echo $? >"$OUT/aot.rc") &
+AOT_PID=$!
+
+# ---- tests ----------------------------------------------------------------------------------------------------
+if [[ "$DRY" == 1 ]]; then
+    stage tests 60 "$PY" -m pytest tests -q --collect-only
+else
+    stage tests 120 env FASTCL_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -q -p no:cacheprovider
+fi
+
+# ---- correctness at large N -----------------------------------------------------------------------------------
+if [[ "$DRY" == 1 ]]; then
+    stage correct 120 env TRITON_INTERPRET=1 "$PY" benches/gpu_correctness.py --device cpu --n 48 --n-dense 40 \
+        --d 32 --dtypes fp32 --json "$OUT/correctness.json"
+else
+    stage correct 60 env FASTCL_TRITON_AUTOTUNE=0 "$PY" benches/gpu_correctness.py --n 16384 \
+        --json "$OUT/correctness.json"
+fi
+
+wait "$AOT_PID" || true
+AOT_RC=$(cat "$OUT/aot.rc" 2>/dev/null || echo "?")
+if [[ "$AOT_RC" != 0 ]]; then FAILED=1; fi
+note "$([[ "$AOT_RC" == 0 ]] && echo 'ok   ' || echo 'FAIL ') aot: rc=$AOT_RC; log aot.log; $(tail -n 1 "$OUT/aot.log" 2>/dev/null)"
+
+# ---- benchmarks -----------------------------------------------------------------------------------------------
+BENCH=("$PY" -m pytest -q -rs -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,max,rounds)
+if [[ "$DRY" == 1 ]]; then
+    export FASTCL_BENCH_N=256 FASTCL_BENCH_MODES=fwd+bwd FASTCL_BENCH_QUICK=1
+    stage targets 60 "${BENCH[@]}" benches/test_targets.py -k gpu --benchmark-json "$OUT/targets.json"
+    stage sweep 120 "${BENCH[@]}" benches/test_losses.py --benchmark-json "$OUT/sweep.json"
+else
+    stage targets 210 "${BENCH[@]}" benches/test_targets.py -m "targets and not huge" \
+        --benchmark-json "$OUT/targets.json"
+    stage huge 60 env FASTCL_TRITON_AUTOTUNE=0 "${BENCH[@]}" benches/test_targets.py -m huge \
+        --benchmark-json "$OUT/huge.json"
+    stage sweep 240 env FASTCL_TRITON_AUTOTUNE=0 FASTCL_BENCH_QUICK=1 FASTCL_BENCH_BUDGET_S=0.2 \
+        "${BENCH[@]}" benches/test_losses.py --benchmark-json "$OUT/sweep.json"
+fi
+
+# ---- report ---------------------------------------------------------------------------------------------------
+JSONS=()
+for f in targets huge sweep; do
+    if [[ -s "$OUT/$f.json" ]]; then JSONS+=("$OUT/$f.json"); fi
+done
+if ((${#JSONS[@]} > 0)); then
+    RESERVE=5 stage report 30 "$PY" benches/report.py "${JSONS[@]}" --out "$OUT/report.md" --plots "$OUT" \
+        --prefix bench
+else
+    note "FAIL  report: no benchmark JSON was written"
+    FAILED=1
+fi
+if [[ -s "$OUT/correctness.json" ]]; then
+    "$PY" - "$OUT/correctness.json" >>"$OUT/report.md" <<'EOF' || true
+import json, sys
+data = json.load(open(sys.argv[1]))
+print(f"\n### GPU correctness ({data['device']}, N={data['n']}, D={data['d']}): {data['failed']} failed\n")
+print("| check | loss rel err | grad rel err | tolerances | ok |")
+print("|---|---|---|---|---|")
+for r in data["results"]:
+    print(f"| {r['check']} | {r['loss_rel_err']:.2e} | {r['grad_rel_err']:.2e} | {r['loss_tol']:.0e} / {r['grad_tol']:.0e} | {'yes' if r['ok'] else 'NO'} |")
+EOF
+fi
+
+note "done in $(elapsed) s; $([[ $FAILED == 0 ]] && echo 'all stages ok' || echo 'some stages failed or ran out of time')"
+(cd "$OUT" && tar -czf gpu_run.tar.gz --exclude=gpu_run.tar.gz -- *) || true
+if [[ "${FASTCL_GPU_KEEP_LOOSE:-1}" == 0 ]]; then
+    find "$OUT" -mindepth 1 -maxdepth 1 ! -name gpu_run.tar.gz ! -name summary.txt ! -name report.md -exec rm -rf {} +
+fi
+exit $FAILED
