@@ -1,0 +1,604 @@
+"""Datasets for :mod:`fastcl.pretrain`, held in memory as ``uint8`` image tensors with their metadata.
+
+* ``spurious-cues`` (default): a procedural, UrbanCars-like image dataset generated from a seed (no files).
+  Each image has a *core object* whose outline shape decides the class, a *background* texture cue and a
+  small *co-occurring object* cue. In training each cue agrees with the class with probability
+  ``cue_agreement`` (0.95), independently; in the validation and test splits each of the four cue groups
+  (background aligned or not x co-object aligned or not) is exactly a quarter of every class. The cues are big
+  and saturated, the core is a thin outline of random colour and size, so the cues are the easier features.
+* ``cifar10`` / ``cifar100``: the python-pickle release, read from a local directory.
+* ``folder``: ``DIR/train/<class>/*.png`` and ``DIR/test/<class>/*`` (optionally ``DIR/val/<class>/*``), read
+  with Pillow and resized.
+* ``urbancars``: the UrbanCars images of Li et al. (CVPR 2023) in their release layout
+  (``DIR/bg-0.95_co_occur_obj-0.95/train/obj-urban_bg-urban_co_occur_obj-country/*.jpg``, ...), with the group
+  metadata taken from the folder names.
+
+Nothing is downloaded: a missing directory raises :class:`DatasetNotFoundError` saying what to fetch and where
+to put it.
+
+    splits = load_dataset("spurious-cues", seed=0)
+    splits.train.images.shape        # [4096, 3, 32, 32] uint8
+    splits.test.bg_aligned.float().mean()   # 0.5
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DATASETS",
+    "DatasetNotFoundError",
+    "DatasetSplits",
+    "ImageSet",
+    "MissingDependencyError",
+    "load_dataset",
+    "make_spurious_cues",
+    "spurious_cues_splits",
+]
+
+DATASETS = ("spurious-cues", "cifar10", "cifar100", "folder", "urbancars")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset directory (or file in it) is missing; the message says what to download and where."""
+
+
+class MissingDependencyError(ImportError):
+    """An optional dependency a dataset needs (Pillow) is not installed; the message says how to install it."""
+
+
+@dataclass
+class ImageSet:
+    """One split: ``images [N, C, H, W] uint8``, ``labels [N] int64`` and optional group metadata.
+
+    Attributes:
+        bg_aligned, coobj_aligned: ``[N]`` bool, the background / co-occurring object cue agrees with the
+            class (``None`` for datasets without cue annotations).
+        bg, coobj: ``[N]`` int64, the class each cue points to (``None`` when unknown).
+    """
+
+    images: Tensor
+    labels: Tensor
+    bg_aligned: Tensor | None = None
+    coobj_aligned: Tensor | None = None
+    bg: Tensor | None = None
+    coobj: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        n = self.images.shape[0]
+        for f in fields(self)[1:]:
+            t = getattr(self, f.name)
+            if t is not None and t.shape != (n,):
+                raise ValueError(f"{f.name} must have shape [{n}], got {tuple(t.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def has_groups(self) -> bool:
+        return self.bg_aligned is not None and self.coobj_aligned is not None
+
+    def subset(self, index: Tensor | slice) -> ImageSet:
+        return ImageSet(*(None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                          for f in fields(self)))
+
+
+@dataclass
+class DatasetSplits:
+    """The splits of a dataset and what training and evaluation need to know about it.
+
+    Attributes:
+        val: held-out set with group annotations used for last-layer retraining (DFR), or ``None``.
+        mean, std: per-channel normalisation statistics.
+        cue_agreement: cue-class agreement probability of the training split (UrbanCars' ``train_ratio``), or
+            ``None`` for datasets without cues.
+        info: free-form description stored in the run summary.
+    """
+
+    name: str
+    train: ImageSet
+    test: ImageSet
+    val: ImageSet | None
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    cue_agreement: float | None = None
+    class_names: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# spurious-cues
+# --------------------------------------------------------------------------------------------------
+
+MAX_CUE_CLASSES = 8
+CORE_SHAPES = ("ring", "plus", "square", "triangle", "cross", "diamond", "equals", "pillars")
+COOBJ_FORMS = ("disk", "square", "diamond", "triangle", "plus", "hexagon", "hbar", "vbar")
+BG_PATTERNS = ("hstripes", "vstripes", "checker", "rings", "dots", "hatch", "grid", "waves")
+# background: (dark, light) colour per cue class; co-object: one saturated colour per cue class
+_BG_COLOURS = (
+    ((0.55, 0.10, 0.10), (0.95, 0.55, 0.45)),
+    ((0.10, 0.40, 0.12), (0.55, 0.90, 0.50)),
+    ((0.10, 0.15, 0.55), (0.50, 0.65, 0.98)),
+    ((0.50, 0.45, 0.05), (0.98, 0.92, 0.45)),
+    ((0.45, 0.08, 0.45), (0.95, 0.55, 0.95)),
+    ((0.05, 0.42, 0.45), (0.50, 0.95, 0.95)),
+    ((0.55, 0.28, 0.05), (0.98, 0.72, 0.40)),
+    ((0.25, 0.25, 0.25), (0.80, 0.80, 0.80)),
+)
+_COOBJ_COLOURS = (
+    (1.00, 0.95, 0.10), (1.00, 0.10, 0.80), (0.10, 1.00, 1.00), (1.00, 0.45, 0.00),
+    (0.55, 0.00, 1.00), (0.00, 0.80, 0.20), (1.00, 1.00, 1.00), (0.05, 0.05, 0.05),
+)
+
+
+def _polygon_norm(u: Tensor, v: Tensor, sides: int, start_deg: float) -> Tensor:
+    """``max_k <(u, v), n_k>`` over the ``sides`` outward edge normals: the polygon's gauge (apothem units)."""
+    out = None
+    for k in range(sides):
+        a = math.radians(start_deg + 360.0 * k / sides)
+        p = u * math.cos(a) + v * math.sin(a)
+        out = p if out is None else torch.maximum(out, p)
+    return out
+
+
+def _segment_dist(u: Tensor, v: Tensor, half_len: float, horizontal: bool, offset: float = 0.0) -> Tensor:
+    """Distance to the segment ``{|t| <= half_len}`` along an axis, shifted by ``offset`` across it."""
+    along, across = (u, v - offset) if horizontal else (v, u - offset)
+    return torch.sqrt((along.abs() - half_len).clamp(min=0) ** 2 + across**2)
+
+
+def _core_distance(kind: int, u: Tensor, v: Tensor) -> Tensor:
+    """Distance (in units of the object radius) from ``(u, v)`` to the outline of core shape ``kind``.
+    Image ``v`` points down; every shape is symmetric under a horizontal flip."""
+    name = CORE_SHAPES[kind]
+    if name == "ring":
+        return (torch.sqrt(u * u + v * v) - 0.9).abs()
+    if name == "square":
+        return (torch.maximum(u.abs(), v.abs()) - 0.75).abs()
+    if name == "triangle":  # apex down: edge normals at -90 (up), 30 and 150 degrees
+        return (_polygon_norm(u, v, 3, -90.0) - 0.5).abs()
+    if name == "plus":
+        return torch.minimum(_segment_dist(u, v, 0.95, True), _segment_dist(u, v, 0.95, False))
+    if name == "cross":
+        a, b = (u + v) / math.sqrt(2), (u - v) / math.sqrt(2)
+        return torch.minimum(_segment_dist(a, b, 0.95, True), _segment_dist(a, b, 0.95, False))
+    if name == "diamond":
+        return ((u.abs() + v.abs()) - 0.95).abs() / math.sqrt(2)
+    if name == "equals":
+        return torch.minimum(_segment_dist(u, v, 0.85, True, 0.45), _segment_dist(u, v, 0.85, True, -0.45))
+    if name == "pillars":
+        return torch.minimum(_segment_dist(u, v, 0.85, False, 0.45), _segment_dist(u, v, 0.85, False, -0.45))
+    raise ValueError(kind)
+
+
+def _coobj_inside(kind: int, u: Tensor, v: Tensor) -> Tensor:
+    """Signed 'inside' score (> 0 inside, roughly in radius units) of filled co-object form ``kind``."""
+    name = COOBJ_FORMS[kind]
+    if name == "disk":
+        return 1.0 - torch.sqrt(u * u + v * v)
+    if name == "square":
+        return 0.85 - torch.maximum(u.abs(), v.abs())
+    if name == "diamond":
+        return (1.1 - (u.abs() + v.abs())) / math.sqrt(2)
+    if name == "triangle":
+        return 0.55 - _polygon_norm(u, v, 3, -90.0)
+    if name == "plus":
+        return torch.maximum(torch.minimum(0.35 - v.abs(), 1.0 - u.abs()), torch.minimum(0.35 - u.abs(), 1.0 - v.abs()))
+    if name == "hexagon":
+        return 0.9 - _polygon_norm(u, v, 6, 0.0)
+    if name == "hbar":
+        return torch.minimum(1.05 - u.abs(), 0.45 - v.abs())
+    if name == "vbar":
+        return torch.minimum(0.45 - u.abs(), 1.05 - v.abs())
+    raise ValueError(kind)
+
+
+def _bg_pattern(kind: int, x: Tensor, y: Tensor, period: Tensor, phase: Tensor) -> Tensor:
+    """Pattern ``kind`` in ``[0, 1]`` at pixel coordinates ``x, y [n, S, S]`` (period, phase ``[n, 1, 1]``)."""
+    w = 2 * math.pi / period
+    name = BG_PATTERNS[kind]
+    if name == "hstripes":
+        p = torch.sin(w * y + phase)
+    elif name == "vstripes":
+        p = torch.sin(w * x + phase)
+    elif name == "checker":
+        p = torch.tanh(3 * torch.sin(w * x + phase) * torch.sin(w * y + phase))
+    elif name == "rings":
+        c = x.shape[-1] / 2
+        p = torch.sin(w * torch.sqrt((x - c) ** 2 + (y - c) ** 2) + phase)
+    elif name == "dots":
+        p = 2 * ((torch.cos(w * x + phase) * torch.cos(w * y + phase)).clamp(min=0) ** 2) - 1
+    elif name == "hatch":
+        p = torch.sin(w * (x + y) / math.sqrt(2) + phase) * torch.sin(w * (x - y) / math.sqrt(2) + phase)
+    elif name == "grid":
+        p = 2 * torch.maximum(torch.cos(w * x + phase), torch.cos(w * y + phase)).clamp(min=0) ** 4 - 1
+    elif name == "waves":
+        p = torch.sin(w * y + 2.0 * torch.sin(w * x / 2) + phase)
+    else:
+        raise ValueError(kind)
+    return 0.5 + 0.5 * p
+
+
+def _other_class(y: Tensor, k: int, g: torch.Generator) -> Tensor:
+    """A class different from ``y``, uniformly among the other ``k - 1``."""
+    return (y + torch.randint(1, k, y.shape, generator=g)) % k
+
+
+def make_spurious_cues(
+    n: int,
+    *,
+    seed: int,
+    split: str = "train",
+    classes: int = 2,
+    image_size: int = 32,
+    cue_agreement: float = 0.95,
+    noise: float = 0.04,
+) -> ImageSet:
+    """Generate one split of the ``spurious-cues`` dataset (deterministic in ``seed`` and ``split``).
+
+    Args:
+        n: number of images.
+        seed: dataset seed; each split draws from its own stream derived from it.
+        split: ``'train'`` (each cue agrees with the class with probability ``cue_agreement``, independently),
+            or ``'val'`` / ``'test'`` (classes balanced and, within every class, the four cue groups equally
+            frequent: exactly when ``n`` is a multiple of ``4 * classes``).
+        classes: number of classes, 2 to 8.
+        image_size: side of the square RGB images (16 or more).
+        cue_agreement: training cue-class agreement probability.
+        noise: standard deviation of the pixel noise (in ``[0, 1]`` intensity units).
+
+    Returns:
+        An :class:`ImageSet` with labels, ``bg_aligned``, ``coobj_aligned``, ``bg`` and ``coobj``.
+
+    Each image: a background texture (pattern and colours set by the background cue, random period, phase and
+    tint), a small filled co-object near a random corner (form and colour set by the co-object cue), and the
+    core object on top: the outline of the class's shape, of random colour, radius and line width, near the
+    centre. A conflicting cue points to a class drawn uniformly among the other classes.
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes <= MAX_CUE_CLASSES:
+        raise ValueError(f"classes must be an int in [2, {MAX_CUE_CLASSES}], got {classes!r}")
+    if not isinstance(image_size, int) or image_size < 16:
+        raise ValueError(f"image_size must be an int >= 16, got {image_size!r}")
+    if not 0.0 <= cue_agreement <= 1.0:
+        raise ValueError(f"cue_agreement must lie in [0, 1], got {cue_agreement}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # same bytes whatever the thread count (reductions), and faster on a busy CPU
+    try:
+        return _render(n, seed, split, classes, image_size, cue_agreement, noise)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _render(n: int, seed: int, split: str, classes: int, image_size: int, cue_agreement: float,
+            noise: float) -> ImageSet:
+    stream = {"train": 0, "val": 1, "test": 2}[split]
+    g = torch.Generator().manual_seed(int(seed) * 7919 + 104729 * stream + 17)
+    k, s = classes, image_size
+
+    perm = torch.randperm(n, generator=g)
+    y = perm % k  # balanced classes in random order
+    if split == "train":
+        bg_al = torch.rand(n, generator=g) < cue_agreement
+        co_al = torch.rand(n, generator=g) < cue_agreement
+    else:
+        cell = (perm // k) % 4  # within each class, the 4 cue groups in turn
+        bg_al, co_al = (cell % 2) == 0, (cell // 2) == 0
+    bg = torch.where(bg_al, y, _other_class(y, k, g))
+    co = torch.where(co_al, y, _other_class(y, k, g))
+
+    coords = torch.arange(s, dtype=torch.float32) + 0.5
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    xx, yy = xx.expand(n, s, s), yy.expand(n, s, s)
+    img = torch.empty(n, 3, s, s)
+
+    # background texture
+    period = (s / 5.0) * (0.8 + 0.4 * torch.rand(n, 1, 1, generator=g))
+    phase = 2 * math.pi * torch.rand(n, 1, 1, generator=g)
+    tint = 0.12 * (torch.rand(n, 3, 1, 1, generator=g) - 0.5)
+    for c in range(k):
+        idx = torch.nonzero(bg == c).flatten()
+        if idx.numel() == 0:
+            continue
+        p = _bg_pattern(c, xx[idx], yy[idx], period[idx], phase[idx]).unsqueeze(1)
+        dark, light = (torch.tensor(col).view(1, 3, 1, 1) for col in _BG_COLOURS[c])
+        img[idx] = dark + (light - dark) * p + tint[idx]
+
+    # co-occurring object near a random corner
+    r_co = s * (0.12 + 0.03 * torch.rand(n, 1, 1, generator=g))
+    corner = torch.randint(0, 4, (n,), generator=g)
+    margin = s * (0.19 + 0.04 * torch.rand(n, 2, generator=g))
+    cx = torch.where(corner % 2 == 0, margin[:, 0], s - margin[:, 0]).view(n, 1, 1)
+    cy = torch.where(corner // 2 == 0, margin[:, 1], s - margin[:, 1]).view(n, 1, 1)
+    for c in range(k):
+        idx = torch.nonzero(co == c).flatten()
+        if idx.numel() == 0:
+            continue
+        u, v = (xx[idx] - cx[idx]) / r_co[idx], (yy[idx] - cy[idx]) / r_co[idx]
+        alpha = (_coobj_inside(c, u, v) * r_co[idx] + 0.5).clamp(0, 1).unsqueeze(1)
+        colour = torch.tensor(_COOBJ_COLOURS[c]).view(1, 3, 1, 1)
+        img[idx] = img[idx] + alpha * (colour - img[idx])
+
+    # core object: outline of the class's shape, random colour contrasting with the background's brightness
+    r_core = s * (0.24 + 0.08 * torch.rand(n, 1, 1, generator=g))
+    centre = s / 2 + s * 0.06 * (2 * torch.rand(n, 2, 1, 1, generator=g) - 1)
+    width = s * (0.07 + 0.03 * torch.rand(n, 1, 1, generator=g))
+    bright = img.mean(dim=(1, 2, 3)) < 0.5
+    base = torch.rand(n, 3, generator=g) * 0.45
+    colour = torch.where(bright[:, None], 0.55 + base, base).view(n, 3, 1, 1)
+    for c in range(k):
+        idx = torch.nonzero(y == c).flatten()
+        if idx.numel() == 0:
+            continue
+        r = r_core[idx]
+        u, v = (xx[idx] - centre[idx, 0]) / r, (yy[idx] - centre[idx, 1]) / r
+        d = _core_distance(c, u, v) * r  # pixels
+        alpha = (width[idx] / 2 + 0.5 - d).clamp(0, 1).unsqueeze(1)
+        img[idx] = img[idx] + alpha * (colour[idx] - img[idx])
+
+    img = img + noise * torch.randn(img.shape, generator=g)
+    images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return ImageSet(images, y.long(), bg_al, co_al, bg.long(), co.long())
+
+
+def spurious_cues_splits(
+    *,
+    seed: int = 0,
+    classes: int = 2,
+    image_size: int = 32,
+    train_samples: int = 4096,
+    val_samples: int = 1024,
+    test_samples: int = 2048,
+    cue_agreement: float = 0.95,
+) -> DatasetSplits:
+    """Train / val (DFR held-out) / test splits of ``spurious-cues``; see :func:`make_spurious_cues`."""
+    kw = dict(seed=seed, classes=classes, image_size=image_size, cue_agreement=cue_agreement)
+    train = make_spurious_cues(train_samples, split="train", **kw)
+    val = make_spurious_cues(val_samples, split="val", **kw)
+    test = make_spurious_cues(test_samples, split="test", **kw)
+    return DatasetSplits(
+        "spurious-cues", train, test, val, classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), cue_agreement,
+        [CORE_SHAPES[c] for c in range(classes)],
+        {"generator": "fastcl.data.make_spurious_cues", "seed": seed, "classes": classes, "image_size": image_size,
+         "train_samples": train_samples, "val_samples": val_samples, "test_samples": test_samples,
+         "cue_agreement": cue_agreement},
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR (python pickle release)
+# --------------------------------------------------------------------------------------------------
+
+_CIFAR = {
+    "cifar10": dict(folder="cifar-10-batches-py", url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"], label_key=b"labels",
+                    meta="batches.meta", names_key=b"label_names", classes=10,
+                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    "cifar100": dict(folder="cifar-100-python", url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                     train=["train"], test=["test"], label_key=b"fine_labels", meta="meta",
+                     names_key=b"fine_label_names", classes=100,
+                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+}
+
+
+def _cifar_root(name: str, data_dir: str | None) -> str:
+    spec = _CIFAR[name]
+    hint = (f"download {spec['url']} and extract it into DIR (giving DIR/{spec['folder']}/{spec['train'][0]}), "
+            f"then pass --data-dir DIR; nothing is downloaded at run time")
+    if data_dir is None:
+        raise DatasetNotFoundError(f"{name} needs --data-dir: {hint}")
+    for root in (os.path.join(data_dir, spec["folder"]), data_dir):
+        if all(os.path.isfile(os.path.join(root, f)) for f in spec["train"] + spec["test"]):
+            return root
+    raise DatasetNotFoundError(
+        f"{name} not found in {os.path.abspath(data_dir)!r} (looked for {spec['folder']}/{spec['train'][0]} "
+        f"... {spec['test'][0]}): {hint}")
+
+
+def _unpickle(path: str) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def load_cifar(name: str, data_dir: str | None, train_samples: int | None = None) -> DatasetSplits:
+    """CIFAR-10 / CIFAR-100 from the python-pickle release in ``data_dir`` (or ``data_dir/cifar-*-python``)."""
+    spec = _CIFAR[name]
+    root = _cifar_root(name, data_dir)
+
+    def read(files: Sequence[str]) -> ImageSet:
+        xs, ys = [], []
+        for fname in files:
+            d = _unpickle(os.path.join(root, fname))
+            xs.append(torch.as_tensor(d[b"data"], dtype=torch.uint8).view(-1, 3, 32, 32))
+            ys.append(torch.as_tensor(d[spec["label_key"]], dtype=torch.long))
+        return ImageSet(torch.cat(xs), torch.cat(ys))
+
+    train, test = read(spec["train"]), read(spec["test"])
+    if train_samples:
+        train = train.subset(slice(0, train_samples))
+    names: list[str] = []
+    meta = os.path.join(root, spec["meta"])
+    if os.path.isfile(meta):
+        names = [b.decode() for b in _unpickle(meta).get(spec["names_key"], [])]
+    return DatasetSplits(name, train, test, None, spec["classes"], spec["mean"], spec["std"], None, names,
+                         {"root": os.path.abspath(root)})
+
+
+# --------------------------------------------------------------------------------------------------
+# Image folders (Pillow)
+# --------------------------------------------------------------------------------------------------
+
+
+def _pillow():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise MissingDependencyError(
+            "the 'folder' and 'urbancars' datasets read images with Pillow, which is not installed: pip install pillow"
+        ) from None
+    return Image
+
+
+def _list_images(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _read_images(paths: Sequence[str], image_size: int) -> Tensor:
+    Image = _pillow()
+    out = torch.empty(len(paths), 3, image_size, image_size, dtype=torch.uint8)
+    for i, p in enumerate(paths):
+        with Image.open(p) as im:
+            im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+            out[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3) \
+                .permute(2, 0, 1)
+    return out
+
+
+def _channel_stats(images: Tensor, limit: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images[:limit].float() / 255.0
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp(min=1e-3)
+    return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
+
+
+def load_folder(data_dir: str | None, image_size: int = 64, train_samples: int | None = None) -> DatasetSplits:
+    """Class-per-subfolder images: ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (``DIR/val`` is used as
+    the test split when there is no ``DIR/test``). Classes are the sorted subfolder names of ``DIR/train``."""
+    hint = ("put class-per-subfolder images in DIR/train/<class>/*.png and DIR/test/<class>/*.png "
+            "and pass --data-dir DIR")
+    if data_dir is None:
+        raise DatasetNotFoundError(f"the folder dataset needs --data-dir: {hint}")
+    train_dir = os.path.join(data_dir, "train")
+    test_dir = next((os.path.join(data_dir, s) for s in ("test", "val") if os.path.isdir(os.path.join(data_dir, s))),
+                    None)
+    if not os.path.isdir(train_dir) or test_dir is None:
+        raise DatasetNotFoundError(f"no train/ and test/ (or val/) folders in {os.path.abspath(data_dir)!r}: {hint}")
+    classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
+    if not classes:
+        raise DatasetNotFoundError(f"{train_dir!r} has no class subfolders: {hint}")
+
+    def read(split_dir: str) -> ImageSet:
+        paths, labels = [], []
+        for c, name in enumerate(classes):
+            folder = os.path.join(split_dir, name)
+            files = _list_images(folder) if os.path.isdir(folder) else []
+            paths += files
+            labels += [c] * len(files)
+        if not paths:
+            raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir!r}: {hint}")
+        return ImageSet(_read_images(paths, image_size), torch.tensor(labels, dtype=torch.long))
+
+    train = read(train_dir)
+    if train_samples:
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:train_samples]
+        train = train.subset(perm.sort().values)
+    test = read(test_dir)
+    mean, std = _channel_stats(train.images)
+    return DatasetSplits("folder", train, test, None, len(classes), mean, std, None, classes,
+                         {"root": os.path.abspath(data_dir), "image_size": image_size})
+
+
+_URBANCARS_NAMES = ("urban", "country")
+_URBANCARS_URL = "https://github.com/facebookresearch/Whac-A-Mole (UrbanCars generation / release instructions)"
+
+
+def _urbancars_split(root: str, split: str, image_size: int) -> ImageSet:
+    ratio = "bg-0.95_co_occur_obj-0.95" if split == "train" else "bg-0.5_co_occur_obj-0.5"
+    split_dir = os.path.join(root, ratio, split)
+    paths, obj, bgs, cos = [], [], [], []
+    for o, oname in enumerate(_URBANCARS_NAMES):
+        for b, bname in enumerate(_URBANCARS_NAMES):
+            for c, cname in enumerate(_URBANCARS_NAMES):
+                folder = os.path.join(split_dir, f"obj-{oname}_bg-{bname}_co_occur_obj-{cname}")
+                if not os.path.isdir(folder):
+                    raise DatasetNotFoundError(
+                        f"UrbanCars folder {folder!r} is missing: get the UrbanCars images ({_URBANCARS_URL}) so "
+                        f"that DIR/bg-0.95_co_occur_obj-0.95/train/obj-urban_bg-urban_co_occur_obj-urban/*.jpg and "
+                        f"DIR/bg-0.5_co_occur_obj-0.5/{{val,test}}/... exist, then pass --data-dir DIR")
+                files = _list_images(folder)
+                paths += files
+                obj += [o] * len(files)
+                bgs += [b] * len(files)
+                cos += [c] * len(files)
+    y, bg, co = (torch.tensor(v, dtype=torch.long) for v in (obj, bgs, cos))
+    return ImageSet(_read_images(paths, image_size), y, bg == y, co == y, bg, co)
+
+
+def load_urbancars(data_dir: str | None, image_size: int = 64, train_samples: int | None = None) -> DatasetSplits:
+    """UrbanCars (Li et al., CVPR 2023) in the release layout; ``data_dir`` may also contain ``urbancars/`` or
+    ``urbancars_images/`` holding it. Training cues agree with the class 95% of the time; val/test are balanced."""
+    if data_dir is None:
+        raise DatasetNotFoundError(f"urbancars needs --data-dir DIR holding DIR/bg-0.95_co_occur_obj-0.95/train/... "
+                                   f"({_URBANCARS_URL})")
+    root = next((r for r in (data_dir, os.path.join(data_dir, "urbancars"), os.path.join(data_dir, "urbancars_images"))
+                 if os.path.isdir(os.path.join(r, "bg-0.95_co_occur_obj-0.95"))), data_dir)
+    train = _urbancars_split(root, "train", image_size)
+    if train_samples:
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:train_samples]
+        train = train.subset(perm.sort().values)
+    val = _urbancars_split(root, "val", image_size)
+    test = _urbancars_split(root, "test", image_size)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return DatasetSplits("urbancars", train, test, val, 2, mean, std, 0.95, list(_URBANCARS_NAMES),
+                         {"root": os.path.abspath(root), "image_size": image_size})
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | None = None,
+    seed: int = 0,
+    image_size: int | None = None,
+    classes: int = 2,
+    train_samples: int | None = None,
+    val_samples: int = 1024,
+    test_samples: int = 2048,
+    cue_agreement: float = 0.95,
+) -> DatasetSplits:
+    """Load (or generate) a dataset by name; see the module docstring.
+
+    ``classes``, ``val_samples``, ``test_samples``, ``cue_agreement`` and ``seed`` only apply to
+    ``spurious-cues``; ``train_samples`` caps the training split (``None``: all, 4096 for spurious-cues);
+    ``image_size`` defaults to 32 (spurious-cues, CIFAR is always 32) or 64 (folder, urbancars).
+    """
+    if name == "spurious-cues":
+        return spurious_cues_splits(seed=seed, classes=classes, image_size=image_size or 32,
+                                    train_samples=train_samples or 4096, val_samples=val_samples,
+                                    test_samples=test_samples, cue_agreement=cue_agreement)
+    if name in _CIFAR:
+        if image_size not in (None, 32):
+            raise ValueError(f"{name} images are 32x32; got image_size={image_size}")
+        return load_cifar(name, data_dir, train_samples)
+    if name == "folder":
+        return load_folder(data_dir, image_size or 64, train_samples)
+    if name == "urbancars":
+        return load_urbancars(data_dir, image_size or 64, train_samples)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
