@@ -27,6 +27,15 @@ def check_positive(name: str, value: float) -> float:
     return value
 
 
+def check_positive_int(value: object, name: str) -> int:
+    """A strictly positive Python int (sizes, counts); bools are rejected."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

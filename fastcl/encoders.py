@@ -21,6 +21,8 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
+from fastcl._validation import check_positive_int as _check_positive_int
+
 __all__ = [
     "BasicBlock",
     "Bottleneck",
@@ -33,14 +35,6 @@ __all__ = [
     "resnet34",
     "resnet50",
 ]
-
-
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
 
 
 def _check_image_batch(x: Tensor, in_channels: int) -> None:

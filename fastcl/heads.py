@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastcl._validation import check_positive_int as _check_positive_int
+
 __all__ = [
     "FixedReweightingHead",
     "IdentityHead",
@@ -27,14 +29,6 @@ __all__ = [
     "MLPHead",
     "last_layer_ensemble_loss",
 ]
-
-
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
 
 
 def _check_features(x: object, dim: int, name: str = "x") -> None:
