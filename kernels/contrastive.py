@@ -237,6 +237,45 @@ def _contrastive_fwd_kernel(
 
 
 @triton.jit
+def _load_row_stats(label_ptr, lse_ptr, coef_softmax_ptr, coef_pos_ptr, idx, valid, LOAD_LABELS: tl.constexpr):
+    """``(labels, base-2 LSE, coef_softmax, coef_pos)`` of rows ``idx`` (``labels = idx`` unless ``LOAD_LABELS``)."""
+    labels = idx
+    if LOAD_LABELS:
+        labels = tl.load(label_ptr + idx, mask=valid, other=0)
+    lse2 = tl.load(lse_ptr + idx, mask=valid, other=0.0) * 1.4426950408889634
+    coef_softmax = tl.load(coef_softmax_ptr + idx, mask=valid, other=0.0)
+    coef_pos = tl.load(coef_pos_ptr + idx, mask=valid, other=0.0)
+    return labels, lse2, coef_softmax, coef_pos
+
+
+@triton.jit
+def _backward_dlogits_tile(
+    anchor_ptr, contrast_ptr, a_tile, c_tile, rows, cols, row_valid, col_valid, row_labels,
+    lse2, coef_softmax, coef_pos, col_lse2, col_coef_softmax, col_coef_pos,
+    contrast_label_ptr, mask_ptr, dim, mask_period, stride_anchor, stride_contrast, stride_mask, self_offset,
+    logit_scale_log2, HAS_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, TWO_WAY: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, SINGLE_D_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """The recomputed ``dS`` tile ``[BLOCK_M, BLOCK_N]`` both backward kernels multiply (plus ``dS'^T`` if TWO_WAY)."""
+    logits2 = logit_scale_log2 * _logits_tile(
+        anchor_ptr, contrast_ptr, a_tile, c_tile, rows, cols, row_valid, col_valid, dim, stride_anchor,
+        stride_contrast, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D_TILE, INPUT_PRECISION,
+    )  # fmt: skip
+    w, valid = _pair_weights(
+        rows, cols, row_valid, col_valid, row_labels, contrast_label_ptr, mask_ptr, mask_period, stride_mask,
+        self_offset, HAS_MASK, EXCLUDE_SELF,
+    )  # fmt: skip
+    dlogits = _dlogits_tile(logits2, lse2, coef_softmax, coef_pos, w, valid)
+    if TWO_WAY:
+        dlogits += _transposed_dlogits_tile(
+            logits2, w, valid, rows, cols, mask_ptr, mask_period, stride_mask,
+            col_lse2, col_coef_softmax, col_coef_pos, HAS_MASK,
+        )  # fmt: skip
+    return dlogits
+
+
+@triton.jit
 def _contrastive_bwd_anchor_kernel(
     grad_anchor_ptr,
     anchor_ptr,
@@ -281,59 +320,29 @@ def _contrastive_bwd_anchor_kernel(
     d_out = tl.program_id(1) * BLOCK_D
     row_valid = rows < n_anchor
     a_tile = _load_rows(anchor_ptr, rows, row_valid, stride_anchor, 0, dim, BLOCK_D)
-    row_labels = rows
-    if not HAS_MASK:
-        row_labels = tl.load(anchor_label_ptr + rows, mask=row_valid, other=0)
-    lse2 = tl.load(lse_ptr + rows, mask=row_valid, other=0.0) * 1.4426950408889634
-    coef_softmax = tl.load(coef_softmax_ptr + rows, mask=row_valid, other=0.0)
-    coef_pos = tl.load(coef_pos_ptr + rows, mask=row_valid, other=0.0)
+    row_labels, lse2, coef_softmax, coef_pos = _load_row_stats(
+        anchor_label_ptr, lse_ptr, coef_softmax_ptr, coef_pos_ptr, rows, row_valid, not HAS_MASK
+    )
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for col_start in range(0, n_contrast, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
         col_valid = cols < n_contrast
         c_tile = _load_rows(contrast_ptr, cols, col_valid, stride_contrast, d_out, dim, BLOCK_D)
-        logits2 = logit_scale_log2 * _logits_tile(
-            anchor_ptr,
-            contrast_ptr,
-            a_tile,
-            c_tile,
-            rows,
-            cols,
-            row_valid,
-            col_valid,
-            dim,
-            stride_anchor,
-            stride_contrast,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            SINGLE_D_TILE,
-            INPUT_PRECISION,
-        )
-        w, valid = _pair_weights(
-            rows,
-            cols,
-            row_valid,
-            col_valid,
-            row_labels,
-            contrast_label_ptr,
-            mask_ptr,
-            mask_period,
-            stride_mask,
-            self_offset,
-            HAS_MASK,
-            EXCLUDE_SELF,
-        )
-        dlogits = _dlogits_tile(logits2, lse2, coef_softmax, coef_pos, w, valid)
+        col_lse2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        col_coef_softmax = col_lse2
+        col_coef_pos = col_lse2
         if TWO_WAY:
-            col_lse2 = tl.load(col_lse_ptr + cols, mask=col_valid, other=0.0) * 1.4426950408889634
-            col_coef_softmax = tl.load(col_coef_softmax_ptr + cols, mask=col_valid, other=0.0)
-            col_coef_pos = tl.load(col_coef_pos_ptr + cols, mask=col_valid, other=0.0)
-            dlogits += _transposed_dlogits_tile(
-                logits2, w, valid, rows, cols, mask_ptr, mask_period, stride_mask,
-                col_lse2, col_coef_softmax, col_coef_pos, HAS_MASK,
-            )  # fmt: skip
+            _, col_lse2, col_coef_softmax, col_coef_pos = _load_row_stats(
+                contrast_label_ptr, col_lse_ptr, col_coef_softmax_ptr, col_coef_pos_ptr, cols, col_valid, False
+            )
+        dlogits = _backward_dlogits_tile(
+            anchor_ptr, contrast_ptr, a_tile, c_tile, rows, cols, row_valid, col_valid, row_labels,
+            lse2, coef_softmax, coef_pos, col_lse2, col_coef_softmax, col_coef_pos,
+            contrast_label_ptr, mask_ptr, dim, mask_period, stride_anchor, stride_contrast, stride_mask, self_offset,
+            logit_scale_log2, HAS_MASK, EXCLUDE_SELF, TWO_WAY, INPUT_PRECISION, SINGLE_D_TILE,
+            BLOCK_M, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
         acc = tl.dot(dlogits.to(c_tile.dtype), c_tile, acc, input_precision=INPUT_PRECISION)
 
     d = d_out + tl.arange(0, BLOCK_D)
@@ -389,9 +398,9 @@ def _contrastive_bwd_contrast_kernel(
     col_coef_softmax = col_lse2
     col_coef_pos = col_lse2
     if TWO_WAY:
-        col_lse2 = tl.load(col_lse_ptr + cols, mask=col_valid, other=0.0) * 1.4426950408889634
-        col_coef_softmax = tl.load(col_coef_softmax_ptr + cols, mask=col_valid, other=0.0)
-        col_coef_pos = tl.load(col_coef_pos_ptr + cols, mask=col_valid, other=0.0)
+        _, col_lse2, col_coef_softmax, col_coef_pos = _load_row_stats(
+            contrast_label_ptr, col_lse_ptr, col_coef_softmax_ptr, col_coef_pos_ptr, cols, col_valid, False
+        )
     c_tile = _load_rows(contrast_ptr, cols, col_valid, stride_contrast, 0, dim, BLOCK_D)
 
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -399,50 +408,16 @@ def _contrastive_bwd_contrast_kernel(
         rows = row_start + tl.arange(0, BLOCK_M)
         row_valid = rows < n_anchor
         a_tile = _load_rows(anchor_ptr, rows, row_valid, stride_anchor, d_out, dim, BLOCK_D)
-        row_labels = rows
-        if not HAS_MASK:
-            row_labels = tl.load(anchor_label_ptr + rows, mask=row_valid, other=0)
-        lse2 = tl.load(lse_ptr + rows, mask=row_valid, other=0.0) * 1.4426950408889634
-        coef_softmax = tl.load(coef_softmax_ptr + rows, mask=row_valid, other=0.0)
-        coef_pos = tl.load(coef_pos_ptr + rows, mask=row_valid, other=0.0)
-        logits2 = logit_scale_log2 * _logits_tile(
-            anchor_ptr,
-            contrast_ptr,
-            a_tile,
-            c_tile,
-            rows,
-            cols,
-            row_valid,
-            col_valid,
-            dim,
-            stride_anchor,
-            stride_contrast,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            SINGLE_D_TILE,
-            INPUT_PRECISION,
+        row_labels, lse2, coef_softmax, coef_pos = _load_row_stats(
+            anchor_label_ptr, lse_ptr, coef_softmax_ptr, coef_pos_ptr, rows, row_valid, not HAS_MASK
         )
-        w, valid = _pair_weights(
-            rows,
-            cols,
-            row_valid,
-            col_valid,
-            row_labels,
-            contrast_label_ptr,
-            mask_ptr,
-            mask_period,
-            stride_mask,
-            self_offset,
-            HAS_MASK,
-            EXCLUDE_SELF,
-        )
-        dlogits = _dlogits_tile(logits2, lse2, coef_softmax, coef_pos, w, valid)
-        if TWO_WAY:
-            dlogits += _transposed_dlogits_tile(
-                logits2, w, valid, rows, cols, mask_ptr, mask_period, stride_mask,
-                col_lse2, col_coef_softmax, col_coef_pos, HAS_MASK,
-            )  # fmt: skip
+        dlogits = _backward_dlogits_tile(
+            anchor_ptr, contrast_ptr, a_tile, c_tile, rows, cols, row_valid, col_valid, row_labels,
+            lse2, coef_softmax, coef_pos, col_lse2, col_coef_softmax, col_coef_pos,
+            contrast_label_ptr, mask_ptr, dim, mask_period, stride_anchor, stride_contrast, stride_mask, self_offset,
+            logit_scale_log2, HAS_MASK, EXCLUDE_SELF, TWO_WAY, INPUT_PRECISION, SINGLE_D_TILE,
+            BLOCK_M, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
         acc = tl.dot(tl.trans(dlogits.to(a_tile.dtype)), a_tile, acc, input_precision=INPUT_PRECISION)
 
     d = d_out + tl.arange(0, BLOCK_D)
