@@ -116,13 +116,7 @@ def contrastive_loss(
     if backend == "chunked":
         from fastcl.chunked import chunked_contrastive_loss
 
-        loss = chunked_contrastive_loss(
-            anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale
+        return chunked_contrastive_loss(
+            anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way
         )
-        if two_way:
-            reverse = chunked_contrastive_loss(
-                contrast, anchor, contrast_labels, anchor_labels, mask, self_offset, inv_temperature, scale
-            )
-            loss = 0.5 * (loss + reverse)
-        return loss
     raise ValueError(f"backend {backend!r} has no fused implementation here")

@@ -138,16 +138,46 @@ def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, self_off
     return stats, grad_anchor.mul_(inv_temperature), grad_contrast
 
 
+def chunked_forward(
+    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way, want_grad
+):
+    """``(loss, grad_anchor, grad_contrast)``: the loss (fp32, float64 for float64 inputs) and, with ``want_grad``,
+    its gradients for ``grad_output = 1`` in the compute dtype (else None). ``two_way`` averages both directions."""
+    stats, grad_anchor, grad_contrast = _fused_pass(
+        anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, want_grad
+    )
+    loss = row_losses(*stats, scale).mean()
+    if two_way:
+        reverse_stats, reverse_grad_contrast, reverse_grad_anchor = _fused_pass(
+            contrast, anchor, contrast_labels, anchor_labels, mask, self_offset, inv_temperature, scale, want_grad
+        )
+        loss = 0.5 * (loss + row_losses(*reverse_stats, scale).mean())
+        if want_grad:
+            grad_anchor = grad_anchor.add_(reverse_grad_anchor).mul_(0.5)
+            grad_contrast = grad_contrast.add_(reverse_grad_contrast).mul_(0.5)
+    return loss, grad_anchor, grad_contrast
+
+
 class _ChunkedContrastiveLoss(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, grad_enabled
+        ctx,
+        anchor,
+        contrast,
+        anchor_labels,
+        contrast_labels,
+        mask,
+        self_offset,
+        inv_temperature,
+        scale,
+        two_way,
+        grad_enabled,
     ):
         want_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        stats, grad_anchor, grad_contrast = _fused_pass(
-            anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, want_grad
-        )
-        loss = row_losses(*stats, scale).mean()
+        loss, grad_anchor, grad_contrast = chunked_forward(
+            anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way,
+            want_grad,
+        )  # fmt: skip
         if want_grad:
             ctx.save_for_backward(grad_anchor, grad_contrast)
         ctx.dtypes = (anchor.dtype, contrast.dtype)
@@ -162,18 +192,12 @@ class _ChunkedContrastiveLoss(torch.autograd.Function):
         return (
             grad_anchor.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
             grad_contrast.to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
+            *([None] * 8),
         )
 
 
 def chunked_contrastive_loss(
-    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale
+    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way=False
 ):
     """The op of :mod:`fastcl._core` on the blockwise PyTorch path; arguments as in ``contrastive_loss``."""
     return _ChunkedContrastiveLoss.apply(
@@ -185,5 +209,6 @@ def chunked_contrastive_loss(
         self_offset,
         inv_temperature,
         scale,
+        two_way,
         torch.is_grad_enabled(),
     )

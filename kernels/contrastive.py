@@ -645,54 +645,104 @@ def contrastive_backward(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def triton_route(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, two_way) -> str:
+    """``'self'`` when the anchors are the contrast set itself (the same tensor, same labels, ``self_offset == 0``:
+    SupCon's 'all' mode; one backward kernel), ``'two_way'`` for the mean of both directions, else ``'one_way'``."""
+    if two_way:
+        return "two_way"
+    if anchor is contrast and self_offset == 0 and _same_labels(anchor_labels, contrast_labels, mask):
+        return "self"
+    return "one_way"
+
+
+def triton_forward(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, route):
+    """``(loss, residuals)``: the fp32 scalar loss and the fp32 row statistics the backward needs,
+    ``residuals = (pos_weight [Na], lse [Na], col_pos_weight [Nc], col_lse [Nc])`` (the ``col_*`` pair is empty
+    unless ``route == 'two_way'``)."""
+    pos_logit_sum, pos_weight, lse = contrastive_forward(
+        anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature
+    )
+    loss = row_losses(pos_logit_sum, pos_weight, lse, scale).mean()
+    col_pos_weight = col_lse = pos_weight.new_empty(0)
+    if route == "two_way":
+        col_pos_logit_sum, col_pos_weight, col_lse = contrastive_forward(
+            contrast, anchor, contrast_labels, anchor_labels, mask, self_offset, inv_temperature
+        )
+        loss = 0.5 * (loss + row_losses(col_pos_logit_sum, col_pos_weight, col_lse, scale).mean())
+    return loss, (pos_weight, lse, col_pos_weight, col_lse)
+
+
+def triton_backward(
+    grad_output,
+    anchor,
+    contrast,
+    anchor_labels,
+    contrast_labels,
+    mask,
+    residuals,
+    self_offset,
+    inv_temperature,
+    scale,
+    route,
+    need_anchor=True,
+    need_contrast=True,
+):
+    """``(grad_anchor, grad_contrast)`` of ``grad_output * loss`` (either None when not needed; with
+    ``route == 'self'`` the whole gradient is ``grad_anchor`` and ``grad_contrast`` is None)."""
+    pos_weight, lse, col_pos_weight, col_lse = residuals
+    if route == "two_way":
+        grad_output = 0.5 * grad_output
+    row_stats = (lse, *grad_coefficients(pos_weight, scale, grad_output))
+    col_stats = {"one_way": None, "self": row_stats}.get(route)
+    if route == "two_way":  # both directions average over Na == Nc anchors
+        col_stats = (col_lse, *grad_coefficients(col_pos_weight, scale, grad_output))
+    return contrastive_backward(
+        anchor,
+        contrast,
+        anchor_labels,
+        contrast_labels,
+        mask,
+        self_offset,
+        inv_temperature,
+        row_stats,
+        col_stats,
+        grad_scale=inv_temperature / anchor.shape[0],
+        need_anchor=need_anchor or route == "self",
+        need_contrast=need_contrast,
+    )
+
+
 class _TritonContrastiveLoss(torch.autograd.Function):
-    """``route``: 'one_way'; 'self' (anchor is contrast: one backward kernel); 'two_way' (the mean of both
-    directions, contrast rows also anchoring over the anchor rows with the labels swapped)."""
+    """Autograd over :func:`triton_forward` / :func:`triton_backward` (``route`` from :func:`triton_route`)."""
 
     @staticmethod
     def forward(
         ctx, anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, route
     ):
-        pos_logit_sum, pos_weight, lse = contrastive_forward(
-            anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature
+        loss, residuals = triton_forward(
+            anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, route
         )
-        loss = row_losses(pos_logit_sum, pos_weight, lse, scale).mean()
-        col_pos_weight = col_lse = None
-        if route == "two_way":
-            col_pos_logit_sum, col_pos_weight, col_lse = contrastive_forward(
-                contrast, anchor, contrast_labels, anchor_labels, mask, self_offset, inv_temperature
-            )
-            loss = 0.5 * (loss + row_losses(col_pos_logit_sum, col_pos_weight, col_lse, scale).mean())
-        ctx.save_for_backward(
-            anchor, contrast, anchor_labels, contrast_labels, mask, pos_weight, lse, col_pos_weight, col_lse
-        )
+        ctx.save_for_backward(anchor, contrast, anchor_labels, contrast_labels, mask, *residuals)
         ctx.settings = (self_offset, inv_temperature, scale, route)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        anchor, contrast, anchor_labels, contrast_labels, mask, pos_weight, lse, col_pos_weight, col_lse = (
-            ctx.saved_tensors
-        )
+        anchor, contrast, anchor_labels, contrast_labels, mask, *residuals = ctx.saved_tensors
         self_offset, inv_temperature, scale, route = ctx.settings
-        if route == "two_way":
-            grad_output = 0.5 * grad_output
-        row_stats = (lse, *grad_coefficients(pos_weight, scale, grad_output))
-        col_stats = {"one_way": None, "self": row_stats}.get(route)
-        if route == "two_way":  # both directions average over Na == Nc anchors
-            col_stats = (col_lse, *grad_coefficients(col_pos_weight, scale, grad_output))
-        grad_anchor, grad_contrast = contrastive_backward(
+        grad_anchor, grad_contrast = triton_backward(
+            grad_output,
             anchor,
             contrast,
             anchor_labels,
             contrast_labels,
             mask,
+            tuple(residuals),
             self_offset,
             inv_temperature,
-            row_stats,
-            col_stats,
-            grad_scale=inv_temperature / anchor.shape[0],
-            need_anchor=ctx.needs_input_grad[0] or route == "self",
+            scale,
+            route,
+            need_anchor=ctx.needs_input_grad[0],
             need_contrast=ctx.needs_input_grad[1],
         )
         return grad_anchor, grad_contrast, None, None, None, None, None, None, None
@@ -709,12 +759,7 @@ def triton_contrastive_loss(
     """
     if contrast.stride(1) != 1:
         contrast = contrast.contiguous()
-    if two_way:
-        route = "two_way"
-    elif anchor is contrast and self_offset == 0 and _same_labels(anchor_labels, contrast_labels, mask):
-        route = "self"
-    else:
-        route = "one_way"
+    route = triton_route(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, two_way)
     if route == "self":
         anchor = contrast
     elif anchor.stride(1) != 1:
