@@ -10,7 +10,7 @@ import os
 
 from setuptools import setup
 
-PACKAGES = ["fastcl", "fastcl.kernels", "fastcl.examples"]
+PACKAGES = ["fastcl", "fastcl.kernels", "fastcl.examples", "fastcl.train"]
 PACKAGE_DIR = {"fastcl": "fastcl", "fastcl.kernels": "kernels"}
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastcl.augment import AugmentConfig, AugmentParams, BatchAugment, normalize, to_float
+from fastcl.train.augment import AugmentConfig, AugmentParams, BatchAugment, normalize, to_float
 
 IDENTITY = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastcl.data import (
+from fastcl.train.data import (
     DatasetNotFoundError,
     MissingDependencyError,
     load_dataset,

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from fastcl import NTXentLoss, SupConLoss
-from fastcl.augment import AugmentConfig, BatchAugment
+from fastcl.train.augment import AugmentConfig, BatchAugment
 from fastcl.encoders import ConvNet
-from fastcl.gradcache import cached_backward, micro_batches
+from fastcl.train.gradcache import cached_backward, micro_batches
 from fastcl.heads import MLPHead
 from fastcl.models import ContrastiveModel
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastcl.optim import LARS, build_optimizer, cosine_with_warmup, param_groups
+from fastcl.train.optim import LARS, build_optimizer, cosine_with_warmup, param_groups
 
 
 def test_lars_step_matches_the_formula():

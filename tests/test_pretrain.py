@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastcl
-from fastcl import pretrain
+from fastcl.train import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(fastcl.__file__)))
 TINY = ["--train-samples", "128", "--val-samples", "64", "--test-samples", "64", "--image-size", "16",
@@ -76,7 +76,7 @@ def test_plots_or_a_one_line_notice(tmp_path, capsys):
     out = str(tmp_path / "run")
     args = [a for a in TINY if a != "--no-plots"]
     assert pretrain.main([*args, "--epochs", "1", "--loss", "simclr", "--head", "fixed", "--out", out]) == 0
-    from fastcl.plots import matplotlib_available
+    from fastcl.train.plots import matplotlib_available
 
     if matplotlib_available():
         assert os.path.getsize(os.path.join(out, "loss.png")) > 0
