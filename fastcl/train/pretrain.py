@@ -3,6 +3,7 @@
     fastcl-pretrain                                   # default experiment: spurious-cues, SupCon, MLP head, CPU
     python -m fastcl.pretrain --head fixed --seed 1 --out runs/fixed-s1
     fastcl-pretrain --batch-size 4096 --micro-batch-size 512 ...        # GradCache: big batches, small memory
+    fastcl-pretrain --dataset folder --data-dir ~/imagenet --stream --workers 8 ...   # larger than memory
     torchrun --nproc_per_node=8 -m fastcl.pretrain --dataset cifar10 --data-dir ~/data --encoder resnet18 ...
 
 The question of the default experiment (after Xue et al., ICLR 2024 and Li et al., CVPR 2023): after
@@ -11,21 +12,38 @@ the class 95% of the time, is the representation before the head (h) more robust
 the one after it (z)? At the end both are probed: a linear probe trained on the (cue-biased) training set, and
 last-layer retraining on a small group-balanced held-out set (DFR) evaluated with the UrbanCars metrics on
 the cue-balanced test set. Everything lands in ``OUT/``: ``summary.json``, ``metrics.jsonl`` (one record per
-step, epoch and probe), ``checkpoint.pt`` (every epoch, atomic), ``loss.png`` and ``probe.png``.
+step, epoch and probe), ``checkpoint.pt`` (every epoch; the one before it is kept as ``checkpoint.prev.pt``),
+``config.json``, ``loss.png`` and ``probe.png``.
+
+A run reads top to bottom as stages (:func:`_run`): prepare the output directory, load the data, build the
+model, restore a checkpoint, train (steps, checkpoints), evaluate, report.
+
+Output directory rules:
+
+* an ``--out`` that already holds a run is never touched without an explicit choice: ``--resume`` continues it,
+  ``--overwrite`` deletes its files first; otherwise the command stops before doing anything.
+* checkpoints are written beside the current one, read back and verified, and only then rotated in
+  (``checkpoint.pt`` -> ``checkpoint.prev.pt``): a damaged write costs at most one epoch, and a damaged file is
+  named in a one-line error that says what to do.
+* if anything fails after training (evaluation, plots), the checkpoint stays and ``summary.json`` says what was
+  not evaluated and why (exit status 1). Configuration errors print one line and exit with status 2.
 
 Training details:
 
-* ``--micro-batch-size m < --batch-size``: gradient caching (:mod:`fastcl.gradcache`): embeddings of all
+* ``--micro-batch-size m < --batch-size``: gradient caching (:mod:`fastcl.train.gradcache`): embeddings of all
   micro-batches without autograd, the loss and its gradient on the full batch, then each micro-batch
   re-forwarded with autograd and the cached gradient back-propagated, RNG restored. Augmentation parameters are
   drawn for the whole batch first, so the views are the same whatever ``m`` is. With BatchNorm the step differs
-  from the full-batch one (statistics per micro-batch); without it, it is the same step.
+  from the full-batch one (statistics per micro-batch; a warning says so, and micro-batches under
+  ``MIN_BATCHNORM_ROWS`` samples are refused); without it, it is the same step.
+* ``--stream``: ``folder`` / ``urbancars`` images decoded in ``DataLoader`` workers (:mod:`fastcl.train.loader`)
+  instead of held in memory.
 * ``torchrun``: DDP over ``WORLD_SIZE`` processes (gloo on CPU, NCCL on GPU). ``--batch-size`` is global; each
-  rank embeds its ``batch / world`` rows and the loss (``gather_distributed=True``) contrasts them with the
-  whole gathered batch, so the gradient is that of the single-process loss (BatchNorm statistics are per rank).
-* ``--resume``: continue from ``OUT/checkpoint.pt`` (model, optimizer, schedule, RNG states, epoch), written
-  after every epoch through a temporary file and a rename. A run killed at any point and resumed with the same
-  arguments finishes with the same weights as an uninterrupted one (same device; on GPU add
+  rank reads and embeds its ``batch / world`` rows and the loss (``gather_distributed=True``) contrasts them with
+  the whole gathered batch, so the gradient is that of the single-process loss (BatchNorm statistics are per rank).
+* ``--resume``: continue from ``OUT/checkpoint.pt`` (model, optimizer, schedule, RNG states, epoch and step),
+  written after every epoch and every ``--checkpoint-every`` steps. A run killed at any point and resumed with
+  the same arguments finishes with the same weights as an uninterrupted one (same device; on GPU add
   ``--deterministic``). With no checkpoint yet, ``--resume`` starts from scratch.
 """
 
@@ -33,17 +51,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import inspect
 import json
 import math
 import os
 import platform
 import random
+import re
 import resource
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import torch
@@ -53,29 +73,60 @@ from torch import Tensor, nn
 import fastcl
 from fastcl import encoders as E
 from fastcl import heads as H
-from fastcl.train.augment import AugmentConfig, BatchAugment
-from fastcl.train.data import DATASETS, DatasetNotFoundError, DatasetSplits, MissingDependencyError, load_dataset
 from fastcl.eval import group_balanced_linear_probe, group_ids, linear_probe, multi_shortcut_metrics
-from fastcl.train.gradcache import cached_backward
 from fastcl.losses import NTXentLoss, SupConLoss
 from fastcl.models import ContrastiveModel
+from fastcl.train.augment import AugmentConfig, BatchAugment
+from fastcl.train.data import DATASETS, DatasetNotFoundError, DatasetSplits, MissingDependencyError, load_dataset
+from fastcl.train.gradcache import cached_backward, micro_batches
+from fastcl.train.loader import (
+    STREAMING_DATASETS,
+    EpochBatchSampler,
+    InMemoryBatches,
+    StreamingBatches,
+    iter_image_batches,
+    load_streaming,
+)
 from fastcl.train.optim import build_optimizer, cosine_with_warmup
 
-__all__ = ["main", "build_parser", "build_model", "build_criterion"]
+__all__ = ["main", "build_parser", "build_model", "build_criterion", "ConfigError", "RunError"]
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+CONFIG = "config.json"
+# the files a run writes in --out: their presence marks a run directory, --overwrite deletes them
+RUN_FILES = (CHECKPOINT, PREVIOUS_CHECKPOINT, METRICS, SUMMARY, CONFIG, "loss.png", "probe.png")
+CHECKPOINT_VERSION = 2
+MIN_BATCHNORM_ROWS = 8  # smallest micro-batch (samples per rank) with BatchNorm: 2 views -> 16 rows per statistic
+MAX_CUE_CLASSES = 8
 # arguments that do not change the training trajectory: they may differ between a run and its resumption
-_NOT_TRAINING = {"out", "resume", "device", "threads", "probe_every", "eval_batch_size", "no_plots",
+_NOT_TRAINING = {"out", "resume", "overwrite", "device", "threads", "probe_every", "eval_batch_size", "no_plots",
                  "crash_after_steps", "dfr_repeats", "quiet", "probe_train_samples", "probe_weight_decay",
-                 "dfr_weight_decay"}
+                 "dfr_weight_decay", "workers", "prefetch", "checkpoint_every"}
 BASE_LR = {"sgd": 0.1, "lars": 0.3}  # per 256 samples of batch
+
+
+class ConfigError(Exception):
+    """A configuration problem found before or while setting up: one line on stderr, exit status 2."""
+
+
+class RunError(Exception):
+    """A failure of the run itself (diverged training, a checkpoint that cannot be written): one line on stderr,
+    exit status 1; whatever could be kept (checkpoint, summary) is kept."""
 
 
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage of this many options would bury the message)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -89,7 +140,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="fastcl-pretrain",
         description="Contrastive pretraining (SupCon / SimCLR) with fastcl's fused losses; probes h and z at the end.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -108,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spurious-cues: probability that each training cue agrees with the class")
     d.add_argument("--crop-scale", type=float, default=None,
                    help="smallest random-resized-crop area fraction (default 0.5 for spurious-cues, else 0.2)")
+    d.add_argument("--stream", action="store_true",
+                   help="folder / urbancars: decode images in DataLoader workers instead of holding them in memory "
+                        "(aspect ratio kept: short side to --image-size, then a random (train) / centre crop)")
+    d.add_argument("--workers", type=int, default=0, help="--stream: decoding worker processes per rank")
+    d.add_argument("--prefetch", type=int, default=2, help="--stream: batches prefetched per worker")
 
     m = p.add_argument_group("model and loss")
     m.add_argument("--encoder", default="convnet", choices=["convnet", "resnet18", "resnet34", "resnet50"])
@@ -125,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--epochs", type=int, default=15)
     o.add_argument("--batch-size", type=int, default=256, help="global batch (samples; 2 views each)")
     o.add_argument("--micro-batch-size", type=int, default=0,
-                   help="GradCache micro-batch per process (0: no caching, the whole local batch at once)")
+                   help=f"GradCache micro-batch per process (0: no caching, the whole local batch at once; with "
+                        f"BatchNorm at least {MIN_BATCHNORM_ROWS})")
     o.add_argument("--optimizer", default="sgd", choices=["sgd", "lars"])
     o.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: 0.1 (sgd) or 0.3 (lars) x batch-size / 256)")
@@ -143,7 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=0,
                    help="CPU threads per process (0: torch's default; under torchrun on CPU: cores / processes)")
     r.add_argument("--out", default="runs/pretrain", help="output directory")
-    r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    x = r.add_mutually_exclusive_group()
+    x.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from OUT/checkpoint.pt (from scratch if it has none yet)")
+    x.add_argument("--overwrite", action="store_true", help="delete the run files already in --out and start over")
+    r.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also checkpoint every N steps within an epoch (0: at the end of each epoch only)")
     r.add_argument("--probe-every", type=int, default=-1,
                    help="quick linear probe of h and z every N epochs (0: never; -1: every max(1, epochs // 5))")
     r.add_argument("--probe-train-samples", type=int, default=10000,
@@ -161,18 +223,102 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
-    for name in ("epochs", "batch_size", "proj_dim", "eval_batch_size", "dfr_repeats", "probe_train_samples"):
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything about the arguments that can be checked without data or model; raises :class:`ConfigError`."""
+    for name in ("epochs", "batch_size", "proj_dim", "eval_batch_size", "dfr_repeats", "probe_train_samples",
+                 "prefetch"):
         if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.micro_batch_size < 0:
-        p.error("--micro-batch-size must be >= 0")
+            raise ConfigError(f"{_flag(name)} must be positive, got {getattr(args, name)}")
+    for name in ("micro_batch_size", "workers", "checkpoint_every", "threads", "weight_decay", "warmup_epochs",
+                 "crash_after_steps"):
+        value = getattr(args, name)
+        if not value >= 0 or (isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")
+    if args.train_samples is not None and args.train_samples <= 0:
+        raise ConfigError(f"--train-samples must be positive (leave it out for the default), got {args.train_samples}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ConfigError(f"--lr must be a positive number, got {args.lr}")
+    if not 0 <= args.momentum < 1:
+        raise ConfigError(f"--momentum must lie in [0, 1), got {args.momentum}")
     if not 0 <= args.cue_agreement <= 1:
-        p.error("--cue-agreement must lie in [0, 1]")
-    if args.temperature <= 0 or args.kappa <= 0:
-        p.error("--temperature and --kappa must be positive")
+        raise ConfigError(f"--cue-agreement must lie in [0, 1], got {args.cue_agreement}")
+    for name in ("temperature", "kappa", "lars_eta"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{_flag(name)} must be a positive number, got {value}")
     if args.crop_scale is not None and not 0 < args.crop_scale <= 1:
-        p.error("--crop-scale must lie in (0, 1]")
+        raise ConfigError(f"--crop-scale must lie in (0, 1], got {args.crop_scale}")
+    if args.dataset == "spurious-cues":
+        if not 2 <= args.classes <= MAX_CUE_CLASSES:
+            raise ConfigError(f"--classes must lie in [2, {MAX_CUE_CLASSES}] for spurious-cues, got {args.classes}")
+        cells = 4 * args.classes  # every class x (background, co-object) cue group
+        for name in ("val_samples", "test_samples"):
+            if getattr(args, name) < cells:
+                use = "DFR last-layer retraining" if name == "val_samples" else "the test metrics"
+                raise ConfigError(f"{_flag(name)} must be at least 4 x --classes = {cells} ({use} needs every "
+                                  f"class x cue group), got {getattr(args, name)}")
+    if args.dataset in ("cifar10", "cifar100"):
+        if args.image_size not in (None, 32):
+            raise ConfigError(f"--image-size: {args.dataset} images are 32x32, got {args.image_size}")
+    elif args.image_size is not None and args.image_size < 16:
+        raise ConfigError(f"--image-size must be at least 16, got {args.image_size}")
+    if args.stream and args.dataset not in STREAMING_DATASETS:
+        raise ConfigError(f"--stream reads image files ({', '.join(STREAMING_DATASETS)}), not {args.dataset}: "
+                          f"that dataset is held in memory")
+    if (args.workers or args.prefetch != 2) and not args.stream:
+        raise ConfigError("--workers and --prefetch apply to --stream only")
+    if args.no_batchnorm and args.encoder != "convnet":
+        raise ConfigError(f"--no-batchnorm applies to the convnet encoder only, not {args.encoder}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        raise ConfigError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    _check_device(args.device)
+    _check_out(args)
+
+
+def _check_device(name: str) -> None:
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available in this torch build / machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _run_files(out: str) -> list[str]:
+    if not os.path.isdir(out):
+        return []
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a file, not a directory: choose another --out")
+    present = _run_files(out)
+    if present and not (args.resume or args.overwrite):
+        raise ConfigError(f"--out {out} already holds a run ({', '.join(present)}): pass --resume to continue it, "
+                          f"--overwrite to delete it and start over, or choose another --out")
+    if int(os.environ.get("RANK", "0")) == 0:  # can we write there? (root ignores permission bits: really try)
+        probe = os.path.join(out, f".fastcl-write-test.{os.getpid()}")
+        try:
+            os.makedirs(out, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+            os.remove(probe)
+        except OSError as e:
+            raise ConfigError(f"--out {out} is not writable: {e.strerror or e}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,39 +492,17 @@ def _autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
-def embed(model: ContrastiveModel, images: Tensor, aug: BatchAugment, device: torch.device, batch_size: int,
-          amp: bool = False) -> tuple[Tensor, Tensor]:
-    """``(h, z)`` float32 on CPU for un-augmented ``images`` (eval mode; the module modes are restored)."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    hs, zs = [], []
-    try:
-        for s in range(0, images.shape[0], batch_size):
-            x = aug.eval_transform(images[s:s + batch_size].to(device, non_blocking=True))
-            with _autocast(device, amp):
-                h, z = model(x)
-            hs.append(h.float().cpu())
-            zs.append(z.float().cpu())
-    finally:
-        for mod, mode in modes.items():
-            mod.training = mode
-    return torch.cat(hs), torch.cat(zs)
-
-
 # --------------------------------------------------------------------------------------------------
 # Checkpoints, metrics
 # --------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # make the rename itself durable
+def _tmp_name(path: str) -> str:
+    return f"{path}.tmp{os.getpid()}"
+
+
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):  # make a rename durable
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -386,9 +510,124 @@ def _atomic_write(path: str, write) -> None:
             os.close(fd)
 
 
+def _write_tmp(path: str, write) -> str:
+    """Write through ``write(file)`` into ``path.tmpPID`` and fsync it; on any failure (disk full, ...) the
+    temporary file is removed and the error re-raised."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return tmp
+
+
+def _atomic_write(path: str, write) -> None:
+    """Replace ``path`` atomically: a reader sees the old or the new file, never a part of one."""
+    os.replace(_write_tmp(path, write), path)
+    _fsync_dir(path)
+
+
+def remove_stale_temporaries(out_dir: str) -> list[str]:
+    """Delete ``*.tmpPID`` files in ``out_dir`` left by processes that no longer run (a kill during a write);
+    returns their names."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp*")):
+        m = re.search(r"\.tmp(\d+)$", path)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # that process still runs (another rank or run): not ours to delete
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        with contextlib.suppress(OSError):
+            os.remove(path)
+            removed.append(os.path.basename(path))
+    return removed
+
+
+class CheckpointError(ConfigError):
+    """``--resume`` found a checkpoint it cannot use; the message names the file and what to do."""
+
+
+_CHECKPOINT_KEYS = ("version", "epoch", "step", "epoch_step", "model", "optimizer", "scheduler", "rng", "config")
+
+
+def _read_checkpoint(path: str) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint with its keys checked; raises ``ValueError`` saying what is wrong."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, unpickling errors, I/O errors ...
+        raise ValueError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"holds a {type(ckpt).__name__}, not a fastcl-pretrain checkpoint")
+    missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
+    if ckpt.get("version") not in (None, CHECKPOINT_VERSION) and "version" not in missing:
+        raise ValueError(f"checkpoint format {ckpt.get('version')} (this fastcl-pretrain writes and reads "
+                         f"{CHECKPOINT_VERSION})")
+    if missing:
+        raise ValueError(f"not a fastcl-pretrain checkpoint (no {', '.join(missing)})")
+    return ckpt
+
+
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
-    """``torch.save`` through a temporary file and an atomic rename: a reader sees the old or the new file."""
-    _atomic_write(path, lambda f: torch.save(state, f))
+    """Write ``state`` beside ``path``, read it back and check it, then rotate: the current ``path`` becomes
+    ``checkpoint.prev.pt`` and the new file takes its place. A failure leaves the current checkpoint and no
+    temporary file; it raises :class:`RunError`."""
+    prev = os.path.join(os.path.dirname(path), PREVIOUS_CHECKPOINT)
+    try:
+        tmp = _write_tmp(path, lambda f: torch.save(state, f))
+    except OSError as e:
+        raise RunError(f"could not write the checkpoint {path}: {e.strerror or e} (the previous checkpoint, if "
+                       f"any, is intact; free space and rerun with --resume)") from None
+    try:
+        back = _read_checkpoint(tmp)
+        if back["epoch"] != state["epoch"] or back["step"] != state["step"]:
+            raise ValueError(f"reads back epoch {back['epoch']} step {back['step']}")
+    except ValueError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise RunError(f"the checkpoint written to {path} did not read back ({e}); the previous checkpoint is "
+                       f"intact: check the disk and rerun with --resume") from None
+    if os.path.exists(path):
+        os.replace(path, prev)
+    os.replace(tmp, path)
+    _fsync_dir(path)
+
+
+def load_checkpoint(out_dir: str) -> tuple[dict[str, Any], str] | None:
+    """The checkpoint to resume from and its path, ``None`` when ``out_dir`` has none. ``checkpoint.pt`` is
+    used; ``checkpoint.prev.pt`` only when ``checkpoint.pt`` is missing (a kill between the two renames of a
+    rotation). A damaged file raises :class:`CheckpointError` naming it and what to do."""
+    path, prev = os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, PREVIOUS_CHECKPOINT)
+    if not os.path.exists(path):
+        if not os.path.exists(prev):
+            return None
+        path = prev
+    try:
+        return _read_checkpoint(path), path
+    except ValueError as e:
+        problem = f"{path} is damaged ({e})"
+    if path != prev and os.path.exists(prev):
+        try:
+            good = _read_checkpoint(prev)
+        except ValueError:
+            pass
+        else:
+            raise CheckpointError(f"{problem}; the previous checkpoint {prev} (epoch {good['epoch']}, step "
+                                  f"{good['step']}) is intact: move it to {path} and rerun with --resume, or "
+                                  f"start over with --overwrite")
+    raise CheckpointError(f"{problem} and there is no intact earlier checkpoint: start over with --overwrite "
+                          f"(or restore {path} from a copy)")
 
 
 def _training_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -441,6 +680,34 @@ def _gather_objects(obj: Any, d: Dist) -> list[Any]:
 
 _ROBUST_KEYS = ("id_acc", "bg_gap", "coobj_gap", "both_gap", "worst_group_acc",
                 "acc_aligned", "acc_bg_conflict", "acc_coobj_conflict", "acc_both_conflict")
+_LAYERS = ("pre_projection", "post_projection")
+
+
+@torch.no_grad()
+def embed(model: ContrastiveModel, images: Any, aug: BatchAugment, device: torch.device, batch_size: int,
+          amp: bool = False, workers: int = 0) -> tuple[Tensor, Tensor]:
+    """``(h, z)`` float32 on CPU for the un-augmented images of a split (an in-memory ``ImageSet``, a streaming
+    set, or a ``uint8`` tensor), in eval mode; the module modes are restored."""
+    if isinstance(images, Tensor):
+        chunks = (images[s:s + batch_size] for s in range(0, images.shape[0], batch_size))
+    else:
+        chunks = iter_image_batches(images, batch_size, workers=workers)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    hs, zs = [], []
+    try:
+        for chunk in chunks:
+            x = aug.eval_transform(chunk.to(device, non_blocking=True))
+            with _autocast(device, amp):
+                h, z = model(x)
+            hs.append(h.float().cpu())
+            zs.append(z.float().cpu())
+    finally:
+        for mod, mode in modes.items():
+            mod.training = mode
+    if not hs:
+        raise ValueError("no images to embed")
+    return torch.cat(hs), torch.cat(zs)
 
 
 @contextlib.contextmanager
@@ -461,29 +728,60 @@ def _cap(n: int, limit: int, seed: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
 
 
+def _why(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def evaluate(model: ContrastiveModel, splits: DatasetSplits, aug: BatchAugment, device: torch.device,
              args: argparse.Namespace, amp: bool) -> dict[str, Any]:
-    """Linear probe (train -> test) and, with cue annotations, DFR + UrbanCars metrics, on h and on z."""
-    k = splits.num_classes
+    """Linear probe (train -> test) and, with cue annotations, DFR + UrbanCars metrics, on h and on z.
+
+    Each part that fails is left out and listed in ``not_evaluated`` (``{"what", "why"}``) instead of
+    stopping the others; parameters that are not finite (a diverged run) skip everything."""
+    out: dict[str, Any] = {"linear_probe": {}, "not_evaluated": []}
+
+    def skip(what: str, e: BaseException | str) -> None:
+        out["not_evaluated"].append({"what": what, "why": e if isinstance(e, str) else _why(e)})
+
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        skip("everything", f"the trained weights are not finite ({len(bad)} tensors, e.g. {bad[0]}): training "
+                           f"diverged; lower --lr or raise --temperature")
+        return out
+    k, test = splits.num_classes, splits.test
     tr = splits.train.subset(_cap(len(splits.train), args.probe_train_samples, args.seed))
-    feats = {"train": embed(model, tr.images, aug, device, args.eval_batch_size, amp),
-             "test": embed(model, splits.test.images, aug, device, args.eval_batch_size, amp)}
-    test = splits.test
     robust = splits.val is not None and splits.val.has_groups and test.has_groups
+    feats: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, images in (("train", tr), ("test", test)) + ((("val", splits.val),) if robust else ()):
+        try:
+            feats[name] = embed(model, images, aug, device, args.eval_batch_size, amp, args.workers)
+        except Exception as e:
+            skip(f"features of the {name} split", e)
     if robust:
-        feats["val"] = embed(model, splits.val.images, aug, device, args.eval_batch_size, amp)
-    out: dict[str, Any] = {"linear_probe": {}, "robustness": {}}
-    for i, layer in enumerate(("pre_projection", "post_projection")):
-        with _threads(1):
-            lp = linear_probe(feats["train"][i], tr.labels, feats["test"][i], test.labels, num_classes=k,
-                              weight_decay=args.probe_weight_decay)
-        entry: dict[str, Any] = {"accuracy": lp.test_acc, "train_accuracy": lp.train_acc}
-        if test.has_groups:  # the ERM probe (fitted on cue-biased training data) under the same metrics
-            m = multi_shortcut_metrics(lp.test_pred, test.labels, test.bg_aligned, test.coobj_aligned,
-                                       train_ratio=splits.cue_agreement or 0.95)
-            entry["shortcut_metrics"] = {key: m[key] for key in _ROBUST_KEYS}
-        out["linear_probe"][layer] = entry
-        if robust:
+        out["robustness"] = {}
+    for i, layer in enumerate(_LAYERS):
+        if "train" in feats and "test" in feats:
+            try:
+                with _threads(1):
+                    lp = linear_probe(feats["train"][i], tr.labels, feats["test"][i], test.labels, num_classes=k,
+                                      weight_decay=args.probe_weight_decay)
+                entry: dict[str, Any] = {"accuracy": lp.test_acc, "train_accuracy": lp.train_acc}
+                if test.has_groups:  # the ERM probe (fitted on cue-biased training data) under the same metrics
+                    m = multi_shortcut_metrics(lp.test_pred, test.labels, test.bg_aligned, test.coobj_aligned,
+                                               train_ratio=splits.cue_agreement or 0.95)
+                    entry["shortcut_metrics"] = {key: m[key] for key in _ROBUST_KEYS}
+                out["linear_probe"][layer] = entry
+            except Exception as e:
+                skip(f"linear_probe.{layer}", e)
+        else:
+            skip(f"linear_probe.{layer}", "no features (see above)")
+        if not robust:
+            continue
+        if "val" not in feats or "test" not in feats:
+            skip(f"robustness.{layer}", "no features (see above)")
+            continue
+        try:
             val = splits.val
             groups = group_ids(val.labels, val.bg_aligned, val.coobj_aligned)
             with _threads(1):
@@ -493,8 +791,8 @@ def evaluate(model: ContrastiveModel, splits: DatasetSplits, aug: BatchAugment, 
             m = multi_shortcut_metrics(dfr.test_pred, test.labels, test.bg_aligned, test.coobj_aligned,
                                        train_ratio=splits.cue_agreement or 0.95)
             out["robustness"][layer] = {**{key: m[key] for key in _ROBUST_KEYS}, "test_accuracy": dfr.test_acc}
-    if not robust:
-        del out["robustness"]
+        except Exception as e:
+            skip(f"robustness.{layer}", e)
     return out
 
 
@@ -503,16 +801,16 @@ def quick_probe(model: ContrastiveModel, splits: DatasetSplits, aug: BatchAugmen
     """A cheap linear probe (``n`` training and ``n`` test images, 100 L-BFGS iterations) of h and z."""
     tr = splits.train.subset(_cap(len(splits.train), n, args.seed))
     te = splits.test.subset(_cap(len(splits.test), n, args.seed + 1))
-    ftr = embed(model, tr.images, aug, device, args.eval_batch_size, amp)
-    fte = embed(model, te.images, aug, device, args.eval_batch_size, amp)
+    ftr = embed(model, tr, aug, device, args.eval_batch_size, amp, args.workers)
+    fte = embed(model, te, aug, device, args.eval_batch_size, amp, args.workers)
     with _threads(1):
         return {layer: linear_probe(ftr[i], tr.labels, fte[i], te.labels, num_classes=splits.num_classes,
                                     weight_decay=args.probe_weight_decay, max_iter=100).test_acc
-                for i, layer in enumerate(("pre_projection", "post_projection"))}
+                for i, layer in enumerate(_LAYERS)}
 
 
 # --------------------------------------------------------------------------------------------------
-# Main
+# The run, stage by stage
 # --------------------------------------------------------------------------------------------------
 
 
@@ -535,229 +833,417 @@ def _log(d: Dist, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check_args(args, parser)
-    threads = torch.get_num_threads()
-    d = setup_distributed(args.device, args.threads)
-    try:
-        return _run(args, d)
-    except (DatasetNotFoundError, MissingDependencyError) as e:  # missing data or Pillow: say what to do, no traceback
-        print(f"fastcl-pretrain: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(threads)
-        if d.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+@dataclass
+class Run:
+    """What the stages of one run share; each stage fills in its part."""
+
+    args: argparse.Namespace
+    d: Dist
+    wall_start: float
+    # data
+    splits: Any = None
+    batches: Any = None
+    aug: Any = None
+    steps_per_epoch: int = 0
+    # model and optimisation
+    model: Any = None
+    net: Any = None
+    criterion: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    generators: dict[str, torch.Generator] = field(default_factory=dict)
+    amp: bool = False
+    # progress (what the checkpoint holds)
+    epoch: int = 0  # completed epochs
+    epoch_step: int = 0  # steps done in the epoch in progress
+    epoch_loss_sum: float = 0.0
+    global_step: int = 0
+    train_time: float = 0.0
+    resumed: bool = False
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics_file: Any = None
+
+    @property
+    def out_dir(self) -> str:
+        return self.args.out
+
+    @property
+    def local_batch(self) -> int:
+        return self.args.batch_size // self.d.world_size
+
+    @property
+    def micro(self) -> int:
+        return self.args.micro_batch_size or self.local_batch
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.args.epochs
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out_dir, name)
+
+    def log_record(self, rec: dict[str, Any]) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(rec) + "\n")
+            self.metrics_file.flush()
 
 
-def _run(args: argparse.Namespace, d: Dist) -> int:
-    wall_start = time.perf_counter()
-    device = d.device
-    amp = device.type == "cuda" and not args.fp32
+def prepare_output(args: argparse.Namespace, d: Dist) -> Run:
+    """Stage 1: resolve the defaults that depend on other arguments and clear ``--out`` as asked
+    (``--overwrite``: the earlier run's files; always: temporaries left by killed processes)."""
+    run = Run(args, d, time.perf_counter())
+    if args.lr is None:
+        args.lr = BASE_LR[args.optimizer] * args.batch_size / 256
+    if args.crop_scale is None:
+        args.crop_scale = 0.5 if args.dataset == "spurious-cues" else 0.2
+    run.amp = d.device.type == "cuda" and not args.fp32
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
-    if args.batch_size % d.world_size:
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {d.world_size} processes")
-    local_batch = args.batch_size // d.world_size
-    micro = args.micro_batch_size or local_batch
-    if args.lr is None:
-        args.lr = BASE_LR[args.optimizer] * args.batch_size / 256
-    if args.crop_scale is None:
-        args.crop_scale = 0.5 if args.dataset == "spurious-cues" else 0.2
-    out_dir = args.out
     if d.main:
-        os.makedirs(out_dir, exist_ok=True)
+        os.makedirs(args.out, exist_ok=True)
+        if args.overwrite:
+            gone = _run_files(args.out)
+            for name in gone:
+                os.remove(run.path(name))
+            if gone:
+                _log(d, f"--overwrite: deleted {', '.join(gone)} from {args.out}")
+        stale = remove_stale_temporaries(args.out)
+        if stale:
+            _log(d, f"removed {len(stale)} temporary file(s) left by an interrupted write: {', '.join(stale)}")
     d.barrier()
-    ckpt_path = os.path.join(out_dir, CHECKPOINT)
-    metrics_path = os.path.join(out_dir, METRICS)
+    return run
 
-    # ---- data
+
+def load_data(run: Run) -> None:
+    """Stage 2: the splits (in memory, or file lists with ``--stream``), this rank's batches and the
+    augmentation."""
+    args, d = run.args, run.d
     t0 = time.perf_counter()
-    splits = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed, image_size=args.image_size,
-                          classes=args.classes, train_samples=args.train_samples, val_samples=args.val_samples,
-                          test_samples=args.test_samples, cue_agreement=args.cue_agreement)
+    try:
+        if args.stream:
+            run.splits = load_streaming(args.dataset, data_dir=args.data_dir, image_size=args.image_size,
+                                        train_samples=args.train_samples, seed=args.seed)
+        else:
+            run.splits = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed,
+                                      image_size=args.image_size, classes=args.classes,
+                                      train_samples=args.train_samples, val_samples=args.val_samples,
+                                      test_samples=args.test_samples, cue_agreement=args.cue_agreement)
+    except ValueError as e:  # arguments the dataset cannot honour
+        raise ConfigError(f"--dataset {args.dataset}: {e}") from None
+    splits = run.splits
     if args.image_size is None:
         args.image_size = splits.image_size
     n_train = len(splits.train)
-    steps_per_epoch = n_train // args.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"--batch-size {args.batch_size} is larger than the training set ({n_train} images)")
-    total_steps = steps_per_epoch * args.epochs
-    aug = BatchAugment(AugmentConfig(crop_scale=(args.crop_scale, 1.0)), splits.mean, splits.std)
-    train_images = splits.train.images.to(device)
-    train_labels = splits.train.labels.to(device)
+    if n_train < args.batch_size:
+        raise ConfigError(f"--batch-size {args.batch_size} is larger than the training set ({n_train} images)")
+    sampler = EpochBatchSampler(n_train, args.batch_size, rank=d.rank, world_size=d.world_size, seed=args.seed)
+    run.steps_per_epoch = sampler.steps_per_epoch
+    if args.stream:
+        run.batches = StreamingBatches(splits.train, sampler, d.device, workers=args.workers,
+                                       prefetch=args.prefetch, seed=args.seed)
+    else:
+        run.batches = InMemoryBatches(splits.train, sampler, d.device)
+    run.aug = BatchAugment(AugmentConfig(crop_scale=(args.crop_scale, 1.0)), splits.mean, splits.std)
+    source = f"streamed by {args.workers} worker(s)" if args.stream else "in memory"
     _log(d,
          f"fastcl-pretrain: {args.dataset} ({n_train} train, {len(splits.test)} test"
          f"{'' if splits.val is None else f', {len(splits.val)} val'}; {splits.num_classes} classes, "
-         f"{splits.image_size}px; ready in {time.perf_counter() - t0:.1f}s), {args.loss} loss, {args.encoder} + "
-         f"{args.head} head, batch {args.batch_size}"
-         f"{f' (micro {micro})' if micro < local_batch else ''} x {args.epochs} epochs = {total_steps} steps, "
-         f"{args.optimizer} lr {args.lr:g}, {d.world_size} process(es) on {_device_name(device)}")
+         f"{splits.image_size}px, {source}; ready in {time.perf_counter() - t0:.1f}s), {args.loss} loss, "
+         f"{args.encoder} + {args.head} head, batch {args.batch_size}"
+         f"{f' (micro {run.micro})' if run.micro < run.local_batch else ''} x {args.epochs} epochs = "
+         f"{run.total_steps} steps, {args.optimizer} lr {args.lr:g}, {d.world_size} process(es) on "
+         f"{_device_name(d.device)}")
 
-    # ---- model, optimisation
+
+def build_training(run: Run) -> None:
+    """Stage 3: model, loss, optimiser, schedule and random generators; refuses BatchNorm on micro-batches too
+    small for meaningful statistics and warns when they are per micro-batch at all."""
+    args, d = run.args, run.d
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    model = build_model(args, splits.channels).to(device)
-    criterion = build_criterion(args, d.world_size)
-    optimizer = build_optimizer(args.optimizer, model, args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, eta=args.lars_eta)
-    scheduler = cosine_with_warmup(optimizer, total_steps, round(args.warmup_epochs * steps_per_epoch))
-    gens = {"data": torch.Generator().manual_seed(args.seed), "augment": torch.Generator().manual_seed(args.seed + 1)}
+    run.model = build_model(args, run.splits.channels).to(d.device)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in run.model.modules())
+    smallest = min(e - s for s, e in micro_batches(run.local_batch, run.micro))
+    if has_bn and smallest < MIN_BATCHNORM_ROWS:
+        unit = "micro-batch" if run.micro < run.local_batch else f"process (batch {args.batch_size} / {d.world_size})"
+        raise ConfigError(
+            f"BatchNorm statistics would come from {smallest} sample(s) per {unit}, too few to mean anything: use "
+            f"--micro-batch-size >= {MIN_BATCHNORM_ROWS} (dividing the per-process batch {run.local_batch})"
+            f"{' or --no-batchnorm' if args.encoder == 'convnet' else ''}")
+    if has_bn and run.micro < run.local_batch:
+        _log(d, f"warning: BatchNorm statistics are computed per micro-batch of {run.micro} samples "
+                f"({2 * run.micro} views), not over the batch of {run.local_batch}: the step differs from a "
+                f"full-batch step (--no-batchnorm makes GradCache steps exact)")
+    run.criterion = build_criterion(args, d.world_size)
+    run.optimizer = build_optimizer(args.optimizer, run.model, args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay, eta=args.lars_eta)
+    run.scheduler = cosine_with_warmup(run.optimizer, run.total_steps,
+                                       round(args.warmup_epochs * run.steps_per_epoch))
+    run.generators = {"augment": torch.Generator().manual_seed(args.seed + 1)}
     torch.manual_seed(args.seed * 1000 + d.rank)  # dropout etc.: a different stream per rank
-    start_epoch, global_step, train_time = 0, 0, 0.0
+    run.net = run.model
+    if d.enabled:
+        ids = [d.device.index] if d.device.type == "cuda" else None
+        run.net = nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
 
-    config = _training_config(args)
-    resumed = False
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        diff = {k: (ckpt["config"].get(k), v) for k, v in config.items() if ckpt["config"].get(k) != v}
+
+def restore_checkpoint(run: Run) -> None:
+    """Stage 4: with ``--resume``, the state of ``OUT/checkpoint.pt``; then the metrics the checkpoint covers
+    are kept (the rest is redone), ``config.json`` written and the earlier summary and plots removed."""
+    args, d = run.args, run.d
+    run.config = _training_config(args)
+    found = load_checkpoint(run.out_dir) if args.resume else None
+    if found is not None:
+        ckpt, path = found
+        diff = {k: (ckpt["config"].get(k), v) for k, v in run.config.items() if ckpt["config"].get(k) != v}
         if diff:
-            raise SystemExit(f"--resume: {ckpt_path} was written with different training arguments "
-                             f"(checkpoint, now): {diff}; use the same arguments or another --out")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+            raise ConfigError(f"--resume: {path} was written with different training arguments "
+                              f"(checkpoint, now): {diff}; use the same arguments or another --out")
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
         rngs = ckpt["rng"]
-        _rng_restore(rngs[d.rank] if d.rank < len(rngs) else rngs[0], device, gens)
-        start_epoch, global_step, train_time = ckpt["epoch"], ckpt["step"], ckpt["train_time_s"]
-        resumed = True
-        _log(d, f"resumed from {ckpt_path}: {start_epoch}/{args.epochs} epochs done, step {global_step}")
+        _rng_restore(rngs[d.rank] if d.rank < len(rngs) else rngs[0], d.device, run.generators)
+        run.epoch, run.epoch_step, run.global_step = ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]
+        run.train_time, run.epoch_loss_sum = ckpt["train_time_s"], ckpt.get("epoch_loss_sum", 0.0)
+        run.resumed = True
+        _log(d, f"resumed from {path}: {run.epoch}/{args.epochs} epochs done"
+                f"{f' and {run.epoch_step} steps of the next' if run.epoch_step else ''}, step {run.global_step}")
         del ckpt
     elif args.resume:
-        _log(d, f"--resume: no checkpoint in {out_dir} yet, starting from scratch")
-    if d.main:  # metrics of the epochs the checkpoint covers survive; the rest is redone
-        kept = [r for r in _read_metrics(metrics_path)
-                if resumed and r.get("type") in ("step", "epoch", "probe") and r.get("epoch", 1e9) <= start_epoch]
-        _atomic_write(metrics_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(vars(args) | {"world_size": d.world_size}, f, indent=2, default=list)
-    metrics_file = open(metrics_path, "a") if d.main else None
+        _log(d, f"--resume: no checkpoint in {run.out_dir} yet, starting from scratch")
+    if d.main:
+        kept = [r for r in _read_metrics(run.path(METRICS))
+                if run.resumed and r.get("type") in ("step", "epoch", "probe") and r.get("step", 1e18) <= run.global_step]
+        _atomic_write(run.path(METRICS), lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+        _atomic_write(run.path(CONFIG), lambda f: f.write(
+            json.dumps(vars(args) | {"world_size": d.world_size}, indent=2, default=list).encode()))
+        for name in (SUMMARY, "loss.png", "probe.png"):  # they described the run before this one's end
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(run.path(name))
+        run.metrics_file = open(run.path(METRICS), "a")
 
-    def log_record(rec: dict[str, Any]) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(rec) + "\n")
-            metrics_file.flush()
 
-    net: nn.Module = model
-    if d.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+def train_step(run: Run, images: Tensor, labels: Tensor) -> float:
+    """One optimisation step on this rank's rows of a global batch; returns the (global) loss."""
+    args, device = run.args, run.d.device
+    lo, hi = run.d.rank * run.local_batch, (run.d.rank + 1) * run.local_batch
+    p1 = run.aug.sample(args.batch_size, run.generators["augment"])[lo:hi].to(device)
+    p2 = run.aug.sample(args.batch_size, run.generators["augment"])[lo:hi].to(device)
+
+    def encode(s: int, e: int) -> Tensor:
+        x = images[s:e]
+        views = torch.cat([run.aug.apply(x, p1[s:e]), run.aug.apply(x, p2[s:e])])
+        with _autocast(device, run.amp):
+            _, z = run.net(views)
+        z = z.float()
+        return torch.stack([z[: e - s], z[e - s:]], dim=1)  # [m, 2, D]
+
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = cached_backward(encode, run.local_batch, run.micro, lambda z: _loss_on(run.criterion, args.loss, z, labels),
+                           model=run.model, no_sync=run.net.no_sync if run.d.enabled else None)
+    run.optimizer.step()
+    run.scheduler.step()
+    if run.d.enabled:
+        dist.all_reduce(loss)
+        loss /= run.d.world_size
+    value = float(loss)
+    if not math.isfinite(value):
+        raise RunError(f"the loss is {value} at step {run.global_step + 1}: training diverged; lower --lr "
+                       f"(now {args.lr:g}) or raise --temperature (the last checkpoint is the one before)")
+    return value
+
+
+def write_checkpoint(run: Run) -> None:
+    """The state after ``run.global_step`` steps (all ranks' RNG states; written by rank 0)."""
+    rngs = _gather_objects(_rng_snapshot(run.d.device, run.generators), run.d)
+    if run.d.main:
+        save_checkpoint(run.path(CHECKPOINT), {
+            "version": CHECKPOINT_VERSION, "epoch": run.epoch, "epoch_step": run.epoch_step,
+            "step": run.global_step, "epoch_loss_sum": run.epoch_loss_sum, "train_time_s": run.train_time,
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "rng": rngs, "config": run.config,
+            "fastcl": str(fastcl.__version__), "torch": str(torch.__version__),
+        })
+    run.d.barrier()
+
+
+def train(run: Run) -> None:
+    """Stage 5: the remaining epochs; a checkpoint after each one (and every ``--checkpoint-every`` steps)."""
+    args, d = run.args, run.d
     probe_every = args.probe_every if args.probe_every >= 0 else max(1, args.epochs // 5)
-
-    # ---- training
-    bar = ProgressBar((args.epochs - start_epoch) * steps_per_epoch, enabled=d.main and not args.quiet)
-    lo, hi = d.rank * local_batch, (d.rank + 1) * local_batch
-    for epoch in range(start_epoch, args.epochs):
-        net.train()
-        epoch_start = time.perf_counter()
-        perm = torch.randperm(n_train, generator=gens["data"])
-        loss_sum = 0.0
-        for it in range(steps_per_epoch):
-            step_start = time.perf_counter()
-            idx = perm[it * args.batch_size:(it + 1) * args.batch_size][lo:hi].to(device)
-            p1 = aug.sample(args.batch_size, gens["augment"])[lo:hi].to(device)
-            p2 = aug.sample(args.batch_size, gens["augment"])[lo:hi].to(device)
-            xb, yb = train_images[idx], train_labels[idx]
-
-            def encode(s: int, e: int) -> Tensor:
-                x = xb[s:e]
-                views = torch.cat([aug.apply(x, p1[s:e]), aug.apply(x, p2[s:e])])
-                with _autocast(device, amp):
-                    _, z = net(views)
-                z = z.float()
-                return torch.stack([z[: e - s], z[e - s:]], dim=1)  # [m, 2, D]
-
-            optimizer.zero_grad(set_to_none=True)
-            loss = cached_backward(encode, local_batch, micro, lambda z: _loss_on(criterion, args.loss, z, yb),
-                                   model=model, no_sync=net.no_sync if d.enabled else None)
-            optimizer.step()
-            scheduler.step()
-            global_step += 1
-            if d.enabled:
-                dist.all_reduce(loss)
-                loss /= d.world_size
-            loss_val = float(loss)
-            if not math.isfinite(loss_val):
-                raise SystemExit(f"loss is {loss_val} at step {global_step}: lower --lr or raise --temperature")
-            loss_sum += loss_val
-            dt = time.perf_counter() - step_start
-            log_record({"type": "step", "epoch": epoch + 1, "step": global_step, "loss": loss_val,
-                        "lr": optimizer.param_groups[0]["lr"], "samples_per_s": args.batch_size / dt})
-            bar.update(args.batch_size, f"epoch {epoch + 1}/{args.epochs}", loss=loss_val)
-            if args.crash_after_steps and global_step >= args.crash_after_steps:
+    remaining = (args.epochs - run.epoch) * run.steps_per_epoch - run.epoch_step
+    bar = ProgressBar(remaining, enabled=d.main and not args.quiet)
+    for epoch in range(run.epoch, args.epochs):
+        run.net.train()
+        epoch_start = last = time.perf_counter()
+        for images, labels in run.batches.epoch(epoch, run.epoch_step):
+            loss = train_step(run, images, labels)
+            run.global_step += 1
+            run.epoch_step += 1
+            run.epoch_loss_sum += loss
+            now = time.perf_counter()
+            run.log_record({"type": "step", "epoch": epoch + 1, "step": run.global_step, "loss": loss,
+                            "lr": run.optimizer.param_groups[0]["lr"], "samples_per_s": args.batch_size / (now - last)})
+            bar.update(args.batch_size, f"epoch {epoch + 1}/{args.epochs}", loss=loss)
+            if (args.checkpoint_every and run.global_step % args.checkpoint_every == 0
+                    and run.epoch_step < run.steps_per_epoch):
+                run.train_time += now - epoch_start
+                epoch_start = now
+                write_checkpoint(run)
+            if args.crash_after_steps and run.global_step >= args.crash_after_steps:
                 sys.stderr.flush()
                 os._exit(137)  # test hook: die like kill -9
-        train_time += time.perf_counter() - epoch_start
-        log_record({"type": "epoch", "epoch": epoch + 1, "step": global_step, "loss": loss_sum / steps_per_epoch,
-                    "epoch_time_s": time.perf_counter() - epoch_start})
-        if probe_every and ((epoch + 1) % probe_every == 0 or epoch + 1 == args.epochs) and d.main:
-            acc = quick_probe(model, splits, aug, device, args, amp)
-            log_record({"type": "probe", "epoch": epoch + 1, "step": global_step, **acc})
-        rngs = _gather_objects(_rng_snapshot(device, gens), d)
-        if d.main:
-            save_checkpoint(ckpt_path, {
-                "version": 1, "epoch": epoch + 1, "step": global_step, "train_time_s": train_time,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rngs, "config": config,
-                "fastcl": str(fastcl.__version__), "torch": str(torch.__version__),
-            })
-        d.barrier()
-    if metrics_file is not None:
-        metrics_file.close()
+            last = time.perf_counter()
+        run.train_time += time.perf_counter() - epoch_start
+        run.log_record({"type": "epoch", "epoch": epoch + 1, "step": run.global_step,
+                        "loss": run.epoch_loss_sum / run.steps_per_epoch,
+                        "epoch_time_s": time.perf_counter() - epoch_start})
+        run.epoch, run.epoch_step, run.epoch_loss_sum = epoch + 1, 0, 0.0
+        if probe_every and (run.epoch % probe_every == 0 or run.epoch == args.epochs) and d.main:
+            try:
+                acc: dict[str, Any] = quick_probe(run.model, run.splits, run.aug, d.device, args, run.amp)
+            except Exception as e:  # e.g. features that are not finite: record it, keep training
+                acc = {"error": _why(e)}
+            run.log_record({"type": "probe", "epoch": run.epoch, "step": run.global_step, **acc})
+        write_checkpoint(run)
 
-    # ---- evaluation (rank 0)
-    if d.main:
-        if not args.quiet:
-            print(f"training done ({train_time:.0f}s); evaluating h and z ...", file=sys.stderr, flush=True)
-        t_eval = time.perf_counter()
-        results = evaluate(model, splits, aug, device, args, amp)
-        records = _read_metrics(metrics_path)
-        epochs = [r for r in records if r.get("type") == "epoch"]
-        summary = {
-            **results,
-            "final_loss": epochs[-1]["loss"] if epochs else None,
-            "config": vars(args) | {"world_size": d.world_size, "local_batch_size": local_batch,
-                                    "micro_batch_size_used": micro, "steps": total_steps},
-            "dataset": splits.info | {"name": splits.name, "num_classes": splits.num_classes},
-            "versions": {"fastcl": str(fastcl.__version__), "torch": str(torch.__version__),
-                         "python": platform.python_version()},
-            "device": _device_name(device),
-            "world_size": d.world_size,
-            "wall_time_s": round(time.perf_counter() - wall_start, 2),
-            "train_time_s": round(train_time, 2),
-            "eval_time_s": round(time.perf_counter() - t_eval, 2),
-            "resumed": resumed,
-            "peak_memory": _peak_memory_mb(device),
-        }
-        _atomic_write(os.path.join(out_dir, SUMMARY),
-                      lambda f: f.write(json.dumps(summary, indent=2, default=list).encode()))
-        if not args.no_plots:
+
+def evaluate_run(run: Run) -> dict[str, Any]:
+    """Stage 6 (rank 0): :func:`evaluate`, every failure recorded in ``not_evaluated``."""
+    if not run.args.quiet:
+        print(f"training done ({run.train_time:.0f}s); evaluating h and z ...", file=sys.stderr, flush=True)
+    t_eval = time.perf_counter()
+    try:
+        results = evaluate(run.model, run.splits, run.aug, run.d.device, run.args, run.amp)
+    except Exception as e:
+        results = {"linear_probe": {}, "not_evaluated": [{"what": "everything", "why": _why(e)}]}
+    results["eval_time_s"] = round(time.perf_counter() - t_eval, 2)
+    return results
+
+
+def report(run: Run, results: dict[str, Any], training_error: str | None = None) -> None:
+    """Stage 7 (rank 0): ``summary.json`` (also when training or evaluation failed: it says what was not
+    evaluated and why), the plots and the printed summary."""
+    args, d = run.args, run.d
+    records = _read_metrics(run.path(METRICS))
+    epochs = [r for r in records if r.get("type") == "epoch"]
+    summary = {
+        **results,
+        "training": {"completed": training_error is None, "epochs_done": run.epoch, "steps_done": run.global_step,
+                     **({"error": training_error} if training_error else {})},
+        "final_loss": epochs[-1]["loss"] if epochs else None,
+        "config": vars(args) | {"world_size": d.world_size, "local_batch_size": run.local_batch,
+                                "micro_batch_size_used": run.micro, "steps": run.total_steps},
+        "dataset": run.splits.info | {"name": run.splits.name, "num_classes": run.splits.num_classes},
+        "versions": {"fastcl": str(fastcl.__version__), "torch": str(torch.__version__),
+                     "python": platform.python_version()},
+        "device": _device_name(d.device),
+        "world_size": d.world_size,
+        "wall_time_s": round(time.perf_counter() - run.wall_start, 2),
+        "train_time_s": round(run.train_time, 2),
+        "resumed": run.resumed,
+        "checkpoint": run.path(CHECKPOINT) if os.path.exists(run.path(CHECKPOINT)) else None,
+        "peak_memory": _peak_memory_mb(d.device),
+    }
+    if not args.no_plots and training_error is None:
+        try:
             from fastcl.train import plots
 
             title = f"{args.dataset}, {args.loss}, head={args.head}, seed {args.seed}"
-            if plots.plot_loss(records, os.path.join(out_dir, "loss.png"), title=title):
-                plots.plot_probe(records, summary, os.path.join(out_dir, "probe.png"), title=title)
-        _print_summary(summary, out_dir)
-    # the other ranks leave without waiting: no collective is pending, and a long evaluation on rank 0 must not
-    # run into the process group's timeout
-    return 0
+            if plots.plot_loss(records, run.path("loss.png"), title=title):
+                plots.plot_probe(records, summary, run.path("probe.png"), title=title)
+        except Exception as e:
+            summary["not_evaluated"].append({"what": "plots", "why": _why(e)})
+    _atomic_write(run.path(SUMMARY), lambda f: f.write(json.dumps(summary, indent=2, default=list).encode()))
+    _print_summary(summary, run.out_dir)
 
 
 def _print_summary(summary: dict[str, Any], out_dir: str) -> None:
-    lp = summary["linear_probe"]
-    print(f"linear probe accuracy: pre-projection h {lp['pre_projection']['accuracy']:.4f}, "
-          f"post-projection z {lp['post_projection']['accuracy']:.4f}")
+    lp = summary.get("linear_probe", {})
+    if lp:
+        print("linear probe accuracy: " + ", ".join(
+            f"{name} {lp[layer]['accuracy']:.4f}" for layer, name in zip(_LAYERS, ("pre-projection h",
+                                                                                 "post-projection z"))
+            if layer in lp))
     rob = summary.get("robustness")
     if rob:
         print("DFR (group-balanced last layer) on the cue-balanced test set:")
         print(f"  {'':16s}" + "".join(f"{k:>16s}" for k in _ROBUST_KEYS[:5]))
-        for layer in ("pre_projection", "post_projection"):
-            print(f"  {layer:16s}" + "".join(f"{rob[layer][k]:16.4f}" for k in _ROBUST_KEYS[:5]))
+        for layer in _LAYERS:
+            if layer in rob:
+                print(f"  {layer:16s}" + "".join(f"{rob[layer][k]:16.4f}" for k in _ROBUST_KEYS[:5]))
+    for item in summary.get("not_evaluated", []):
+        print(f"not evaluated: {item['what']}: {item['why']}")
     print(f"wall time {summary['wall_time_s']:.0f}s; results in {os.path.join(out_dir, SUMMARY)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace, d: Dist) -> int:
+    run = prepare_output(args, d)
+    load_data(run)
+    build_training(run)
+    restore_checkpoint(run)
+    try:
+        train(run)
+    except RunError as e:
+        if d.main:  # the last checkpoint stays; the summary says why nothing was evaluated
+            report(run, {"linear_probe": {}, "not_evaluated": [{"what": "everything", "why": "training stopped"}]},
+                   training_error=str(e))
+        raise
+    finally:
+        if run.metrics_file is not None:
+            run.metrics_file.close()
+    # the other ranks leave without waiting: no collective is pending, and a long evaluation on rank 0 must not
+    # run into the process group's timeout
+    if not d.main:
+        return 0
+    results = evaluate_run(run)
+    report(run, results)
+    missing = results["not_evaluated"]
+    if missing:
+        print(f"fastcl-pretrain: error: not everything was evaluated ({missing[0]['what']}: {missing[0]['why']}"
+              f"{f'; {len(missing) - 1} more' if len(missing) > 1 else ''}); the trained model is in "
+              f"{run.path(CHECKPOINT)}, details in {run.path(SUMMARY)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fastcl-pretrain``: returns the exit status (0; 1 when the run failed; 2 for a configuration error,
+    reported in one line). argparse's own errors raise ``SystemExit(2)``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        check_args(args)
+    except ConfigError as e:
+        if rank0:
+            print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    threads = torch.get_num_threads()
+    d = setup_distributed(args.device, args.threads)
+    try:
+        return _run(args, d)
+    except (ConfigError, DatasetNotFoundError, MissingDependencyError) as e:  # say what to do, no traceback
+        if d.main:
+            print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except RunError as e:
+        if d.main:
+            print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        torch.set_num_threads(threads)
+        if d.enabled and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
