@@ -118,6 +118,19 @@ def test_crash_mid_epoch_then_resume_reaches_the_same_result(tmp_path, reference
     assert_same_result(out, reference_run)
 
 
+def test_mid_epoch_checkpoint_then_resume_reaches_the_same_result(tmp_path, reference_run):
+    """--checkpoint-every 2: a crash after step 6 (2 steps into epoch 2) resumes from step 6, not from step 4."""
+    out = str(tmp_path / "run")
+    crashed = run_cli([*TINY, "--epochs", "3", "--out", out, "--checkpoint-every", "2", "--crash-after-steps", "6"],
+                      check=False)
+    assert crashed.returncode == 137
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (1, 2, 6)
+    resumed = run_cli([*TINY, "--epochs", "3", "--out", out, "--resume"])
+    assert "1/3 epochs done and 2 steps of the next, step 6" in resumed.stderr
+    assert_same_result(out, reference_run)
+
+
 def test_sigkill_then_resume_reaches_the_same_result(tmp_path, reference_run):
     """A real kill -9 as soon as the first checkpoint exists (wherever the run is by then)."""
     out = str(tmp_path / "run")
