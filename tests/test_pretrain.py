@@ -246,3 +246,17 @@ def test_torchrun_two_processes_equal_one_process_without_batchnorm(tmp_path, lo
     l1 = [r["loss"] for r in records(str(tmp_path / "single")) if r["type"] == "step"]
     l2 = [r["loss"] for r in records(str(tmp_path / "ddp")) if r["type"] == "step"]
     assert l2 == pytest.approx(l1, rel=1e-4)
+
+
+def test_library_and_application_are_apart_and_the_documented_entry_points_work():
+    code = ("import sys, fastcl, fastcl.encoders, fastcl.heads, fastcl.eval, fastcl.models\n"
+            "from fastcl import SupConLoss\n"
+            "assert not [m for m in sys.modules if m.startswith('fastcl.train')], 'the library imports the app'\n"
+            "import fastcl.pretrain, fastcl.train.pretrain\n"
+            "assert fastcl.pretrain.main is fastcl.train.pretrain.main\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    help_text = run_cli(["--help"]).stdout
+    assert help_text.startswith("usage: fastcl-pretrain") and "--stream" in help_text and "--overwrite" in help_text
+    with open(os.path.join(REPO, "pyproject.toml")) as f:
+        assert 'fastcl-pretrain = "fastcl.train.pretrain:main"' in f.read()
