@@ -22,12 +22,14 @@ Pillow (``pip install pillow`` or ``pip install fastcl[data]``), which decodes J
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -206,7 +208,9 @@ class ImageFileDataset(Dataset):
                  seed: int = 0) -> None:
         if len(paths) != labels.shape[0]:
             raise ValueError(f"{len(paths)} paths but {labels.shape[0]} labels")
-        self.paths, self.labels = list(paths), labels
+        # one numpy array rather than a list of str objects: worker processes read it without touching (and so
+        # copying) a page per path through reference counts
+        self.paths, self.labels = np.asarray([os.fsdecode(p) for p in paths]), labels
         self.image_size, self.random_crop, self.seed = int(image_size), random_crop, int(seed)
 
     def __len__(self) -> int:
@@ -218,7 +222,7 @@ class ImageFileDataset(Dataset):
         if self.random_crop:
             offset = random.Random((self.seed * 1_000_003 + epoch) * 100_000_007 + i).random()
         try:
-            img = decode_resized(self.paths[i], self.image_size, offset)
+            img = decode_resized(str(self.paths[i]), self.image_size, offset)
         except MissingDependencyError:
             raise
         except Exception as e:
@@ -226,13 +230,9 @@ class ImageFileDataset(Dataset):
         return img, self.labels[i]
 
 
-def _collate(items: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
-
-
 def _loader(dataset: Dataset, *, batch_sampler: Any = None, batch_size: int | None = None, workers: int = 0,
             prefetch: int = 2, pin_memory: bool = False) -> DataLoader:
-    kw: dict[str, Any] = {"num_workers": workers, "collate_fn": _collate, "pin_memory": pin_memory}
+    kw: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory}
     if workers > 0:
         kw |= {"prefetch_factor": prefetch, "persistent_workers": True}
     if batch_sampler is not None:
@@ -318,8 +318,21 @@ class StreamingBatches:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         self.sampler.set_epoch(epoch, start_step)
-        for images, labels in self.loader:
+        for images, labels in _iterate(self.loader):
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def _iterate(loader: DataLoader) -> Iterator[Any]:
+    """``iter(loader)`` with the parent's objects frozen while worker processes are forked: the workers' garbage
+    collector then never walks (and so never copies, page by page) the parent's heap, and their memory stays
+    what they use themselves."""
+    if loader.num_workers == 0:
+        return iter(loader)
+    gc.freeze()
+    try:
+        return iter(loader)
+    finally:
+        gc.unfreeze()
 
 
 def iter_image_batches(images: ImageSet | StreamingImageSet, batch_size: int, *, workers: int = 0,
@@ -331,7 +344,7 @@ def iter_image_batches(images: ImageSet | StreamingImageSet, batch_size: int, *,
             yield images.images[s:s + batch_size]
         return
     loader = _loader(images.dataset(), batch_size=batch_size, workers=workers, prefetch=prefetch)
-    for x, _ in loader:
+    for x, _ in _iterate(loader):
         yield x
 
 
@@ -382,7 +395,7 @@ def _folder_splits(data_dir: str | None, image_size: int, train_samples: int | N
     train = _cap(listing(train_dir), train_samples, 0)
     test = listing(test_dir)
     mean, std = _channel_stats(train)
-    return StreamingSplits("folder", train, test, None, len(classes), mean, std, None, classes,  # type: ignore[arg-type]
+    return StreamingSplits("folder", train, test, None, len(classes), mean, std, None, classes,  # type: ignore
                            {"root": os.path.abspath(data_dir), "image_size": image_size, "streaming": True},
                            size=image_size)
 

@@ -1017,7 +1017,8 @@ def restore_checkpoint(run: Run) -> None:
         _log(d, f"--resume: no checkpoint in {run.out_dir} yet, starting from scratch")
     if d.main:
         kept = [r for r in _read_metrics(run.path(METRICS))
-                if run.resumed and r.get("type") in ("step", "epoch", "probe") and r.get("step", 1e18) <= run.global_step]
+                if run.resumed and r.get("type") in ("step", "epoch", "probe")
+                and r.get("step", 1e18) <= run.global_step]
         _atomic_write(run.path(METRICS), lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
         _atomic_write(run.path(CONFIG), lambda f: f.write(
             json.dumps(vars(args) | {"world_size": d.world_size}, indent=2, default=list).encode()))
