@@ -1,4 +1,4 @@
-"""Issue 12: the watermark cue, the shortcut-breaking augmentations, Last Layer Ensemble fitting and fastcl-shortcuts."""
+"""Issue 12: the watermark cue, shortcut-breaking augmentations, Last Layer Ensemble fitting, fastcl-shortcuts."""
 
 import json
 import math

@@ -799,7 +799,8 @@ def load_dataset(
     """Load (or generate) a dataset by name; see the module docstring.
 
     ``classes``, ``val_samples``, ``test_samples``, ``cue_agreement``, ``seed`` and the ``watermark*`` cue
-    (see :func:`make_spurious_cues`; off by default) only apply to ``spurious-cues``; ``train_samples`` caps the training split (``None``: all, 4096 for spurious-cues);
+    (see :func:`make_spurious_cues`; off by default) only apply to ``spurious-cues``; ``train_samples`` caps the
+    training split (``None``: all, 4096 for spurious-cues);
     ``image_size`` defaults to 32 (spurious-cues, CIFAR is always 32) or 64 (folder, urbancars).
     """
     if name == "spurious-cues":

@@ -290,7 +290,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     ckpt_path = args.checkpoint or _pretrain(args)
     model, cfg = load_checkpoint(ckpt_path, device)
     t_data = time.perf_counter()
-    wm_cfg = dict(watermark=getattr(cfg, "watermark", 0.0), watermark_elsewhere=getattr(cfg, "watermark_elsewhere", 0.02),
+    wm_cfg = dict(watermark=getattr(cfg, "watermark", 0.0),
+                  watermark_elsewhere=getattr(cfg, "watermark_elsewhere", 0.02),
                   watermark_class=getattr(cfg, "watermark_class", 0))
     kw = dict(seed=cfg.seed, classes=cfg.classes, image_size=cfg.image_size or 32, cue_agreement=cfg.cue_agreement)
     train, layers = make_spurious_cues(cfg.train_samples or 4096, split="train", return_layers=True, **kw, **wm_cfg)
