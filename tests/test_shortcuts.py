@@ -322,6 +322,16 @@ def test_cli_end_to_end(tmp_path):
     assert "| lle | z |" in (out / "table.md").read_text()
     assert (out / "gaps.svg").read_text().startswith("<svg")
 
+    # a second run in the same directory reuses the finished pretraining and gives the same numbers
+    ckpt_time = os.path.getmtime(out / "pretrain" / "checkpoint.pt")
+    assert shortcuts.main(["--out", str(out), "--pretrain-args", TINY, "--quiet", "--max-iter", "50"]) == 0
+    assert os.path.getmtime(out / "pretrain" / "checkpoint.pt") == ckpt_time
+    again = json.loads((out / "summary.json").read_text())["methods"]
+    for method in shortcuts.METHODS:
+        for rep, entry in summary["methods"][method].items():
+            assert {k: again[method][rep][k] for k in shortcuts.METRIC_KEYS} == {
+                k: entry[k] for k in shortcuts.METRIC_KEYS}, (method, rep)
+
     # from the checkpoint, co-object removal, a second study; then the aggregate of the two
     out2 = tmp_path / "study2"
     ckpt = out / "pretrain" / "checkpoint.pt"

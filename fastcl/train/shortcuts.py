@@ -13,7 +13,8 @@ representation of a contrastive model, the encoder output ``h`` or the projectio
 ICLR 2024), gives these last-layer methods the most to work with.
 
 It takes a ``fastcl-pretrain`` checkpoint of the ``spurious-cues`` data (without ``--checkpoint`` it first trains the
-default job with the watermark cue on, ``--watermark 0.9``, into ``OUT/pretrain``), freezes it and regenerates the
+default job with the watermark cue on, ``--watermark 0.9``, into ``OUT/pretrain``, or reuses a finished one there),
+freezes it and regenerates the
 data with the generator's layers. Four shifts of the training set are built with
 :mod:`fastcl.train.shortcut_augment`: the original images, background swapped, co-object swapped (or removed) and
 watermarked. The swaps draw the new cue uniformly over all classes (``p = (K - 1) / K`` of the samples get another
@@ -168,6 +169,10 @@ def _pretrain(args: argparse.Namespace) -> str:
     from fastcl.train import pretrain
 
     out = os.path.join(args.out, "pretrain")
+    ckpt = os.path.join(out, pretrain.CHECKPOINT)
+    if os.path.isfile(os.path.join(out, "summary.json")) and os.path.isfile(ckpt):
+        _log(args, f"fastcl-shortcuts: reusing the finished pretraining in {out} (delete it to train again)")
+        return ckpt
     argv = ["--watermark", "0.9", "--seed", str(args.seed), "--out", out, "--no-plots", "--device", args.device]
     argv += shlex.split(args.pretrain_args)
     if args.quiet:
@@ -176,7 +181,7 @@ def _pretrain(args: argparse.Namespace) -> str:
     rc = pretrain.main(argv)
     if rc:
         raise ValueError(f"the pretraining failed (exit status {rc})")
-    return os.path.join(out, pretrain.CHECKPOINT)
+    return ckpt
 
 
 def load_checkpoint(path: str, device: torch.device) -> tuple[torch.nn.Module, argparse.Namespace]:
