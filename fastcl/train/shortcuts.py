@@ -37,6 +37,7 @@ class). ``OUT/`` gets ``summary.json``, ``metrics.jsonl`` (one record per method
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -239,16 +240,15 @@ def _score(logits_clean: Tensor, logits_marked: Tensor, test: ImageSet, train_ra
     return out
 
 
+@contextlib.contextmanager
 def _single_thread():
-    class _Ctx:
-        def __enter__(self):
-            self.before = torch.get_num_threads()
-            torch.set_num_threads(1)  # small full-batch fits: more threads cost more than they save on a shared CPU
-
-        def __exit__(self, *exc):
-            torch.set_num_threads(self.before)
-
-    return _Ctx()
+    """Small full-batch fits: on a shared CPU more threads cost more than they save."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def fit_and_score(feats: dict[str, Tensor], labels: dict[str, Tensor], test_clean: Tensor, test_marked: Tensor,
