@@ -8,6 +8,9 @@
   :func:`fastcl.models.collect_representations`.
 * :func:`multi_shortcut_metrics`: I.D. accuracy, BG / CoObj / BG+CoObj gaps and worst-group
   accuracy of UrbanCars (Li et al., "A Whac-A-Mole Dilemma", CVPR 2023).
+* :func:`watermark_metrics`: ImageNet-W's accuracy gap and prediction shift under a watermark.
+* :func:`fit_last_layer_ensemble`: Last Layer Ensemble (one head per distribution shift and a shift
+  predictor) fitted on frozen features.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from torch import Tensor
 
 __all__ = [
     "LinearProbeResult",
+    "fit_last_layer_ensemble",
     "group_balanced_linear_probe",
     "group_ids",
     "linear_probe",
     "linear_probe_layers",
     "multi_shortcut_metrics",
+    "watermark_metrics",
 ]
 
 
@@ -454,3 +459,142 @@ def multi_shortcut_metrics(
     out["both_gap"] = out["acc_both_conflict"] - id_acc
     out["worst_group_acc"] = float("nan") if any_empty else min(cell_accs)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Watermark metrics (ImageNet-W) and Last Layer Ensemble fitting
+# --------------------------------------------------------------------------------------------------
+
+
+def watermark_metrics(pred_clean: Tensor, pred_marked: Tensor, y: Tensor, watermark_class: int) -> dict[str, float]:
+    """ImageNet-W's two quantities (Li et al., CVPR 2023) for one test set seen clean and with a watermark.
+
+    Every test image is classified twice: as it is (``pred_clean``) and with the watermark inserted
+    (``pred_marked``). All values are fractions in ``[0, 1]`` or differences of them:
+
+    * ``wm_clean_acc``, ``wm_acc``: accuracy on the clean and on the watermarked images;
+    * ``wm_gap = wm_acc - wm_clean_acc`` (ImageNet-W's "IN-W gap"): negative when the watermark costs accuracy;
+    * ``wm_shift``: share of predictions that are ``watermark_class`` on the watermarked images minus that share on
+      the clean ones (ImageNet-W's "carton gap"): positive when the watermark pulls predictions to its class.
+
+    Args:
+        pred_clean, pred_marked: ``[N]`` predicted labels or ``[N, C]`` logits (argmax is taken).
+        y: ``[N]`` true labels.
+        watermark_class: the class the watermark co-occurs with in training.
+
+    Returns:
+        Dict of Python floats with the keys above.
+    """
+    preds = []
+    for name, p in (("pred_clean", pred_clean), ("pred_marked", pred_marked)):
+        p = _as_tensor(p, name)
+        if p.ndim == 2:
+            p = p.argmax(dim=1)
+        if p.ndim != 1 or p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
+            raise ValueError(f"{name} must be [N] integer labels or [N, C] logits, got {p.dtype} {tuple(p.shape)}")
+        preds.append(p)
+    if preds[0].shape != preds[1].shape:
+        raise ValueError(f"pred_clean and pred_marked must have the same shape, got {tuple(preds[0].shape)} and "
+                         f"{tuple(preds[1].shape)}")
+    n = preds[0].shape[0]
+    if n == 0:
+        raise ValueError("watermark_metrics needs at least one sample")
+    y = _labels(y, n, "y").to(preds[0].device)
+    if isinstance(watermark_class, bool) or not isinstance(watermark_class, int) or watermark_class < 0:
+        raise ValueError(f"watermark_class must be a non-negative int, got {watermark_class!r}")
+    clean, marked = preds[0], preds[1].to(preds[0].device)
+    out = {"wm_clean_acc": _accuracy(clean, y), "wm_acc": _accuracy(marked, y)}
+    out["wm_gap"] = out["wm_acc"] - out["wm_clean_acc"]
+    out["wm_shift"] = float((marked == watermark_class).double().mean() - (clean == watermark_class).double().mean())
+    return out
+
+
+def fit_last_layer_ensemble(
+    feats: Tensor,
+    y: Tensor,
+    shifts: Tensor,
+    num_shifts: int,
+    *,
+    num_classes: int | None = None,
+    weight_decay: float = 1e-4,
+    shift_weight: float = 1.0,
+    standardize: bool = True,
+    max_iter: int = 1000,
+    tol: float = 1e-7,
+    dtype: torch.dtype = torch.float64,
+):
+    """Fit a :class:`fastcl.heads.LastLayerEnsemble` on frozen features, deterministically.
+
+    Minimises the ensemble's training loss (:func:`fastcl.heads.last_layer_ensemble_loss`: each sample's class
+    cross-entropy through the head of its own shift, plus ``shift_weight`` times the cross-entropy of the shift
+    predictor on the shift index) plus ``weight_decay / 2`` times the squared norm of all weights (biases not
+    penalised), with full-batch L-BFGS from zero on standardised features, as :func:`linear_probe`. The problem is
+    convex, so the result does not depend on an initialisation. The standardisation is folded into the returned
+    module, which takes raw features.
+
+    Args:
+        feats: ``[N, D]`` frozen features of the samples of every shift.
+        y: ``[N]`` class labels.
+        shifts: ``[N]`` shift index of each sample in ``[0, num_shifts)`` (e.g. 0 original data, 1 background
+            augmented, ...).
+        num_shifts: number of shifts ``K`` (heads).
+        num_classes: number of classes; default ``max label + 1``.
+        weight_decay, standardize, max_iter, tol, dtype: as in :func:`linear_probe`.
+        shift_weight: weight of the shift-prediction term.
+
+    Returns:
+        A :class:`fastcl.heads.LastLayerEnsemble` in eval mode (``module(x)`` gives the shift-weighted logits),
+        with parameters in ``feats.dtype`` (float32 for integer features).
+    """
+    from fastcl.heads import LastLayerEnsemble
+
+    _check_probe_args(weight_decay, max_iter, tol, dtype)
+    _positive_int(num_shifts, "num_shifts")
+    x = _features(feats, "feats")
+    n, d = x.shape
+    if n == 0:
+        raise ValueError("feats must contain at least one sample")
+    y = _labels(y, n, "y").to(x.device)
+    s = _labels(shifts, n, "shifts").to(x.device)
+    if int(s.max()) >= num_shifts:
+        raise ValueError(f"shifts must lie in [0, {num_shifts}), got max {int(s.max())}")
+    seen = int(y.max()) + 1
+    if num_classes is None:
+        num_classes = seen
+    else:
+        _positive_int(num_classes, "num_classes")
+        if seen > num_classes:
+            raise ValueError(f"labels go up to {seen - 1} but num_classes={num_classes}")
+    if not isinstance(shift_weight, (int, float)) or isinstance(shift_weight, bool) or not shift_weight >= 0:
+        raise ValueError(f"shift_weight must be a number >= 0, got {shift_weight!r}")
+    out_dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+    xd = x.to(dtype)
+    mean, std = _standardizer(xd, standardize)
+    xs = (xd - mean) / std
+    k, c = num_shifts, num_classes
+    w = torch.zeros(k, c, d, dtype=dtype, device=x.device, requires_grad=True)
+    b = torch.zeros(k, c, dtype=dtype, device=x.device, requires_grad=True)
+    v = torch.zeros(k, d, dtype=dtype, device=x.device, requires_grad=True)
+    a = torch.zeros(k, dtype=dtype, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b, v, a], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=tol,
+                            tolerance_change=tol * 1e-3, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        own = torch.einsum("nd,ncd->nc", xs, w[s]) + b[s]  # each sample through its own shift's head
+        loss = F.cross_entropy(own, y) + shift_weight * F.cross_entropy(xs @ v.T + a, s)
+        loss = loss + 0.5 * float(weight_decay) * ((w * w).sum() + (v * v).sum())
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    module = LastLayerEnsemble(d, c, k).to(device=x.device, dtype=out_dtype)
+    with torch.no_grad():
+        wf = w.detach() / std  # fold the standardisation: ((x - m) / s) W^T + b = x (W / s)^T + (b - (W / s) m)
+        vf = v.detach() / std
+        module.weight.copy_(wf)
+        module.bias.copy_(b.detach() - wf @ mean)
+        module.shift_predictor.weight.copy_(vf)
+        module.shift_predictor.bias.copy_(a.detach() - vf @ mean)
+    return module.eval()

@@ -37,11 +37,17 @@ __all__ = [
     "DATASETS",
     "DatasetNotFoundError",
     "DatasetSplits",
+    "CueLayers",
     "ImageSet",
     "MissingDependencyError",
+    "add_watermark",
+    "compose_cue_layers",
     "load_dataset",
     "make_spurious_cues",
+    "render_background",
+    "render_coobj",
     "spurious_cues_splits",
+    "watermark_pattern",
 ]
 
 DATASETS = ("spurious-cues", "cifar10", "cifar100", "folder", "urbancars")
@@ -64,6 +70,7 @@ class ImageSet:
         bg_aligned, coobj_aligned: ``[N]`` bool, the background / co-occurring object cue agrees with the
             class (``None`` for datasets without cue annotations).
         bg, coobj: ``[N]`` int64, the class each cue points to (``None`` when unknown).
+        watermark: ``[N]`` bool, the image carries the watermark (``None`` when the dataset has no watermark).
     """
 
     images: Tensor
@@ -72,6 +79,7 @@ class ImageSet:
     coobj_aligned: Tensor | None = None
     bg: Tensor | None = None
     coobj: Tensor | None = None
+    watermark: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != torch.uint8:
@@ -253,7 +261,12 @@ def make_spurious_cues(
     image_size: int = 32,
     cue_agreement: float = 0.95,
     noise: float = 0.04,
-) -> ImageSet:
+    watermark: float = 0.0,
+    watermark_elsewhere: float = 0.02,
+    watermark_class: int = 0,
+    watermark_opacity: float = 0.5,
+    return_layers: bool = False,
+) -> ImageSet | tuple[ImageSet, CueLayers]:
     """Generate one split of the ``spurious-cues`` dataset (deterministic in ``seed`` and ``split``).
 
     Args:
@@ -266,9 +279,19 @@ def make_spurious_cues(
         image_size: side of the square RGB images (16 or more).
         cue_agreement: training cue-class agreement probability.
         noise: standard deviation of the pixel noise (in ``[0, 1]`` intensity units).
+        watermark: third cue, ImageNet-W's analogue (off at 0): in the training split, the probability that an
+            image of class ``watermark_class`` carries the translucent glyph watermark of :func:`add_watermark`.
+            Images of the other classes carry it with probability ``watermark_elsewhere``. Validation and test
+            images never do (the study inserts it into every test image to measure the cue). Drawn from a
+            stream of its own: every other byte of the split is the same with or without it.
+        watermark_class: the class the watermark co-occurs with.
+        watermark_opacity: opacity of the watermark glyphs.
+        return_layers: also return the :class:`CueLayers` the (un-watermarked) images are composed of, for
+            exact composites (:mod:`fastcl.train.shortcut_augment`).
 
     Returns:
-        An :class:`ImageSet` with labels, ``bg_aligned``, ``coobj_aligned``, ``bg`` and ``coobj``.
+        An :class:`ImageSet` with labels, ``bg_aligned``, ``coobj_aligned``, ``bg`` and ``coobj`` (and
+        ``watermark`` when ``watermark > 0``); with ``return_layers``, ``(image_set, layers)``.
 
     Each image: a background texture (pattern and colours set by the background cue, random period, phase and
     tint), a small filled co-object near a random corner (form and colour set by the co-object cue), and the
@@ -285,16 +308,181 @@ def make_spurious_cues(
         raise ValueError(f"cue_agreement must lie in [0, 1], got {cue_agreement}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    for name, v in (("watermark", watermark), ("watermark_elsewhere", watermark_elsewhere),
+                    ("watermark_opacity", watermark_opacity)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {v}")
+    if isinstance(watermark_class, bool) or not isinstance(watermark_class, int) or not 0 <= watermark_class < classes:
+        raise ValueError(f"watermark_class must be an int in [0, {classes}), got {watermark_class!r}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # same bytes whatever the thread count (reductions), and faster on a busy CPU
     try:
-        return _render(n, seed, split, classes, image_size, cue_agreement, noise)
+        layers: dict[str, Tensor] | None = {} if return_layers else None
+        out = _render(n, seed, split, classes, image_size, cue_agreement, noise, layers)
+        if watermark > 0:
+            stream = {"train": 0, "val": 1, "test": 2}[split]
+            g = torch.Generator().manual_seed(int(seed) * 7919 + 104729 * stream + 29)
+            prob = torch.where(out.labels == watermark_class, watermark, watermark_elsewhere)
+            marked = (torch.rand(n, generator=g) < prob) & (split == "train")
+            out.images = add_watermark(out.images, marked, opacity=watermark_opacity)
+            out.watermark = marked
     finally:
         torch.set_num_threads(threads)
+    return (out, CueLayers(**layers)) if layers is not None else out
+
+
+@dataclass
+class CueLayers:
+    """The layers ``spurious-cues`` images are composed of (float32, intensities in ``[0, 1]``), as
+    :func:`make_spurious_cues` drew them; :func:`compose_cue_layers` gives back the same ``uint8`` images.
+
+    Attributes:
+        background: ``[N, 3, S, S]`` background texture.
+        period, phase: ``[N, 1, 1]`` texture period (pixels) and phase; tint: ``[N, 3, 1, 1]``
+            (:func:`render_background` takes them).
+        coobj_alpha: ``[N, 1, S, S]`` coverage of the co-occurring object; coobj_colour: ``[N, 3, 1, 1]``.
+        coobj_centre: ``[N, 2]`` its centre (x, y) in pixels; coobj_radius: ``[N, 1, 1]``
+            (:func:`render_coobj` takes them).
+        core_alpha: ``[N, 1, S, S]`` coverage of the core object's outline; core_colour: ``[N, 3, 1, 1]``.
+        noise: ``[N, 3, S, S]`` the pixel noise added last.
+
+    Index it like a tensor: ``layers[4:8]``.
+    """
+
+    background: Tensor
+    period: Tensor
+    phase: Tensor
+    tint: Tensor
+    coobj_alpha: Tensor
+    coobj_colour: Tensor
+    coobj_centre: Tensor
+    coobj_radius: Tensor
+    core_alpha: Tensor
+    core_colour: Tensor
+    noise: Tensor
+
+    def __len__(self) -> int:
+        return self.background.shape[0]
+
+    def __getitem__(self, index: slice | Tensor) -> CueLayers:
+        return CueLayers(*(getattr(self, f.name)[index] for f in fields(self)))
+
+    def replace(self, **changes: Tensor) -> CueLayers:
+        """A copy with some layers replaced (the tensors are shared, not copied)."""
+        return CueLayers(**({f.name: getattr(self, f.name) for f in fields(self)} | changes))
+
+
+def compose_cue_layers(layers: CueLayers) -> Tensor:
+    """``uint8 [N, 3, S, S]`` images from their layers: background, co-object over it, core object over both,
+    noise; the same operations as :func:`make_spurious_cues`, so unchanged layers give the same bytes."""
+    img = layers.background
+    img = img + layers.coobj_alpha * (layers.coobj_colour - img)
+    img = img + layers.core_alpha * (layers.core_colour - img)
+    img = img + layers.noise
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _pixel_grid(n: int, s: int) -> tuple[Tensor, Tensor]:
+    coords = torch.arange(s, dtype=torch.float32) + 0.5
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    return xx.expand(n, s, s), yy.expand(n, s, s)
+
+
+def render_background(cue: Tensor, period: Tensor, phase: Tensor, tint: Tensor, image_size: int) -> Tensor:
+    """Background textures ``[N, 3, S, S]`` of cue classes ``cue [N]`` with the given period, phase
+    ``[N, 1, 1]`` and tint ``[N, 3, 1, 1]`` (as in :class:`CueLayers`): the texture :func:`make_spurious_cues`
+    draws for that cue class."""
+    n, s = cue.shape[0], image_size
+    xx, yy = _pixel_grid(n, s)
+    img = torch.empty(n, 3, s, s)
+    for c in torch.unique(cue).tolist():
+        idx = torch.nonzero(cue == c).flatten()
+        p = _bg_pattern(c, xx[idx], yy[idx], period[idx], phase[idx]).unsqueeze(1)
+        dark, light = (torch.tensor(col).view(1, 3, 1, 1) for col in _BG_COLOURS[c])
+        img[idx] = dark + (light - dark) * p + tint[idx]
+    return img
+
+
+def render_coobj(cue: Tensor, centre: Tensor, radius: Tensor, image_size: int) -> tuple[Tensor, Tensor]:
+    """Co-occurring objects of cue classes ``cue [N]`` at ``centre [N, 2]`` (x, y pixels) with ``radius
+    [N, 1, 1]``: ``(alpha [N, 1, S, S], colour [N, 3, 1, 1])``, the form and colour of that cue class."""
+    n, s = cue.shape[0], image_size
+    xx, yy = _pixel_grid(n, s)
+    alpha = torch.zeros(n, 1, s, s)
+    colour = torch.zeros(n, 3, 1, 1)
+    cx, cy = centre[:, 0].view(n, 1, 1), centre[:, 1].view(n, 1, 1)
+    for c in torch.unique(cue).tolist():
+        idx = torch.nonzero(cue == c).flatten()
+        u, v = (xx[idx] - cx[idx]) / radius[idx], (yy[idx] - cy[idx]) / radius[idx]
+        alpha[idx] = (_coobj_inside(c, u, v) * radius[idx] + 0.5).clamp(0, 1).unsqueeze(1)
+        colour[idx] = torch.tensor(_COOBJ_COLOURS[c]).view(1, 3, 1, 1)
+    return alpha, colour
+
+
+# 3x5 bitmap glyphs of the watermark text
+_GLYPHS = {
+    "F": ("###", "#..", "##.", "#..", "#.."), "A": (".#.", "#.#", "###", "#.#", "#.#"),
+    "S": ("###", "#..", "###", "..#", "###"), "T": ("###", ".#.", ".#.", ".#.", ".#."),
+    "C": ("###", "#..", "#..", "#..", "###"), "L": ("#..", "#..", "#..", "#..", "###"),
+}
+WATERMARK_TEXT = "FASTCL"
+
+
+def watermark_pattern(image_size: int) -> Tensor:
+    """The fixed watermark glyph mask ``[S, S]`` (0/1 float): the text ``FASTCL`` in a 3x5 pixel font, on two
+    lines across the image (glyphs scaled by ``image_size // 32``), like ImageNet-W's text watermark."""
+    if not isinstance(image_size, int) or image_size < 16:
+        raise ValueError(f"image_size must be an int >= 16, got {image_size!r}")
+    scale = max(1, image_size // 32)
+    glyph = torch.tensor([[[ch == "#" for ch in row] for row in _GLYPHS[c]] for c in WATERMARK_TEXT],
+                         dtype=torch.float32)  # [6, 5, 3]
+    line = torch.cat([torch.cat([gl, torch.zeros(5, 1)], 1) for gl in glyph], 1)[:, :-1]  # [5, 23]
+    line = line.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    h, w = line.shape
+    w = min(w, image_size)
+    mask = torch.zeros(image_size, image_size)
+    x0 = (image_size - w) // 2
+    for frac in (0.25, 0.6):
+        y0 = min(int(round(frac * image_size)), image_size - h)
+        mask[y0:y0 + h, x0:x0 + w] = line[:, :w]
+    return mask
+
+
+def add_watermark(images: Tensor, which: Tensor | None = None, *, opacity: float = 0.5,
+                  colour: Sequence[float] = (1.0, 1.0, 1.0)) -> Tensor:
+    """Insert the translucent watermark of :func:`watermark_pattern` into ``uint8 images [N, C, S, S]``.
+
+    ``x -> x + opacity * mask * (colour - x)`` on intensities in ``[0, 1]``, rounded back to ``uint8``; pixels
+    outside the glyphs, and images with ``which[i] == False`` (``which [N]`` bool; default: every image), are
+    returned unchanged, byte for byte. Deterministic, batched, and the same for an image alone or in a batch.
+    """
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.dtype != torch.uint8:
+        raise ValueError(f"images must be a uint8 tensor [N, C, H, W], got "
+                         f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
+    n, ch, hgt, wid = images.shape
+    if hgt != wid:
+        raise ValueError(f"images must be square, got {hgt}x{wid}")
+    if len(colour) != ch:
+        raise ValueError(f"colour must have one entry per channel ({ch}), got {tuple(colour)}")
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must lie in [0, 1], got {opacity}")
+    if which is None:
+        which = torch.ones(n, dtype=torch.bool)
+    if not isinstance(which, Tensor) or which.shape != (n,) or which.dtype != torch.bool:
+        raise ValueError(f"which must be a bool tensor of shape [{n}]")
+    mask = watermark_pattern(hgt).to(images.device)
+    alpha = opacity * mask
+    x = images.float() / 255.0
+    col = torch.tensor(colour, dtype=torch.float32, device=images.device).view(1, ch, 1, 1)
+    marked = ((x + alpha * (col - x)).clamp(0, 1) * 255).round().to(torch.uint8)
+    where = which.to(images.device).view(n, 1, 1, 1) & (mask > 0)
+    return torch.where(where, marked, images)
 
 
 def _render(n: int, seed: int, split: str, classes: int, image_size: int, cue_agreement: float,
-            noise: float) -> ImageSet:
+            noise: float, layers: dict[str, Tensor] | None = None) -> ImageSet:
+    """Render one split; with a ``layers`` dict, also store in it the layers the images are composed of
+    (:class:`CueLayers`' fields). Recording draws nothing from the generator: the images are the same."""
     stream = {"train": 0, "val": 1, "test": 2}[split]
     g = torch.Generator().manual_seed(int(seed) * 7919 + 104729 * stream + 17)
     k, s = classes, image_size
@@ -326,6 +514,10 @@ def _render(n: int, seed: int, split: str, classes: int, image_size: int, cue_ag
         p = _bg_pattern(c, xx[idx], yy[idx], period[idx], phase[idx]).unsqueeze(1)
         dark, light = (torch.tensor(col).view(1, 3, 1, 1) for col in _BG_COLOURS[c])
         img[idx] = dark + (light - dark) * p + tint[idx]
+    if layers is not None:
+        layers.update(background=img.clone(), period=period, phase=phase, tint=tint,
+                      coobj_alpha=torch.zeros(n, 1, s, s), coobj_colour=torch.zeros(n, 3, 1, 1),
+                      core_alpha=torch.zeros(n, 1, s, s))
 
     # co-occurring object near a random corner
     r_co = s * (0.12 + 0.03 * torch.rand(n, 1, 1, generator=g))
@@ -341,6 +533,9 @@ def _render(n: int, seed: int, split: str, classes: int, image_size: int, cue_ag
         alpha = (_coobj_inside(c, u, v) * r_co[idx] + 0.5).clamp(0, 1).unsqueeze(1)
         colour = torch.tensor(_COOBJ_COLOURS[c]).view(1, 3, 1, 1)
         img[idx] = img[idx] + alpha * (colour - img[idx])
+        if layers is not None:
+            layers["coobj_alpha"][idx] = alpha
+            layers["coobj_colour"][idx] = colour
 
     # core object: outline of the class's shape, random colour contrasting with the background's brightness
     r_core = s * (0.24 + 0.08 * torch.rand(n, 1, 1, generator=g))
@@ -358,8 +553,15 @@ def _render(n: int, seed: int, split: str, classes: int, image_size: int, cue_ag
         d = _core_distance(c, u, v) * r  # pixels
         alpha = (width[idx] / 2 + 0.5 - d).clamp(0, 1).unsqueeze(1)
         img[idx] = img[idx] + alpha * (colour[idx] - img[idx])
+        if layers is not None:
+            layers["core_alpha"][idx] = alpha
 
-    img = img + noise * torch.randn(img.shape, generator=g)
+    if layers is not None:
+        layers.update(core_colour=colour, coobj_centre=torch.cat([cx, cy], 1).view(n, 2),
+                      coobj_radius=r_co, noise=noise * torch.randn(img.shape, generator=g))
+        img = img + layers["noise"]
+    else:
+        img = img + noise * torch.randn(img.shape, generator=g)
     images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
     return ImageSet(images, y.long(), bg_al, co_al, bg.long(), co.long())
 
@@ -373,9 +575,17 @@ def spurious_cues_splits(
     val_samples: int = 1024,
     test_samples: int = 2048,
     cue_agreement: float = 0.95,
+    watermark: float = 0.0,
+    watermark_elsewhere: float = 0.02,
+    watermark_class: int = 0,
 ) -> DatasetSplits:
-    """Train / val (DFR held-out) / test splits of ``spurious-cues``; see :func:`make_spurious_cues`."""
+    """Train / val (DFR held-out) / test splits of ``spurious-cues``; see :func:`make_spurious_cues`
+    (``watermark > 0`` adds the watermark cue to the training split)."""
     kw = dict(seed=seed, classes=classes, image_size=image_size, cue_agreement=cue_agreement)
+    wm = {}
+    if watermark > 0:
+        wm = dict(watermark=watermark, watermark_elsewhere=watermark_elsewhere, watermark_class=watermark_class)
+        kw.update(wm)
     train = make_spurious_cues(train_samples, split="train", **kw)
     val = make_spurious_cues(val_samples, split="val", **kw)
     test = make_spurious_cues(test_samples, split="test", **kw)
@@ -384,7 +594,7 @@ def spurious_cues_splits(
         [CORE_SHAPES[c] for c in range(classes)],
         {"generator": "fastcl.data.make_spurious_cues", "seed": seed, "classes": classes, "image_size": image_size,
          "train_samples": train_samples, "val_samples": val_samples, "test_samples": test_samples,
-         "cue_agreement": cue_agreement},
+         "cue_agreement": cue_agreement, **wm},
     )
 
 
@@ -582,17 +792,22 @@ def load_dataset(
     val_samples: int = 1024,
     test_samples: int = 2048,
     cue_agreement: float = 0.95,
+    watermark: float = 0.0,
+    watermark_elsewhere: float = 0.02,
+    watermark_class: int = 0,
 ) -> DatasetSplits:
     """Load (or generate) a dataset by name; see the module docstring.
 
-    ``classes``, ``val_samples``, ``test_samples``, ``cue_agreement`` and ``seed`` only apply to
-    ``spurious-cues``; ``train_samples`` caps the training split (``None``: all, 4096 for spurious-cues);
+    ``classes``, ``val_samples``, ``test_samples``, ``cue_agreement``, ``seed`` and the ``watermark*`` cue
+    (see :func:`make_spurious_cues`; off by default) only apply to ``spurious-cues``; ``train_samples`` caps the
+    training split (``None``: all, 4096 for spurious-cues);
     ``image_size`` defaults to 32 (spurious-cues, CIFAR is always 32) or 64 (folder, urbancars).
     """
     if name == "spurious-cues":
         return spurious_cues_splits(seed=seed, classes=classes, image_size=image_size or 32,
                                     train_samples=train_samples or 4096, val_samples=val_samples,
-                                    test_samples=test_samples, cue_agreement=cue_agreement)
+                                    test_samples=test_samples, cue_agreement=cue_agreement, watermark=watermark,
+                                    watermark_elsewhere=watermark_elsewhere, watermark_class=watermark_class)
     if name in _CIFAR:
         if image_size not in (None, 32):
             raise ValueError(f"{name} images are 32x32; got image_size={image_size}")

@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--test-samples", type=int, default=2048, help="spurious-cues: cue-balanced test set")
     d.add_argument("--cue-agreement", type=float, default=0.95,
                    help="spurious-cues: probability that each training cue agrees with the class")
+    d.add_argument("--watermark", type=float, default=0.0,
+                   help="spurious-cues: third cue (off at 0), the share of --watermark-class training images "
+                        "carrying a translucent glyph watermark (fastcl-shortcuts measures it)")
+    d.add_argument("--watermark-elsewhere", type=float, default=0.02,
+                   help="spurious-cues: share of the other classes' training images carrying the watermark")
+    d.add_argument("--watermark-class", type=int, default=0, help="spurious-cues: the watermark's class")
     d.add_argument("--crop-scale", type=float, default=None,
                    help="smallest random-resized-crop area fraction (default 0.5 for spurious-cues, else 0.2)")
     d.add_argument("--stream", action="store_true",
@@ -930,7 +936,9 @@ def load_data(run: Run) -> None:
             run.splits = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed,
                                       image_size=args.image_size, classes=args.classes,
                                       train_samples=args.train_samples, val_samples=args.val_samples,
-                                      test_samples=args.test_samples, cue_agreement=args.cue_agreement)
+                                      test_samples=args.test_samples, cue_agreement=args.cue_agreement,
+                                      watermark=args.watermark, watermark_elsewhere=args.watermark_elsewhere,
+                                      watermark_class=args.watermark_class)
     except ValueError as e:  # arguments the dataset cannot honour
         raise ConfigError(f"--dataset {args.dataset}: {e}") from None
     splits = run.splits

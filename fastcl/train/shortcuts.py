@@ -1,0 +1,480 @@
+"""The Whac-A-Mole study on frozen features: single-shortcut fixes, their mixture and Last Layer Ensemble, on h and z.
+
+    fastcl-shortcuts --out runs/shortcuts                       # pretrains the default model (with the watermark cue)
+    fastcl-shortcuts --checkpoint runs/pretrain/checkpoint.pt --out runs/shortcuts-ckpt
+    python -m fastcl.train.shortcuts --pretrain-args "--head fixed" --seed 1 --out runs/shortcuts-fixed-s1
+    fastcl-shortcuts --aggregate runs/shortcuts-s0 runs/shortcuts-s1 runs/shortcuts-s2 --out runs/shortcuts-mean
+
+Li et al. ("A Whac-A-Mole Dilemma", CVPR 2023) show that removing one shortcut (e.g. with background augmentation)
+can amplify the reliance on another, and propose Last Layer Ensemble (LLE): on a frozen backbone, one linear head per
+distribution shift (each shift an augmentation that breaks one shortcut, plus the original data) and a shift
+classifier whose predicted probabilities weight the heads at test time. This command asks which frozen
+representation of a contrastive model, the encoder output ``h`` or the projection-head output ``z`` (Xue et al.,
+ICLR 2024), gives these last-layer methods the most to work with.
+
+It takes a ``fastcl-pretrain`` checkpoint of the ``spurious-cues`` data (without ``--checkpoint`` it first trains the
+default job with the watermark cue on, ``--watermark 0.9``, into ``OUT/pretrain``, or reuses a finished one there),
+freezes it and regenerates the
+data with the generator's layers. Four shifts of the training set are built with
+:mod:`fastcl.train.shortcut_augment`: the original images, background swapped, co-object swapped (or removed) and
+watermarked. The swaps draw the new cue uniformly over all classes (``p = (K - 1) / K`` of the samples get another
+class), so in a swapped set the cue is independent of the label; the watermark goes on every image. On ``h`` and on
+``z`` it fits (deterministic full-batch L-BFGS on standardised features, :func:`fastcl.eval.linear_probe`):
+
+* ``erm``: a linear head on the original data;
+* ``bg_aug``, ``coobj_aug``, ``wm_aug``: a linear head on one shifted set (the single-shortcut baselines);
+* ``mixed``: one linear head on all four sets together;
+* ``lle``: :func:`fastcl.eval.fit_last_layer_ensemble` on the same four sets (one head per shift and the shift
+  classifier, each sample's class loss through its own shift's head).
+
+Each is scored on the cue-balanced test set with the UrbanCars metrics (:func:`fastcl.eval.multi_shortcut_metrics`:
+I.D. accuracy, BG / CoObj / BG+CoObj gaps, worst-group accuracy) and on the same test set with the watermark on every
+image (:func:`fastcl.eval.watermark_metrics`: accuracy gap and the share of predictions moved to the watermark's
+class). ``OUT/`` gets ``summary.json``, ``metrics.jsonl`` (one record per method and representation),
+``gaps.svg`` (gaps per method, h next to z) and ``table.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import fastcl
+from fastcl.eval import fit_last_layer_ensemble, linear_probe, multi_shortcut_metrics, watermark_metrics
+from fastcl.train.augment import BatchAugment
+from fastcl.train.data import CueLayers, ImageSet, make_spurious_cues
+from fastcl.train.shortcut_augment import (
+    insert_watermark,
+    remove_coobj,
+    sample_cue_swap,
+    swap_background,
+    swap_coobj,
+)
+
+__all__ = ["METHODS", "SHIFTS", "REPRESENTATIONS", "METRIC_KEYS", "aggregate", "build_parser", "main", "run_study"]
+
+METHODS = ("erm", "bg_aug", "coobj_aug", "wm_aug", "mixed", "lle")
+SHIFTS = ("original", "bg", "coobj", "wm")
+REPRESENTATIONS = ("pre_projection", "post_projection")
+METRIC_KEYS = ("id_acc", "bg_gap", "coobj_gap", "both_gap", "worst_group_acc", "wm_gap", "wm_shift")
+_GROUP_KEYS = ("acc_aligned", "acc_bg_conflict", "acc_coobj_conflict", "acc_both_conflict")
+_LABELS = {"id_acc": "I.D. acc", "bg_gap": "BG gap", "coobj_gap": "CoObj gap", "both_gap": "BG+CoObj gap",
+           "worst_group_acc": "worst-group", "wm_gap": "WM gap", "wm_shift": "WM shift"}
+_REP_SHORT = {"pre_projection": "h", "post_projection": "z"}
+# the single-shortcut baseline of each shift
+_SINGLE = {"bg_aug": "bg", "coobj_aug": "coobj", "wm_aug": "wm"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastcl-shortcuts",
+        description="Whac-A-Mole on frozen contrastive features: ERM, single-shortcut augmentations, their mixture "
+                    "and Last Layer Ensemble, fitted on the pre-projection h and the post-projection z.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", default=None,
+                   help="fastcl-pretrain checkpoint.pt of the spurious-cues data (default: train the default job "
+                        "with --watermark 0.9 into OUT/pretrain first)")
+    p.add_argument("--out", default="runs/shortcuts", help="output directory")
+    p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the augmentation draws, and of the pretraining when there is no --checkpoint")
+    p.add_argument("--pretrain-args", default="",
+                   help="extra fastcl-pretrain arguments for the pretraining without --checkpoint, e.g. "
+                        "'--head fixed' or '--epochs 2 --train-samples 256'")
+    p.add_argument("--coobj-aug", default="swap", choices=["swap", "remove"],
+                   help="co-object augmentation: another class's co-object, or none")
+    p.add_argument("--head-train-samples", type=int, default=0,
+                   help="training images the heads are fitted on (0: the whole training split)")
+    p.add_argument("--test-samples", type=int, default=0,
+                   help="test images (0: the checkpoint's --test-samples)")
+    p.add_argument("--weight-decay", type=float, default=1e-3, help="L2 penalty of every head (standardised features)")
+    p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
+    p.add_argument("--eval-batch-size", type=int, default=512)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--aggregate", nargs="+", metavar="RUN_DIR", default=None,
+                   help="instead of a study: mean and standard deviation over the summary.json of these runs, "
+                        "written to OUT/summary.json, OUT/table.md and OUT/gaps.svg")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _log(args: argparse.Namespace, msg: str) -> None:
+    if not args.quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("head_train_samples", "test_samples"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("max_iter", "eval_batch_size"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        parser.error("--weight-decay must be a finite number >= 0")
+    os.makedirs(args.out, exist_ok=True)
+    if args.aggregate:
+        summaries = []
+        for run in args.aggregate:
+            path = run if run.endswith(".json") else os.path.join(run, "summary.json")
+            if not os.path.isfile(path):
+                parser.error(f"--aggregate: no summary.json in {run!r}")
+            with open(path) as f:
+                summaries.append(json.load(f))
+        agg = aggregate(summaries)
+        agg["runs"] = [os.path.abspath(r) for r in args.aggregate]
+        _write_outputs(args.out, agg, [], f"mean ± sd over {len(summaries)} runs")
+        print(table_markdown(agg))
+        return 0
+    threads = torch.get_num_threads()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        summary = run_study(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fastcl-shortcuts: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+    print(table_markdown(summary))
+    print(f"results in {os.path.join(args.out, 'summary.json')}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The study
+# --------------------------------------------------------------------------------------------------
+
+
+def _pretrain(args: argparse.Namespace) -> str:
+    from fastcl.train import pretrain
+
+    out = os.path.join(args.out, "pretrain")
+    ckpt = os.path.join(out, pretrain.CHECKPOINT)
+    if os.path.isfile(os.path.join(out, "summary.json")) and os.path.isfile(ckpt):
+        _log(args, f"fastcl-shortcuts: reusing the finished pretraining in {out} (delete it to train again)")
+        return ckpt
+    argv = ["--watermark", "0.9", "--seed", str(args.seed), "--out", out, "--no-plots", "--device", args.device]
+    argv += shlex.split(args.pretrain_args)
+    if args.quiet:
+        argv.append("--quiet")
+    _log(args, f"fastcl-shortcuts: no --checkpoint, pretraining first: fastcl-pretrain {shlex.join(argv)}")
+    rc = pretrain.main(argv)
+    if rc:
+        raise ValueError(f"the pretraining failed (exit status {rc})")
+    return ckpt
+
+
+def load_checkpoint(path: str, device: torch.device) -> tuple[torch.nn.Module, argparse.Namespace]:
+    """The frozen model (eval mode, no gradients) and the pretraining arguments of a ``fastcl-pretrain``
+    checkpoint."""
+    from fastcl.train import pretrain
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--checkpoint {path!r} does not exist (a fastcl-pretrain OUT/checkpoint.pt)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path!r} is not a fastcl-pretrain checkpoint (no 'model' and 'config' entries)")
+    cfg = pretrain.build_parser().parse_args([])
+    for k, v in ckpt["config"].items():
+        setattr(cfg, k, tuple(v) if isinstance(v, list) else v)
+    if cfg.dataset != "spurious-cues":
+        raise ValueError(f"the study needs the spurious-cues data (its generator's layers make the shortcut "
+                         f"augmentations exact); {path!r} was trained on {cfg.dataset!r}")
+    model = pretrain.build_model(cfg, 3)
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval().requires_grad_(False)
+    return model, cfg
+
+
+def _shifted_sets(train: ImageSet, layers: CueLayers, classes: int, coobj_aug: str, opacity: float,
+                  seed: int) -> dict[str, ImageSet]:
+    g = torch.Generator().manual_seed(seed)
+    p = (classes - 1) / classes  # the new cue is then uniform over all classes, independent of the label
+    bg, _ = swap_background(train, layers, sample_cue_swap(train.bg, classes, g, p), watermark_opacity=opacity)
+    if coobj_aug == "swap":
+        co, _ = swap_coobj(train, layers, sample_cue_swap(train.coobj, classes, g, p), watermark_opacity=opacity)
+    else:
+        co, _ = remove_coobj(train, layers, watermark_opacity=opacity)
+    wm = insert_watermark(train, opacity=opacity)
+    return {"original": train, "bg": bg, "coobj": co, "wm": wm}
+
+
+@torch.no_grad()
+def _embed(model: torch.nn.Module, images: Tensor, aug: BatchAugment, device: torch.device,
+           batch_size: int) -> tuple[Tensor, Tensor]:
+    hs, zs = [], []
+    for s in range(0, images.shape[0], batch_size):
+        h, z = model(aug.eval_transform(images[s:s + batch_size].to(device)))
+        hs.append(h.float().cpu())
+        zs.append(z.float().cpu())
+    return torch.cat(hs), torch.cat(zs)
+
+
+def _score(logits_clean: Tensor, logits_marked: Tensor, test: ImageSet, train_ratio: float,
+           watermark_class: int) -> dict[str, float]:
+    m = multi_shortcut_metrics(logits_clean, test.labels, test.bg_aligned, test.coobj_aligned, train_ratio)
+    w = watermark_metrics(logits_clean, logits_marked, test.labels, watermark_class)
+    out = {k: m[k] for k in METRIC_KEYS if k in m} | {k: w[k] for k in ("wm_gap", "wm_shift")}
+    out |= {k: m[k] for k in _GROUP_KEYS} | {"test_acc": w["wm_clean_acc"], "wm_acc": w["wm_acc"]}
+    return out
+
+
+@contextlib.contextmanager
+def _single_thread():
+    """Small full-batch fits: on a shared CPU more threads cost more than they save."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fit_and_score(feats: dict[str, Tensor], labels: dict[str, Tensor], test_clean: Tensor, test_marked: Tensor,
+                  test: ImageSet, num_classes: int, train_ratio: float, watermark_class: int,
+                  weight_decay: float, max_iter: int) -> dict[str, dict[str, Any]]:
+    """Fit the six methods on the features of the shifted training sets (``feats[shift] [N_s, D]``,
+    ``labels[shift] [N_s]``) and score them on the clean and watermarked test features."""
+    out: dict[str, dict[str, Any]] = {}
+    kw = dict(num_classes=num_classes, weight_decay=weight_decay, max_iter=max_iter)
+    with _single_thread():
+        for method in METHODS:
+            t0 = time.perf_counter()
+            if method == "lle":
+                x = torch.cat([feats[s] for s in SHIFTS])
+                y = torch.cat([labels[s] for s in SHIFTS])
+                shift = torch.cat([torch.full((len(labels[s]),), i, dtype=torch.long) for i, s in enumerate(SHIFTS)])
+                ens = fit_last_layer_ensemble(x, y, shift, len(SHIFTS), **kw)
+                with torch.no_grad():
+                    logits, shift_logits = ens.forward_all(x)
+                    shift_acc = float((shift_logits.argmax(1) == shift).double().mean())
+                    train_acc = float((ens.combine(logits, shift_logits).argmax(1) == y).double().mean())
+                    clean, marked = ens(test_clean), ens(test_marked)
+                    weights = {name: ens.forward_all(t)[1].softmax(1).mean(0).tolist()
+                               for name, t in (("clean", test_clean), ("marked", test_marked))}
+                extra = {"train_acc": train_acc, "shift_train_acc": shift_acc,
+                         "test_shift_weights": {name: dict(zip(SHIFTS, w)) for name, w in weights.items()}}
+            else:
+                shifts = SHIFTS if method == "mixed" else (_SINGLE.get(method, "original"),)
+                x = torch.cat([feats[s] for s in shifts])
+                y = torch.cat([labels[s] for s in shifts])
+                lp = linear_probe(x, y, test_clean, test.labels, **kw)
+                clean, marked = lp.logits(test_clean), lp.logits(test_marked)
+                extra = {"train_acc": lp.train_acc}
+            out[method] = {**_score(clean, marked, test, train_ratio, watermark_class), **extra,
+                           "fit_time_s": round(time.perf_counter() - t0, 3), "train_samples": len(y)}
+    return out
+
+
+def run_study(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the study of the module docstring; returns (and writes) the summary."""
+    start = time.perf_counter()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    ckpt_path = args.checkpoint or _pretrain(args)
+    model, cfg = load_checkpoint(ckpt_path, device)
+    t_data = time.perf_counter()
+    wm_cfg = dict(watermark=getattr(cfg, "watermark", 0.0),
+                  watermark_elsewhere=getattr(cfg, "watermark_elsewhere", 0.02),
+                  watermark_class=getattr(cfg, "watermark_class", 0))
+    kw = dict(seed=cfg.seed, classes=cfg.classes, image_size=cfg.image_size or 32, cue_agreement=cfg.cue_agreement)
+    train, layers = make_spurious_cues(cfg.train_samples or 4096, split="train", return_layers=True, **kw, **wm_cfg)
+    test = make_spurious_cues(args.test_samples or cfg.test_samples, split="test", **kw)
+    if args.head_train_samples and args.head_train_samples < len(train):
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+        idx = idx[:args.head_train_samples].sort().values
+        train, layers = train.subset(idx), layers[idx]
+    opacity = 0.5
+    sets = _shifted_sets(train, layers, cfg.classes, args.coobj_aug, opacity, args.seed)
+    test_marked = insert_watermark(test, opacity=opacity)
+    aug = BatchAugment(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))  # spurious-cues' normalisation
+    _log(args, f"fastcl-shortcuts: {len(train)} training images x {len(SHIFTS)} shifts, {len(test)} test images; "
+               f"embedding with {ckpt_path} ...")
+    emb = {s: _embed(model, sets[s].images, aug, device, args.eval_batch_size) for s in SHIFTS}
+    emb_test = _embed(model, test.images, aug, device, args.eval_batch_size)
+    emb_marked = _embed(model, test_marked.images, aug, device, args.eval_batch_size)
+    data_time = time.perf_counter() - t_data
+    t_fit = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {m: {} for m in METHODS}
+    records = []
+    for i, rep in enumerate(REPRESENTATIONS):
+        _log(args, f"fitting {len(METHODS)} methods on {_REP_SHORT[rep]} ({rep}, {emb_test[i].shape[1]} dims) ...")
+        res = fit_and_score({s: emb[s][i] for s in SHIFTS}, {s: sets[s].labels for s in SHIFTS}, emb_test[i],
+                            emb_marked[i], test, cfg.classes, cfg.cue_agreement, wm_cfg["watermark_class"],
+                            args.weight_decay, args.max_iter)
+        for method, r in res.items():
+            results[method][rep] = r
+            records.append({"method": method, "representation": rep, **r})
+    cue_stats = {s: {"bg_aligned": float(sets[s].bg_aligned.double().mean()),
+                     "coobj_aligned": float((sets[s].coobj == sets[s].labels).double().mean()),
+                     "watermark": float(sets[s].watermark.double().mean()) if sets[s].watermark is not None else 0.0}
+                 for s in SHIFTS}
+    summary = {
+        "methods": results,
+        "shifts": list(SHIFTS),
+        "representations": list(REPRESENTATIONS),
+        "training_cue_rates": cue_stats,
+        "checkpoint": os.path.abspath(ckpt_path),
+        "pretrain_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(cfg).items())},
+        "config": vars(args),
+        "versions": {"fastcl": str(fastcl.__version__), "torch": str(torch.__version__),
+                     "python": platform.python_version()},
+        "device": str(device),
+        "data_and_embedding_time_s": round(data_time, 2),
+        "fit_time_s": round(time.perf_counter() - t_fit, 2),
+        "wall_time_s": round(time.perf_counter() - start, 2),
+    }
+    title = (f"head={cfg.head}, seed {cfg.seed}, watermark {wm_cfg['watermark']:g}, co-object aug "
+             f"{args.coobj_aug}")
+    _write_outputs(args.out, summary, records, title)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _atomic_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _write_outputs(out_dir: str, summary: dict[str, Any], records: list[dict[str, Any]], title: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_json(os.path.join(out_dir, "summary.json"), summary)
+    if records:
+        with open(os.path.join(out_dir, "metrics.jsonl"), "w") as f:
+            f.write("".join(json.dumps(r, default=str) + "\n" for r in records))
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(f"{title}\n\n{table_markdown(summary)}\n")
+    with open(os.path.join(out_dir, "gaps.svg"), "w") as f:
+        f.write(gaps_svg(summary, title))
+
+
+def _cell(entry: Any, key: str) -> tuple[float, float | None]:
+    """(mean, sd or None) in percentage points of a summary entry (a float, or {'mean', 'sd'} when aggregated)."""
+    v = entry[key]
+    if isinstance(v, dict):
+        return 100 * v["mean"], 100 * v["sd"]
+    return 100 * v, None
+
+
+def table_markdown(summary: dict[str, Any]) -> str:
+    """The results as a markdown table (percentage points; ``mean ± sd`` for aggregated summaries)."""
+    head = "| method | rep | " + " | ".join(_LABELS[k] for k in METRIC_KEYS) + " |"
+    lines = [head, "|" + " --- |" * (len(METRIC_KEYS) + 2)]
+    for method in METHODS:
+        for rep in REPRESENTATIONS:
+            entry = summary["methods"][method][rep]
+            cells = []
+            for k in METRIC_KEYS:
+                mean, sd = _cell(entry, k)
+                sign = "+" if k.endswith(("gap", "shift")) and mean >= 0 else ""
+                cells.append(f"{sign}{mean:.1f}" + ("" if sd is None else f" ± {sd:.1f}"))
+            lines.append(f"| {method} | {_REP_SHORT[rep]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def aggregate(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and (sample) standard deviation over runs of every numeric metric: ``methods[m][rep][key] = {'mean',
+    'sd', 'values'}``."""
+    if not summaries:
+        raise ValueError("aggregate needs at least one summary")
+    out: dict[str, Any] = {"methods": {}, "num_runs": len(summaries)}
+    for method in METHODS:
+        out["methods"][method] = {}
+        for rep in REPRESENTATIONS:
+            entries = [s["methods"][method][rep] for s in summaries]
+            agg = {}
+            for k, v in entries[0].items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    vals = torch.tensor([float(e[k]) for e in entries], dtype=torch.float64)
+                    sd = float(vals.std()) if len(vals) > 1 else 0.0
+                    agg[k] = {"mean": float(vals.mean()), "sd": sd, "values": vals.tolist()}
+            out["methods"][method][rep] = agg
+    return out
+
+
+def gaps_svg(summary: dict[str, Any], title: str = "") -> str:
+    """A dependency-free SVG bar chart: the BG, CoObj, BG+CoObj and watermark gaps (percentage points) of every
+    method, one panel for h and one for z (error bars: standard deviation of aggregated runs)."""
+    keys = ("bg_gap", "coobj_gap", "both_gap", "wm_gap")
+    colours = ("#4c72b0", "#dd8452", "#55a868", "#c44e52")
+    vals = [[[_cell(summary["methods"][m][r], k) for k in keys] for m in METHODS] for r in REPRESENTATIONS]
+    lo = min(min(mean - (sd or 0) for mean, sd in row) for panel in vals for row in panel)
+    hi = max(max(mean + (sd or 0) for mean, sd in row) for panel in vals for row in panel)
+    lo, hi = min(lo, 0.0) - 2, max(hi, 0.0) + 2
+    pw, ph, left, top, gap = 430, 260, 50, 40, 30
+    width, height = left + len(REPRESENTATIONS) * (pw + gap), top + ph + 70
+
+    def y(v: float) -> float:
+        return top + ph * (hi - v) / (hi - lo)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{left}" y="16" font-size="13">{_xml(title)}: gaps (pp, negative = relies on the cue)</text>']
+    step = 10 if hi - lo > 40 else 5
+    for pi, rep in enumerate(REPRESENTATIONS):
+        x0 = left + pi * (pw + gap)
+        parts.append(f'<text x="{x0 + pw / 2}" y="{top - 8}" text-anchor="middle" font-size="12">'
+                     f'{_REP_SHORT[rep]} ({rep.replace("_", "-")})</text>')
+        t = math.ceil(lo / step) * step
+        while t <= hi:
+            parts.append(f'<line x1="{x0}" x2="{x0 + pw}" y1="{y(t):.1f}" y2="{y(t):.1f}" stroke="#ddd"/>')
+            if pi == 0:
+                parts.append(f'<text x="{x0 - 4}" y="{y(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
+            t += step
+        parts.append(f'<line x1="{x0}" x2="{x0 + pw}" y1="{y(0):.1f}" y2="{y(0):.1f}" stroke="black"/>')
+        gw = pw / len(METHODS)
+        bw = gw * 0.8 / len(keys)
+        for mi, method in enumerate(METHODS):
+            gx = x0 + mi * gw + gw * 0.1
+            for ki, (mean, sd) in enumerate(vals[pi][mi]):
+                bx = gx + ki * bw
+                y1, y2 = sorted((y(0), y(mean)))
+                parts.append(f'<rect x="{bx:.1f}" y="{y1:.1f}" width="{bw:.1f}" height="{max(y2 - y1, 0.5):.1f}" '
+                             f'fill="{colours[ki]}"/>')
+                if sd:
+                    cx = bx + bw / 2
+                    parts.append(f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(mean - sd):.1f}" y2="{y(mean + sd):.1f}" '
+                                 f'stroke="black"/>')
+            parts.append(f'<text x="{x0 + (mi + 0.5) * gw:.1f}" y="{top + ph + 16}" text-anchor="middle">'
+                         f'{method}</text>')
+    for ki, k in enumerate(keys):
+        lx = left + ki * 120
+        parts.append(f'<rect x="{lx}" y="{top + ph + 34}" width="10" height="10" fill="{colours[ki]}"/>')
+        parts.append(f'<text x="{lx + 14}" y="{top + ph + 43}">{_LABELS[k]}</text>')
+    parts.append("</svg>\n")
+    return "\n".join(parts)
+
+
+def _xml(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
