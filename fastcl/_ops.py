@@ -146,6 +146,8 @@ def _load() -> Optional[str]:
     if "fastcl._C" in sys.modules and sys.modules["fastcl._C"] is None:  # Python's convention for a blocked import
         return "ImportError: import of fastcl._C halted; None in sys.modules"
     try:
+        if not _own_ahead_of_time_build():
+            raise ImportError("no ahead-of-time build beside this fastcl")
         from fastcl import _C  # noqa: F401  (an ahead-of-time build; loading it registers torch.ops.fastcl.*)
     except (ImportError, OSError):
         try:
@@ -156,6 +158,21 @@ def _load() -> Optional[str]:
         return "the compiled library registered no torch.ops.fastcl ops"
     _register_python_parts()
     return None
+
+
+def _own_ahead_of_time_build() -> bool:
+    """Whether ``fastcl._C`` resolves to a library in this package's own folder (an ahead-of-time build of this
+    install), not to one that another installation's import hook would supply."""
+    import fastcl
+
+    try:
+        spec = importlib.util.find_spec("fastcl._C")
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.origin:
+        return False
+    folders = {os.path.realpath(p) for p in fastcl.__path__}
+    return os.path.dirname(os.path.realpath(spec.origin)) in folders
 
 
 def _first_lines(text: str, n: int = 6) -> str:
