@@ -182,6 +182,8 @@ def test_ahead_of_time_build(dists, tmp_path):
     """``FASTCL_BUILD_EXTENSION=1 pip install --no-build-isolation``: fastcl._C is built at install and used as is."""
     _, _, clone = dists
     python = _venv(tmp_path / "venv")
+    # without isolation the build requirements are the user's to install (a 3.11 venv ships setuptools 65 only)
+    _run([python, "-m", "pip", "install", "--quiet", "setuptools>=64", "wheel"], cwd=str(tmp_path), env=_clean_env())
     _run(
         [python, "-m", "pip", "install", "--quiet", "--no-build-isolation", "--no-deps", str(clone)],
         cwd=str(tmp_path),
