@@ -40,7 +40,8 @@ def _ahead_of_time_extension():
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     use_cuda = bool(cuda_sources) and cpp_extension.CUDA_HOME is not None and os.environ.get("FASTCL_NO_CUDA") != "1"
     if use_cuda:
-        ext = cpp_extension.CUDAExtension("fastcl._C", cpp_sources + cuda_sources, define_macros=[("FASTCL_WITH_CUDA", None)])
+        macros = [("FASTCL_WITH_CUDA", None)]
+        ext = cpp_extension.CUDAExtension("fastcl._C", cpp_sources + cuda_sources, define_macros=macros)
     else:
         ext = cpp_extension.CppExtension("fastcl._C", cpp_sources)
     return [ext], {"build_ext": cpp_extension.BuildExtension}

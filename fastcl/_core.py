@@ -217,7 +217,8 @@ def _contrastive_chunked(
     if not want_grad:
         grad_anchor = grad_contrast = None
     empty = contrast.new_empty(0, dtype=_compute_dtype(contrast))
-    return loss, empty.clone() if grad_anchor is None else grad_anchor, empty if grad_contrast is None else grad_contrast
+    grad_anchor = empty.clone() if grad_anchor is None else grad_anchor
+    return loss, grad_anchor, empty if grad_contrast is None else grad_contrast
 
 
 @_contrastive_chunked.register_fake
@@ -227,7 +228,8 @@ def _contrastive_chunked_fake(
     dtype = _compute_dtype(contrast)
     rows = contrast if anchor is None else anchor
     if not want_grad:
-        return contrast.new_empty((), dtype=dtype), contrast.new_empty(0, dtype=dtype), contrast.new_empty(0, dtype=dtype)
+        empty = contrast.new_empty(0, dtype=dtype)
+        return contrast.new_empty((), dtype=dtype), empty, empty.clone()
     return (
         contrast.new_empty((), dtype=dtype),
         rows.new_empty(rows.shape, dtype=dtype),

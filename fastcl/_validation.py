@@ -106,11 +106,11 @@ def check_labels(
     SupContrast's meaning (``torch.eq``: equal values are positives) and become dense int64 ids
     (:func:`dense_label_ids`, no host sync); a NaN label equals nothing, so each NaN-labelled sample is its own class.
     """
-    kind = "real (integer, bool or float)" if allow_float else "integer (or bool)"
+    kind = "a real-valued (integer, bool or float)" if allow_float else "an integer (or bool)"
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of {kind} labels of shape [{expected_len}]")
+        raise TypeError(f"{name} must be a torch.Tensor of {kind.split(' ', 1)[1]} labels of shape [{expected_len}]")
     if labels.is_complex() or (labels.is_floating_point() and not allow_float):
-        raise TypeError(f"{name} must be an {kind} tensor, got dtype {labels.dtype}")
+        raise TypeError(f"{name} must be {kind} tensor, got dtype {labels.dtype}")
     if labels.dim() == 2 and labels.shape[1] == 1:
         labels = labels.reshape(-1)
     if labels.dim() != 1 or labels.shape[0] != expected_len:

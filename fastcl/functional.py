@@ -41,8 +41,9 @@ def supcon_loss(
             samples with equal labels are positives).
         mask: ``[bsz, bsz]`` positive-pair mask (bool or non-negative float weights, may be asymmetric);
             ``mask[i, j]`` says whether sample j is a positive of anchor sample i. Negative weights raise
-            ``ValueError`` (checked with one pass over the mask and, eagerly, one host sync). At most one of ``labels`` and ``mask``; neither
-            gives SimCLR (the positives of a view are the other views of the same sample).
+            ``ValueError`` (checked with one pass over the mask and, eagerly, one host sync). At most one of
+            ``labels`` and ``mask``; neither gives SimCLR (the positives of a view are the other views of the same
+            sample).
         temperature: softmax temperature ``t > 0``, a real number (``int``/``float``; ``bool`` and strings raise
             ``TypeError``).
         contrast_mode: ``'all'`` (every view is an anchor) or ``'one'`` (view 0 only).
