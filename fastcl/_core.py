@@ -102,9 +102,9 @@ def contrastive_loss(
         raise ValueError(f"backend {backend!r} has no fused implementation here")
     if backend == "triton":
         _check_triton_inputs(contrast)
-        if contrast.stride(1) != 1:
-            contrast = contrast.contiguous()
         route = _route(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, two_way)
+        if contrast.stride(1) != 1:  # (after the route: a copy is no longer `anchor is contrast`)
+            contrast = contrast.contiguous()
         if route != "self" and anchor.stride(1) != 1:
             anchor = anchor.contiguous()
         outputs = torch.ops.fastcl.contrastive_triton(
