@@ -92,31 +92,313 @@ def contrastive_loss(
         mask: float32 ``[B, B]`` positive weights, read at ``[i % B, j % B]``.
         scale: multiplies every anchor's loss (``temperature / base_temperature`` for SupCon).
         backend: ``'triton'`` or ``'chunked'`` (``'auto'`` resolved by :func:`resolve_backend`).
+
+    Both backends run as one ``torch.ops.fastcl`` custom op (fake function and autograd registered below), so
+    ``torch.compile(fullgraph=True)`` traces the loss as a single node with symbolic sizes.
     """
     backend = resolve_backend(backend, contrast)
     inv_temperature = 1.0 / temperature
+    if backend not in ("triton", "chunked"):
+        raise ValueError(f"backend {backend!r} has no fused implementation here")
     if backend == "triton":
-        if not triton_available():
-            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-        if contrast.dtype not in TRITON_DTYPES:
-            raise TypeError(
-                f"backend='triton' takes float32, float16 or bfloat16 embeddings, got {contrast.dtype}; "
-                "use backend='chunked' (float64 is computed in float64 there)"
-            )
-        if not contrast.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import for CPU debugging); "
-                f"got tensors on {contrast.device}. Use backend='chunked' or 'auto'."
-            )
-        from fastcl.kernels.contrastive import triton_contrastive_loss
-
-        return triton_contrastive_loss(
-            anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way
+        _check_triton_inputs(contrast)
+        route = _route(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, two_way)
+        if contrast.stride(1) != 1:  # (after the route: a copy is no longer `anchor is contrast`)
+            contrast = contrast.contiguous()
+        if route != "self" and anchor.stride(1) != 1:
+            anchor = anchor.contiguous()
+        outputs = torch.ops.fastcl.contrastive_triton(
+            None if route == "self" else anchor,
+            contrast,
+            anchor_labels,
+            contrast_labels,
+            mask,
+            self_offset,
+            inv_temperature,
+            scale,
+            route,
         )
-    if backend == "chunked":
-        from fastcl.chunked import chunked_contrastive_loss
+        return outputs[0]
+    same = anchor is contrast  # SupCon 'all' / NT-Xent: one input, so the gradients of both roles add up
+    want_grad = torch.is_grad_enabled() and (anchor.requires_grad or contrast.requires_grad)
+    loss, _, _ = torch.ops.fastcl.contrastive_chunked(
+        None if same else anchor,
+        contrast,
+        anchor_labels,
+        contrast_labels,
+        mask,
+        self_offset,
+        inv_temperature,
+        scale,
+        two_way,
+        want_grad,
+    )
+    return loss
 
-        return chunked_contrastive_loss(
-            anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way
+
+def _check_triton_inputs(contrast: torch.Tensor) -> None:
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    if contrast.dtype not in TRITON_DTYPES:
+        raise TypeError(
+            f"backend='triton' takes float32, float16 or bfloat16 embeddings, got {contrast.dtype}; "
+            "use backend='chunked' (float64 is computed in float64 there)"
         )
-    raise ValueError(f"backend {backend!r} has no fused implementation here")
+    if not contrast.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import for CPU debugging); "
+            f"got tensors on {contrast.device}. Use backend='chunked' or 'auto'."
+        )
+
+
+def _route(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, two_way) -> str:
+    """The Triton route (``'self' | 'two_way' | 'one_way'``, see ``triton_route``).
+
+    Eagerly this is ``triton_route`` itself. While compiling, tensors have no storage to compare, so 'self' is
+    decided from the call's structure: the same anchor and contrast object, ``self_offset == 0``, and a mask or the
+    same label object on both sides (as :mod:`fastcl.functional` passes them).
+    """
+    if not torch.compiler.is_compiling():
+        from fastcl.kernels.contrastive import triton_route
+
+        return triton_route(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, two_way)
+    if two_way:
+        return "two_way"
+    if anchor is contrast and self_offset == 0 and (mask is not None or anchor_labels is contrast_labels):
+        return "self"
+    return "one_way"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused op as torch.library custom ops (one node for torch.compile)
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library.custom_op rather than triton_op: the Triton launchers pick autotuned configs and block sizes in
+# Python and also run under TRITON_INTERPRET on CPU tensors, and the chunked backend is plain PyTorch with a
+# Python loop over row blocks; an opaque op with a fake (shape) function serves both, keeps every kernel launch
+# exactly as in eager mode, and makes the graph independent of N (no recompile per batch size). An ``anchor`` of
+# None means "the contrast tensor itself" (the one-kernel 'self' route), so no tensor is passed twice.
+
+Tensor = torch.Tensor
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastcl::contrastive_chunked", mutates_args=())
+def _contrastive_chunked(
+    anchor: Optional[Tensor],
+    contrast: Tensor,
+    anchor_labels: Optional[Tensor],
+    contrast_labels: Optional[Tensor],
+    mask: Optional[Tensor],
+    self_offset: Optional[int],
+    inv_temperature: float,
+    scale: float,
+    two_way: bool,
+    want_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(loss, dL/dA, dL/dC)`` for grad_output = 1 in the compute dtype (empty ``[0]`` without ``want_grad``)."""
+    from fastcl.chunked import chunked_forward
+
+    loss, grad_anchor, grad_contrast = chunked_forward(
+        contrast if anchor is None else anchor,
+        contrast,
+        anchor_labels,
+        contrast_labels,
+        mask,
+        self_offset,
+        inv_temperature,
+        scale,
+        two_way,
+        want_grad,
+    )
+    loss = loss.to(_compute_dtype(contrast))
+    if not want_grad:
+        grad_anchor = grad_contrast = None
+    empty = contrast.new_empty(0, dtype=_compute_dtype(contrast))
+    grad_anchor = empty.clone() if grad_anchor is None else grad_anchor
+    return loss, grad_anchor, empty if grad_contrast is None else grad_contrast
+
+
+@_contrastive_chunked.register_fake
+def _contrastive_chunked_fake(
+    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way, want_grad
+):
+    dtype = _compute_dtype(contrast)
+    rows = contrast if anchor is None else anchor
+    if not want_grad:
+        empty = contrast.new_empty(0, dtype=dtype)
+        return contrast.new_empty((), dtype=dtype), empty, empty.clone()
+    return (
+        contrast.new_empty((), dtype=dtype),
+        rows.new_empty(rows.shape, dtype=dtype),
+        contrast.new_empty(contrast.shape, dtype=dtype),
+    )
+
+
+def _chunked_setup(ctx, inputs, output):
+    anchor, contrast = inputs[0], inputs[1]
+    ctx.same = anchor is None
+    ctx.dtypes = (contrast.dtype if anchor is None else anchor.dtype, contrast.dtype)
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _chunked_backward(ctx, grad_loss, _grad_a, _grad_c):
+    grad_anchor, grad_contrast = ctx.saved_tensors
+    if grad_contrast.dim() != 2:
+        raise RuntimeError("fastcl::contrastive_chunked was called with want_grad=False, so it has no gradient")
+    grad_anchor = (grad_anchor * grad_loss).to(ctx.dtypes[0])
+    grad_contrast = (grad_contrast * grad_loss).to(ctx.dtypes[1])
+    if ctx.same:  # the anchors are the contrast rows: both roles' gradients go to the one input
+        grad_anchor, grad_contrast = None, grad_anchor + grad_contrast
+    return grad_anchor, grad_contrast, *([None] * 8)
+
+
+_contrastive_chunked.register_autograd(_chunked_backward, setup_context=_chunked_setup)
+
+
+@torch.library.custom_op("fastcl::contrastive_triton", mutates_args=())
+def _contrastive_triton(
+    anchor: Optional[Tensor],
+    contrast: Tensor,
+    anchor_labels: Optional[Tensor],
+    contrast_labels: Optional[Tensor],
+    mask: Optional[Tensor],
+    self_offset: Optional[int],
+    inv_temperature: float,
+    scale: float,
+    route: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, pos_weight [Na], lse [Na], col_pos_weight [Nc] or [0], col_lse [Nc] or [0])`` (``triton_forward``)."""
+    from fastcl.kernels.contrastive import triton_forward
+
+    same = anchor is None
+    loss, residuals = triton_forward(
+        contrast if same else anchor,
+        contrast,
+        contrast_labels if same and anchor_labels is None else anchor_labels,
+        contrast_labels,
+        mask,
+        self_offset,
+        inv_temperature,
+        scale,
+        route,
+    )
+    pos_weight, lse, col_pos_weight, col_lse = residuals
+    if route != "two_way":  # fresh, distinct outputs (a custom op's outputs may not alias each other)
+        col_pos_weight, col_lse = lse.new_empty(0), lse.new_empty(0)
+    return loss, pos_weight, lse, col_pos_weight, col_lse
+
+
+@_contrastive_triton.register_fake
+def _contrastive_triton_fake(
+    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, route
+):
+    n_anchor = contrast.shape[0] if anchor is None else anchor.shape[0]
+    n_col = contrast.shape[0] if route == "two_way" else 0
+    f32 = torch.float32
+    return (
+        contrast.new_empty((), dtype=f32),
+        contrast.new_empty(n_anchor, dtype=f32),
+        contrast.new_empty(n_anchor, dtype=f32),
+        contrast.new_empty(n_col, dtype=f32),
+        contrast.new_empty(n_col, dtype=f32),
+    )
+
+
+@torch.library.custom_op("fastcl::contrastive_triton_backward", mutates_args=())
+def _contrastive_triton_backward(
+    grad_output: Tensor,
+    anchor: Optional[Tensor],
+    contrast: Tensor,
+    anchor_labels: Optional[Tensor],
+    contrast_labels: Optional[Tensor],
+    mask: Optional[Tensor],
+    pos_weight: Tensor,
+    lse: Tensor,
+    col_pos_weight: Tensor,
+    col_lse: Tensor,
+    self_offset: Optional[int],
+    inv_temperature: float,
+    scale: float,
+    route: str,
+    need_anchor: bool,
+    need_contrast: bool,
+) -> Tuple[Tensor, Tensor]:
+    """``(dA, dC)`` in the input dtypes (empty ``[0]`` where not needed; with ``anchor`` None the whole gradient
+    is ``dC``)."""
+    from fastcl.kernels.contrastive import triton_backward
+
+    same = anchor is None
+    grad_anchor, grad_contrast = triton_backward(
+        grad_output,
+        contrast if same else anchor,
+        contrast,
+        contrast_labels if same and anchor_labels is None else anchor_labels,
+        contrast_labels,
+        mask,
+        (pos_weight, lse, col_pos_weight, col_lse),
+        self_offset,
+        inv_temperature,
+        scale,
+        route,
+        need_anchor=need_anchor,
+        need_contrast=need_contrast,
+    )
+    if same:  # route 'self': the whole gradient is grad_anchor, and it belongs to the one input
+        grad_anchor, grad_contrast = None, grad_anchor
+    empty = contrast.new_empty(0)
+    return (
+        empty.clone() if grad_anchor is None else grad_anchor,
+        empty if grad_contrast is None else grad_contrast,
+    )
+
+
+@_contrastive_triton_backward.register_fake
+def _contrastive_triton_backward_fake(
+    grad_output, anchor, contrast, anchor_labels, contrast_labels, mask, pos_weight, lse, col_pos_weight, col_lse,
+    self_offset, inv_temperature, scale, route, need_anchor, need_contrast,
+):  # fmt: skip
+    if anchor is None:
+        return contrast.new_empty(0), contrast.new_empty(contrast.shape)
+    return (
+        anchor.new_empty(anchor.shape) if need_anchor else contrast.new_empty(0),
+        contrast.new_empty(contrast.shape) if need_contrast else contrast.new_empty(0),
+    )
+
+
+def _triton_setup(ctx, inputs, output):
+    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, route = inputs
+    ctx.save_for_backward(anchor, contrast, anchor_labels, contrast_labels, mask, *output[1:])
+    ctx.settings = (self_offset, inv_temperature, scale, route, anchor is None)
+
+
+def _triton_backward(ctx, grad_loss, *_grad_residuals):
+    anchor, contrast, anchor_labels, contrast_labels, mask, *residuals = ctx.saved_tensors
+    self_offset, inv_temperature, scale, route, same = ctx.settings
+    need_anchor = not same and ctx.needs_input_grad[0]
+    need_contrast = ctx.needs_input_grad[1] or same
+    grad_anchor, grad_contrast = torch.ops.fastcl.contrastive_triton_backward(
+        grad_loss,
+        None if same else anchor,
+        contrast,
+        anchor_labels,
+        contrast_labels,
+        mask,
+        *residuals,
+        self_offset,
+        inv_temperature,
+        scale,
+        route,
+        need_anchor,
+        need_contrast,
+    )
+    return (
+        grad_anchor if need_anchor else None,
+        grad_contrast if ctx.needs_input_grad[1] else None,
+        *([None] * 7),
+    )
+
+
+_contrastive_triton.register_autograd(_triton_backward, setup_context=_triton_setup)

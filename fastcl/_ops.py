@@ -13,13 +13,24 @@ rank, and three row maps convert between the layouts:
   times in a row: the labels (or sample ids) of the gathered view-major blocks ``[V * counts[r], D]``.
 
 The compiled ops (``csrc/ops.cpp``, CPU; ``csrc/cuda/segments.cu``, CUDA) are declared with ``TORCH_LIBRARY``; this
-module adds their fake (shape) functions and autograd formulas, so ``torch.compile`` traces through them. When the
-library is missing, every function here runs the same math in PyTorch (same results, bit for bit) and a one-time
-warning says so.
+module adds their fake (shape) functions and autograd formulas, so ``torch.compile`` traces through them.
+
+Loading (on first use, never at import): ``FASTCL_NO_EXTENSION=1`` -> PyTorch only; else an ahead-of-time build
+``fastcl._C`` (``FASTCL_BUILD_EXTENSION=1`` at install) when present; else the sources shipped in ``fastcl._csrc``
+are compiled for the running torch with ``torch.utils.cpp_extension.load`` and ninja into :func:`cache_dir` (one
+message on stderr while it compiles; later processes reuse the build). When no compiler is found, or the build
+fails, every function here runs the same math in PyTorch (same results, bit for bit) and a one-time warning says
+why.
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
 import warnings
 from typing import List, Optional, Sequence
 
@@ -27,6 +38,8 @@ import torch
 
 __all__ = [
     "extension_available",
+    "load_extension",
+    "cache_dir",
     "compact_segments",
     "pad_segments",
     "pack_rows",
@@ -37,37 +50,179 @@ __all__ = [
 ]
 
 
-def _load() -> Optional[str]:
-    """Import the compiled library; the reason it is unusable, or None."""
+def _source_dir() -> Optional[str]:
+    """The folder of ``ops.cpp``: the installed ``fastcl._csrc`` package data, else a source checkout's ``csrc/``."""
     try:
-        from fastcl import _C  # noqa: F401  (loading it registers torch.ops.fastcl.*)
-    except (ImportError, OSError) as err:
-        return f"{type(err).__name__}: {err}"
-    if not hasattr(torch.ops.fastcl, "compact_segments"):
-        return "fastcl._C loaded but registered no torch.ops.fastcl ops"
+        spec = importlib.util.find_spec("fastcl._csrc")
+    except (ImportError, ValueError):
+        spec = None
+    candidates = list(spec.submodule_search_locations or []) if spec is not None else []
+    candidates.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc"))
+    for folder in candidates:
+        if os.path.isfile(os.path.join(folder, "ops.cpp")):
+            return folder
     return None
 
 
-_LOAD_ERROR = _load()
+def cache_dir() -> str:
+    """Where the run-time build goes: ``$FASTCL_EXTENSION_DIR`` (default ``~/.cache/fastcl``, honouring
+    ``XDG_CACHE_HOME``), in a subfolder per torch version, CUDA version and Python version, since a build only loads
+    with the torch it was compiled against."""
+    root = os.environ.get("FASTCL_EXTENSION_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastcl"
+    )
+    cuda = f"cu{torch.version.cuda}" if torch.version.cuda else "cpu"
+    key = f"torch{torch.__version__.replace('+', '-')}-{cuda}-py{sys.version_info[0]}{sys.version_info[1]}"
+    return os.path.join(root, key)
+
+
+def _compiler_problem(cuda: bool) -> Optional[str]:
+    """Why the run-time build cannot run here (no C++ compiler, no ninja), or None."""
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")  # the compiler torch.utils.cpp_extension invokes
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler found (CXX={cxx!r} is not on PATH)"
+    cc = os.environ.get("CC")
+    if cc and shutil.which(cc) is None:
+        return f"no C compiler found (CC={cc!r} is not on PATH)"
+    try:
+        cpp_extension.verify_ninja_availability()
+    except RuntimeError:
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _jit_build() -> None:
+    """Compile ``csrc/`` for the running torch into :func:`cache_dir` (reused when up to date) and load it."""
+    from torch.utils import cpp_extension
+
+    folder = _source_dir()
+    if folder is None:
+        raise ImportError("the C++ sources (fastcl/_csrc/ops.cpp) are not installed")
+    sources = sorted(glob.glob(os.path.join(folder, "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join(folder, "cuda", "*.cu")))
+    cuda = bool(
+        cuda_sources
+        and torch.version.cuda
+        and cpp_extension.CUDA_HOME is not None
+        and os.environ.get("FASTCL_NO_CUDA") != "1"
+    )
+    problem = _compiler_problem(cuda)
+    if problem is not None:
+        raise ImportError(problem)
+    build_dir = cache_dir()
+    os.makedirs(build_dir, exist_ok=True)
+    library = os.path.join(build_dir, f"{_JIT_NAME}.so")
+    all_sources = sources + (cuda_sources if cuda else []) + glob.glob(os.path.join(folder, "*.h"))
+    fresh = os.path.exists(library) and os.path.getmtime(library) >= max(os.path.getmtime(s) for s in all_sources)
+    if not fresh:  # a cached, up-to-date build loads without a word
+        print(
+            f"fastcl: compiling the gather ops (torch.ops.fastcl) for torch {torch.__version__}"
+            f"{' with CUDA kernels' if cuda else ''} into {build_dir}; this happens once per torch version "
+            "(FASTCL_NO_EXTENSION=1 skips it and uses the PyTorch fallback)",
+            file=sys.stderr,
+            flush=True,
+        )
+    flags = ["-O3", "-std=c++17"] + (["-DFASTCL_WITH_CUDA"] if cuda else [])
+    cpp_extension.load(
+        name=_JIT_NAME,
+        sources=sources + (cuda_sources if cuda else []),
+        extra_cflags=flags,
+        extra_cuda_cflags=(["-O3", "-DFASTCL_WITH_CUDA"] if cuda else None),
+        build_directory=build_dir,
+        is_python_module=False,
+        verbose=os.environ.get("FASTCL_VERBOSE_BUILD") == "1",
+    )
+
+
+def _load() -> Optional[str]:
+    """Make ``torch.ops.fastcl.*`` available; the reason they are unusable, or None.
+
+    In order: ``FASTCL_NO_EXTENSION=1`` (never), an ahead-of-time build (``fastcl._C``), the run-time build.
+    """
+    if os.environ.get("FASTCL_NO_EXTENSION") == "1":
+        return "FASTCL_NO_EXTENSION=1"
+    if "fastcl._C" in sys.modules and sys.modules["fastcl._C"] is None:  # Python's convention for a blocked import
+        return "ImportError: import of fastcl._C halted; None in sys.modules"
+    try:
+        if not _own_ahead_of_time_build():
+            raise ImportError("no ahead-of-time build beside this fastcl")
+        from fastcl import _C  # noqa: F401  (an ahead-of-time build; loading it registers torch.ops.fastcl.*)
+    except (ImportError, OSError):
+        try:
+            _jit_build()
+        except Exception as err:  # noqa: BLE001 - any build failure means: use the fallback, and say why
+            return f"{type(err).__name__}: {_first_lines(str(err))}"
+    if not hasattr(torch.ops.fastcl, "compact_segments"):
+        return "the compiled library registered no torch.ops.fastcl ops"
+    _register_python_parts()
+    return None
+
+
+def _own_ahead_of_time_build() -> bool:
+    """Whether ``fastcl._C`` resolves to a library in this package's own folder (an ahead-of-time build of this
+    install), not to one that another installation's import hook would supply."""
+    import fastcl
+
+    try:
+        spec = importlib.util.find_spec("fastcl._C")
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.origin:
+        return False
+    folders = {os.path.realpath(p) for p in fastcl.__path__}
+    return os.path.dirname(os.path.realpath(spec.origin)) in folders
+
+
+def _first_lines(text: str, n: int = 6) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return "\n".join(lines[:n]) + (" ..." if len(lines) > n else "")
+
+
+_JIT_NAME = "fastcl_gather_ops"
+_RESOLVED = False
+_LOAD_ERROR: Optional[str] = None
 _WARNED = False
 _NO_KERNEL_WARNED = set()  # device types the library was built without, already reported
 
 
-def extension_available() -> bool:
-    """Whether ``fastcl._C`` (the compiled ``torch.ops.fastcl`` ops) is loaded."""
+def _resolve() -> None:
+    global _RESOLVED, _LOAD_ERROR
+    if not _RESOLVED:
+        _RESOLVED = True
+        _LOAD_ERROR = _load()
+
+
+def load_extension() -> bool:
+    """Load (building on first use, for the running torch) the compiled gather ops; whether they are available.
+
+    Called lazily by the gather functions; call it yourself before ``torch.compile`` so that the compiled graph
+    uses the compiled ops (a first call while compiling keeps the PyTorch fallback for that graph).
+    """
+    _resolve()
     return _LOAD_ERROR is None
+
+
+def extension_available() -> bool:
+    """Whether the compiled ``torch.ops.fastcl`` ops are loaded (loading or building them first if needed)."""
+    return load_extension()
 
 
 def _use_extension(x: torch.Tensor) -> bool:
     """Whether the compiled op serves ``x``'s device; says once why not, otherwise."""
     global _WARNED
+    if not _RESOLVED:
+        if torch.compiler.is_compiling():
+            return False  # no build while tracing: this graph keeps the PyTorch fallback (see load_extension)
+        _resolve()
     if _LOAD_ERROR is not None:
-        if not _WARNED:
+        if not _WARNED and _LOAD_ERROR != "FASTCL_NO_EXTENSION=1":
             _WARNED = True
             warnings.warn(
                 f"fastcl: the compiled extension fastcl._C is not available ({_LOAD_ERROR}); the cross-rank gather "
-                "uses its pure-PyTorch fallback (same results). To build it, reinstall with a C++ compiler and "
-                "ninja present: pip install --no-build-isolation -e .",
+                "uses its pure-PyTorch fallback (same results). It is compiled on first use when a C++ compiler and "
+                "ninja are present; FASTCL_NO_EXTENSION=1 silences this.",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -170,7 +325,8 @@ def repeat_segments(values: torch.Tensor, counts: Sequence[int], repeats: int) -
 # Fake functions and autograd formulas of the compiled ops
 # ----------------------------------------------------------------------------------------------------------------
 
-if _LOAD_ERROR is None:
+def _register_python_parts() -> None:
+    """Fake (shape) functions and autograd formulas of the compiled ops, once they are loaded."""
 
     @torch.library.register_fake("fastcl::compact_segments")
     def _compact_segments_fake(padded, counts):

@@ -7,6 +7,7 @@ message alone.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -15,13 +16,12 @@ CONTRAST_MODES = ("all", "one")
 
 
 def check_positive(name: str, value: float) -> float:
-    """A strictly positive finite number (temperatures)."""
+    """A strictly positive finite real number (temperatures): int, float or a numpy scalar; not bool, str, tensor."""
     if isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a Python number, got a tensor")
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__} {value!r}")
+    value = float(value)
     if not value > 0 or value == float("inf"):
         raise ValueError(f"{name} must be a positive finite number, got {value}")
     return value
@@ -97,33 +97,77 @@ def check_features(features: torch.Tensor, allow_empty: bool = False) -> torch.T
     return features
 
 
-def check_labels(name: str, labels: torch.Tensor, expected_len: int, device: torch.device) -> torch.Tensor:
-    """Integer class labels ``[expected_len]`` (``[n, 1]`` accepted), moved to ``device`` as int64."""
+def check_labels(
+    name: str, labels: torch.Tensor, expected_len: int, device: torch.device, allow_float: bool = False
+) -> torch.Tensor:
+    """Class labels ``[expected_len]`` (``[n, 1]`` accepted) -> int64 on ``device``.
+
+    Integer and bool labels keep their values. With ``allow_float`` floating-point labels are accepted with
+    SupContrast's meaning (``torch.eq``: equal values are positives) and become dense int64 ids
+    (:func:`dense_label_ids`, no host sync); a NaN label equals nothing, so each NaN-labelled sample is its own class.
+    """
+    kind = "a real-valued (integer, bool or float)" if allow_float else "an integer (or bool)"
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of integer labels of shape [{expected_len}]")
-    if labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"{name} must be an integer (or bool) tensor, got dtype {labels.dtype}")
+        raise TypeError(f"{name} must be a torch.Tensor of {kind.split(' ', 1)[1]} labels of shape [{expected_len}]")
+    if labels.is_complex() or (labels.is_floating_point() and not allow_float):
+        raise TypeError(f"{name} must be {kind} tensor, got dtype {labels.dtype}")
     if labels.dim() == 2 and labels.shape[1] == 1:
         labels = labels.reshape(-1)
     if labels.dim() != 1 or labels.shape[0] != expected_len:
         raise ValueError(f"{name} must have shape [{expected_len}] (one per sample), got shape {tuple(labels.shape)}")
-    return labels.to(device=device, dtype=torch.int64)
+    labels = labels.to(device=device)
+    if labels.is_floating_point():
+        return dense_label_ids(labels)
+    return labels.to(dtype=torch.int64)
+
+
+def dense_label_ids(labels: torch.Tensor) -> torch.Tensor:
+    """``[N]`` real labels -> int64 ids in ``[0, N)``, equal values (``-0.0 == 0.0``) sharing an id.
+
+    Sort, mark where the sorted value changes, cumulative sum, scatter back: static shapes, no host sync, so it
+    runs inside a ``torch.compile`` graph and on CUDA without waiting for the GPU.
+    """
+    values, order = torch.sort(labels)
+    changed = torch.cat([values.new_zeros(1, dtype=torch.bool), values[1:] != values[:-1]])
+    sorted_ids = torch.cumsum(changed.to(torch.int64), 0)
+    return torch.empty_like(sorted_ids).scatter_(0, order, sorted_ids)
 
 
 def check_mask(mask: torch.Tensor, bsz: int, device: torch.device) -> torch.Tensor:
-    """A ``[bsz, bsz]`` positive-pair mask (bool or float weights) -> float32 on ``device``."""
+    """A ``[bsz, bsz]`` positive-pair mask (bool or non-negative weights) -> float32 on ``device``.
+
+    Negative weights are a ``ValueError``: the loss is a weighted mean of log-probabilities, and a negative weight
+    turns it into a reward for pushing that pair apart (the loss can go below 0 without bound), which is never what a
+    positive-pair mask means; put such pairs in the denominator only (weight 0). Cost of the check: one min-reduction
+    over the ``bsz x bsz`` mask, no temporary (small next to the ``(n_views * bsz)^2 * D`` loss) and, eagerly, one
+    host sync (a scalar read; on CUDA it waits for the mask to be ready). Under ``torch.compile`` it is an in-graph assert
+    (``torch._assert_async``) with no sync of its own.
+    """
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor of shape [{bsz}, {bsz}], got {type(mask).__name__}")
     if mask.is_complex():
         raise TypeError(f"mask must be a real (bool, int or float) tensor, got dtype {mask.dtype}")
     if tuple(mask.shape) != (bsz, bsz):
         raise ValueError(f"mask must have shape [bsz, bsz] = [{bsz}, {bsz}], got {tuple(mask.shape)}")
-    return mask.to(device=device, dtype=torch.float32).contiguous()
+    mask = mask.to(device=device, dtype=torch.float32).contiguous()
+    message = "mask must hold non-negative weights (negative weights would reward separating that pair)"
+    # amin: no [bsz, bsz] temporary (a NaN weight makes the minimum NaN; the loss is NaN then anyway)
+    if torch.compiler.is_compiling():
+        torch._assert_async(mask.amin() >= 0 if mask.numel() else mask.new_ones((), dtype=torch.bool), message)
+    elif mask.numel() and bool(mask.amin() < 0):
+        negative = mask.lt(0).nonzero()[0].tolist()
+        raise ValueError(f"{message}; got mask{negative} = {mask[negative[0], negative[1]].item():.6g}")
+    return mask
 
 
 def check_label_indices(labels: torch.Tensor, n_query: int, n_key: int, device: torch.device) -> torch.Tensor:
-    """InfoNCE positive indices ``[n_query]`` with values in ``[0, n_key)``."""
+    """InfoNCE positive indices ``[n_query]`` with values in ``[0, n_key)`` (one host sync eagerly; an in-graph
+    assert under ``torch.compile``)."""
     labels = check_labels("labels", labels, n_query, device)
+    if torch.compiler.is_compiling():
+        # (a constant message: formatting the symbolic n_key into it would specialise the graph on the size)
+        torch._assert_async(((labels >= 0) & (labels < n_key)).all(), "labels must index keys in [0, M)")
+        return labels
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= n_key:
         raise ValueError(f"labels must index keys in [0, {n_key}), got values in [{lo}, {hi}]")

@@ -39,17 +39,23 @@ class _LabelPositives:
 
     With dense class ids, ``sum_{j: l_j = l_i} s_ij = a_i . S[l_i]`` where ``S[k]`` sums the contrast rows of
     class k, so the positive-logit sums, the positive counts and the positive part of both gradients are
-    ``O(N * D)`` (the self pair, when excluded, is subtracted explicitly).
+    ``O(N * D)`` (the self pair, when excluded, is subtracted explicitly). The ids come from a sort (labels of any
+    real or bool dtype, equal values sharing an id) and the per-class buffers have the static bound ``Na + Nc``
+    classes: no data-dependent shape, no host sync.
     """
 
     def __init__(self, a_all, c_all, anchor_labels, contrast_labels, self_offset):
-        n_anchor = a_all.shape[0]
-        _, ids = torch.unique(torch.cat([anchor_labels, contrast_labels]), return_inverse=True)
+        from fastcl._validation import dense_label_ids
+
+        n_anchor, n_contrast = a_all.shape[0], c_all.shape[0]
+        labels = torch.cat([anchor_labels, contrast_labels])
+        ids = dense_label_ids(labels.to(torch.uint8) if labels.dtype == torch.bool else labels)
         self.anchor_ids, self.contrast_ids = ids[:n_anchor], ids[n_anchor:]
-        n_classes = int(ids.max()) + 1
+        n_classes = n_anchor + n_contrast  # an upper bound on the number of distinct labels
         self.class_sum = torch.zeros(n_classes, c_all.shape[1], dtype=c_all.dtype, device=c_all.device)
         self.class_sum.index_add_(0, self.contrast_ids, c_all)
-        counts = torch.bincount(self.contrast_ids, minlength=n_classes).to(c_all.dtype)
+        counts = torch.zeros(n_classes, dtype=c_all.dtype, device=c_all.device)
+        counts.index_add_(0, self.contrast_ids, torch.ones(n_contrast, dtype=c_all.dtype, device=c_all.device))
         self.self_columns = None if self_offset is None else slice(self_offset, self_offset + n_anchor)
         self.pos_logit_sum = torch.linalg.vecdot(a_all, self.class_sum[self.anchor_ids])
         self.pos_weight = counts[self.anchor_ids]

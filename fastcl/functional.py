@@ -37,11 +37,15 @@ def supcon_loss(
     Args:
         features: ``[bsz, n_views, ...]`` float (extra dims are flattened to ``dim``). The contrast set is all views
             stacked view-major (row ``v * bsz + i`` is view v of sample i).
-        labels: ``[bsz]`` integer class labels; samples with equal labels are positives.
-        mask: ``[bsz, bsz]`` positive-pair mask (bool or float weights, may be asymmetric); ``mask[i, j]`` says
-            whether sample j is a positive of anchor sample i. At most one of ``labels`` and ``mask``; neither
-            gives SimCLR (the positives of a view are the other views of the same sample).
-        temperature: softmax temperature ``t > 0``.
+        labels: ``[bsz]`` class labels, integer, bool or float (compared as SupContrast does, ``torch.eq``:
+            samples with equal labels are positives).
+        mask: ``[bsz, bsz]`` positive-pair mask (bool or non-negative float weights, may be asymmetric);
+            ``mask[i, j]`` says whether sample j is a positive of anchor sample i. Negative weights raise
+            ``ValueError`` (checked with one pass over the mask and, eagerly, one host sync). At most one of
+            ``labels`` and ``mask``; neither gives SimCLR (the positives of a view are the other views of the same
+            sample).
+        temperature: softmax temperature ``t > 0``, a real number (``int``/``float``; ``bool`` and strings raise
+            ``TypeError``).
         contrast_mode: ``'all'`` (every view is an anchor) or ``'one'`` (view 0 only).
         base_temperature: the loss is scaled by ``t / base_temperature``.
         normalize: L2-normalise ``features`` along ``dim`` first (SupContrast expects normalised features).
@@ -82,7 +86,7 @@ def supcon_loss(
     if labels is not None and mask is not None:
         raise ValueError("Cannot define both `labels` and `mask`: pass one of them (or neither for SimCLR)")
     if labels is not None:
-        labels = V.check_labels("labels", labels, bsz, features.device)
+        labels = V.check_labels("labels", labels, bsz, features.device, allow_float=True)
     if mask is not None:
         mask = V.check_mask(mask, bsz, features.device)
     if normalize:
@@ -97,7 +101,8 @@ def supcon_loss(
     if mask is None:
         sample_ids = labels if labels is not None else torch.arange(bsz, device=features.device)
         contrast_labels = sample_ids.repeat(n_views)
-        anchor_labels = contrast_labels[: anchor.shape[0]]
+        # 'all': the same label object on both sides (the anchors are the contrast set; see _core._route)
+        anchor_labels = contrast_labels if contrast_mode == "all" else contrast_labels[:bsz]
     return contrastive_loss(
         anchor,
         contrast,

@@ -229,8 +229,8 @@ def test_forward_without_grad_matches():
 
 def test_auto_backend_on_cpu_is_chunked(monkeypatch):
     calls = []
-    original = fastcl.chunked.chunked_contrastive_loss
-    monkeypatch.setattr(fastcl.chunked, "chunked_contrastive_loss", lambda *a: calls.append(1) or original(*a))
+    original = fastcl.chunked.chunked_forward
+    monkeypatch.setattr(fastcl.chunked, "chunked_forward", lambda *a: calls.append(1) or original(*a))
     FF.supcon_loss(_features(4, 2, 3), backend="auto")
     assert calls == [1]
 

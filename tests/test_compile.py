@@ -1,0 +1,166 @@
+"""torch.compile: every loss traces as one graph (fullgraph=True, 0 graph breaks), matches eager in loss and
+gradients, does not recompile for a new batch size, and the fused ops pass torch.library.opcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo.testing
+from conftest import triton_usable
+
+from fastcl import functional as FF
+
+BACKENDS = ["chunked", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+def _supcon_labels(f, labels, backend):
+    return FF.supcon_loss(f, labels, temperature=0.1, backend=backend)
+
+
+def _supcon_mask(f, labels, backend):
+    mask = (labels[:, None] == labels[None, :]).float() * 0.5 + torch.eye(labels.shape[0], device=f.device) * 0.5
+    return FF.supcon_loss(f, mask=mask, temperature=0.1, backend=backend)
+
+
+def _simclr(f, labels, backend):
+    return FF.supcon_loss(f, temperature=0.2, base_temperature=0.1, backend=backend)
+
+
+def _supcon_one(f, labels, backend):
+    return FF.supcon_loss(f, labels, temperature=0.1, contrast_mode="one", backend=backend)
+
+
+def _nt_xent(f, labels, backend):
+    return FF.nt_xent_loss(f[:, 0], f[:, 1], temperature=0.5, backend=backend)
+
+
+def _info_nce_symmetric(f, labels, backend):
+    return FF.info_nce_loss(f[:, 0], f[:, 1], temperature=0.07, backend=backend)
+
+
+def _info_nce_labels(f, labels, backend):
+    keys = torch.cat([f[:, 1], f[:, 0]])  # 2B keys, query i's positive at labels[i]
+    return FF.info_nce_loss(f[:, 0], keys, labels, symmetric=False, backend=backend)
+
+
+LOSSES = [_supcon_labels, _supcon_mask, _simclr, _supcon_one, _nt_xent, _info_nce_symmetric, _info_nce_labels]
+
+
+def _inputs(bsz, dim=12, dtype=torch.float32):
+    features = torch.nn.functional.normalize(torch.randn(bsz, 2, dim, dtype=dtype), dim=-1)
+    return features, torch.randint(0, 3, (bsz,))
+
+
+def _loss_and_grad(fn, features, labels, backend):
+    f = features.detach().clone().requires_grad_()
+    loss = fn(f, labels, backend)
+    (loss * 1.7).backward()  # grad_output != 1
+    return loss.detach(), f.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", LOSSES, ids=lambda f: f.__name__.strip("_"))
+def test_fullgraph_compile_matches_eager_without_recompiling(fn, backend):
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
+    frames = []
+    for bsz in (6, 11):  # a second batch size reuses the graph
+        features, labels = _inputs(bsz)
+        if fn is _info_nce_labels:
+            labels = torch.randint(0, 2 * bsz, (bsz,))
+        eager_loss, eager_grad = _loss_and_grad(fn, features, labels, backend)
+        loss, grad = _loss_and_grad(compiled, features, labels, backend)
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-6)
+        assert eager_loss.item() > 0
+        frames.append(counter.frame_count)
+    # (the first call may compile twice: Dynamo restarts once to turn the float arguments into graph inputs)
+    assert frames[0] >= 1 and frames[1] == frames[0], f"recompiled for a new batch size: frames {frames}"
+
+
+@pytest.mark.parametrize("fn", LOSSES, ids=lambda f: f.__name__.strip("_"))
+def test_explain_shows_no_graph_break(fn):
+    features, labels = _inputs(7)
+    if fn is _info_nce_labels:
+        labels = torch.randint(0, 14, (7,))
+    explanation = torch._dynamo.explain(fn)(features.requires_grad_(), labels, "chunked")
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_inductor_compiles_a_training_step():
+    """The default backend (Inductor) around an encoder + SupCon step, float64 so the numbers can be held tight."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8)).double()
+
+    def step(x, labels):
+        z = torch.nn.functional.normalize(encoder(x), dim=-1)
+        return FF.supcon_loss(z.view(-1, 2, 8), labels, temperature=0.1, backend="chunked")
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    for bsz in (5, 9):
+        x, labels = torch.randn(bsz * 2, 10, dtype=torch.float64), torch.randint(0, 3, (bsz,))
+        expected = step(x, labels)
+        expected_grads = torch.autograd.grad(expected, list(encoder.parameters()))
+        got = compiled(x, labels)
+        got_grads = torch.autograd.grad(got, list(encoder.parameters()))
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        for g, e in zip(got_grads, expected_grads):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+def _op_samples(dtype):
+    torch.manual_seed(0)
+    c = torch.nn.functional.normalize(torch.randn(10, 6, dtype=dtype), dim=1)
+    a = c[3:8].clone()
+    labels = torch.randint(0, 3, (10,))
+    mask = torch.rand(5, 5)
+    inv_t = 1 / 0.3
+
+    def leaf(x):
+        return x.detach().clone().requires_grad_()
+
+    return {
+        "self_labels": (None, leaf(c), labels, labels, None, 0, inv_t, 0.7),
+        "self_mask": (None, leaf(c), None, None, mask, 0, inv_t, 0.7),
+        "offset": (leaf(a), leaf(c), labels[3:8].clone(), labels, None, 3, inv_t, 1.0),
+        "no_self": (leaf(a), leaf(c), labels[:5].clone(), labels, None, None, inv_t, 1.0),
+        "two_way": (leaf(c[:5]), leaf(c[5:]), labels[:5].clone(), labels[5:].clone(), None, None, inv_t, 1.0),
+        "no_grad_anchor": (a.clone(), leaf(c), labels[3:8].clone(), labels, None, 3, inv_t, 1.0),
+    }
+
+
+@pytest.mark.parametrize("case", list(_op_samples(torch.float64)))
+def test_opcheck_chunked(case):
+    args = _op_samples(torch.float64)[case]
+    two_way = case == "two_way"
+    torch.library.opcheck(torch.ops.fastcl.contrastive_chunked, (*args, two_way, True))
+    no_grad = [x.detach() if torch.is_tensor(x) else x for x in args]  # want_grad=False: inputs without grad
+    torch.library.opcheck(torch.ops.fastcl.contrastive_chunked, (*no_grad, two_way, False))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", ["self_labels", "self_mask", "offset", "two_way"])
+def test_opcheck_triton(case):
+    if not triton_usable():
+        pytest.skip("needs triton on a GPU or under TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = [x.to(device).detach().requires_grad_(x.requires_grad) if torch.is_tensor(x) else x
+            for x in _op_samples(torch.float32)[case]]  # fmt: skip
+    route = {"self_labels": "self", "self_mask": "self", "offset": "one_way", "two_way": "two_way"}[case]
+    torch.library.opcheck(torch.ops.fastcl.contrastive_triton, (*args, route))
+
+
+def test_same_input_is_not_passed_twice():
+    """SupCon 'all' hands the op one embedding tensor (anchor None), so Dynamo sees no duplicate input."""
+    features, labels = _inputs(4)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(_supcon_labels, backend=backend, fullgraph=True)(features, labels, "chunked")
+    ops = (torch.ops.fastcl.contrastive_chunked, torch.ops.fastcl.contrastive_chunked.default)
+    calls = [n for n in graphs[0].graph.nodes if n.target in ops]
+    assert len(calls) == 1 and calls[0].args[0] is None
