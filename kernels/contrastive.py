@@ -31,6 +31,9 @@ from fastcl._core import TRITON_DTYPES, grad_coefficients, row_losses
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MAX_SINGLE_D_TILE = 256  # feature dims up to this are held in one tile; larger ones are looped in tiles of 128
+# fp32 (tf32x3) stages split operands: a [32, 256] fp32 tile alone needs ~196 KB of shared memory in the two-way
+# backward, over sm_80's limit, so fp32 loops feature tiles of 128 beyond D = 128.
+MAX_SINGLE_D_TILE_FP32 = 128
 
 # Integer arguments left out of Triton's divisibility-by-16 specialization (one compiled kernel whatever the batch
 # size, the mask period or the rank offset), and pointers left out of the 16-byte alignment one (labels and masks
@@ -541,81 +544,112 @@ INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, 
 # kernel at every BLOCK_D on every supported arch (``python -m fastcl.aot`` checks it).
 FIXED_PREFERENCE = (
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1),
 )
 # Opt-in shared memory per block (bytes) of the archs fastcl is lowered for (``cudaDevAttrMaxSharedMemoryPerBlockOptin``).
 SHARED_MEMORY_LIMITS = {80: 166_912, 90: 232_448}
 SHARED_MEMORY_BUDGET = min(SHARED_MEMORY_LIMITS.values())
 KERNEL_NAMES = ("fwd", "bwd_anchor", "bwd_contrast")
+# The variants a launch compiles: the backward kernels with and without the reverse direction fused in.
+KERNEL_VARIANTS = ("fwd", "bwd_anchor", "bwd_anchor[two_way]", "bwd_contrast", "bwd_contrast[two_way]")
+REGISTER_BUDGET = 48  # fp32 tile values per thread the kernels may hold without spilling (see keep_config)
+# fp32 (tf32x3) spills whatever the tile (README, "GPU resources"); its budget only keeps the tiles small enough that
+# the smallest fixed config (32 x 32) is kept at every feature dim.
+REGISTER_BUDGET_FP32 = 64
 
 
-def shared_memory_estimate(config: triton.Config, block_d: int, element_size: int, kernel: str = "bwd_anchor") -> int:
-    """Upper estimate of the shared memory (bytes) Triton allocates for ``kernel`` in ``config``.
+def variant_name(kernel: str, two_way: bool = False) -> str:
+    return f"{kernel}[two_way]" if two_way and kernel != "fwd" else kernel
 
-    The tile that stays put (the anchor block of the forward and of ``bwd_anchor``, the contrast block of
-    ``bwd_contrast``) is staged once; the streamed tile is multi-buffered ``num_stages`` deep; the backward kernels
-    also stage the ``[BLOCK_M, BLOCK_N]`` dS tile (input dtype) as the operand of the second product, plus fp32
-    layout-conversion scratch for the row statistics and the reductions.
+
+def shared_memory_estimate(config: triton.Config, dim: int, element_size: int, kernel: str = "bwd_anchor") -> int:
+    """Upper estimate of the shared memory (bytes) Triton allocates for ``kernel`` (a :data:`KERNEL_VARIANTS` name)
+    in ``config`` at feature dim ``dim`` (only its tile, :func:`block_d_for`, matters).
+
+    One feature tile: the tile that stays put (the anchor block of the forward and of ``bwd_anchor``, the contrast
+    block of ``bwd_contrast``) is staged once and the streamed tile ``num_stages`` deep. Looped feature tiles
+    (D > 256): both operands of the logits product stream, and the backward also stages its output-tile operand.
+    The backward kernels stage the ``[BLOCK_M, BLOCK_N]`` dS tile and layout-conversion scratch. fp32 tiles count
+    twice (tf32x3 stages split operands). Calibrated against ``python -m fastcl.aot`` (its ``estim`` column).
     """
+    block_d, single = block_d_for(dim, element_size)
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     stages = max(config.num_stages, 1)
-    resident, streamed = (block_n, block_m) if kernel == "bwd_contrast" else (block_m, block_n)
-    tiles = (resident + streamed * stages) * block_d * element_size
-    if block_d == 128 and kernel == "fwd":  # looped feature tiles (D > 256): both operands stream
-        tiles = (resident + streamed) * block_d * element_size * stages
+    resident, streamed = (block_n, block_m) if kernel.startswith("bwd_contrast") else (block_m, block_n)
+    if single:
+        tiles = (resident + streamed * stages) * block_d * element_size
+    else:
+        tiles = (block_m + block_n) * block_d * element_size * stages
+        if kernel != "fwd":
+            tiles += max(block_m, block_n) * block_d * element_size
+    if element_size == 4:
+        tiles *= 2
     scratch = 0 if kernel == "fwd" else block_m * block_n * max(element_size, 2) * 2
     return tiles + scratch + 1024
 
 
+def register_estimate(config: triton.Config, dim: int, element_size: int, kernel: str = "bwd_anchor") -> float:
+    """fp32 tile values per thread that ``kernel`` keeps live: the logits / dS tile (twice with the reverse
+    direction fused in), plus the gradient accumulator ``[resident rows, BLOCK_D]`` (backward) or the anchor tile
+    (forward; both operand tiles when the feature dim is looped). fp32 inputs count 1.5x (tf32x3 splits operands).
+
+    Calibrated on sm_80 / sm_90 lowerings of bf16 (``python -m fastcl.aot``): within :data:`REGISTER_BUDGET` nothing
+    spilled; the forward 128x64 / 8 warps (64 values, sm_80) and 64x128 (D = 256), the two-way backward 64x64 /
+    8 warps (64 values) did. fp32 with tf32x3 spills at every tile size tried (see the README's resource table).
+    """
+    block_d, single = block_d_for(dim, element_size)
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    threads = 32 * config.num_warps
+    tile = block_m * block_n * (2 if kernel.endswith("[two_way]") else 1)
+    if kernel == "fwd":
+        resident = (block_m if single else block_m + block_n) * block_d * element_size / 4
+    else:
+        resident = (block_n if kernel.startswith("bwd_contrast") else block_m) * block_d
+    return (tile + resident) / threads * (1.5 if element_size == 4 else 1.0)
+
+
 def keep_config(
     config: triton.Config,
-    block_d: int,
+    dim: int,
     element_size: int,
     kernel: str = "bwd_anchor",
     shared_limit: int = SHARED_MEMORY_BUDGET,
 ) -> bool:
-    """Whether ``config`` fits: its shared memory (:func:`shared_memory_estimate`) within ``shared_limit`` (default:
-    the smallest of :data:`SHARED_MEMORY_LIMITS`) and its fp32 tiles in registers without spilling.
-
-    The backward kernels hold the fp32 dS tile ``[BLOCK_M, BLOCK_N]`` and a gradient accumulator
-    ``[max(BLOCK_M, BLOCK_N), BLOCK_D]`` at once, the forward the logits tile and the anchor tile; more than ~96 fp32
-    values of those per thread spills. fp32 inputs count double (tf32x3 splits each operand in two).
-    """
-    if shared_memory_estimate(config, block_d, element_size, kernel) > shared_limit:
+    """Whether ``config`` fits ``kernel`` (a :data:`KERNEL_VARIANTS` name) at feature dim ``dim``: its shared memory
+    (:func:`shared_memory_estimate`) within ``shared_limit`` (default: the smallest of :data:`SHARED_MEMORY_LIMITS`)
+    and its live fp32 tile values (:func:`register_estimate`) within :data:`REGISTER_BUDGET` per thread."""
+    if shared_memory_estimate(config, dim, element_size, kernel) > shared_limit:
         return False
-    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    if kernel == "fwd":
-        fp32_values = block_m * block_n
-    else:
-        fp32_values = block_m * block_n + max(block_m, block_n) * block_d
-    fp32_per_thread = fp32_values * (2 if element_size == 4 else 1) // (32 * config.num_warps)
-    return fp32_per_thread <= 96
+    budget = REGISTER_BUDGET_FP32 if element_size == 4 else REGISTER_BUDGET
+    return register_estimate(config, dim, element_size, kernel) <= budget
 
 
-def fixed_config(kernel: str, block_d: int, element_size: int, candidates=None) -> triton.Config:
+def fixed_config(kernel: str, dim: int, element_size: int, candidates=None) -> triton.Config:
     """The one config used without autotuning: the first of ``candidates`` (default :data:`FIXED_PREFERENCE`) that
     :func:`keep_config` keeps, else the last preference (the smallest, which fits everywhere)."""
     for config in candidates if candidates is not None else FIXED_PREFERENCE:
-        if keep_config(config, block_d, element_size, kernel):
+        if keep_config(config, dim, element_size, kernel):
             return config
     return FIXED_PREFERENCE[-1]
 
 
-def autotune_configs(kernel: str, block_d: int, element_size: int, configs=None) -> list:
-    """The configs the autotuner times for this kernel, feature tile and dtype (never empty)."""
+def autotune_configs(kernel: str, dim: int, element_size: int, configs=None) -> list:
+    """The configs the autotuner times for this kernel variant, feature dim and dtype (never empty)."""
     configs = CONFIGS if configs is None else configs
-    kept = [c for c in configs if keep_config(c, block_d, element_size, kernel)]
-    return kept or [fixed_config(kernel, block_d, element_size)]
+    kept = [c for c in configs if keep_config(c, dim, element_size, kernel)]
+    return kept or [fixed_config(kernel, dim, element_size)]
 
 
-def launchable_configs(kernel: str, block_d: int, element_size: int) -> list:
-    """Every config a GPU launch can use for this kernel / feature tile / dtype: the autotuned set and the fixed
-    (also deterministic and fallback) config. ``python -m fastcl.aot`` lowers exactly these."""
-    configs = autotune_configs(kernel, block_d, element_size)
-    fixed = fixed_config(kernel, block_d, element_size)
+def launchable_configs(kernel: str, dim: int, element_size: int) -> list:
+    """Every config a GPU launch can use for this kernel variant / feature dim / dtype: the autotuned set and the
+    fixed (also deterministic and fallback) config. ``python -m fastcl.aot`` lowers exactly these."""
+    configs = autotune_configs(kernel, dim, element_size)
+    fixed = fixed_config(kernel, dim, element_size)
     return configs + [fixed] if all(_config_key(fixed) != _config_key(c) for c in configs) else configs
 
 
@@ -649,9 +683,10 @@ _AUTOTUNE_KEY = ["n_anchor_bucket", "n_contrast_bucket", "dim", "HAS_MASK", "EXC
 
 def _autotuned(name, configs):
     def prune(configs, named_args, **kwargs):
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        dim = named_args["dim"]
+        two_way = kwargs.get("TWO_WAY", named_args.get("TWO_WAY", False))
         element_size = named_args["anchor_ptr"].element_size()
-        return autotune_configs(name, block_d, element_size, configs)
+        return autotune_configs(variant_name(name, two_way), dim, element_size, configs)
 
     return triton.autotune(
         configs=configs,
@@ -664,13 +699,15 @@ def _autotuned(name, configs):
 _tuned = {}
 
 
-def _kernel_and_config(name, block_d, element_size):
-    """``(kernel, config)``: the raw kernel and its one config, or the autotuned kernel and None."""
+def _kernel_and_config(variant, dim, element_size):
+    """``(kernel, config)`` for a :data:`KERNEL_VARIANTS` name: the raw kernel and its one config, or the autotuned
+    kernel and None."""
+    name = variant.split("[")[0]
     configs = tuning_configs()
     if len(configs) == 1:
         return RAW_KERNELS[name], configs[0]
     if not autotuning_enabled():
-        return RAW_KERNELS[name], fixed_config(name, block_d, element_size, list(FIXED_PREFERENCE) + configs)
+        return RAW_KERNELS[name], fixed_config(variant, dim, element_size, list(FIXED_PREFERENCE) + configs)
     if name not in _tuned:  # built on first use so importing fastcl compiles nothing
         _tuned[name] = _autotuned(name, configs)
     return _tuned[name], None
@@ -681,9 +718,10 @@ def _kernel_and_config(name, block_d, element_size):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def block_d_for(dim: int) -> tuple[int, bool]:
-    """``(BLOCK_D, SINGLE_D_TILE)``: the whole feature dim in one tile when it fits, else tiles of 128."""
-    if dim <= MAX_SINGLE_D_TILE:
+def block_d_for(dim: int, element_size: int = 2) -> tuple[int, bool]:
+    """``(BLOCK_D, SINGLE_D_TILE)``: the whole feature dim in one tile when it fits (up to 256, 128 for fp32),
+    else tiles of 128."""
+    if dim <= (MAX_SINGLE_D_TILE_FP32 if element_size == 4 else MAX_SINGLE_D_TILE):
         return max(16, triton.next_power_of_2(dim)), True
     return 128, False
 
@@ -753,7 +791,7 @@ class _LaunchArgs:
                     raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
             mask = torch.zeros(1, dtype=torch.float32, device=self.device)
         self.n_anchor, self.n_contrast, self.dim = anchor.shape[0], contrast.shape[0], anchor.shape[1]
-        self.block_d, single = block_d_for(self.dim)
+        self.block_d, single = block_d_for(self.dim, anchor.element_size())
         self.element_size = anchor.element_size()
         self.tensors = (self.anchor, self.contrast, anchor_labels, contrast_labels, mask)
         self.sizes = (
@@ -781,7 +819,8 @@ class _LaunchArgs:
 
 
 def _launch(name, grid_of, leading, args: _LaunchArgs, scalars, constexprs):
-    kernel, config = _kernel_and_config(name, args.block_d, args.element_size)
+    variant = variant_name(name, constexprs.get("TWO_WAY", False))
+    kernel, config = _kernel_and_config(variant, args.dim, args.element_size)
     with _device_guard(args.device):
         if config is not None:
             meta = dict(config.kwargs)

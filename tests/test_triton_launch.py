@@ -87,19 +87,19 @@ ARCH_LIMITS = sorted(K.SHARED_MEMORY_LIMITS.items())
 
 
 @pytest.mark.parametrize("element_size", [2, 4])
-@pytest.mark.parametrize("block_d", [16, 32, 64, 128, 256])
-@pytest.mark.parametrize("kernel", K.KERNEL_NAMES)
-def test_every_launchable_config_passes_the_filter_for_every_arch(kernel, block_d, element_size):
-    configs = K.launchable_configs(kernel, block_d, element_size)
+@pytest.mark.parametrize("dim", [16, 64, 100, 128, 256, 512, 1024])
+@pytest.mark.parametrize("kernel", K.KERNEL_VARIANTS)
+def test_every_launchable_config_passes_the_filter_for_every_arch(kernel, dim, element_size):
+    configs = K.launchable_configs(kernel, dim, element_size)
     assert configs
-    fixed = K.fixed_config(kernel, block_d, element_size)
+    fixed = K.fixed_config(kernel, dim, element_size)
     assert any(K._config_key(c) == K._config_key(fixed) for c in configs)
     for config in configs:
         for arch, limit in ARCH_LIMITS:
-            assert K.keep_config(config, block_d, element_size, kernel, shared_limit=limit), (arch, config)
+            assert K.keep_config(config, dim, element_size, kernel, shared_limit=limit), (arch, config)
     # the prune fallback (nothing kept from a hopeless candidate list) is the fixed config, not configs[:1]
     huge = [triton.Config({"BLOCK_M": 512, "BLOCK_N": 512}, num_warps=1, num_stages=4)]
-    assert [K._config_key(c) for c in K.autotune_configs(kernel, block_d, element_size, huge)] == [
+    assert [K._config_key(c) for c in K.autotune_configs(kernel, dim, element_size, huge)] == [
         K._config_key(fixed)
     ]
 
@@ -108,7 +108,7 @@ def test_filter_rejects_the_configs_that_overflowed_shared_memory():
     """The issue's numbers: fp32, D in 129..256, the old fixed 128x64 / 8 warps / 2 stages needed 262,656 B (fwd),
     263,424 B and 330,240 B (backward, two-way): over sm_90's 232,448 B."""
     old_fixed = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)
-    for kernel in K.KERNEL_NAMES:
+    for kernel in K.KERNEL_VARIANTS:
         assert not K.keep_config(old_fixed, 256, 4, kernel, shared_limit=K.SHARED_MEMORY_LIMITS[90])
     assert K.shared_memory_estimate(old_fixed, 256, 4, "fwd") >= 262_656
     assert K.shared_memory_estimate(old_fixed, 256, 4, "bwd_anchor") >= 263_424
@@ -129,7 +129,7 @@ def test_fixed_config_without_autotuning(monkeypatch, how):
     monkeypatch.setattr(K, "_tuned", {})
     used = []
     original = K._kernel_and_config
-    monkeypatch.setattr(K, "_kernel_and_config", lambda *a: used.append(original(*a)) or used[-1])
+    monkeypatch.setattr(K, "_kernel_and_config", lambda *a: used.append((a, original(*a))) or used[-1][1])
     if how == "deterministic":
         previous = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -142,9 +142,11 @@ def test_fixed_config_without_autotuning(monkeypatch, how):
         if how == "deterministic":
             torch.use_deterministic_algorithms(previous)
     assert K._tuned == {}
-    for kernel, config in used:
+    assert {a[0] for a, _ in used} == {"fwd", "bwd_anchor[two_way]"}  # SupCon 'all': the one-kernel route
+    for (variant, dim, element_size), (kernel, config) in used:
         assert config is not None and kernel in K.RAW_KERNELS.values()
-        assert K._config_key(config) == K._config_key(K.fixed_config("fwd", 16, 4, list(K.FIXED_PREFERENCE)))
+        expected = K.fixed_config(variant, dim, element_size, list(K.FIXED_PREFERENCE) + candidates)
+        assert K._config_key(config) == K._config_key(expected)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
