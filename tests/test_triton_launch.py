@@ -198,3 +198,34 @@ def test_bad_arguments_name_the_argument():
         K.triton_forward(x, x, labels, labels[:3], None, 0, 1.0, 1.0, "one_way")
     with pytest.raises(ValueError, match="mask"):
         K.triton_forward(x, x, None, None, torch.ones(2, 3, device=DEVICE), 0, 1.0, 1.0, "one_way")
+
+
+@pytest.mark.parametrize("route", ["self", "one_way", "two_way"])
+def test_entry_points_called_directly_as_the_custom_op_does(route):
+    """triton_forward / triton_backward with a 0-dim device grad_output, as a torch.library op calls them: residuals
+    are four fp32 vectors of the documented shapes and the gradients equal the autograd path's."""
+    torch.manual_seed(5)
+    n_a, n_c = (14, 14) if route != "one_way" else (9, 14)
+    a = F.normalize(torch.randn(n_a, 12, device=DEVICE), dim=-1)
+    c = a if route == "self" else F.normalize(torch.randn(n_c, 12, device=DEVICE), dim=-1)
+    la = torch.randint(0, 4, (n_a,), device=DEVICE)
+    lc = la if route == "self" else torch.randint(0, 4, (n_c,), device=DEVICE)
+    offset = 0 if route == "self" else None
+    assert K.triton_route(a, c, la, lc, None, offset, route == "two_way") == route
+    loss, residuals = K.triton_forward(a, c, la, lc, None, offset, 1 / 0.3, 0.8, route)
+    assert len(residuals) == 4 and all(r.dtype == torch.float32 and r.dim() == 1 for r in residuals)
+    expected_cols = n_c if route == "two_way" else 0
+    assert [r.shape[0] for r in residuals] == [n_a, n_a, expected_cols, expected_cols]
+    grad_output = torch.tensor(1.7, device=DEVICE)
+    grad_a, grad_c = K.triton_backward(grad_output, a, c, la, lc, None, residuals, offset, 1 / 0.3, 0.8, route)
+
+    leaf_a = a.clone().requires_grad_()
+    leaf_c = leaf_a if route == "self" else c.clone().requires_grad_()
+    ref = K.triton_contrastive_loss(leaf_a, leaf_c, la, lc, None, offset, 1 / 0.3, 0.8, route == "two_way")
+    (ref * 1.7).backward()
+    assert torch.allclose(loss, ref.detach())
+    assert torch.allclose(grad_a, leaf_a.grad, rtol=1e-5, atol=1e-7)
+    if route == "self":
+        assert grad_c is None
+    else:
+        assert torch.allclose(grad_c, leaf_c.grad, rtol=1e-5, atol=1e-7)
