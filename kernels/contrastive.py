@@ -7,7 +7,8 @@ Only three fp32 numbers per anchor are written.
 
 Backward recomputes the dot tiles (flash-attention style) and forms ``dS = c_softmax * softmax - c_pos * w``
 tile by tile: one kernel accumulates ``dA = dS @ C`` per anchor block, a second ``dC = dS^T @ A`` per contrast block,
-so no atomics are needed and the result is deterministic. When the anchors are the contrast set (SupCon 'all',
+so no atomics are needed and the result is deterministic. At small N the reduction range (columns, or rows for
+``dC``) is split over one more grid axis and the partials are combined in a fixed order (``split_count``). When the anchors are the contrast set (SupCon 'all',
 NT-Xent) the first kernel alone forms ``(dS + dS^T) @ C`` from each tile (``TWO_WAY``); symmetric two-tower InfoNCE
 uses the same flag in both kernels, so each tile serves both directions. Nothing ``N x N`` is ever allocated.
 
@@ -186,12 +187,23 @@ def _transposed_dlogits_tile(
     return col_coef_softmax[None, :] * probs_t - col_coef_pos[None, :] * w_t
 
 
+@triton.jit
+def _split_range(n, BLOCK: tl.constexpr, AXIS: tl.constexpr):
+    """``(start, end)`` of this program's share of ``range(n)`` along grid axis ``AXIS``: whole blocks of ``BLOCK``,
+    split as evenly as possible over the axis (one share when the axis has one program)."""
+    n_blocks = tl.cdiv(n, BLOCK)
+    per_split = tl.cdiv(n_blocks, tl.num_programs(AXIS))
+    start = tl.program_id(AXIS) * per_split * BLOCK
+    return start, tl.minimum(start + per_split * BLOCK, n)
+
+
 @triton.jit(
     do_not_specialize=NOT_SPECIALIZED,
     do_not_specialize_on_alignment=NOT_ALIGNMENT_SPECIALIZED,
 )
 def _contrastive_fwd_kernel(
-    lse_ptr,
+    max_ptr,
+    sum_ptr,
     pos_logit_sum_ptr,
     pos_weight_ptr,
     anchor_ptr,
@@ -221,8 +233,11 @@ def _contrastive_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Row statistics of one block of anchors: ``lse`` (raw units, see above), the positive-logit sum (natural
-    units) and the positive weight. ``n_*_bucket`` only key the autotuner (the next power of two of the sizes)."""
+    """Row statistics of one block of anchors over this program's share of the contrast columns (grid axis 1
+    splits the columns; the shares are combined in a fixed order by ``contrastive_forward``): the running max of the
+    dots, the sum of ``exp2(logit_scale_log2 * (x - max))``, the positive-logit sum (natural units) and the positive
+    weight, each stored at ``[split, row]``. ``n_*_bucket`` only key the autotuner (the next power of two of the
+    sizes)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < n_anchor
     a_tile = _load_rows(anchor_ptr, rows, row_valid, stride_anchor, 0, dim, BLOCK_D)
@@ -234,9 +249,10 @@ def _contrastive_fwd_kernel(
     run_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     pos_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     pos_weight = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for col_start in range(0, n_contrast, BLOCK_N):
+    col_begin, col_end = _split_range(n_contrast, BLOCK_N, 1)
+    for col_start in range(col_begin, col_end, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
-        col_valid = cols < n_contrast
+        col_valid = cols < col_end
         c_tile = a_tile
         if SINGLE_D_TILE:
             c_tile = _load_rows(contrast_ptr, cols, col_valid, stride_contrast, 0, dim, BLOCK_D)
@@ -284,12 +300,11 @@ def _contrastive_fwd_kernel(
         )
         run_max = new_max
 
-    shift = tl.where(run_max == float("-inf"), 0.0, run_max)
-    run_sum = tl.where(row_valid, run_sum, 1.0)  # padding rows: keep log2(0) out of the way
-    lse_raw = shift + tl.log2(run_sum) / logit_scale_log2  # -inf for an empty denominator; exact when one term rules
-    tl.store(lse_ptr + rows, lse_raw, mask=row_valid)
-    tl.store(pos_logit_sum_ptr + rows, pos_sum * (logit_scale_log2 * 0.6931471805599453), mask=row_valid)
-    tl.store(pos_weight_ptr + rows, pos_weight, mask=row_valid)
+    out = tl.program_id(1).to(tl.int64) * n_anchor + rows
+    tl.store(max_ptr + out, run_max, mask=row_valid)
+    tl.store(sum_ptr + out, run_sum, mask=row_valid)
+    tl.store(pos_logit_sum_ptr + out, pos_sum * (logit_scale_log2 * 0.6931471805599453), mask=row_valid)
+    tl.store(pos_weight_ptr + out, pos_weight, mask=row_valid)
 
 
 @triton.jit
@@ -406,9 +421,10 @@ def _contrastive_bwd_anchor_kernel(
     )  # fmt: skip
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for col_start in range(0, n_contrast, BLOCK_N):
+    col_begin, col_end = _split_range(n_contrast, BLOCK_N, 2)
+    for col_start in range(col_begin, col_end, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
-        col_valid = cols < n_contrast
+        col_valid = cols < col_end
         c_tile = _load_rows(contrast_ptr, cols, col_valid, stride_contrast, d_out, dim, BLOCK_D)
         col_lse_raw = tl.zeros([BLOCK_N], dtype=tl.float32)
         col_coef_softmax = col_lse_raw
@@ -430,8 +446,10 @@ def _contrastive_bwd_anchor_kernel(
 
     d = d_out + tl.arange(0, BLOCK_D)
     grad_output = tl.load(grad_output_ptr).to(tl.float32)
+    # split columns (grid axis 2): fp32 partial sums at [split, row, :], reduced in a fixed order by the launcher
+    out_rows = tl.program_id(2).to(tl.int64) * n_anchor + rows.to(tl.int64)
     tl.store(
-        grad_anchor_ptr + rows.to(tl.int64)[:, None] * stride_grad + d[None, :],
+        grad_anchor_ptr + out_rows[:, None] * stride_grad + d[None, :],
         (acc * (grad_scale * grad_output)).to(grad_anchor_ptr.dtype.element_ty),
         mask=row_valid[:, None] & (d[None, :] < dim),
     )
@@ -499,9 +517,10 @@ def _contrastive_bwd_contrast_kernel(
     c_tile = _load_rows(contrast_ptr, cols, col_valid, stride_contrast, 0, dim, BLOCK_D)
 
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for row_start in range(0, n_anchor, BLOCK_M):
+    row_begin, row_end = _split_range(n_anchor, BLOCK_M, 2)
+    for row_start in range(row_begin, row_end, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M)
-        row_valid = rows < n_anchor
+        row_valid = rows < row_end
         a_tile = _load_rows(anchor_ptr, rows, row_valid, stride_anchor, d_out, dim, BLOCK_D)
         row_labels, lse_raw, coef_softmax, coef_pos = _load_row_stats(
             anchor_label_ptr, stride_anchor_label, lse_ptr, coef_softmax_ptr, coef_pos_ptr, rows, row_valid,
@@ -519,8 +538,9 @@ def _contrastive_bwd_contrast_kernel(
 
     d = d_out + tl.arange(0, BLOCK_D)
     grad_output = tl.load(grad_output_ptr).to(tl.float32)
+    out_cols = tl.program_id(2).to(tl.int64) * n_contrast + cols.to(tl.int64)
     tl.store(
-        grad_contrast_ptr + cols.to(tl.int64)[:, None] * stride_grad + d[None, :],
+        grad_contrast_ptr + out_cols[:, None] * stride_grad + d[None, :],
         (acc * (grad_scale * grad_output)).to(grad_contrast_ptr.dtype.element_ty),
         mask=col_valid[:, None] & (d[None, :] < dim),
     )
@@ -599,13 +619,17 @@ def register_estimate(config: triton.Config, dim: int, element_size: int, kernel
     (forward; both operand tiles when the feature dim is looped). fp32 inputs count 1.5x (tf32x3 splits operands).
 
     Calibrated on sm_80 / sm_90 lowerings of bf16 (``python -m fastcl.aot``): within :data:`REGISTER_BUDGET` nothing
-    spilled; the forward 128x64 / 8 warps (64 values, sm_80) and 64x128 (D = 256), the two-way backward 64x64 /
-    8 warps (64 values) did. fp32 with tf32x3 spills at every tile size tried (see the README's resource table).
+    spilled (bwd_contrast also counts its transposed dS tile and prefetched anchor tiles, see below); the forward
+    128x64 / 8 warps (64 values, sm_80) and 64x128 (D = 256), the two-way backward 64x64 / 8 warps (64 values) did. fp32 with tf32x3 spills at every tile size tried (see the README's resource table).
     """
     block_d, single = block_d_for(dim, element_size)
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     threads = 32 * config.num_warps
     tile = block_m * block_n * (2 if kernel.endswith("[two_way]") else 1)
+    if kernel.startswith("bwd_contrast"):
+        # dS is transposed for its product, and the prefetched anchor tiles of later stages stay in registers:
+        # two-way at D = 256 spilled 8 B on sm_90 at 48 values (64x32) and at 42 values with 2 stages (32x32).
+        tile = tile * 1.25 + (config.num_stages - 1) * block_m * block_d * element_size / 4
     if kernel == "fwd":
         resident = (block_m if single else block_m + block_n) * block_d * element_size / 4
     else:
@@ -832,19 +856,57 @@ def _launch(name, grid_of, leading, args: _LaunchArgs, scalars, constexprs):
             kernel[grid_of](*leading, *args.tensors, *scalars, **constexprs)
 
 
+# Small batches: split the reduction range (columns in the forward and bwd_anchor, rows in bwd_contrast) over one
+# more grid axis when the output blocks alone would leave SMs idle, aiming at SPLIT_PROGRAMS_PER_SM programs per SM;
+# each share streams at least MIN_SPLIT_LENGTH rows / columns. The partial results are combined in a fixed order
+# (deterministic). INTERPRETER_SMS stands in for the SM count off-GPU.
+SPLIT_PROGRAMS_PER_SM = 2
+MIN_SPLIT_LENGTH = 32
+NOMINAL_BLOCK = 64
+INTERPRETER_SMS = 1
+_sm_counts = {}
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
+def split_count(output_programs: int, reduce_length: int, device: torch.device) -> int:
+    """How many shares the reduction range is split into (1: no split), from the programs the outputs give (counted
+    with blocks of :data:`NOMINAL_BLOCK`), the range's length and the device's SM count."""
+    wanted = SPLIT_PROGRAMS_PER_SM * sm_count(device)
+    if output_programs >= wanted:
+        return 1
+    return max(1, min(triton.cdiv(wanted, max(output_programs, 1)), reduce_length // MIN_SPLIT_LENGTH))
+
+
 def contrastive_forward(args: _LaunchArgs, inv_temperature):
     """Row statistics ``(lse_raw, pos_logit_sum, pos_weight)``, each fp32 ``[Na]`` (``lse_raw / t`` is the natural
-    log-sum-exp of the logits)."""
-    stats = [torch.empty(args.n_anchor, dtype=torch.float32, device=args.device) for _ in range(3)]
+    log-sum-exp of the logits). With the columns split over ``S`` programs per anchor block, the kernel writes
+    ``[S, Na]`` partial (max, scaled sum, positive-logit sum, positive weight) and they are combined here in a
+    fixed order; ``S == 1`` gives exactly the single-pass statistics."""
+    splits = split_count(triton.cdiv(args.n_anchor, NOMINAL_BLOCK), args.n_contrast, args.device)
+    parts = [torch.empty(splits, args.n_anchor, dtype=torch.float32, device=args.device) for _ in range(4)]
     _launch(
         "fwd",
-        lambda meta: (triton.cdiv(args.n_anchor, meta["BLOCK_M"]),),
-        stats,
+        lambda meta: (triton.cdiv(args.n_anchor, meta["BLOCK_M"]), splits),
+        parts,
         args,
         (*args.sizes, inv_temperature * LOG2E),
         args.constexprs,
     )
-    return tuple(stats)
+    run_max, run_sum, pos_logit_sum, pos_weight = parts
+    scale_log2 = inv_temperature * LOG2E
+    top = run_max.max(dim=0).values
+    shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    total = (run_sum * torch.exp2(scale_log2 * (run_max - shift))).sum(dim=0)
+    lse_raw = shift + torch.log2(total) / scale_log2  # -inf for an empty denominator; exact when one term rules
+    return lse_raw, pos_logit_sum.sum(dim=0), pos_weight.sum(dim=0)
 
 
 def contrastive_backward(
@@ -875,26 +937,42 @@ def contrastive_backward(
     scalars = (*args.sizes,)
     grad_anchor = grad_contrast = None
     if need_anchor:
-        grad_anchor = torch.empty_like(args.anchor)
+        splits = split_count(triton.cdiv(args.n_anchor, NOMINAL_BLOCK) * d_tiles, args.n_contrast, args.device)
+        grad_anchor = _gradient_buffer(args.anchor, splits)
         _launch(
             "bwd_anchor",
-            lambda meta: (triton.cdiv(args.n_anchor, meta["BLOCK_M"]), d_tiles),
+            lambda meta: (triton.cdiv(args.n_anchor, meta["BLOCK_M"]), d_tiles, splits),
             (grad_anchor, grad_output),
             _with_stats(args, stats),
-            (*scalars, grad_anchor.stride(0), inv_temperature * LOG2E, grad_scale),
+            (*scalars, grad_anchor.stride(-2), inv_temperature * LOG2E, grad_scale),
             constexprs,
         )
+        grad_anchor = _reduce_splits(grad_anchor, args.anchor.dtype)
     if need_contrast and not self_symmetric:
-        grad_contrast = torch.empty_like(args.contrast)
+        splits = split_count(triton.cdiv(args.n_contrast, NOMINAL_BLOCK) * d_tiles, args.n_anchor, args.device)
+        grad_contrast = _gradient_buffer(args.contrast, splits)
         _launch(
             "bwd_contrast",
-            lambda meta: (triton.cdiv(args.n_contrast, meta["BLOCK_N"]), d_tiles),
+            lambda meta: (triton.cdiv(args.n_contrast, meta["BLOCK_N"]), d_tiles, splits),
             (grad_contrast, grad_output),
             _with_stats(args, stats),
-            (*scalars, grad_contrast.stride(0), inv_temperature * LOG2E, grad_scale),
+            (*scalars, grad_contrast.stride(-2), inv_temperature * LOG2E, grad_scale),
             constexprs,
         )
+        grad_contrast = _reduce_splits(grad_contrast, args.contrast.dtype)
     return grad_anchor, grad_contrast
+
+
+def _gradient_buffer(x: torch.Tensor, splits: int) -> torch.Tensor:
+    """The gradient itself (``splits == 1``), else fp32 partial sums ``[splits, N, D]``."""
+    if splits == 1:
+        return torch.empty_like(x)
+    return torch.empty(splits, *x.shape, dtype=torch.float32, device=x.device)
+
+
+def _reduce_splits(buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sum the partial gradients over the split axis in a fixed order (deterministic), in fp32."""
+    return buffer if buffer.dim() == 2 else buffer.sum(dim=0).to(dtype)
 
 
 def _with_stats(args: _LaunchArgs, stats) -> _LaunchArgs:

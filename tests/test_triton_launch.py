@@ -229,3 +229,74 @@ def test_entry_points_called_directly_as_the_custom_op_does(route):
         assert grad_c is None
     else:
         assert torch.allclose(grad_c, leaf_c.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_split_count_fills_the_gpu_at_everyday_batch_sizes():
+    """N >= 1024 on 132 SMs: at least 2 x SMs programs per launch (output blocks x splits); large N: no split."""
+    device = torch.device("cuda", 0)
+    K._sm_counts[0] = 132
+    try:
+        for n in (1024, 2048, 4096, 8192):
+            blocks = triton.cdiv(n, K.NOMINAL_BLOCK)
+            assert blocks * K.split_count(blocks, n, device) >= 2 * 132, n
+        assert K.split_count(triton.cdiv(65536, K.NOMINAL_BLOCK), 65536, device) == 1
+        assert K.split_count(1, 40, device) == 1  # too short a range to share
+    finally:
+        del K._sm_counts[0]
+
+
+@INTERPRETER_ONLY
+@pytest.mark.parametrize(
+    "case", ["supcon_all", "supcon_one_mask", "info_nce_symmetric", "info_nce_one_way_long_dim", "large_logits"]
+)
+def test_split_reduction_matches_float64(monkeypatch, case):
+    """Columns (forward, bwd_anchor) and rows (bwd_contrast) split over an extra grid axis with a fixed-order
+    combine: float64 agreement at odd sizes, splits really taken, and bitwise-equal reruns."""
+    from float64_reference import info_nce_float64, supcon_float64
+
+    monkeypatch.setattr(K, "INTERPRETER_SMS", 8)
+    monkeypatch.setattr(K, "MIN_SPLIT_LENGTH", 16)
+    grids = []
+    original = K._launch
+    monkeypatch.setattr(
+        K, "_launch", lambda name, grid_of, *a: grids.append(grid_of({"BLOCK_M": 16, "BLOCK_N": 16})) or original(
+            name, grid_of, *a
+        )
+    )
+    def run():
+        torch.manual_seed(7)
+        if case.startswith("supcon") or case == "large_logits":
+            norm = 100.0 if case == "large_logits" else 1.0
+            features = F.normalize(torch.randn(29, 2, 20), dim=-1) * norm
+            labels = torch.randint(0, 4, (29,))
+            mode = "one" if "one" in case else "all"
+            mask = (torch.rand(29, 29) < 0.3).float() if "mask" in case else None
+            t = 0.05 if case == "large_logits" else 0.2
+            x = features.clone().requires_grad_()
+            loss = FF.supcon_loss(x, None if mask is not None else labels, mask=mask, temperature=t,
+                                  contrast_mode=mode, backend="triton")  # fmt: skip
+            loss.backward()
+            ref_x = features.double().requires_grad_()
+            ref = supcon_float64(ref_x, None if mask is not None else labels, mask=mask, temperature=t,
+                                 contrast_mode=mode)  # fmt: skip
+            ref.backward()
+            return loss, [x.grad], ref, [ref_x.grad]
+        symmetric = case == "info_nce_symmetric"
+        dim = 300 if "long_dim" in case else 12
+        query, key = torch.randn(37, dim), torch.randn(37 if symmetric else 53, dim)
+        labels = None if symmetric else torch.randint(0, 53, (37,))
+        q, k = query.clone().requires_grad_(), key.clone().requires_grad_()
+        loss = FF.info_nce_loss(q, k, labels, temperature=0.1, symmetric=symmetric, backend="triton")
+        loss.backward()
+        rq, rk = query.double().requires_grad_(), key.double().requires_grad_()
+        ref = info_nce_float64(F.normalize(rq, dim=-1), F.normalize(rk, dim=-1), labels, 0.1, symmetric)
+        ref.backward()
+        return loss, [q.grad, k.grad], ref, [rq.grad, rk.grad]
+
+    loss, grads, ref, ref_grads = run()
+    assert any(len(g) > 1 and g[-1] > 1 for g in grids), grids  # a split grid was launched
+    assert abs(loss.item() - ref.item()) <= 2e-5 * max(1.0, abs(ref.item()))
+    for g, r in zip(grads, ref_grads):
+        assert ((g.double() - r).abs().max() / r.abs().max()).item() < (1e-5 if case == "large_logits" else 1e-4)
+    again = run()
+    assert torch.equal(loss, again[0]) and all(torch.equal(a, b) for a, b in zip(grads, again[1]))
