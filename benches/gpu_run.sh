@@ -7,9 +7,14 @@
 # Stages (each time-boxed; the whole run keeps to FASTCL_GPU_BUDGET_S, default 560 s; logs and results in $OUT):
 #   env       nvidia-smi, python / torch / triton versions                     -> env.txt
 #   install   pip install --no-deps --no-build-isolation -e .  (+ any wheels in $FASTCL_WHEELS, offline)
-#   aot       python -m fastcl.aot (sm_80 + sm_90 lowering), in the background while the tests run
+#   aot       python -m fastcl.aot --json (the CI subset, sm_80 + sm_90), in the background while the tests run
+#                                                                                            -> aot.json
 #   tests     python -m pytest tests -q (the tests detect CUDA; FASTCL_TRITON_AUTOTUNE=0: correctness only)
 #   correct   benches/gpu_correctness.py: triton vs float64 at N=16384, fp32 / bf16 / fp16   -> correctness.json
+#   checks    benches/gpu_checks.py: |logits| ~ 1e5 gradients, tf32x3 / tf32 accuracy, fp16 with a 2**16 / 2**20
+#             loss scale, the device guard (two GPUs), deterministic mode                     -> checks.json
+#   small_n   benches/gpu_small_n.py: N = 512 .. 65536, fp32 (tf32x3) and bf16, SupCon and symmetric InfoNCE,
+#             fwd+bwd against the dense reference and Inf-CL (FASTCL_TRITON_AUTOTUNE=0)          -> small_n.json
 #   targets   pytest benches/test_targets.py -m "not huge" (autotuned: ~14 configs x 3 kernels compiled per
 #             kernel variant, which is most of this stage's time)                          -> targets.json
 #   huge      pytest benches/test_targets.py -m huge (N = 2**20, FASTCL_TRITON_AUTOTUNE=0) -> huge.json
@@ -107,8 +112,8 @@ export PY
 stage install 60 bash -c 'set -euo pipefail; install'
 
 # ---- AOT lowering in the background (CPU only) while the tests use the GPU ------------------------------------
-AOT_ARGS=()
-if [[ "$DRY" == 1 ]]; then AOT_ARGS=(--arch 90 --jobs 2); fi
+AOT_ARGS=(--json "$OUT/aot.json")
+if [[ "$DRY" == 1 ]]; then AOT_ARGS+=(--arch 90 --dtype bf16 --dim 128 --jobs 2); else AOT_ARGS+=(--jobs 8); fi
 (timeout 150 "$PY" -m fastcl.aot "${AOT_ARGS[@]}" >"$OUT/aot.log" 2>&1; echo $? >"$OUT/aot.rc") &
 AOT_PID=$!
 
@@ -126,6 +131,17 @@ if [[ "$DRY" == 1 ]]; then
 else
     stage correct 60 env FASTCL_TRITON_AUTOTUNE=0 "$PY" benches/gpu_correctness.py --n 16384 \
         --json "$OUT/correctness.json"
+fi
+
+# ---- on-card checks of what the interpreter cannot show, and everyday batch sizes --------------------------------
+if [[ "$DRY" == 1 ]]; then
+    stage checks 120 env TRITON_INTERPRET=1 "$PY" benches/gpu_checks.py --device cpu --n 40 --d 16 \
+        --json "$OUT/checks.json"
+    stage small_n 120 env TRITON_INTERPRET=1 "$PY" benches/gpu_small_n.py --device cpu --n 32 48 --d 16 --reps 1 \
+        --dtypes fp32 --json "$OUT/small_n.json"
+else
+    stage checks 45 env FASTCL_TRITON_AUTOTUNE=0 "$PY" benches/gpu_checks.py --n 4096 --json "$OUT/checks.json"
+    stage small_n 90 env FASTCL_TRITON_AUTOTUNE=0 "$PY" benches/gpu_small_n.py --reps 5 --json "$OUT/small_n.json"
 fi
 
 wait "$AOT_PID" || true
@@ -169,6 +185,34 @@ print("| check | loss rel err | grad rel err | tolerances | ok |")
 print("|---|---|---|---|---|")
 for r in data["results"]:
     print(f"| {r['check']} | {r['loss_rel_err']:.2e} | {r['grad_rel_err']:.2e} | {r['loss_tol']:.0e} / {r['grad_tol']:.0e} | {'yes' if r['ok'] else 'NO'} |")
+EOF
+fi
+
+if [[ -s "$OUT/checks.json" ]]; then
+    "$PY" - "$OUT/checks.json" >>"$OUT/report.md" <<'EOF' || true
+import json, sys
+data = json.load(open(sys.argv[1]))
+print(f"\n### GPU checks ({data['device']}, N={data['n']}, D={data['d']}): {data['failed']} failed\n")
+print("| check | error | tolerance | ok |")
+print("|---|---|---|---|")
+for r in data["results"]:
+    err = f"{r['error']:.2e}" if isinstance(r.get("error"), float) else r.get("error", r.get("skipped", ""))
+    tol = f"{r['tolerance']:.0e}" if "tolerance" in r else ""
+    print(f"| {r['check']} | {err} | {tol} | {'yes' if r['ok'] else 'NO'} |")
+EOF
+fi
+if [[ -s "$OUT/small_n.json" ]]; then
+    "$PY" - "$OUT/small_n.json" >>"$OUT/report.md" <<'EOF' || true
+import json, sys
+data = json.load(open(sys.argv[1]))
+print(f"\n### Everyday batch sizes ({data['device']}), fwd+bwd, medians\n")
+print("| loss | dtype | N | triton ms | reference ms | reference / triton | Inf-CL ms |")
+print("|---|---|---|---|---|---|---|")
+for r in data["results"]:
+    ref = f"{r['reference_s'] * 1e3:.3f}" if "reference_s" in r else "-"
+    ratio = f"{r['reference_over_triton']:.2f}" if "reference_s" in r else "-"
+    inf = f"{r['infcl_s'] * 1e3:.3f}" if "infcl_s" in r else "-"
+    print(f"| {r['loss']} | {r['dtype']} | {r['n']} | {r['triton_s'] * 1e3:.3f} | {ref} | {ratio} | {inf} |")
 EOF
 fi
 

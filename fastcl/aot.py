@@ -1,18 +1,30 @@
-"""Ahead-of-time lowering of every fastcl Triton kernel, in every autotune config, for real GPU targets.
+"""Ahead-of-time lowering of the fastcl Triton kernels exactly as a GPU launch compiles them, for real GPU targets.
 
-``python -m fastcl.aot`` needs no GPU: it runs Triton's compiler (``triton.compile`` with a ``GPUTarget``) down to
-cubin for sm_80 and sm_90 and prints one row per kernel / config / arch with registers, stack (spills), shared
-memory and compile time, read from the cubin with the ``cuobjdump`` that Triton ships. Exit status 1 if any
-kernel fails to compile. Configs that ``keep_config`` prunes for the chosen dim and dtype are skipped, as the
-autotuner would skip them.
+``python -m fastcl.aot`` needs no GPU. For every kernel variant, every config a launch can use (the autotuned set
+after pruning, and the fixed config of ``FASTCL_TRITON_AUTOTUNE=0`` / deterministic mode / the prune fallback), every
+dtype and fp32 input precision (``tf32x3`` with TF32 off, ``tf32`` with it on) and every feature dim, it binds
+launch-like arguments with Triton's own runtime binder (16-byte aligned embedding pointers, sizes and strides as a
+call passes them, the kernels' ``do_not_specialize`` lists) so the signature, constants and divisibility attributes
+are those of a real launch, then runs ``triton.compile`` down to cubin for sm_80 / sm_90 and reads registers,
+stack (spills) and shared memory from the cubin with the ``cuobjdump`` that Triton ships.
 
-    python -m fastcl.aot                       # bf16, D=128, labels, self excluded; sm_80 + sm_90
-    python -m fastcl.aot --dtype fp32 --dim 512 --mask --arch 90
+Exit status 1 if any lowering fails, any shared memory exceeds the arch's limit, any sm_90 lowering emits no tensor
+core instruction, any kept config spills (fp32 via tf32x3 excepted: reported, see ``SPILLS_REPORTED_ONLY``), or the
+selection is empty.
+
+    python -m fastcl.aot --json aot.json          # the CI subset (below), sm_80 + sm_90
+    python -m fastcl.aot --full --json aot.json   # everything a launch can compile: D in 16..1024, all dtypes
+    python -m fastcl.aot --dtype fp32 --dim 256 --mask --arch 90
+
+The CI subset (default without ``--full``) lowers for sm_80 and sm_90, bf16 and fp32/tf32x3, D in {128, 256, 1024},
+every kernel variant in its fixed config (the one ``FASTCL_TRITON_AUTOTUNE=0`` and deterministic mode launch), and
+at D = 256 also the autotuned config with the largest shared-memory estimate (the one closest to the limit).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -21,37 +33,154 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-# (kernel, extra constexprs, label): every kernel, one-way and with the reverse direction fused in (TWO_WAY).
+# (kernel, label, extra constexprs): every kernel, one-way and with the reverse direction fused in (TWO_WAY).
 KERNEL_VARIANTS = (
-    ("_contrastive_fwd_kernel", {}, "fwd"),
-    ("_contrastive_bwd_anchor_kernel", {"TWO_WAY": False}, "bwd_anchor"),
-    ("_contrastive_bwd_anchor_kernel", {"TWO_WAY": True}, "bwd_anchor[two_way]"),
-    ("_contrastive_bwd_contrast_kernel", {"TWO_WAY": False}, "bwd_contrast"),
-    ("_contrastive_bwd_contrast_kernel", {"TWO_WAY": True}, "bwd_contrast[two_way]"),
+    ("_contrastive_fwd_kernel", "fwd", {}),
+    ("_contrastive_bwd_anchor_kernel", "bwd_anchor", {"TWO_WAY": False}),
+    ("_contrastive_bwd_anchor_kernel", "bwd_anchor[two_way]", {"TWO_WAY": True}),
+    ("_contrastive_bwd_contrast_kernel", "bwd_contrast", {"TWO_WAY": False}),
+    ("_contrastive_bwd_contrast_kernel", "bwd_contrast[two_way]", {"TWO_WAY": True}),
 )
-DTYPES = {"bf16": ("bf16", 2), "fp16": ("fp16", 2), "fp32": ("fp32", 4)}
-FLOAT_SCALARS = ("logit_scale_log2", "grad_scale")
-EMBEDDING_POINTERS = ("anchor_ptr", "contrast_ptr", "grad_anchor_ptr", "grad_contrast_ptr")
-LABEL_POINTERS = ("anchor_label_ptr", "contrast_label_ptr")
+# dtype -> (torch dtype name, element size, input precisions a launch can use)
+DTYPES = {
+    "bf16": ("bfloat16", 2, ("ieee",)),
+    "fp16": ("float16", 2, ("ieee",)),
+    "fp32": ("float32", 4, ("tf32x3", "tf32")),
+}
+DIMS = (16, 64, 128, 256, 512, 1024)
+# The CI subset (2 cores, a few minutes): bf16 (fp16 compiles the same tiles) and fp32 via tf32x3 (tf32 is the same
+# kernel with one product instead of three), D = 128 (the common one), 256 (the largest single feature tile, where
+# shared memory is tightest) and 1024 (looped feature tiles); the fixed config everywhere, plus at D = 256 the kept
+# autotune config with the largest shared-memory estimate.
+CI_DIMS = (128, 256, 1024)
+CI_PRECISIONS = {"bf16": ("ieee",), "fp32": ("tf32x3",)}
+ARCHS = (80, 90)
+# fp32 with tf32x3 (three tensor-core products on split operands) spills at every tile size tried; its spills are
+# printed and recorded (``spill_bytes``) but do not fail the run (README, "GPU resources").
+SPILLS_REPORTED_ONLY = ("tf32x3",)
+RECORD_KEYS = (
+    "kernel",
+    "arch",
+    "dtype",
+    "input_precision",
+    "dim",
+    "block_m",
+    "block_n",
+    "num_warps",
+    "num_stages",
+    "shared_bytes",
+    "shared_limit",
+    "registers",
+    "spill_bytes",
+    "tensor_cores",
+)
 
 
-def kernel_signature(arg_names, dtype: str, constexprs: dict) -> dict:
-    """Triton type strings for each argument of a fastcl kernel."""
-    signature = {}
-    for name in arg_names:
+def selection(dtypes, dims, archs, full: bool, has_mask: bool = False) -> list:
+    """The lowering jobs: one dict per kernel variant / config / arch / dtype / precision / dim (``full=False``: the
+    CI subset's configs and precisions)."""
+    import torch
+
+    from fastcl.kernels import contrastive as K
+
+    jobs = []
+    for dtype in dtypes:
+        torch_dtype, element_size, precisions = DTYPES[dtype]
+        if not full:
+            precisions = CI_PRECISIONS.get(dtype, precisions)
+        for dim in dims:
+            for kernel_name, label, variant in KERNEL_VARIANTS:
+                base = label  # configs are chosen per variant (two-way tiles hold twice the fp32 values)
+                fixed = K.fixed_config(base, dim, element_size)
+                autotuned = K.autotune_configs(base, dim, element_size)
+                if full:
+                    configs = K.launchable_configs(base, dim, element_size)
+                else:
+                    biggest = max(autotuned, key=lambda c: K.shared_memory_estimate(c, dim, element_size, base))
+                    extra = dim == 256 and K._config_key(biggest) != K._config_key(fixed)
+                    configs = [fixed] + ([biggest] if extra else [])
+                for config in configs:
+                    roles = []
+                    if any(K._config_key(c) == K._config_key(config) for c in autotuned):
+                        roles.append("autotuned")
+                    if K._config_key(config) == K._config_key(fixed):
+                        roles.append("fixed")
+                    for precision in precisions:
+                        for arch in archs:
+                            jobs.append(
+                                dict(
+                                    kernel_name=kernel_name,
+                                    kernel=label,
+                                    variant=variant,
+                                    arch=arch,
+                                    dtype=dtype,
+                                    torch_dtype=torch_dtype,
+                                    input_precision=precision,
+                                    dim=dim,
+                                    block_m=config.kwargs["BLOCK_M"],
+                                    block_n=config.kwargs["BLOCK_N"],
+                                    num_warps=config.num_warps,
+                                    num_stages=config.num_stages,
+                                    has_mask=has_mask,
+                                    roles=roles,
+                                )
+                            )
+    return jobs
+
+
+def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
+    """Positional and keyword arguments shaped like a real launch of ``fn`` (mock tensors: aligned pointers)."""
+    import torch
+    from triton.runtime.jit import MockTensor
+
+    from fastcl.kernels import contrastive as K
+
+    dim, torch_dtype = job["dim"], getattr(torch, job["torch_dtype"])
+    block_d, single = K.block_d_for(dim, DTYPES[job["dtype"]][1])
+    bsz = n // 2
+    values = dict(
+        n_anchor=n,
+        n_contrast=n,
+        dim=dim,
+        mask_period=bsz if job["has_mask"] else 1,
+        stride_anchor=dim,
+        stride_contrast=dim,
+        stride_anchor_label=1,
+        stride_contrast_label=1,
+        stride_mask_row=bsz if job["has_mask"] else 1,
+        stride_mask_col=1,
+        self_offset=0,
+        n_anchor_bucket=n,
+        n_contrast_bucket=n,
+        stride_grad=dim,
+        logit_scale_log2=20.6,
+        grad_scale=1.0 / n,
+    )
+    constexprs = dict(
+        HAS_MASK=job["has_mask"],
+        EXCLUDE_SELF=True,
+        INPUT_PRECISION=job["input_precision"],
+        SINGLE_D_TILE=single,
+        BLOCK_D=block_d,
+        BLOCK_M=job["block_m"],
+        BLOCK_N=job["block_n"],
+        **job["variant"],
+    )
+    if "TWO_WAY" in constexprs:
+        constexprs["RECOMPUTE_TRANSPOSED"] = constexprs["TWO_WAY"] and K.recompute_transposed(torch_dtype)
+    args = []
+    for name in fn.arg_names:
         if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in EMBEDDING_POINTERS:
-            signature[name] = "*" + dtype
-        elif name in LABEL_POINTERS:
-            signature[name] = "*i64"
+            continue
+        if name in ("anchor_ptr", "contrast_ptr", "grad_anchor_ptr", "grad_contrast_ptr"):
+            args.append(MockTensor(torch_dtype))
+        elif name in ("anchor_label_ptr", "contrast_label_ptr"):
+            args.append(MockTensor(torch.int64))
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32"
-        elif name in FLOAT_SCALARS:
-            signature[name] = "fp32"
+            args.append(MockTensor(torch.float32))
         else:
-            signature[name] = "i32"
-    return signature
+            args.append(values[name])
+    return args, constexprs
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -62,98 +191,139 @@ def _resource_usage(cubin: bytes) -> dict:
         f.write(cubin)
         f.flush()
         out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    found = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out))
+    found = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", out))
     return {k.lower(): int(v) for k, v in found.items()}
 
 
-def compile_one(job: tuple) -> dict:
-    """Lower one kernel/config/arch to cubin; returns a result row (``error`` set on failure)."""
-    kernel_name, variant, label, config_kwargs, num_warps, num_stages, arch, dtype, dim, has_mask = job
-    row = dict(kernel=label, arch=f"sm_{arch}", warps=num_warps, stages=num_stages, **config_kwargs)
+def compile_one(job: dict) -> dict:
+    """Lower one job to cubin as a launch would; returns its record (``error`` set on failure)."""
+    record = {key: job.get(key) for key in RECORD_KEYS}
+    record["arch"] = f"sm_{job['arch']}"
+    record["roles"] = job.get("roles", [])
     try:
+        os.environ.pop("TRITON_INTERPRET", None)
+        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
         import triton
+        from triton import knobs
         from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
+        from triton.compiler import ASTSource, make_backend
+        from triton.runtime.jit import create_function_from_signature
 
         from fastcl.kernels import contrastive as K
 
-        fn = getattr(K, kernel_name)
-        block_d, single = K.block_d_for(dim)
-        constexprs = dict(
-            HAS_MASK=has_mask,
-            EXCLUDE_SELF=True,
-            INPUT_PRECISION="ieee",
-            SINGLE_D_TILE=single,
-            BLOCK_D=block_d,
-            **variant,
-            **config_kwargs,
+        fn = getattr(K, job["kernel_name"])
+        target = GPUTarget("cuda", job["arch"], 32)
+        backend = make_backend(target)
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        args, constexprs = launch_arguments(fn, job)
+        kwargs = dict(
+            constexprs,
+            num_warps=job["num_warps"],
+            num_stages=job["num_stages"],
+            debug=False,
+            instrumentation_mode=knobs.compilation.instrumentation_mode,
+            fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts,
         )
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constants, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
         start = time.perf_counter()
         compiled = triton.compile(
-            ASTSource(fn, kernel_signature(fn.arg_names, DTYPES[dtype][0], constexprs), constexprs),
-            target=GPUTarget("cuda", arch, 32),
-            options=dict(num_warps=num_warps, num_stages=num_stages),
+            ASTSource(fn, signature, constants, attrs), target=target, options=options.__dict__
         )
-        row["seconds"] = round(time.perf_counter() - start, 2)
-        row["shared"] = compiled.metadata.shared
-        row.update(_resource_usage(compiled.asm["cubin"]))
-        row["mma"] = (
-            "wgmma" if "wgmma" in compiled.asm["ptx"] else ("mma" if "mma.sync" in compiled.asm["ptx"] else "-")
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        usage = _resource_usage(compiled.asm["cubin"])
+        record["shared_bytes"] = compiled.metadata.shared
+        record["shared_limit"] = K.SHARED_MEMORY_LIMITS[job["arch"]]
+        record["shared_estimate"] = K.shared_memory_estimate(
+            triton.Config({"BLOCK_M": job["block_m"], "BLOCK_N": job["block_n"]}, num_warps=job["num_warps"],
+                          num_stages=job["num_stages"]),
+            job["dim"], DTYPES[job["dtype"]][1], job["kernel"],
+        )  # fmt: skip
+        record["registers"] = usage.get("reg", -1)
+        record["spill_bytes"] = max(usage.get("stack", 0), usage.get("local", 0))
+        ptx = compiled.asm["ptx"]
+        record["mma"] = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "-")
+        record["tensor_cores"] = record["mma"] != "-"
+        record["divisibility_16"] = sorted(
+            fn.arg_names[path[0]] for path, attr in attrs.items() if ["tt.divisibility", 16] in attr
         )
     except Exception as exc:  # report every failure, keep going
-        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    return row
+        record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return record
 
 
-def jobs(dtype: str, dim: int, has_mask: bool, archs) -> list:
-    from fastcl.kernels import contrastive as K
-
-    block_d, _ = K.block_d_for(dim)
-    element_size = DTYPES[dtype][1]
-    return [
-        (name, variant, label, dict(config.kwargs), config.num_warps, config.num_stages, arch, dtype, dim, has_mask)
-        for name, variant, label in KERNEL_VARIANTS
-        for config in K.CONFIGS
-        if K.keep_config(config, block_d, element_size)
-        for arch in archs
-    ]
+def violations(record: dict) -> list:
+    """The invariants a record breaks (empty when it is fine)."""
+    if "error" in record:
+        return [f"failed: {record['error']}"]
+    out = []
+    if record["shared_bytes"] > record["shared_limit"]:
+        out.append(f"shared {record['shared_bytes']} B > {record['shared_limit']} B")
+    if record["arch"] == "sm_90" and not record["tensor_cores"]:
+        out.append("no tensor-core instruction on sm_90")
+    if record["spill_bytes"] > 0 and record.get("input_precision") not in SPILLS_REPORTED_ONLY:
+        out.append(f"spills {record['spill_bytes']} B")
+    return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastcl.aot", description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--dim", type=int, default=128, help="feature dim D (sets BLOCK_D)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="default: all")
+    parser.add_argument("--dim", type=int, action="append", help="feature dim(s) D; default: the subset's")
     parser.add_argument("--mask", action="store_true", help="the [bsz, bsz] mask variant instead of labels")
     parser.add_argument("--arch", type=int, action="append", help="SM version(s), default 80 and 90")
+    parser.add_argument("--full", action="store_true", help="every launchable config and D in 16..1024")
+    parser.add_argument("--json", metavar="PATH", help="write the records (a JSON list) here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     os.environ.pop("TRITON_INTERPRET", None)
 
-    todo = jobs(args.dtype, args.dim, args.mask, args.arch or [80, 90])
-    header = (
-        f"{'kernel':22s} {'arch':6s} {'BM':>4s} {'BN':>4s} {'warps':>5s} {'stages':>6s} "
-        f"{'regs':>5s} {'stack':>5s} {'shared':>7s} {'mma':>6s} {'sec':>5s}"
+    dims = args.dim or (DIMS if args.full else CI_DIMS)
+    dtypes = args.dtype or (sorted(DTYPES) if args.full else sorted(CI_PRECISIONS))
+    todo = selection(dtypes, dims, args.arch or ARCHS, args.full, args.mask)
+    print(
+        f"fastcl AOT: {len(todo)} lowerings ({'full' if args.full else 'CI subset'}), dims={list(dims)}, "
+        f"mask={args.mask}"
     )
-    print(f"fastcl AOT: {len(todo)} lowerings, dtype={args.dtype}, D={args.dim}, mask={args.mask}")
-    print(header)
-    failures = 0
+    print(
+        f"{'kernel':22s} {'arch':6s} {'dtype':5s} {'prec':6s} {'D':>5s} {'BM':>4s} {'BN':>4s} {'wrp':>3s} {'stg':>3s} "
+        f"{'regs':>4s} {'spill':>5s} {'shared':>7s} {'estim':>7s} {'mma':>5s} {'sec':>5s}"
+    )
+    records, bad = [], 0
+    start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for row in pool.map(compile_one, todo):
+        for record in pool.map(compile_one, todo):
+            records.append(record)
             prefix = (
-                f"{row['kernel']:22s} {row['arch']:6s} {row['BLOCK_M']:4d} {row['BLOCK_N']:4d} "
-                f"{row['warps']:5d} {row['stages']:6d}"
+                f"{record['kernel']:22s} {record['arch']:6s} {record['dtype']:5s} {record['input_precision']:6s} "
+                f"{record['dim']:5d} {record['block_m']:4d} {record['block_n']:4d} {record['num_warps']:3d} "
+                f"{record['num_stages']:3d}"
             )
-            if "error" in row:
-                failures += 1
-                print(f"{prefix} FAILED {row['error']}")
+            problems = violations(record)
+            bad += bool(problems)
+            if "error" in record:
+                print(f"{prefix} FAILED {record['error']}")
+                continue
+            if not problems and record["spill_bytes"] > 0:
+                problems_note = "  (spills reported only)"
             else:
-                print(
-                    f"{prefix} {row.get('reg', -1):5d} {row.get('stack', -1):5d} {row['shared']:7d} "
-                    f"{row['mma']:>6s} {row['seconds']:5.1f}"
-                )
-    print(f"fastcl AOT: {len(todo) - failures} compiled, {failures} failed")
-    return 1 if failures else 0
+                problems_note = f"  <- {'; '.join(problems)}" if problems else ""
+            print(
+                f"{prefix} {record['registers']:4d} {record['spill_bytes']:5d} {record['shared_bytes']:7d} "
+                f"{record['shared_estimate']:7d} {record['mma']:>5s} {record['seconds']:5.1f}{problems_note}"
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    if not records:
+        print("fastcl AOT: empty selection (nothing lowered)")
+        return 1
+    print(
+        f"fastcl AOT: {len(records)} lowered in {time.perf_counter() - start:.0f} s, {bad} break an invariant "
+        "(compile failure, shared memory over the arch limit, no tensor cores on sm_90, spills)"
+    )
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 They follow the widely used formulations step by step (SupContrast's ``SupConLoss`` and CLIP's symmetric
 cross-entropy) and materialise the full ``N x N`` similarity matrix, so they are readable but take O(N^2) memory.
-Inputs are assumed validated (see :mod:`fastcl.functional`). ``upcast=True`` computes in float64.
+Inputs are assumed validated (see :mod:`fastcl.functional`). They are the ground truth, so half-precision inputs
+(fp16 / bf16) are computed in fp32 (at t = 0.01 the logits overflow fp16) and the loss is returned in fp32, as by
+every fused backend; float64 inputs are computed and returned in float64; ``upcast=True`` computes in float64 and
+returns fp32.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 import torch.nn.functional as F
 
 
@@ -25,6 +30,8 @@ def supcon_loss_reference(
     """SupCon (L_out), the SupContrast formulation. ``features [bsz, n_views, dim]`` -> scalar."""
     if upcast:
         features = features.double()
+    elif features.dtype in HALF_DTYPES:
+        features = features.float()
     device = features.device
     bsz, n_views = features.shape[0], features.shape[1]
     if mask is None:
@@ -55,7 +62,8 @@ def supcon_loss_reference(
     positives = torch.where(positives < 1e-6, torch.ones_like(positives), positives)
     mean_log_prob_pos = (mask * log_prob).sum(1) / positives
     loss = -(temperature / base_temperature) * mean_log_prob_pos
-    return loss.view(anchor_count, bsz).mean().float() if upcast else loss.view(anchor_count, bsz).mean()
+    loss = loss.view(anchor_count, bsz).mean()
+    return loss.float() if upcast else loss
 
 
 def info_nce_loss_reference(
@@ -69,6 +77,8 @@ def info_nce_loss_reference(
     """Two-tower InfoNCE: ``query [B, D]``, ``key [M, D]``; the positive of query i is key ``labels[i]`` (default i)."""
     if upcast:
         query, key = query.double(), key.double()
+    elif query.dtype in HALF_DTYPES or key.dtype in HALF_DTYPES:
+        query, key = query.float(), key.float()
     logits = query @ key.T / temperature
     if labels is None:
         labels = torch.arange(query.shape[0], device=query.device)

@@ -1,9 +1,11 @@
-"""Ahead-of-time lowering for real GPUs works without one (one config here; CI runs the full table).
+"""Ahead-of-time lowering for real GPUs works without one and compiles what a launch compiles (one kernel here;
+CI runs ``python -m fastcl.aot --json`` over its subset).
 
-Runs in a subprocess: the test session may have TRITON_INTERPRET=1, under which kernels are not compilable.
+Lowering runs in a subprocess: the test session may have TRITON_INTERPRET=1, under which kernels are not compilable.
 """
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -14,45 +16,125 @@ pytest.importorskip("triton")
 
 from fastcl import aot
 
+SUBPROCESS_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
-def test_one_kernel_lowers_to_sm90_cubin():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    job = (
-        "_contrastive_bwd_anchor_kernel",
-        {"TWO_WAY": True},
-        "bwd_anchor[two_way]",
-        {"BLOCK_M": 64, "BLOCK_N": 64},
-        8,
-        2,
-        90,
-        "bf16",
-        128,
-        False,
+
+def _in_subprocess(code: str):
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=SUBPROCESS_ENV, capture_output=True, text=True, check=True
+    ).stdout
+    return ast.literal_eval(out.strip().splitlines()[-1])
+
+
+def test_one_kernel_lowers_to_sm90_cubin_with_launch_specialization():
+    jobs = [
+        j
+        for j in aot.selection(["bf16"], [128], [90], full=False)
+        if j["kernel"] == "bwd_anchor[two_way]" and "fixed" in j["roles"]
+    ]
+    assert len(jobs) == 1
+    record = _in_subprocess(f"from fastcl import aot; print(repr(aot.compile_one({jobs[0]!r})))")
+    assert "error" not in record, record.get("error")
+    assert set(aot.RECORD_KEYS) <= set(record)
+    assert 0 < record["registers"] <= 255
+    assert record["tensor_cores"] and record["mma"] == "wgmma"
+    assert 0 < record["shared_bytes"] <= record["shared_limit"] == 232_448
+    assert record["shared_bytes"] <= record["shared_estimate"]  # the filter's estimate is an upper bound here
+    assert aot.violations(record) == []
+    # as a launch: aligned embedding pointers, row strides and D divisible by 16; sizes and labels unspecialized
+    assert {"anchor_ptr", "contrast_ptr", "grad_anchor_ptr", "dim", "stride_anchor", "stride_grad"} <= set(
+        record["divisibility_16"]
     )
-    out = (
-        subprocess.run(
-            [sys.executable, "-c", f"from fastcl import aot; print(repr(aot.compile_one({job!r})))"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        .stdout.strip()
-        .splitlines()[-1]
+    assert not {"n_anchor", "n_contrast", "anchor_label_ptr", "mask_ptr", "self_offset"} & set(
+        record["divisibility_16"]
     )
-    row = ast.literal_eval(out)
-    assert "error" not in row, row.get("error")
-    assert 0 < row["reg"] <= 255
-    assert row["mma"] == "wgmma"
 
 
-def test_job_list_covers_every_kernel_and_arch():
-    jobs = aot.jobs("bf16", 128, False, [80, 90])
-    assert {j[2] for j in jobs} == {
-        "fwd",
-        "bwd_anchor",
-        "bwd_anchor[two_way]",
-        "bwd_contrast",
-        "bwd_contrast[two_way]",
+def test_compiled_kernels_carry_the_do_not_specialize_lists():
+    flags = _in_subprocess(
+        "import fastcl.kernels.contrastive as K; "
+        "print(repr({p.name: (p.do_not_specialize, p.do_not_specialize_on_alignment) "
+        "for p in K._contrastive_bwd_anchor_kernel.params}))"
+    )
+    assert flags["n_anchor"][0] and flags["self_offset"][0] and flags["mask_period"][0]
+    assert not flags["dim"][0] and not flags["stride_anchor"][0]
+    assert flags["anchor_label_ptr"][1] and flags["grad_output_ptr"][1]
+    assert not flags["anchor_ptr"][1]
+
+
+def test_selection_covers_every_launchable_config():
+    import fastcl.kernels.contrastive as K
+
+    full = aot.selection(sorted(aot.DTYPES), aot.DIMS, aot.ARCHS, full=True)
+    assert {j["kernel"] for j in full} == set(K.KERNEL_VARIANTS)
+    assert {j["arch"] for j in full} == {80, 90}
+    assert {(j["dtype"], j["input_precision"]) for j in full} == {
+        ("bf16", "ieee"),
+        ("fp16", "ieee"),
+        ("fp32", "tf32x3"),
+        ("fp32", "tf32"),
     }
-    assert {j[6] for j in jobs} == {80, 90}
+    assert {j["dim"] for j in full} == {16, 64, 128, 256, 512, 1024}
+    for dtype, element_size in (("bf16", 2), ("fp32", 4)):
+        for dim in aot.DIMS:
+            for variant in K.KERNEL_VARIANTS:
+                lowered = {
+                    (j["block_m"], j["block_n"], j["num_warps"], j["num_stages"])
+                    for j in full
+                    if j["kernel"] == variant and j["dtype"] == dtype and j["dim"] == dim and j["arch"] == 90
+                }
+                launchable = {K._config_key(c) for c in K.launchable_configs(variant, dim, element_size)}
+                assert lowered == launchable
+                assert K._config_key(K.fixed_config(variant, dim, element_size)) in lowered
+    ci = aot.selection(sorted(aot.CI_PRECISIONS), aot.CI_DIMS, aot.ARCHS, full=False)
+    assert 0 < len(ci) < 100 and all("fixed" in j["roles"] or j["dim"] == 256 for j in ci)
+
+
+def test_violations():
+    ok = dict(shared_bytes=1000, shared_limit=2000, arch="sm_90", tensor_cores=True, spill_bytes=0)
+    assert aot.violations(ok) == []
+    assert aot.violations(dict(ok, shared_bytes=3000))
+    assert aot.violations(dict(ok, tensor_cores=False))
+    assert aot.violations(dict(ok, arch="sm_80", tensor_cores=False)) == []
+    assert aot.violations(dict(ok, spill_bytes=8))
+    assert aot.violations({"error": "CompilationError: boom"})
+
+
+def _fake_record(job, **overrides):
+    record = {key: job.get(key) for key in aot.RECORD_KEYS}
+    record.update(
+        arch=f"sm_{job['arch']}", shared_bytes=1000, shared_limit=232_448, registers=128, spill_bytes=0,
+        tensor_cores=True, shared_estimate=2000, mma="wgmma", seconds=0.0,
+    )  # fmt: skip
+    record.update(overrides)
+    return record
+
+
+def test_main_writes_json_and_fails_on_a_broken_invariant(monkeypatch, tmp_path, capsys):
+    """Exit 1 on over-limit shared memory and on an empty selection; --json writes the records."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # main() drops it for its workers; restored afterwards
+    monkeypatch.setattr(aot, "ProcessPoolExecutor", _SerialPool)
+    monkeypatch.setattr(aot, "compile_one", lambda job: _fake_record(job))
+    path = tmp_path / "aot.json"
+    assert aot.main(["--dtype", "bf16", "--dim", "128", "--arch", "90", "--json", str(path)]) == 0
+    records = json.loads(path.read_text())
+    assert records and set(aot.RECORD_KEYS) <= set(records[0])
+    monkeypatch.setattr(aot, "compile_one", lambda job: _fake_record(job, shared_bytes=300_000))
+    assert aot.main(["--dtype", "bf16", "--dim", "128", "--arch", "90"]) == 1
+    monkeypatch.setattr(aot, "selection", lambda *a, **k: [])
+    assert aot.main(["--dtype", "bf16", "--dim", "128"]) == 1
+    assert "empty selection" in capsys.readouterr().out
+
+
+class _SerialPool:
+    def __init__(self, max_workers=None):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, items):
+        return map(fn, items)

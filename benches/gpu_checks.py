@@ -1,0 +1,181 @@
+"""On-card checks of what the interpreter cannot show (issue 9, items 2-5 and 10), with pass/fail per check.
+
+    python benches/gpu_checks.py [--json out.json]
+
+- large_logits: fp32, embeddings of norm 100 (|logits| ~ 1e5): Triton gradients within 1e-5 (max-abs relative) of
+  float64, for symmetric InfoNCE, SupCon 'all' and 'one' (the tile-sharing routes rely on bitwise-equal dots);
+- tf32x3: fp32 with TF32 off at unit norm: loss and gradients at fp32-level accuracy against float64 (1e-5), and
+  with ``allow_tf32 = True`` at TF32 level (5e-3);
+- loss_scale: fp16 SupCon 'all', NT-Xent and symmetric InfoNCE with grad_output 2**16 and 2**20: finite and within
+  fp16 tolerance of the chunked backend;
+- device_guard: with two or more GPUs, tensors on cuda:1 while cuda:0 is current give the same loss and gradients
+  as on cuda:0 (skipped with one GPU);
+- deterministic: under ``torch.use_deterministic_algorithms(True)`` two runs are bitwise equal and nothing is
+  autotuned.
+
+Exit status 1 if any check fails. ``--device cpu`` with TRITON_INTERPRET=1 runs the same checks at toy sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from fastcl import functional as FF
+
+
+def max_rel(got, ref) -> float:
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
+
+
+def norm_rel(got, ref) -> float:
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def _grads(loss_name, tensors, backend, grad_output=1.0, temperature=0.07, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    if loss_name == "info_nce":
+        loss = FF.info_nce_loss(*leaves, temperature=temperature, normalize=False, backend=backend, **kw)
+    elif loss_name == "nt_xent":
+        loss = FF.nt_xent_loss(*leaves, temperature=temperature, normalize=False, backend=backend)
+    else:
+        loss = FF.supcon_loss(leaves[0], kw["labels"], temperature=temperature, contrast_mode=kw.get("mode", "all"),
+                              base_temperature=temperature, backend=backend)  # fmt: skip
+    (loss * grad_output).backward()
+    return loss.detach(), [leaf.grad for leaf in leaves]
+
+
+def check_large_logits(n, d, device):
+    out = []
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(n, d, generator=g), dim=-1).mul(100).to(device)
+    k = F.normalize(torch.randn(n, d, generator=g), dim=-1).mul(100).to(device)
+    feats = F.normalize(torch.randn(n // 2, 2, d, generator=g), dim=-1).mul(100).to(device)
+    labels = torch.randint(0, 10, (n // 2,), generator=g).to(device)
+    cases = [
+        ("info_nce_symmetric", "info_nce", [q, k], {}, 0.07),
+        ("supcon_all", "supcon", [feats], {"labels": labels}, 0.01),
+        ("supcon_one", "supcon", [feats], {"labels": labels, "mode": "one"}, 0.01),
+    ]
+    for name, loss_name, tensors, kw, t in cases:
+        _, got = _grads(loss_name, tensors, "triton", temperature=t, **kw)
+        _, ref = _grads(loss_name, [x.double() for x in tensors], "chunked", temperature=t, **kw)
+        err = max(max_rel(a, b) for a, b in zip(got, ref))
+        out.append(dict(check=f"large_logits/{name}", error=err, tolerance=1e-5, ok=err < 1e-5))
+    return out
+
+
+def check_tf32x3(n, d, device):
+    out = []
+    g = torch.Generator().manual_seed(1)
+    q = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(device)
+    k = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(device)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allow, tol in ((False, 1e-5), (True, 5e-3)):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            loss, got = _grads("info_nce", [q, k], "triton", temperature=0.1)
+            ref_loss, ref = _grads("info_nce", [q.double(), k.double()], "chunked", temperature=0.1)
+            err = max([abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())] + [norm_rel(a, b) for a, b in zip(got, ref)])
+            name = "tf32" if allow else "tf32x3"
+            out.append(dict(check=f"fp32_precision/{name}", error=err, tolerance=tol, ok=err < tol))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return out
+
+
+def check_loss_scale(n, d, device):
+    out = []
+    g = torch.Generator().manual_seed(2)
+    feats = F.normalize(torch.randn(n // 2, 2, d, generator=g), dim=-1).to(device, torch.float16)
+    labels = torch.randint(0, 10, (n // 2,), generator=g).to(device)
+    a = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(device, torch.float16)
+    b = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(device, torch.float16)
+    for scale in (2.0**16, 2.0**20):
+        for name, loss_name, tensors, kw in (
+            ("supcon_all", "supcon", [feats], {"labels": labels}),
+            ("nt_xent", "nt_xent", [a, b], {}),
+            ("info_nce_symmetric", "info_nce", [a, b], {}),
+        ):
+            _, got = _grads(loss_name, tensors, "triton", grad_output=scale, temperature=0.5, **kw)
+            _, ref = _grads(loss_name, tensors, "chunked", grad_output=scale, temperature=0.5, **kw)
+            finite = all(torch.isfinite(x).all().item() for x in got)
+            ref_finite = all(torch.isfinite(x).all().item() for x in ref)
+            err = max(norm_rel(x.float(), y.float()) for x, y in zip(got, ref)) if finite and ref_finite else float("inf")
+            out.append(dict(check=f"loss_scale/{name}/2^{int(scale).bit_length() - 1}", error=err, tolerance=1e-2,
+                            ok=finite and err < 1e-2, chunked_finite=ref_finite))  # fmt: skip
+    return out
+
+
+def check_device_guard(n, d, device):
+    if device != "cuda" or torch.cuda.device_count() < 2:
+        return [dict(check="device_guard", ok=True, skipped="needs two GPUs")]
+    g = torch.Generator().manual_seed(3)
+    feats = F.normalize(torch.randn(n // 2, 2, d, generator=g), dim=-1)
+    labels = torch.randint(0, 10, (n // 2,), generator=g)
+    with torch.cuda.device(0):
+        loss0, grads0 = _grads("supcon", [feats.to("cuda:0")], "triton", labels=labels.to("cuda:0"))
+        loss1, grads1 = _grads("supcon", [feats.to("cuda:1")], "triton", labels=labels.to("cuda:1"))
+        torch.cuda.synchronize(1)
+    err = max([abs(loss0.item() - loss1.item())] + [max_rel(a, b) for a, b in zip(grads1, grads0)])
+    return [dict(check="device_guard", error=err, tolerance=1e-6, ok=err < 1e-6, current=0, tensors="cuda:1")]
+
+
+def check_deterministic(n, d, device):
+    import fastcl.kernels.contrastive as K
+
+    g = torch.Generator().manual_seed(4)
+    feats = F.normalize(torch.randn(n // 2, 2, d, generator=g), dim=-1).to(device, torch.bfloat16 if device == "cuda" else torch.float32)
+    labels = torch.randint(0, 10, (n // 2,), generator=g).to(device)
+    previous = torch.are_deterministic_algorithms_enabled()
+    tuned_before = dict(K._tuned)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        first = _grads("supcon", [feats], "triton", labels=labels)
+        second = _grads("supcon", [feats], "triton", labels=labels)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    equal = torch.equal(first[0], second[0]) and all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+    return [dict(check="deterministic", ok=equal and K._tuned == tuned_before, bitwise_equal=equal)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--d", type=int, default=128)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device (use --device cpu with TRITON_INTERPRET=1 for a plumbing check)")
+        return 2
+    results = []
+    for check in (check_large_logits, check_tf32x3, check_loss_scale, check_device_guard, check_deterministic):
+        try:
+            results += check(args.n, args.d, args.device)
+        except Exception as exc:  # a crash is a failed check, reported with the others
+            results.append(dict(check=check.__name__, ok=False, error=f"{type(exc).__name__}: {exc}"[:300]))
+    for r in results:
+        detail = f"error {r['error']:.2e} (tol {r['tolerance']:.0e})" if isinstance(r.get("error"), float) else ""
+        print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['check']:36s} {detail} {r.get('skipped', '')}")
+    failed = sum(not r["ok"] for r in results)
+    if args.json:
+        with open(args.json, "w") as f:
+            device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
+            json.dump({"device": device, "n": args.n, "d": args.d, "failed": failed, "results": results}, f, indent=1)
+    print(f"{len(results)} checks, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1" and "--device" in sys.argv and "cpu" in sys.argv:
+        print("--device cpu needs TRITON_INTERPRET=1 set before import")
+        sys.exit(2)
+    sys.exit(main())

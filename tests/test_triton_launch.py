@@ -1,0 +1,302 @@
+"""How the Triton kernels are launched: device guard, config choice (fixed, deterministic, autotuned, fallback),
+resource filter and autotune keys. Runs through the interpreter (config choices are plain Python)."""
+
+import contextlib
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+from conftest import DEVICE
+
+import fastcl.kernels.contrastive as K
+from fastcl import functional as FF
+
+pytestmark = pytest.mark.triton
+
+INTERPRETER_ONLY = pytest.mark.skipif(DEVICE == "cuda", reason="drives the config choice through the interpreter")
+
+
+def _host_timer(fn, quantiles=None):
+    start = time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - start
+    return [elapsed, elapsed, elapsed] if quantiles else elapsed
+
+
+def _supcon(n=13, dim=8, mode="all"):
+    torch.manual_seed(3)
+    x = F.normalize(torch.randn(n, 2, dim, device=DEVICE), dim=-1).requires_grad_()
+    loss = FF.supcon_loss(x, torch.randint(0, 3, (n,), device=DEVICE), contrast_mode=mode, backend="triton")
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def test_device_guard_enters_the_tensors_cuda_device(monkeypatch):
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(device):
+        entered.append(torch.device(device))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    with K._device_guard(torch.device("cuda", 1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with K._device_guard(torch.device("cpu")):
+        pass
+    assert entered == [torch.device("cuda", 1)]  # no CUDA guard for CPU (interpreter) tensors
+
+
+def test_every_launch_runs_inside_the_device_guard(monkeypatch):
+    """Each kernel launch happens while the guard for the tensors' device is held (forward and backward)."""
+    depth, seen = [0], []
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        depth[0] += 1
+        seen.append(device)
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    class CheckedKernel:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                assert depth[0] == 1, "kernel launched outside the device guard"
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    original = K._kernel_and_config
+    monkeypatch.setattr(K, "_device_guard", recording_guard)
+    monkeypatch.setattr(
+        K, "_kernel_and_config", lambda *a: (lambda kc: (CheckedKernel(kc[0]), kc[1]))(original(*a))
+    )
+    _supcon(mode="one")
+    assert seen == [torch.device(DEVICE)] * 3  # fwd, bwd_anchor, bwd_contrast
+
+
+ARCH_LIMITS = sorted(K.SHARED_MEMORY_LIMITS.items())
+
+
+@pytest.mark.parametrize("element_size", [2, 4])
+@pytest.mark.parametrize("dim", [16, 64, 100, 128, 256, 512, 1024])
+@pytest.mark.parametrize("kernel", K.KERNEL_VARIANTS)
+def test_every_launchable_config_passes_the_filter_for_every_arch(kernel, dim, element_size):
+    configs = K.launchable_configs(kernel, dim, element_size)
+    assert configs
+    fixed = K.fixed_config(kernel, dim, element_size)
+    assert any(K._config_key(c) == K._config_key(fixed) for c in configs)
+    for config in configs:
+        for arch, limit in ARCH_LIMITS:
+            assert K.keep_config(config, dim, element_size, kernel, shared_limit=limit), (arch, config)
+    # the prune fallback (nothing kept from a hopeless candidate list) is the fixed config, not configs[:1]
+    huge = [triton.Config({"BLOCK_M": 512, "BLOCK_N": 512}, num_warps=1, num_stages=4)]
+    assert [K._config_key(c) for c in K.autotune_configs(kernel, dim, element_size, huge)] == [
+        K._config_key(fixed)
+    ]
+
+
+def test_filter_rejects_the_configs_that_overflowed_shared_memory():
+    """The issue's numbers: fp32, D in 129..256, the old fixed 128x64 / 8 warps / 2 stages needed 262,656 B (fwd),
+    263,424 B and 330,240 B (backward, two-way): over sm_90's 232,448 B."""
+    old_fixed = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)
+    for kernel in K.KERNEL_VARIANTS:
+        assert not K.keep_config(old_fixed, 256, 4, kernel, shared_limit=K.SHARED_MEMORY_LIMITS[90])
+    assert K.shared_memory_estimate(old_fixed, 256, 4, "fwd") >= 262_656
+    assert K.shared_memory_estimate(old_fixed, 256, 4, "bwd_anchor") >= 263_424
+    assert K.shared_memory_estimate(old_fixed, 256, 4, "bwd_contrast") >= 330_240
+
+
+@INTERPRETER_ONLY
+@pytest.mark.parametrize("how", ["deterministic", "autotune_off"])
+def test_fixed_config_without_autotuning(monkeypatch, how):
+    """Under torch.use_deterministic_algorithms(True) (and FASTCL_TRITON_AUTOTUNE=0) nothing is timed: one fixed,
+    fitting config per kernel and feature tile, the same in every process."""
+    candidates = [
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+    ]
+    monkeypatch.setattr(K, "tuning_configs", lambda: candidates)
+    monkeypatch.setattr(K, "AUTOTUNE_DO_BENCH", _host_timer)
+    monkeypatch.setattr(K, "_tuned", {})
+    used = []
+    original = K._kernel_and_config
+    monkeypatch.setattr(K, "_kernel_and_config", lambda *a: used.append((a, original(*a))) or used[-1][1])
+    if how == "deterministic":
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        monkeypatch.setenv("FASTCL_TRITON_AUTOTUNE", "0")
+    try:
+        first = _supcon()
+        second = _supcon()
+    finally:
+        if how == "deterministic":
+            torch.use_deterministic_algorithms(previous)
+    assert K._tuned == {}
+    assert {a[0] for a, _ in used} == {"fwd", "bwd_anchor[two_way]"}  # SupCon 'all': the one-kernel route
+    for (variant, dim, element_size), (kernel, config) in used:
+        assert config is not None and kernel in K.RAW_KERNELS.values()
+        expected = K.fixed_config(variant, dim, element_size, list(K.FIXED_PREFERENCE) + candidates)
+        assert K._config_key(config) == K._config_key(expected)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@INTERPRETER_ONLY
+def test_autotune_key_buckets_the_sizes(monkeypatch):
+    """Sizes in one power-of-two bucket share one tuned config (no re-benchmark for a last partial batch)."""
+    candidates = [
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+    ]
+    monkeypatch.setattr(K, "tuning_configs", lambda: candidates)
+    monkeypatch.setattr(K, "AUTOTUNE_DO_BENCH", _host_timer)
+    monkeypatch.setattr(K, "_tuned", {})
+    _supcon(n=10)  # 2N = 20 -> bucket 32
+    _supcon(n=13)  # 26 -> 32
+    assert len(K._tuned["fwd"].cache) == 1
+    _supcon(n=17)  # 34 -> 64
+    assert len(K._tuned["fwd"].cache) == 2
+
+
+def test_sizes_and_offsets_are_not_specialized():
+    """Batch sizes, offsets, the mask period and label/mask strides never trigger a recompile; embedding pointers,
+    row strides and the feature dim keep Triton's 16-divisibility specialization (vectorized, pipelined loads)."""
+    for kernel in K.RAW_KERNELS.values():
+        names = set(kernel.arg_names)
+        not_specialized = set(K.NOT_SPECIALIZED)  # applied by @triton.jit; tests/test_aot.py checks the params
+        assert {"n_anchor", "n_contrast", "self_offset", "mask_period", "n_anchor_bucket"} <= not_specialized
+        assert not_specialized <= names
+        assert not {"dim", "stride_anchor", "stride_contrast"} & not_specialized
+        not_aligned = set(K.NOT_ALIGNMENT_SPECIALIZED)
+        assert {"anchor_label_ptr", "contrast_label_ptr", "mask_ptr"} <= not_aligned & names
+        assert not {"anchor_ptr", "contrast_ptr"} & not_aligned
+
+
+def test_fp32_uses_tensor_core_precisions(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert K.input_precision_for(torch.float32) == "tf32x3"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert K.input_precision_for(torch.float32) == "tf32"
+    assert K.input_precision_for(torch.bfloat16) == "ieee"
+
+
+def test_bad_arguments_name_the_argument():
+    x = torch.randn(5, 4, device=DEVICE)
+    labels = torch.arange(5, device=DEVICE)
+    with pytest.raises(TypeError, match="anchor"):
+        K.triton_forward(x.double(), x.double(), labels, labels, None, 0, 1.0, 1.0, "self")
+    with pytest.raises(ValueError, match="contrast_labels"):
+        K.triton_forward(x, x, labels, labels[:3], None, 0, 1.0, 1.0, "one_way")
+    with pytest.raises(ValueError, match="mask"):
+        K.triton_forward(x, x, None, None, torch.ones(2, 3, device=DEVICE), 0, 1.0, 1.0, "one_way")
+
+
+@pytest.mark.parametrize("route", ["self", "one_way", "two_way"])
+def test_entry_points_called_directly_as_the_custom_op_does(route):
+    """triton_forward / triton_backward with a 0-dim device grad_output, as a torch.library op calls them: residuals
+    are four fp32 vectors of the documented shapes and the gradients equal the autograd path's."""
+    torch.manual_seed(5)
+    n_a, n_c = (14, 14) if route != "one_way" else (9, 14)
+    a = F.normalize(torch.randn(n_a, 12, device=DEVICE), dim=-1)
+    c = a if route == "self" else F.normalize(torch.randn(n_c, 12, device=DEVICE), dim=-1)
+    la = torch.randint(0, 4, (n_a,), device=DEVICE)
+    lc = la if route == "self" else torch.randint(0, 4, (n_c,), device=DEVICE)
+    offset = 0 if route == "self" else None
+    assert K.triton_route(a, c, la, lc, None, offset, route == "two_way") == route
+    loss, residuals = K.triton_forward(a, c, la, lc, None, offset, 1 / 0.3, 0.8, route)
+    assert len(residuals) == 4 and all(r.dtype == torch.float32 and r.dim() == 1 for r in residuals)
+    expected_cols = n_c if route == "two_way" else 0
+    assert [r.shape[0] for r in residuals] == [n_a, n_a, expected_cols, expected_cols]
+    grad_output = torch.tensor(1.7, device=DEVICE)
+    grad_a, grad_c = K.triton_backward(grad_output, a, c, la, lc, None, residuals, offset, 1 / 0.3, 0.8, route)
+
+    leaf_a = a.clone().requires_grad_()
+    leaf_c = leaf_a if route == "self" else c.clone().requires_grad_()
+    ref = K.triton_contrastive_loss(leaf_a, leaf_c, la, lc, None, offset, 1 / 0.3, 0.8, route == "two_way")
+    (ref * 1.7).backward()
+    assert torch.allclose(loss, ref.detach())
+    assert torch.allclose(grad_a, leaf_a.grad, rtol=1e-5, atol=1e-7)
+    if route == "self":
+        assert grad_c is None
+    else:
+        assert torch.allclose(grad_c, leaf_c.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_split_count_fills_the_gpu_at_everyday_batch_sizes():
+    """N >= 1024 on 132 SMs: at least 2 x SMs programs per launch (output blocks x splits); large N: no split."""
+    device = torch.device("cuda", 0)
+    K._sm_counts[0] = 132
+    try:
+        for n in (1024, 2048, 4096, 8192):
+            blocks = triton.cdiv(n, K.NOMINAL_BLOCK)
+            assert blocks * K.split_count(blocks, n, device) >= 2 * 132, n
+        assert K.split_count(triton.cdiv(65536, K.NOMINAL_BLOCK), 65536, device) == 1
+        assert K.split_count(1, 40, device) == 1  # too short a range to share
+    finally:
+        del K._sm_counts[0]
+
+
+@INTERPRETER_ONLY
+@pytest.mark.parametrize(
+    "case", ["supcon_all", "supcon_one_mask", "info_nce_symmetric", "info_nce_one_way_long_dim", "large_logits"]
+)
+def test_split_reduction_matches_float64(monkeypatch, case):
+    """Columns (forward, bwd_anchor) and rows (bwd_contrast) split over an extra grid axis with a fixed-order
+    combine: float64 agreement at odd sizes, splits really taken, and bitwise-equal reruns."""
+    from float64_reference import info_nce_float64, supcon_float64
+
+    monkeypatch.setattr(K, "INTERPRETER_SMS", 8)
+    monkeypatch.setattr(K, "MIN_SPLIT_LENGTH", 16)
+    grids = []
+    original = K._launch
+    monkeypatch.setattr(
+        K, "_launch", lambda name, grid_of, *a: grids.append(grid_of({"BLOCK_M": 16, "BLOCK_N": 16})) or original(
+            name, grid_of, *a
+        )
+    )
+    def run():
+        torch.manual_seed(7)
+        if case.startswith("supcon") or case == "large_logits":
+            norm = 100.0 if case == "large_logits" else 1.0
+            features = F.normalize(torch.randn(29, 2, 20), dim=-1) * norm
+            labels = torch.randint(0, 4, (29,))
+            mode = "one" if "one" in case else "all"
+            mask = (torch.rand(29, 29) < 0.3).float() if "mask" in case else None
+            t = 0.05 if case == "large_logits" else 0.2
+            x = features.clone().requires_grad_()
+            loss = FF.supcon_loss(x, None if mask is not None else labels, mask=mask, temperature=t,
+                                  contrast_mode=mode, backend="triton")  # fmt: skip
+            loss.backward()
+            ref_x = features.double().requires_grad_()
+            ref = supcon_float64(ref_x, None if mask is not None else labels, mask=mask, temperature=t,
+                                 contrast_mode=mode)  # fmt: skip
+            ref.backward()
+            return loss, [x.grad], ref, [ref_x.grad]
+        symmetric = case == "info_nce_symmetric"
+        dim = 300 if "long_dim" in case else 12
+        query, key = torch.randn(37, dim), torch.randn(37 if symmetric else 53, dim)
+        labels = None if symmetric else torch.randint(0, 53, (37,))
+        q, k = query.clone().requires_grad_(), key.clone().requires_grad_()
+        loss = FF.info_nce_loss(q, k, labels, temperature=0.1, symmetric=symmetric, backend="triton")
+        loss.backward()
+        rq, rk = query.double().requires_grad_(), key.double().requires_grad_()
+        ref = info_nce_float64(F.normalize(rq, dim=-1), F.normalize(rk, dim=-1), labels, 0.1, symmetric)
+        ref.backward()
+        return loss, [q.grad, k.grad], ref, [rq.grad, rk.grad]
+
+    loss, grads, ref, ref_grads = run()
+    assert any(len(g) > 1 and g[-1] > 1 for g in grids), grids  # a split grid was launched
+    assert abs(loss.item() - ref.item()) <= 2e-5 * max(1.0, abs(ref.item()))
+    for g, r in zip(grads, ref_grads):
+        assert ((g.double() - r).abs().max() / r.abs().max()).item() < (1e-5 if case == "large_logits" else 1e-4)
+    again = run()
+    assert torch.equal(loss, again[0]) and all(torch.equal(a, b) for a, b in zip(grads, again[1]))
