@@ -138,11 +138,100 @@ def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, self_off
     return stats, grad_anchor.mul_(inv_temperature), grad_contrast
 
 
+def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, want_grad):
+    """Both directions of a label-defined loss from the same similarity blocks: ``(loss, dA, dC)``.
+
+    Pass 1 forms each row block ``s = a c^T`` once and reduces it to the row log-sum-exp (this direction) and, online
+    across row blocks, the column log-sum-exp (the reverse direction: contrast rows anchoring over the anchors). The
+    column statistics are final only after the last row block, so with ``want_grad`` pass 2 recomputes each block and
+    turns it into the combined ``dL/ds = (fwd softmax + reverse softmax) / 2`` before the two gradient products: four
+    block GEMMs in all (dense needs three and an ``N x N`` buffer; two one-way passes need six). When one block holds
+    the whole problem the logits of pass 1 are kept, so it is exactly three. Positives of both directions come from
+    per-class sums (:class:`_LabelPositives`), never from the block. Only ``self_offset`` None or 0 (the same pairs
+    excluded in both directions).
+    """
+    compute_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
+    a_all = anchor.to(compute_dtype) * inv_temperature  # s = a_all @ c_all.T
+    c_all = contrast.to(compute_dtype)
+    n_anchor, n_contrast = a_all.shape[0], c_all.shape[0]
+    device = a_all.device
+    forward_pos = _LabelPositives(a_all, c_all, anchor_labels, contrast_labels, self_offset)
+    reverse_pos = _LabelPositives(c_all, a_all, contrast_labels, anchor_labels, self_offset)
+
+    row_lse = torch.empty(n_anchor, dtype=compute_dtype, device=device)
+    col_max = torch.full((n_contrast,), float("-inf"), dtype=compute_dtype, device=device)
+    col_sum = torch.zeros(n_contrast, dtype=compute_dtype, device=device)
+    block = _block_rows(n_anchor, n_contrast, device)
+    single_block = block >= n_anchor
+    kept = None
+
+    def block_logits(start, stop):
+        logits = a_all[start:stop] @ c_all.T
+        if self_offset is not None:
+            rows = torch.arange(start, stop, device=device)
+            logits[rows - start, rows + self_offset] = float("-inf")
+        return logits
+
+    for start in range(0, n_anchor, block):
+        stop = min(start + block, n_anchor)
+        logits = block_logits(start, stop)
+        # columns: online log-sum-exp across row blocks (rescale the running sum to the new running max)
+        new_max = torch.maximum(col_max, logits.amax(dim=0))
+        col_shift = torch.where(new_max == float("-inf"), torch.zeros_like(new_max), new_max)
+        col_sum.mul_(torch.exp(col_max - col_shift)).add_(torch.exp(logits - col_shift).sum(dim=0))
+        col_max = new_max
+        # rows: complete within the block
+        row_max = logits.amax(dim=1)
+        row_shift = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
+        exps = torch.sub(logits, row_shift[:, None]) if single_block else logits.sub_(row_shift[:, None])
+        row_lse[start:stop] = row_shift + torch.log(exps.exp_().sum(dim=1))
+        if single_block:
+            kept = logits
+        del logits, exps
+    col_shift = torch.where(col_max == float("-inf"), torch.zeros_like(col_max), col_max)
+    col_lse = col_shift + torch.log(col_sum)
+
+    forward_loss = row_losses(forward_pos.pos_logit_sum, forward_pos.pos_weight, row_lse, scale).mean()
+    reverse_loss = row_losses(reverse_pos.pos_logit_sum, reverse_pos.pos_weight, col_lse, scale).mean()
+    loss = 0.5 * (forward_loss + reverse_loss)
+    if not want_grad:
+        return loss, None, None
+
+    # dL/ds_ij = 1/2 [cf_i exp(s_ij - lse_i) + cr_j exp(s_ij - lse'_j) - cpf_i w_ij - cpr_j w_ij]; positives below
+    forward_softmax, forward_coef_pos = grad_coefficients(forward_pos.pos_weight, 0.5 * scale / n_anchor)
+    reverse_softmax, reverse_coef_pos = grad_coefficients(reverse_pos.pos_weight, 0.5 * scale / n_contrast)
+    forward_softmax = torch.where(row_lse == float("-inf"), torch.zeros_like(row_lse), forward_softmax)
+    reverse_softmax = torch.where(col_lse == float("-inf"), torch.zeros_like(col_lse), reverse_softmax)
+    row_lse = torch.where(row_lse == float("-inf"), torch.zeros_like(row_lse), row_lse)
+    col_lse = torch.where(col_lse == float("-inf"), torch.zeros_like(col_lse), col_lse)
+
+    grad_anchor = torch.empty_like(a_all)
+    grad_contrast = torch.zeros_like(c_all)
+    for start in range(0, n_anchor, block):
+        stop = min(start + block, n_anchor)
+        logits = kept if single_block else block_logits(start, stop)
+        kept = None
+        reverse_part = torch.sub(logits, col_lse).exp_().mul_(reverse_softmax)
+        dlogits = logits.sub_(row_lse[start:stop, None]).exp_().mul_(forward_softmax[start:stop, None])
+        dlogits.add_(reverse_part)
+        del reverse_part
+        torch.mm(dlogits, c_all, out=grad_anchor[start:stop])
+        grad_contrast.addmm_(dlogits.T, a_all[start:stop])
+        del logits, dlogits
+    forward_pos.subtract_gradients(grad_anchor, grad_contrast, a_all, c_all, forward_coef_pos)
+    reverse_pos.subtract_gradients(grad_contrast, grad_anchor, c_all, a_all, reverse_coef_pos)
+    return loss, grad_anchor.mul_(inv_temperature), grad_contrast
+
+
 def chunked_forward(
     anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way, want_grad
 ):
     """``(loss, grad_anchor, grad_contrast)``: the loss (fp32, float64 for float64 inputs) and, with ``want_grad``,
     its gradients for ``grad_output = 1`` in the compute dtype (else None). ``two_way`` averages both directions."""
+    if two_way and mask is None and self_offset in (None, 0):
+        return _two_way_pass(
+            anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, want_grad
+        )
     stats, grad_anchor, grad_contrast = _fused_pass(
         anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, want_grad
     )
