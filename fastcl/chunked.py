@@ -21,6 +21,7 @@ from fastcl._core import grad_coefficients, row_losses
 
 # Bytes of fp32 logits per block: small enough to stay near the caches on a CPU, large enough for fast GEMMs.
 _BLOCK_BYTES = int(os.environ.get("FASTCL_CHUNK_BYTES", 4 * 1024 * 1024))
+_SINGLE_BLOCK_PAIRS = 512 * 512  # up to this many pairs: the dense single-block route (_single_block)
 _MIN_BLOCK_ROWS = 64  # at very large N the byte budget alone would give GEMMs too thin to run fast
 
 
@@ -223,11 +224,62 @@ def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset,
     return loss, grad_anchor.mul_(inv_temperature), grad_contrast
 
 
+def _single_block(anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, two_way,
+                  want_grad):
+    """Label-defined loss (one or both directions) when one block holds the whole ``[Na, Nc]`` problem.
+
+    The cheapest exact route at small N: three GEMMs and a handful of whole-matrix elementwise ops, with the
+    positive weights read from a label comparison instead of per-class sums (whose sort, scatter and gather
+    dominate below a few hundred rows).
+    """
+    compute_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
+    a_all = anchor.to(compute_dtype) * inv_temperature
+    c_all = contrast.to(compute_dtype)
+    n_anchor, n_contrast = a_all.shape[0], c_all.shape[0]
+    logits = a_all @ c_all.T
+    w = (anchor_labels[:, None] == contrast_labels[None, :]).to(compute_dtype)
+    if self_offset is not None:
+        rows = torch.arange(n_anchor, device=a_all.device)
+        w[rows, rows + self_offset] = 0.0
+    weighted = w * logits  # before the self logits become -inf
+    if self_offset is not None:
+        logits[rows, rows + self_offset] = float("-inf")
+    row_lse = torch.logsumexp(logits, dim=1)
+    row_weight = w.sum(1)
+    loss = row_losses(weighted.sum(1), row_weight, row_lse, scale).mean()
+    half = 0.5 if two_way else 1.0
+    if two_way:
+        col_lse = torch.logsumexp(logits, dim=0)
+        col_weight = w.sum(0)
+        loss = half * (loss + row_losses(weighted.sum(0), col_weight, col_lse, scale).mean())
+    if not want_grad:
+        return loss, None, None
+
+    def coefficients(weight, lse, count):
+        softmax, pos = grad_coefficients(weight, half * scale / count)
+        empty = lse == float("-inf")
+        return torch.where(empty, torch.zeros_like(softmax), softmax), pos, torch.where(empty, torch.zeros_like(lse), lse)
+
+    softmax, pos, lse = coefficients(row_weight, row_lse, n_anchor)
+    dlogits = torch.sub(logits, lse[:, None]).exp_().mul_(softmax[:, None]).addcmul_(w, pos[:, None], value=-1.0)
+    if two_way:
+        softmax, pos, lse = coefficients(col_weight, col_lse, n_contrast)
+        dlogits.add_(logits.sub_(lse).exp_().mul_(softmax)).addcmul_(w, pos, value=-1.0)
+    return loss, (dlogits @ c_all).mul_(inv_temperature), dlogits.T @ a_all
+
+
 def chunked_forward(
     anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way, want_grad
 ):
     """``(loss, grad_anchor, grad_contrast)``: the loss (fp32, float64 for float64 inputs) and, with ``want_grad``,
     its gradients for ``grad_output = 1`` in the compute dtype (else None). ``two_way`` averages both directions."""
+    # below ~512 x 512 pairs the per-class positives' fixed costs (sort, scatter, gather) outweigh a dense
+    # label comparison; above it the blockwise route is faster even when one block would hold everything
+    single = anchor.shape[0] * contrast.shape[0] <= _SINGLE_BLOCK_PAIRS
+    if mask is None and single and (not two_way or self_offset in (None, 0)):
+        return _single_block(
+            anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, two_way, want_grad
+        )
     if two_way and mask is None and self_offset in (None, 0):
         return _two_way_pass(
             anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, want_grad

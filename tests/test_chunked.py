@@ -56,6 +56,14 @@ def test_two_way_matches_dense_float64(monkeypatch, blocks, n_anchor, n_contrast
     torch.testing.assert_close(grad_anchor, ref_grad_anchor, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(grad_contrast, ref_grad_contrast, rtol=1e-9, atol=1e-12)
 
+    # the blockwise two-pass route directly (chunked_forward takes the dense single-block route when one block fits)
+    loss2, grad_anchor2, grad_contrast2 = fastcl.chunked._two_way_pass(
+        anchor.detach(), contrast.detach(), anchor_labels, contrast_labels, self_offset, inv_t, scale, True
+    )
+    torch.testing.assert_close(loss2, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_anchor2, ref_grad_anchor, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grad_contrast2, ref_grad_contrast, rtol=1e-9, atol=1e-12)
+
     loss_only, none_a, none_c = chunked_forward(
         anchor.detach(), contrast.detach(), anchor_labels, contrast_labels, None, self_offset, inv_t, scale, True, False
     )
