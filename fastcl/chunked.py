@@ -21,6 +21,7 @@ from fastcl._core import grad_coefficients, row_losses
 
 # Bytes of fp32 logits per block: small enough to stay near the caches on a CPU, large enough for fast GEMMs.
 _BLOCK_BYTES = int(os.environ.get("FASTCL_CHUNK_BYTES", 4 * 1024 * 1024))
+_SINGLE_BLOCK_PAIRS = 512 * 512  # up to this many pairs: the dense single-block route (_single_block)
 _MIN_BLOCK_ROWS = 64  # at very large N the byte budget alone would give GEMMs too thin to run fast
 
 
@@ -144,11 +145,151 @@ def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, self_off
     return stats, grad_anchor.mul_(inv_temperature), grad_contrast
 
 
+def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, want_grad):
+    """Both directions of a label-defined loss from the same similarity blocks: ``(loss, dA, dC)``.
+
+    Pass 1 forms each row block ``s = a c^T`` once and reduces it to the row log-sum-exp (this direction) and, online
+    across row blocks, the column log-sum-exp (the reverse direction: contrast rows anchoring over the anchors). The
+    column statistics are final only after the last row block, so with ``want_grad`` pass 2 recomputes each block and
+    turns it into the combined ``dL/ds = (fwd softmax + reverse softmax) / 2`` before the two gradient products: four
+    block GEMMs in all (dense needs three and an ``N x N`` buffer; two one-way passes need six). When one block holds
+    the whole problem the logits of pass 1 are kept, so it is exactly three. Positives of both directions come from
+    per-class sums (:class:`_LabelPositives`), never from the block. Only ``self_offset`` None or 0 (the same pairs
+    excluded in both directions).
+    """
+    compute_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
+    a_all = anchor.to(compute_dtype) * inv_temperature  # s = a_all @ c_all.T
+    c_all = contrast.to(compute_dtype)
+    n_anchor, n_contrast = a_all.shape[0], c_all.shape[0]
+    device = a_all.device
+    forward_pos = _LabelPositives(a_all, c_all, anchor_labels, contrast_labels, self_offset)
+    reverse_pos = _LabelPositives(c_all, a_all, contrast_labels, anchor_labels, self_offset)
+
+    row_lse = torch.empty(n_anchor, dtype=compute_dtype, device=device)
+    col_max = torch.full((n_contrast,), float("-inf"), dtype=compute_dtype, device=device)
+    col_sum = torch.zeros(n_contrast, dtype=compute_dtype, device=device)
+    block = _block_rows(n_anchor, n_contrast, device)
+    single_block = block >= n_anchor
+    kept = None
+
+    def block_logits(start, stop):
+        logits = a_all[start:stop] @ c_all.T
+        if self_offset is not None:
+            rows = torch.arange(start, stop, device=device)
+            logits[rows - start, rows + self_offset] = float("-inf")
+        return logits
+
+    for start in range(0, n_anchor, block):
+        stop = min(start + block, n_anchor)
+        logits = block_logits(start, stop)
+        # columns: online log-sum-exp across row blocks (rescale the running sum to the new running max)
+        new_max = torch.maximum(col_max, logits.amax(dim=0))
+        col_shift = torch.where(new_max == float("-inf"), torch.zeros_like(new_max), new_max)
+        col_sum.mul_(torch.exp(col_max - col_shift)).add_(torch.exp(logits - col_shift).sum(dim=0))
+        col_max = new_max
+        # rows: complete within the block
+        row_max = logits.amax(dim=1)
+        row_shift = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
+        exps = torch.sub(logits, row_shift[:, None]) if single_block else logits.sub_(row_shift[:, None])
+        row_lse[start:stop] = row_shift + torch.log(exps.exp_().sum(dim=1))
+        if single_block:
+            kept = logits
+        del logits, exps
+    col_shift = torch.where(col_max == float("-inf"), torch.zeros_like(col_max), col_max)
+    col_lse = col_shift + torch.log(col_sum)
+
+    forward_loss = row_losses(forward_pos.pos_logit_sum, forward_pos.pos_weight, row_lse, scale).mean()
+    reverse_loss = row_losses(reverse_pos.pos_logit_sum, reverse_pos.pos_weight, col_lse, scale).mean()
+    loss = 0.5 * (forward_loss + reverse_loss)
+    if not want_grad:
+        return loss, None, None
+
+    # dL/ds_ij = 1/2 [cf_i exp(s_ij - lse_i) + cr_j exp(s_ij - lse'_j) - cpf_i w_ij - cpr_j w_ij]; positives below
+    forward_softmax, forward_coef_pos = grad_coefficients(forward_pos.pos_weight, 0.5 * scale / n_anchor)
+    reverse_softmax, reverse_coef_pos = grad_coefficients(reverse_pos.pos_weight, 0.5 * scale / n_contrast)
+    forward_softmax = torch.where(row_lse == float("-inf"), torch.zeros_like(row_lse), forward_softmax)
+    reverse_softmax = torch.where(col_lse == float("-inf"), torch.zeros_like(col_lse), reverse_softmax)
+    row_lse = torch.where(row_lse == float("-inf"), torch.zeros_like(row_lse), row_lse)
+    col_lse = torch.where(col_lse == float("-inf"), torch.zeros_like(col_lse), col_lse)
+
+    grad_anchor = torch.empty_like(a_all)
+    grad_contrast = torch.zeros_like(c_all)
+    for start in range(0, n_anchor, block):
+        stop = min(start + block, n_anchor)
+        logits = kept if single_block else block_logits(start, stop)
+        kept = None
+        reverse_part = torch.sub(logits, col_lse).exp_().mul_(reverse_softmax)
+        dlogits = logits.sub_(row_lse[start:stop, None]).exp_().mul_(forward_softmax[start:stop, None])
+        dlogits.add_(reverse_part)
+        del reverse_part
+        torch.mm(dlogits, c_all, out=grad_anchor[start:stop])
+        grad_contrast.addmm_(dlogits.T, a_all[start:stop])
+        del logits, dlogits
+    forward_pos.subtract_gradients(grad_anchor, grad_contrast, a_all, c_all, forward_coef_pos)
+    reverse_pos.subtract_gradients(grad_contrast, grad_anchor, c_all, a_all, reverse_coef_pos)
+    return loss, grad_anchor.mul_(inv_temperature), grad_contrast
+
+
+def _single_block(anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, two_way,
+                  want_grad):
+    """Label-defined loss (one or both directions) when one block holds the whole ``[Na, Nc]`` problem.
+
+    The cheapest exact route at small N: three GEMMs and a handful of whole-matrix elementwise ops, with the
+    positive weights read from a label comparison instead of per-class sums (whose sort, scatter and gather
+    dominate below a few hundred rows).
+    """
+    compute_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
+    a_all = anchor.to(compute_dtype) * inv_temperature
+    c_all = contrast.to(compute_dtype)
+    n_anchor, n_contrast = a_all.shape[0], c_all.shape[0]
+    logits = a_all @ c_all.T
+    w = (anchor_labels[:, None] == contrast_labels[None, :]).to(compute_dtype)
+    if self_offset is not None:
+        rows = torch.arange(n_anchor, device=a_all.device)
+        w[rows, rows + self_offset] = 0.0
+    weighted = w * logits  # before the self logits become -inf
+    if self_offset is not None:
+        logits[rows, rows + self_offset] = float("-inf")
+    row_lse = torch.logsumexp(logits, dim=1)
+    row_weight = w.sum(1)
+    loss = row_losses(weighted.sum(1), row_weight, row_lse, scale).mean()
+    half = 0.5 if two_way else 1.0
+    if two_way:
+        col_lse = torch.logsumexp(logits, dim=0)
+        col_weight = w.sum(0)
+        loss = half * (loss + row_losses(weighted.sum(0), col_weight, col_lse, scale).mean())
+    if not want_grad:
+        return loss, None, None
+
+    def coefficients(weight, lse, count):
+        softmax, pos = grad_coefficients(weight, half * scale / count)
+        empty = lse == float("-inf")
+        return torch.where(empty, torch.zeros_like(softmax), softmax), pos, torch.where(empty, torch.zeros_like(lse), lse)
+
+    softmax, pos, lse = coefficients(row_weight, row_lse, n_anchor)
+    dlogits = torch.sub(logits, lse[:, None]).exp_().mul_(softmax[:, None]).addcmul_(w, pos[:, None], value=-1.0)
+    if two_way:
+        softmax, pos, lse = coefficients(col_weight, col_lse, n_contrast)
+        dlogits.add_(logits.sub_(lse).exp_().mul_(softmax)).addcmul_(w, pos, value=-1.0)
+    return loss, (dlogits @ c_all).mul_(inv_temperature), dlogits.T @ a_all
+
+
 def chunked_forward(
     anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way, want_grad
 ):
     """``(loss, grad_anchor, grad_contrast)``: the loss (fp32, float64 for float64 inputs) and, with ``want_grad``,
     its gradients for ``grad_output = 1`` in the compute dtype (else None). ``two_way`` averages both directions."""
+    # below ~512 x 512 pairs the per-class positives' fixed costs (sort, scatter, gather) outweigh a dense
+    # label comparison; above it the blockwise route is faster even when one block would hold everything
+    single = anchor.shape[0] * contrast.shape[0] <= _SINGLE_BLOCK_PAIRS
+    if mask is None and single and (not two_way or self_offset in (None, 0)):
+        return _single_block(
+            anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, two_way, want_grad
+        )
+    if two_way and mask is None and self_offset in (None, 0):
+        return _two_way_pass(
+            anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, want_grad
+        )
     stats, grad_anchor, grad_contrast = _fused_pass(
         anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, want_grad
     )
