@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fastcl._core import grad_coefficients, row_losses
 
@@ -303,59 +302,3 @@ def chunked_forward(
             grad_anchor = grad_anchor.add_(reverse_grad_anchor).mul_(0.5)
             grad_contrast = grad_contrast.add_(reverse_grad_contrast).mul_(0.5)
     return loss, grad_anchor, grad_contrast
-
-
-class _ChunkedContrastiveLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        anchor,
-        contrast,
-        anchor_labels,
-        contrast_labels,
-        mask,
-        self_offset,
-        inv_temperature,
-        scale,
-        two_way,
-        grad_enabled,
-    ):
-        want_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        loss, grad_anchor, grad_contrast = chunked_forward(
-            anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way,
-            want_grad,
-        )  # fmt: skip
-        if want_grad:
-            ctx.save_for_backward(grad_anchor, grad_contrast)
-        ctx.dtypes = (anchor.dtype, contrast.dtype)
-        return loss.to(torch.float64 if loss.dtype == torch.float64 else torch.float32)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        grad_anchor, grad_contrast = ctx.saved_tensors
-        grad_anchor = grad_anchor * grad_output
-        grad_contrast = grad_contrast * grad_output
-        return (
-            grad_anchor.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
-            grad_contrast.to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None,
-            *([None] * 8),
-        )
-
-
-def chunked_contrastive_loss(
-    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way=False
-):
-    """The op of :mod:`fastcl._core` on the blockwise PyTorch path; arguments as in ``contrastive_loss``."""
-    return _ChunkedContrastiveLoss.apply(
-        anchor,
-        contrast,
-        anchor_labels,
-        contrast_labels,
-        mask,
-        self_offset,
-        inv_temperature,
-        scale,
-        two_way,
-        torch.is_grad_enabled(),
-    )

@@ -694,11 +694,10 @@ def _channel_stats(images: Tensor, limit: int = 4096) -> tuple[tuple[float, ...]
     return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
 
 
-def load_folder(data_dir: str | None, image_size: int = 64, train_samples: int | None = None) -> DatasetSplits:
-    """Class-per-subfolder images: ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (``DIR/val`` is used as
-    the test split when there is no ``DIR/test``). Classes are the sorted subfolder names of ``DIR/train``."""
-    hint = ("put class-per-subfolder images in DIR/train/<class>/*.png and DIR/test/<class>/*.png "
-            "and pass --data-dir DIR")
+def folder_layout(data_dir: str | None) -> tuple[str, str, list[str]]:
+    """``(train_dir, test_dir, classes)`` of a class-per-subfolder dataset (``DIR/val`` stands in for a missing
+    ``DIR/test``; classes are the sorted subfolder names of ``DIR/train``), or a :class:`DatasetNotFoundError`."""
+    hint = "put class-per-subfolder images in DIR/train/<class>/* and DIR/test/<class>/* and pass --data-dir DIR"
     if data_dir is None:
         raise DatasetNotFoundError(f"the folder dataset needs --data-dir: {hint}")
     train_dir = os.path.join(data_dir, "train")
@@ -709,6 +708,13 @@ def load_folder(data_dir: str | None, image_size: int = 64, train_samples: int |
     classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
     if not classes:
         raise DatasetNotFoundError(f"{train_dir!r} has no class subfolders: {hint}")
+    return train_dir, test_dir, classes
+
+
+def load_folder(data_dir: str | None, image_size: int = 64, train_samples: int | None = None) -> DatasetSplits:
+    """Class-per-subfolder images: ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (``DIR/val`` is used as
+    the test split when there is no ``DIR/test``). Classes are the sorted subfolder names of ``DIR/train``."""
+    train_dir, test_dir, classes = folder_layout(data_dir)
 
     def read(split_dir: str) -> ImageSet:
         paths, labels = [], []

@@ -34,7 +34,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fastcl.train.data import IMAGE_EXTENSIONS, DatasetNotFoundError, DatasetSplits, ImageSet, MissingDependencyError
+from fastcl.train.data import (
+    IMAGE_EXTENSIONS,
+    DatasetNotFoundError,
+    DatasetSplits,
+    ImageSet,
+    MissingDependencyError,
+    folder_layout,
+)
 
 __all__ = [
     "EpochBatchSampler",
@@ -368,17 +375,7 @@ def _channel_stats(split: StreamingImageSet, limit: int = 256) -> tuple[tuple[fl
 
 
 def _folder_splits(data_dir: str | None, image_size: int, train_samples: int | None, seed: int) -> StreamingSplits:
-    hint = "put class-per-subfolder images in DIR/train/<class>/* and DIR/test/<class>/* and pass --data-dir DIR"
-    if data_dir is None:
-        raise DatasetNotFoundError(f"the folder dataset needs --data-dir: {hint}")
-    train_dir = os.path.join(data_dir, "train")
-    test_dir = next((os.path.join(data_dir, s) for s in ("test", "val") if os.path.isdir(os.path.join(data_dir, s))),
-                    None)
-    if not os.path.isdir(train_dir) or test_dir is None:
-        raise DatasetNotFoundError(f"no train/ and test/ (or val/) folders in {os.path.abspath(data_dir)!r}: {hint}")
-    classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
-    if not classes:
-        raise DatasetNotFoundError(f"{train_dir!r} has no class subfolders: {hint}")
+    train_dir, test_dir, classes = folder_layout(data_dir)
 
     def listing(split_dir: str) -> StreamingImageSet:
         paths: list[str] = []
