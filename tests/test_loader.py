@@ -265,3 +265,15 @@ def test_pretrain_streaming_kill_and_resume_mid_epoch_equals_uninterrupted(tmp_p
     with open(tmp_path / "run" / "summary.json") as f:
         s = json.load(f)
     assert s["dataset"]["streaming"] is True and s["resumed"] is True and not s["not_evaluated"]
+
+
+def test_folder_split_without_images_names_the_folder(tmp_path):
+    """Both folder loaders (in memory and streaming) say which split has no images, with the layout hint."""
+    from fastcl.train.data import DatasetNotFoundError, load_folder
+
+    os.makedirs(tmp_path / "train" / "cat")
+    os.makedirs(tmp_path / "test" / "cat")
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "cat" / "a.png")
+    for load in (lambda: load_folder(str(tmp_path)), lambda: load_streaming("folder", data_dir=str(tmp_path))):
+        with pytest.raises(DatasetNotFoundError, match=r"no images .* under .*test.*class-per-subfolder"):
+            load()

@@ -672,7 +672,8 @@ def _pillow():
     return Image
 
 
-def _list_images(folder: str) -> list[str]:
+def list_images(folder: str) -> list[str]:
+    """The image files (by extension) directly in ``folder``, sorted."""
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
@@ -694,10 +695,28 @@ def _channel_stats(images: Tensor, limit: int = 4096) -> tuple[tuple[float, ...]
     return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
 
 
+_FOLDER_HINT = "put class-per-subfolder images in DIR/train/<class>/* and DIR/test/<class>/* and pass --data-dir DIR"
+
+
+def folder_split_files(split_dir: str, classes: list[str]) -> tuple[list[str], torch.Tensor]:
+    """``(paths, labels)`` of the images in ``split_dir/<class>/`` for each class (label = index in ``classes``);
+    a :class:`DatasetNotFoundError` when the split has none."""
+    paths: list[str] = []
+    labels: list[int] = []
+    for c, name in enumerate(classes):
+        folder = os.path.join(split_dir, name)
+        files = list_images(folder) if os.path.isdir(folder) else []
+        paths += files
+        labels += [c] * len(files)
+    if not paths:
+        raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir!r}: {_FOLDER_HINT}")
+    return paths, torch.tensor(labels, dtype=torch.long)
+
+
 def folder_layout(data_dir: str | None) -> tuple[str, str, list[str]]:
     """``(train_dir, test_dir, classes)`` of a class-per-subfolder dataset (``DIR/val`` stands in for a missing
     ``DIR/test``; classes are the sorted subfolder names of ``DIR/train``), or a :class:`DatasetNotFoundError`."""
-    hint = "put class-per-subfolder images in DIR/train/<class>/* and DIR/test/<class>/* and pass --data-dir DIR"
+    hint = _FOLDER_HINT
     if data_dir is None:
         raise DatasetNotFoundError(f"the folder dataset needs --data-dir: {hint}")
     train_dir = os.path.join(data_dir, "train")
@@ -717,15 +736,8 @@ def load_folder(data_dir: str | None, image_size: int = 64, train_samples: int |
     train_dir, test_dir, classes = folder_layout(data_dir)
 
     def read(split_dir: str) -> ImageSet:
-        paths, labels = [], []
-        for c, name in enumerate(classes):
-            folder = os.path.join(split_dir, name)
-            files = _list_images(folder) if os.path.isdir(folder) else []
-            paths += files
-            labels += [c] * len(files)
-        if not paths:
-            raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir!r}: {hint}")
-        return ImageSet(_read_images(paths, image_size), torch.tensor(labels, dtype=torch.long))
+        paths, labels = folder_split_files(split_dir, classes)
+        return ImageSet(_read_images(paths, image_size), labels)
 
     train = read(train_dir)
     if train_samples:
@@ -754,7 +766,7 @@ def _urbancars_split(root: str, split: str, image_size: int) -> ImageSet:
                         f"UrbanCars folder {folder!r} is missing: get the UrbanCars images ({_URBANCARS_URL}) so "
                         f"that DIR/bg-0.95_co_occur_obj-0.95/train/obj-urban_bg-urban_co_occur_obj-urban/*.jpg and "
                         f"DIR/bg-0.5_co_occur_obj-0.5/{{val,test}}/... exist, then pass --data-dir DIR")
-                files = _list_images(folder)
+                files = list_images(folder)
                 paths += files
                 obj += [o] * len(files)
                 bgs += [b] * len(files)

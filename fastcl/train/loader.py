@@ -35,12 +35,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastcl.train.data import (
-    IMAGE_EXTENSIONS,
     DatasetNotFoundError,
     DatasetSplits,
     ImageSet,
     MissingDependencyError,
     folder_layout,
+    folder_split_files,
+    list_images,
 )
 
 __all__ = [
@@ -355,10 +356,6 @@ def iter_image_batches(images: ImageSet | StreamingImageSet, batch_size: int, *,
         yield x
 
 
-def _list_images(folder: str) -> list[str]:
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-
-
 def _cap(split: StreamingImageSet, limit: int | None, seed: int) -> StreamingImageSet:
     if not limit or limit >= len(split):
         return split
@@ -378,16 +375,8 @@ def _folder_splits(data_dir: str | None, image_size: int, train_samples: int | N
     train_dir, test_dir, classes = folder_layout(data_dir)
 
     def listing(split_dir: str) -> StreamingImageSet:
-        paths: list[str] = []
-        labels: list[int] = []
-        for c, name in enumerate(classes):
-            folder = os.path.join(split_dir, name)
-            files = _list_images(folder) if os.path.isdir(folder) else []
-            paths += files
-            labels += [c] * len(files)
-        if not paths:
-            raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir!r}: {hint}")
-        return StreamingImageSet(paths, torch.tensor(labels, dtype=torch.long), image_size)
+        paths, labels = folder_split_files(split_dir, classes)
+        return StreamingImageSet(paths, labels, image_size)
 
     train = _cap(listing(train_dir), train_samples, 0)
     test = listing(test_dir)
@@ -420,7 +409,7 @@ def _urbancars_splits(data_dir: str | None, image_size: int, train_samples: int 
                     if not os.path.isdir(folder):
                         raise DatasetNotFoundError(f"UrbanCars folder {folder!r} is missing: get the images so that "
                                                    f"{layout} exist, then pass --data-dir DIR")
-                    files = _list_images(folder)
+                    files = list_images(folder)
                     paths += files
                     meta += [(o, b, c)] * len(files)
         y, bg, co = torch.tensor(meta, dtype=torch.long).reshape(-1, 3).unbind(1)
