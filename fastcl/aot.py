@@ -168,6 +168,7 @@ def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
     )
     if "TWO_WAY" in constexprs:
         constexprs["RECOMPUTE_TRANSPOSED"] = constexprs["TWO_WAY"] and K.recompute_transposed(torch_dtype)
+        constexprs["BLOCK_D_OUT"] = K.output_block_d_for(dim, DTYPES[job["dtype"]][1])
     args = []
     for name in fn.arg_names:
         if name in constexprs:

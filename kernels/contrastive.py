@@ -35,6 +35,14 @@ MAX_SINGLE_D_TILE = 256  # feature dims up to this are held in one tile; larger 
 # fp32 (tf32x3) stages split operands: a [32, 256] fp32 tile alone needs ~196 KB of shared memory in the two-way
 # backward, over sm_80's limit, so fp32 loops feature tiles of 128 beyond D = 128.
 MAX_SINGLE_D_TILE_FP32 = 128
+# Larger dims: the logits loop over feature tiles of LOOPED_D_TILE, and each backward program accumulates an output
+# tile of up to MAX_OUTPUT_D_TILE gradient columns (output_block_d_for). Module constants so that tests can shrink
+# them to the interpreter's 16 x 16 blocks.
+LOOPED_D_TILE = 128
+MAX_OUTPUT_D_TILE = 512
+# fp32 (tf32x3 splits operands): a [32, 512] fp32 accumulator spilled 1.5-4.7 KB per thread on sm_80, [32, 256]
+# 0.7-1.1 KB (the 128-wide tiles before: 0.6-0.9 KB), so fp32 accumulates at most 256 columns per program.
+MAX_OUTPUT_D_TILE_FP32 = 256
 
 # Integer arguments left out of Triton's divisibility-by-16 specialization (one compiled kernel whatever the batch
 # size, the mask period or the rank offset), and pointers left out of the 16-byte alignment one (labels and masks
@@ -401,6 +409,7 @@ def _contrastive_bwd_anchor_kernel(
     TWO_WAY: tl.constexpr,
     RECOMPUTE_TRANSPOSED: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -412,7 +421,7 @@ def _contrastive_bwd_anchor_kernel(
     the whole gradient ``(dS + dS^T) C``: two tile products instead of four.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    d_out = tl.program_id(1) * BLOCK_D
+    d_out = tl.program_id(1) * BLOCK_D_OUT
     row_valid = rows < n_anchor
     a_tile = _load_rows(anchor_ptr, rows, row_valid, stride_anchor, 0, dim, BLOCK_D)
     row_labels, lse_raw, coef_softmax, coef_pos = _load_row_stats(
@@ -420,12 +429,12 @@ def _contrastive_bwd_anchor_kernel(
         not HAS_MASK,
     )  # fmt: skip
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D_OUT], dtype=tl.float32)
     col_begin, col_end = _split_range(n_contrast, BLOCK_N, 2)
     for col_start in range(col_begin, col_end, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
         col_valid = cols < col_end
-        c_tile = _load_rows(contrast_ptr, cols, col_valid, stride_contrast, d_out, dim, BLOCK_D)
+        c_tile = _load_rows(contrast_ptr, cols, col_valid, stride_contrast, d_out, dim, BLOCK_D_OUT)
         col_lse_raw = tl.zeros([BLOCK_N], dtype=tl.float32)
         col_coef_softmax = col_lse_raw
         col_coef_pos = col_lse_raw
@@ -444,7 +453,7 @@ def _contrastive_bwd_anchor_kernel(
         )  # fmt: skip
         acc = tl.dot(dlogits.to(c_tile.dtype), c_tile, acc, input_precision=INPUT_PRECISION)
 
-    d = d_out + tl.arange(0, BLOCK_D)
+    d = d_out + tl.arange(0, BLOCK_D_OUT)
     grad_output = tl.load(grad_output_ptr).to(tl.float32)
     # split columns (grid axis 2): fp32 partial sums at [split, row, :], reduced in a fixed order by the launcher
     out_rows = tl.program_id(2).to(tl.int64) * n_anchor + rows.to(tl.int64)
@@ -496,6 +505,7 @@ def _contrastive_bwd_contrast_kernel(
     TWO_WAY: tl.constexpr,
     RECOMPUTE_TRANSPOSED: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -504,7 +514,7 @@ def _contrastive_bwd_contrast_kernel(
     ``TWO_WAY`` adds the reverse direction's ``dS'^T`` as in the anchor kernel (two-tower InfoNCE, symmetric).
     """
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    d_out = tl.program_id(1) * BLOCK_D
+    d_out = tl.program_id(1) * BLOCK_D_OUT
     col_valid = cols < n_contrast
     col_lse_raw = tl.zeros([BLOCK_N], dtype=tl.float32)
     col_coef_softmax = col_lse_raw
@@ -516,12 +526,12 @@ def _contrastive_bwd_contrast_kernel(
         )  # fmt: skip
     c_tile = _load_rows(contrast_ptr, cols, col_valid, stride_contrast, 0, dim, BLOCK_D)
 
-    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D_OUT], dtype=tl.float32)
     row_begin, row_end = _split_range(n_anchor, BLOCK_M, 2)
     for row_start in range(row_begin, row_end, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M)
         row_valid = rows < row_end
-        a_tile = _load_rows(anchor_ptr, rows, row_valid, stride_anchor, d_out, dim, BLOCK_D)
+        a_tile = _load_rows(anchor_ptr, rows, row_valid, stride_anchor, d_out, dim, BLOCK_D_OUT)
         row_labels, lse_raw, coef_softmax, coef_pos = _load_row_stats(
             anchor_label_ptr, stride_anchor_label, lse_ptr, coef_softmax_ptr, coef_pos_ptr, rows, row_valid,
             not HAS_MASK,
@@ -536,7 +546,7 @@ def _contrastive_bwd_contrast_kernel(
         )  # fmt: skip
         acc = tl.dot(tl.trans(dlogits.to(a_tile.dtype)), a_tile, acc, input_precision=INPUT_PRECISION)
 
-    d = d_out + tl.arange(0, BLOCK_D)
+    d = d_out + tl.arange(0, BLOCK_D_OUT)
     grad_output = tl.load(grad_output_ptr).to(tl.float32)
     out_cols = tl.program_id(2).to(tl.int64) * n_contrast + cols.to(tl.int64)
     tl.store(
@@ -571,6 +581,12 @@ FIXED_PREFERENCE = (
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1),
 )
+# Tried first by the backward kernels at looped feature dims (D > 256): the wide output tile (a 32 x BLOCK_D_OUT
+# accumulator) against 64 streamed rows (bwd_contrast) or columns (bwd_anchor), one stage (see keep_config).
+LOOPED_FIXED_PREFERENCE = (
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=1),
+)
 # Opt-in shared memory per block (bytes) of the archs fastcl is lowered for (``cudaDevAttrMaxSharedMemoryPerBlockOptin``).
 SHARED_MEMORY_LIMITS = {80: 166_912, 90: 232_448}
 SHARED_MEMORY_BUDGET = min(SHARED_MEMORY_LIMITS.values())
@@ -581,6 +597,11 @@ REGISTER_BUDGET = 48  # fp32 tile values per thread the kernels may hold without
 # fp32 (tf32x3) spills whatever the tile (README, "GPU resources"); its budget only keeps the tiles small enough that
 # the smallest fixed config (32 x 32) is kept at every feature dim.
 REGISTER_BUDGET_FP32 = 64
+# The backward at looped feature dims: the [resident, BLOCK_D_OUT] accumulator dominates (bf16, D = 1024, sm_80 and
+# sm_90: 64-72 values per thread (32 x 512 accumulator) lowered to 168-216 registers without spills, 128-144
+# values to 228-255 with spills on one arch or the other); a second pipeline stage of the logits loop spilled even
+# the 32 x 32 tile, so these configs run one stage.
+LOOPED_REGISTER_BUDGET = 96
 
 
 def variant_name(kernel: str, two_way: bool = False) -> str:
@@ -593,9 +614,10 @@ def shared_memory_estimate(config: triton.Config, dim: int, element_size: int, k
 
     One feature tile: the tile that stays put (the anchor block of the forward and of ``bwd_anchor``, the contrast
     block of ``bwd_contrast``) is staged once and the streamed tile ``num_stages`` deep. Looped feature tiles
-    (D > 256): both operands of the logits product stream, and the backward also stages its output-tile operand.
-    The backward kernels stage the ``[BLOCK_M, BLOCK_N]`` dS tile and layout-conversion scratch. fp32 tiles count
-    twice (tf32x3 stages split operands). Calibrated against ``python -m fastcl.aot`` (its ``estim`` column).
+    (D > 256): both operands of the logits product stream, and the backward also stages its output-tile operand
+    (``[streamed, BLOCK_D_OUT]``, :func:`output_block_d_for`). The backward kernels stage the ``[BLOCK_M,
+    BLOCK_N]`` dS tile and layout-conversion scratch. fp32 tiles count twice (tf32x3 stages split operands).
+    Calibrated against ``python -m fastcl.aot`` (its ``estim`` column).
     """
     block_d, single = block_d_for(dim, element_size)
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
@@ -606,7 +628,7 @@ def shared_memory_estimate(config: triton.Config, dim: int, element_size: int, k
     else:
         tiles = (block_m + block_n) * block_d * element_size * stages
         if kernel != "fwd":
-            tiles += max(block_m, block_n) * block_d * element_size
+            tiles += streamed * output_block_d_for(dim, element_size) * element_size
     if element_size == 4:
         tiles *= 2
     scratch = 0 if kernel == "fwd" else block_m * block_n * max(element_size, 2) * 2
@@ -632,8 +654,8 @@ def register_estimate(config: triton.Config, dim: int, element_size: int, kernel
         tile = tile * 1.25 + (config.num_stages - 1) * block_m * block_d * element_size / 4
     if kernel == "fwd":
         resident = (block_m if single else block_m + block_n) * block_d * element_size / 4
-    else:
-        resident = (block_n if kernel.startswith("bwd_contrast") else block_m) * block_d
+    else:  # the fp32 gradient accumulator
+        resident = (block_n if kernel.startswith("bwd_contrast") else block_m) * output_block_d_for(dim, element_size)
     return (tile + resident) / threads * (1.5 if element_size == 4 else 1.0)
 
 
@@ -650,13 +672,24 @@ def keep_config(
     if shared_memory_estimate(config, dim, element_size, kernel) > shared_limit:
         return False
     budget = REGISTER_BUDGET_FP32 if element_size == 4 else REGISTER_BUDGET
+    if kernel != "fwd" and not block_d_for(dim, element_size)[1]:
+        if config.num_stages > 1:  # the wide accumulator leaves no registers for a second logits-loop stage
+            return False
+        budget = LOOPED_REGISTER_BUDGET
     return register_estimate(config, dim, element_size, kernel) <= budget
 
 
+def fixed_preference(kernel: str, dim: int, element_size: int) -> tuple:
+    """:data:`FIXED_PREFERENCE`, after :data:`LOOPED_FIXED_PREFERENCE` for the backward kernels at looped dims."""
+    if kernel != "fwd" and not block_d_for(dim, element_size)[1]:
+        return LOOPED_FIXED_PREFERENCE + FIXED_PREFERENCE
+    return FIXED_PREFERENCE
+
+
 def fixed_config(kernel: str, dim: int, element_size: int, candidates=None) -> triton.Config:
-    """The one config used without autotuning: the first of ``candidates`` (default :data:`FIXED_PREFERENCE`) that
+    """The one config used without autotuning: the first of ``candidates`` (default :func:`fixed_preference`) that
     :func:`keep_config` keeps, else the last preference (the smallest, which fits everywhere)."""
-    for config in candidates if candidates is not None else FIXED_PREFERENCE:
+    for config in candidates if candidates is not None else fixed_preference(kernel, dim, element_size):
         if keep_config(config, dim, element_size, kernel):
             return config
     return FIXED_PREFERENCE[-1]
@@ -731,7 +764,8 @@ def _kernel_and_config(variant, dim, element_size):
     if len(configs) == 1:
         return RAW_KERNELS[name], configs[0]
     if not autotuning_enabled():
-        return RAW_KERNELS[name], fixed_config(variant, dim, element_size, list(FIXED_PREFERENCE) + configs)
+        candidates = list(fixed_preference(variant, dim, element_size)) + configs
+        return RAW_KERNELS[name], fixed_config(variant, dim, element_size, candidates)
     if name not in _tuned:  # built on first use so importing fastcl compiles nothing
         _tuned[name] = _autotuned(name, configs)
     return _tuned[name], None
@@ -744,10 +778,51 @@ def _kernel_and_config(variant, dim, element_size):
 
 def block_d_for(dim: int, element_size: int = 2) -> tuple[int, bool]:
     """``(BLOCK_D, SINGLE_D_TILE)``: the whole feature dim in one tile when it fits (up to 256, 128 for fp32),
-    else tiles of 128."""
+    else the logits loop over tiles of :data:`LOOPED_D_TILE`."""
     if dim <= (MAX_SINGLE_D_TILE_FP32 if element_size == 4 else MAX_SINGLE_D_TILE):
         return max(16, triton.next_power_of_2(dim)), True
-    return 128, False
+    return LOOPED_D_TILE, False
+
+
+def output_block_d_for(dim: int, element_size: int = 2) -> int:
+    """``BLOCK_D_OUT``: the width of the gradient columns one backward program accumulates. The feature tile itself
+    when the dim fits one tile, else the dim rounded up to a power of two, at most :data:`MAX_OUTPUT_D_TILE`: each
+    output tile recomputes the whole logits product, so wide tiles keep that recomputation rare
+    (:func:`backward_flops`)."""
+    block_d, single = block_d_for(dim, element_size)
+    if single:
+        return block_d
+    widest = MAX_OUTPUT_D_TILE_FP32 if element_size == 4 else MAX_OUTPUT_D_TILE
+    return max(block_d, min(widest, triton.next_power_of_2(dim)))
+
+
+def backward_output_tiles(dim: int, element_size: int = 2) -> int:
+    """Programs per row block along the feature dim in the backward grid (each recomputes the logits once)."""
+    return triton.cdiv(dim, output_block_d_for(dim, element_size))
+
+
+def backward_flops(
+    route: str, n_anchor: int, n_contrast: int, dim: int, element_size: int = 2, recompute: bool = False
+) -> int:
+    """Tensor-core FLOPs (2 per multiply-add, padded tile widths) of the backward launch for ``route`` (as in
+    :func:`triton_route`), from the launcher's own tiling: every program of each of the
+    :func:`backward_output_tiles` feature tiles recomputes the ``Na x Nc`` logits over the whole (padded) dim, twice
+    with ``recompute`` (two-way tiles whose transposed dots are recomputed, :func:`recompute_transposed`), then
+    multiplies ``dS`` into its ``BLOCK_D_OUT`` gradient columns. ``'self'`` runs one kernel, the others two (``dA``
+    and ``dC``). Compare with :func:`dense_backward_flops`."""
+    if route not in ("self", "one_way", "two_way"):
+        raise ValueError(f"route must be 'self', 'one_way' or 'two_way', got {route!r}")
+    block_d, _ = block_d_for(dim, element_size)
+    tiles = backward_output_tiles(dim, element_size)
+    logits_k = triton.cdiv(dim, block_d) * block_d
+    logits_per_tile = 2 if recompute and route != "one_way" else 1
+    per_kernel = 2 * n_anchor * n_contrast * tiles * (logits_per_tile * logits_k + output_block_d_for(dim, element_size))
+    return per_kernel * (1 if route == "self" else 2)
+
+
+def dense_backward_flops(n_anchor: int, n_contrast: int, dim: int) -> int:
+    """FLOPs of the dense formulation's backward: the logits ``A C^T``, then ``dS C`` and ``dS^T A``."""
+    return 6 * n_anchor * n_contrast * dim
 
 
 def input_precision_for(dtype: torch.dtype) -> str:
@@ -816,6 +891,7 @@ class _LaunchArgs:
             mask = torch.zeros(1, dtype=torch.float32, device=self.device)
         self.n_anchor, self.n_contrast, self.dim = anchor.shape[0], contrast.shape[0], anchor.shape[1]
         self.block_d, single = block_d_for(self.dim, anchor.element_size())
+        self.block_d_out = output_block_d_for(self.dim, anchor.element_size())
         self.element_size = anchor.element_size()
         self.tensors = (self.anchor, self.contrast, anchor_labels, contrast_labels, mask)
         self.sizes = (
@@ -931,9 +1007,12 @@ def contrastive_backward(
     self_symmetric = col_stats is row_stats
     stats = (*row_stats, *(col_stats if two_way else row_stats))
     constexprs = dict(
-        args.constexprs, TWO_WAY=two_way, RECOMPUTE_TRANSPOSED=two_way and recompute_transposed(args.anchor.dtype)
+        args.constexprs,
+        TWO_WAY=two_way,
+        RECOMPUTE_TRANSPOSED=two_way and recompute_transposed(args.anchor.dtype),
+        BLOCK_D_OUT=args.block_d_out,
     )
-    d_tiles = triton.cdiv(args.dim, args.block_d)
+    d_tiles = backward_output_tiles(args.dim, args.element_size)
     scalars = (*args.sizes,)
     grad_anchor = grad_contrast = None
     if need_anchor:

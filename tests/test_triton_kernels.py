@@ -50,7 +50,7 @@ def test_supcon_fp32(contrast_mode, positives, n_views, dim):
 
 
 def test_supcon_feature_dim_beyond_one_tile():
-    _check_supcon(9, 2, 300, "all", "labels")  # D > 256: looped D tiles, 3 output tiles in backward
+    _check_supcon(9, 2, 300, "all", "labels")  # D > 256: looped logits tiles, one 512-wide output tile in backward
 
 
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
@@ -292,3 +292,84 @@ def test_route_is_decided_before_copies(monkeypatch):
     ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-5
     assert _rel(x.grad.cpu(), ref_x.grad) < 1e-4
+
+
+# Tile constants shrunk to the interpreter's 16 x 16 blocks: dims over 32 loop the logits in tiles of 32 and the
+# backward accumulates output tiles of up to 128 columns, so D = 257 / 300 have 3 output tiles and 513 has 5.
+SMALL_D_TILES = dict(MAX_SINGLE_D_TILE=32, MAX_SINGLE_D_TILE_FP32=32, LOOPED_D_TILE=32, MAX_OUTPUT_D_TILE=128,
+                     MAX_OUTPUT_D_TILE_FP32=128)  # fmt: skip
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="interpreter-only: shrinks the feature tiles to the 16 x 16 blocks")
+@pytest.mark.parametrize(
+    "route,dim,dtype",
+    [
+        ("supcon_all_labels", 257, torch.float32),
+        ("supcon_all_mask", 300, torch.float16),
+        ("nt_xent", 513, torch.float32),
+        ("supcon_one_mask", 300, torch.float32),
+        ("info_nce_one_way", 257, torch.float16),
+        ("info_nce_symmetric", 300, torch.float32),
+        ("info_nce_symmetric", 513, torch.float16),
+    ],
+)
+def test_several_output_feature_tiles_match_float64(monkeypatch, route, dim, dtype):
+    """Backward programs that each own one output feature tile (several per row block, the last one partial) and
+    recompute the logits over the whole looped dim: every route against float64 at odd N and D."""
+    import triton
+
+    import fastcl.kernels.contrastive as K
+
+    for name, value in SMALL_D_TILES.items():
+        monkeypatch.setattr(K, name, value)
+    tiles = []
+    original = K._launch
+    monkeypatch.setattr(
+        K, "_launch", lambda name, grid_of, *a: tiles.append((name, grid_of({"BLOCK_M": 16, "BLOCK_N": 16})[1]))
+        or original(name, grid_of, *a),
+    )  # fmt: skip
+    expected_tiles = triton.cdiv(dim, 128)
+    assert K.backward_output_tiles(dim, torch.tensor([], dtype=dtype).element_size()) == expected_tiles >= 3
+    tol = TOLERANCE[dtype]
+    torch.manual_seed(11)
+    if route.startswith("supcon") or route == "nt_xent":
+        bsz = 9
+        features = F.normalize(torch.randn(bsz, 2, dim), dim=-1)
+        labels = torch.randint(0, 3, (bsz,))
+        mask = torch.rand(bsz, bsz) * (torch.rand(bsz, bsz) < 0.4) if route.endswith("mask") else None
+        mode = "one" if "one" in route else "all"
+        t = 0.5 if route == "nt_xent" else 0.2
+        x = features.to(DEVICE, dtype).requires_grad_()
+        if route == "nt_xent":
+            loss = FF.nt_xent_loss(x[:, 0], x[:, 1], temperature=t, backend="triton")
+            kwargs = dict(labels=None, mask=None)
+        else:
+            kwargs = dict(labels=labels if mask is None else None, mask=mask)
+            device_kwargs = {k: (v.to(DEVICE) if v is not None else None) for k, v in kwargs.items()}
+            loss = FF.supcon_loss(x, **device_kwargs, temperature=t, contrast_mode=mode, backend="triton")
+        (loss * 1.3).backward()
+        ref_x = x.detach().cpu().double().requires_grad_()
+        ref_in = F.normalize(ref_x, dim=-1) if route == "nt_xent" else ref_x  # nt_xent_loss normalizes
+        ref = supcon_float64(ref_in, **kwargs, temperature=t, contrast_mode=mode,
+                             base_temperature=t if route == "nt_xent" else 0.07)  # fmt: skip
+        (ref * 1.3).backward()
+        grads, ref_grads = [x.grad], [ref_x.grad]
+    else:
+        symmetric = route == "info_nce_symmetric"
+        query, key = torch.randn(11, dim), torch.randn(11 if symmetric else 19, dim)
+        labels = None if symmetric else torch.randint(0, 19, (11,))
+        q, k = query.to(DEVICE, dtype).requires_grad_(), key.to(DEVICE, dtype).requires_grad_()
+        loss = FF.info_nce_loss(q, k, None if labels is None else labels.to(DEVICE), temperature=0.1,
+                                symmetric=symmetric, backend="triton")  # fmt: skip
+        (loss * 1.3).backward()
+        rq, rk = q.detach().cpu().double().requires_grad_(), k.detach().cpu().double().requires_grad_()
+        ref = info_nce_float64(F.normalize(rq, dim=-1), F.normalize(rk, dim=-1), labels, 0.1, symmetric)
+        (ref * 1.3).backward()
+        grads, ref_grads = [q.grad, k.grad], [rq.grad, rk.grad]
+    backward = [n for n, _ in tiles if n != "fwd"]
+    assert backward and all(t == expected_tiles for n, t in tiles if n != "fwd"), tiles
+    if route in ("supcon_all_labels", "supcon_all_mask", "nt_xent"):
+        assert backward == ["bwd_anchor"]  # the one-kernel (self) route
+    assert abs(loss.item() - ref.item()) <= tol * max(1.0, abs(ref.item()))
+    for g, r in zip(grads, ref_grads):
+        assert _max_rel(g.cpu(), r) < 5 * tol, (route, _max_rel(g.cpu(), r))

@@ -300,3 +300,59 @@ def test_split_reduction_matches_float64(monkeypatch, case):
         assert ((g.double() - r).abs().max() / r.abs().max()).item() < (1e-5 if case == "large_logits" else 1e-4)
     again = run()
     assert torch.equal(loss, again[0]) and all(torch.equal(a, b) for a, b in zip(grads, again[1]))
+
+
+def _launched_backward_flops(monkeypatch, route, n, dim, dtype):
+    """Tensor-core FLOPs of the backward launches as the kernels' loops run them, counted from the launches
+    themselves (grid, BLOCK_* of the config chosen, constexprs; nothing executes): each program of grid
+    ``(row blocks, feature tiles, splits)`` multiplies every column block of its share, recomputing the logits over
+    ``cdiv(D, BLOCK_D)`` feature tiles (twice when RECOMPUTE_TRANSPOSED) and accumulating ``BLOCK_D_OUT`` columns."""
+    launches = []
+    monkeypatch.setattr(K, "_launch", lambda name, grid_of, leading, args, scalars, constexprs: launches.append(
+        (name, grid_of, constexprs)))  # fmt: skip
+    # as on a GPU: bf16 / fp16 tensor-core dots are exact, so two-way tiles reuse x_ij for x_ji
+    monkeypatch.setattr(K, "recompute_transposed", lambda dt: dt == torch.float32)
+    x = torch.randn(n, dim, dtype=dtype)
+    labels = torch.arange(n) % 7
+    args = K._LaunchArgs(x, x if route == "self" else x.clone(), labels, labels, None, 0)
+    stats = tuple(torch.zeros(n) for _ in range(3))
+    col_stats = {"self": stats, "one_way": None, "two_way": tuple(torch.zeros(n) for _ in range(3))}[route]
+    K.contrastive_backward(args, torch.ones(1), 1.0, stats, col_stats)
+    total = 0
+    for name, grid_of, constexprs in launches:
+        variant = K.variant_name(name, constexprs["TWO_WAY"])
+        config = K.fixed_config(variant, dim, x.element_size())
+        block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        programs, feature_tiles, _ = grid_of(dict(config.kwargs))
+        block_d = constexprs["BLOCK_D"]
+        block_d_out = constexprs.get("BLOCK_D_OUT", block_d)  # main: each program's output tile was BLOCK_D wide
+        reduced_blocks = triton.cdiv(n, block_n if name == "bwd_anchor" else block_m)  # over all splits
+        logits = triton.cdiv(dim, block_d) * block_d * (2 if constexprs["RECOMPUTE_TRANSPOSED"] else 1)
+        total += programs * feature_tiles * reduced_blocks * 2 * block_m * block_n * (logits + block_d_out)
+    return total
+
+
+@pytest.mark.parametrize("dim", [512, 1024])
+@pytest.mark.parametrize("route", ["self", "one_way", "two_way"])
+def test_backward_flops_at_looped_feature_dims(monkeypatch, route, dim):
+    """Issue 9 item 13: each backward program recomputes the whole logits product for the output feature tile it
+    owns; with 128-wide output tiles the self route (SupCon 'all' / NT-Xent) did 3.0x the dense formulation's
+    FLOPs at D = 1024 (9 tile products per 128 output columns where dense needs 2). Wide output tiles: <= 1.5x.
+    The model (K.backward_flops) is checked against the launches the launcher really makes."""
+    n = 4096
+    dense = K.dense_backward_flops(n, n, dim)
+    with monkeypatch.context() as m:
+        launched = _launched_backward_flops(m, route, n, dim, torch.bfloat16)
+    assert launched == K.backward_flops(route, n, n, dim, 2)
+    if route == "self":
+        assert launched <= 1.5 * dense
+    with monkeypatch.context() as m:  # the structure before: 128-wide output tiles
+        m.setattr(K, "MAX_OUTPUT_D_TILE", 128)
+        old = _launched_backward_flops(m, route, n, dim, torch.bfloat16)
+        assert old == K.backward_flops(route, n, n, dim, 2)
+    tiles = dim // 128
+    assert old == (1 if route == "self" else 2) * 2 * n * n * tiles * (dim + 128)
+    if route == "self":
+        assert old > 1.5 * dense
+    # D = 512: one output tile (no recomputation at all); D = 1024: two instead of eight
+    assert launched / old == pytest.approx((2 * dim if dim == 512 else 3 * dim) / (tiles * (dim + 128)))
