@@ -12,6 +12,12 @@ so no atomics are needed and the result is deterministic. At small N the reducti
 NT-Xent) the first kernel alone forms ``(dS + dS^T) @ C`` from each tile (``TWO_WAY``); symmetric two-tower InfoNCE
 uses the same flag in both kernels, so each tile serves both directions. Nothing ``N x N`` is ever allocated.
 
+Feature dims up to 256 (fp32: 128) are one tile. Beyond, the logits loop over feature tiles of 128, and each backward
+program owns the gradient columns of one output tile of up to 512 (fp32: 256, :func:`output_block_d_for`): every
+output tile recomputes the whole logits product, so the tile is as wide as the registers allow (a ``[32, 512]`` fp32
+accumulator). At D = 1024 the logits are recomputed twice, and the self route costs the dense formulation's FLOPs
+(:func:`backward_flops`; with 128-wide output tiles it was 3x: 9 tile products per 128 columns where dense needs 2).
+
 Layout per op: ``@triton.jit`` kernels -> config choice (autotuned, fixed or deterministic; every choice passes
 :func:`keep_config`) -> launchers (``contrastive_forward`` / ``contrastive_backward``, under the tensors' CUDA
 device) -> ``triton_route`` / ``triton_forward`` / ``triton_backward`` (argument preparation happens here, once)
@@ -637,7 +643,8 @@ def shared_memory_estimate(config: triton.Config, dim: int, element_size: int, k
 
 def register_estimate(config: triton.Config, dim: int, element_size: int, kernel: str = "bwd_anchor") -> float:
     """fp32 tile values per thread that ``kernel`` keeps live: the logits / dS tile (twice with the reverse
-    direction fused in), plus the gradient accumulator ``[resident rows, BLOCK_D]`` (backward) or the anchor tile
+    direction fused in), plus the gradient accumulator ``[resident rows, BLOCK_D_OUT]`` (backward; looped dims
+    have their own budget, :data:`LOOPED_REGISTER_BUDGET`) or the anchor tile
     (forward; both operand tiles when the feature dim is looped). fp32 inputs count 1.5x (tf32x3 splits operands).
 
     Calibrated on sm_80 / sm_90 lowerings of bf16 (``python -m fastcl.aot``): within :data:`REGISTER_BUDGET` nothing
