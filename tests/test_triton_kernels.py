@@ -373,3 +373,35 @@ def test_several_output_feature_tiles_match_float64(monkeypatch, route, dim, dty
     assert abs(loss.item() - ref.item()) <= tol * max(1.0, abs(ref.item()))
     for g, r in zip(grads, ref_grads):
         assert _max_rel(g.cpu(), r) < 5 * tol, (route, _max_rel(g.cpu(), r))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="interpreter-only: on a GPU the fixed configs run anyway")
+@pytest.mark.parametrize(
+    "route,dim,dtype,block_m,block_n",
+    [("supcon_all", 1024, torch.float16, 32, 64), ("info_nce_symmetric", 600, torch.float32, 64, 32)],
+)
+def test_looped_dim_fixed_configs_in_the_interpreter(monkeypatch, route, dim, dtype, block_m, block_n):
+    """The real tile constants with the looped-dim fixed configs' blocks (32 x 64 for dA, 64 x 32 for dC): D = 1024
+    fp16 has two 512-wide output tiles, D = 600 fp32 three 256-wide ones (the last one partial)."""
+    import triton
+
+    import fastcl.kernels.contrastive as K
+
+    monkeypatch.setattr(K, "INTERPRETER_CONFIG", triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}))
+    monkeypatch.setattr(K, "_tuned", {})
+    element_size = torch.tensor([], dtype=dtype).element_size()
+    assert K.backward_output_tiles(dim, element_size) == (2 if dim == 1024 else 3)
+    assert not K.block_d_for(dim, element_size)[1]
+    if route == "supcon_all":
+        _check_supcon(37, 2, dim, "all", "labels", dtype=dtype, temperature=0.5, base=0.5)
+        return
+    torch.manual_seed(4)
+    query, key = torch.randn(45, dim), torch.randn(45, dim)
+    q, k = query.to(DEVICE, dtype).requires_grad_(), key.to(DEVICE, dtype).requires_grad_()
+    loss = FF.info_nce_loss(q, k, temperature=0.1, symmetric=True, backend="triton")
+    loss.backward()
+    rq, rk = q.detach().cpu().double().requires_grad_(), k.detach().cpu().double().requires_grad_()
+    ref = info_nce_float64(F.normalize(rq, dim=-1), F.normalize(rk, dim=-1), None, 0.1, True)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-4 * abs(ref.item())
+    assert _max_rel(q.grad.cpu(), rq.grad) < 1e-4 and _max_rel(k.grad.cpu(), rk.grad) < 1e-4
