@@ -381,8 +381,9 @@ def test_several_output_feature_tiles_match_float64(monkeypatch, route, dim, dty
     [("supcon_all", 1024, torch.float16, 32, 64), ("info_nce_symmetric", 600, torch.float32, 64, 32)],
 )
 def test_looped_dim_fixed_configs_in_the_interpreter(monkeypatch, route, dim, dtype, block_m, block_n):
-    """The real tile constants with the looped-dim fixed configs' blocks (32 x 64 for dA, 64 x 32 for dC): D = 1024
-    fp16 has two 512-wide output tiles, D = 600 fp32 three 256-wide ones (the last one partial)."""
+    """The real tile constants with the block shapes of the looped-dim fixed configs (32 x 64 for the one-way dA,
+    64 x 32 for the one-way dC; the interpreter runs every kernel in the one config): D = 1024 fp16 has two
+    512-wide output tiles, D = 600 fp32 three 256-wide ones (the last one partial)."""
     import triton
 
     import fastcl.kernels.contrastive as K
