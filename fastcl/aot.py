@@ -149,6 +149,8 @@ def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
         stride_contrast_label=1,
         stride_mask_row=bsz if job["has_mask"] else 1,
         stride_mask_col=1,
+        stride_mask_t_row=bsz if job["has_mask"] else 1,
+        stride_mask_t_col=1,
         self_offset=0,
         n_anchor_bucket=n,
         n_contrast_bucket=n,
@@ -168,6 +170,7 @@ def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
     )
     if "TWO_WAY" in constexprs:
         constexprs["RECOMPUTE_TRANSPOSED"] = constexprs["TWO_WAY"] and K.recompute_transposed(torch_dtype)
+        constexprs["EXP_REUSE"] = constexprs["TWO_WAY"] and K.reuse_transposed_exp(torch_dtype)
     args = []
     for name in fn.arg_names:
         if name in constexprs:

@@ -52,8 +52,10 @@ NOT_SPECIALIZED = (
     "stride_contrast_label",
     "stride_mask_row",
     "stride_mask_col",
+    "stride_mask_t_row",
+    "stride_mask_t_col",
 )
-NOT_ALIGNMENT_SPECIALIZED = ("anchor_label_ptr", "contrast_label_ptr", "mask_ptr", "grad_output_ptr")
+NOT_ALIGNMENT_SPECIALIZED = ("anchor_label_ptr", "contrast_label_ptr", "mask_ptr", "mask_t_ptr", "grad_output_ptr")
 
 
 def _interpreting() -> bool:
@@ -149,41 +151,82 @@ def _pair_weights(
 
 
 @triton.jit
-def _dlogits_tile(dots, lse_raw, coef_softmax, coef_pos, w, valid, logit_scale_log2):
-    """``dS = coef_softmax * softmax - coef_pos * w`` (fp32) from raw dots and the row LSE in raw units."""
-    probs = tl.exp2(logit_scale_log2 * tl.where(valid, dots - lse_raw[:, None], float("-inf")))  # excluded -> 0
+def _probs_tile(dots, lse_raw, valid, logit_scale_log2):
+    """``p_ij = exp2(logit_scale_log2 * (x_ij - lse_raw_i))`` (fp32, one exp per pair; excluded pairs -> 0)."""
+    return tl.exp2(logit_scale_log2 * tl.where(valid, dots - lse_raw[:, None], float("-inf")))
+
+
+@triton.jit
+def _dlogits_tile(probs, coef_softmax, coef_pos, w):
+    """``dS = coef_softmax * softmax - coef_pos * w`` (fp32) from the tile's probabilities."""
     return coef_softmax[:, None] * probs - coef_pos[:, None] * w
+
+
+# TWO_WAY without recomputed dots (x_ji == x_ij bitwise): the reverse direction's probabilities are
+# p'_ji = exp2(s (x_ij - lse'_j)) = p_ij * r_i * q_j with per-row / per-column factors r_i = exp2(s (lse_i - ref))
+# and q_j = exp2(s (ref - lse'_j)) around a tile reference ref: BLOCK_M + BLOCK_N exps per tile instead of
+# BLOCK_M * BLOCK_N. Only where the tile's log-sum-exps lie within EXP_REUSE_MAX_SPAN (in log2 units) of each other:
+# then each factor is within 2**(+-SPAN/2) (no overflow or underflow) and p_ij >= p'_ji * 2**-SPAN, so every p'_ji
+# above 2**(SPAN - 126) comes from a normal p_ij at full fp32 precision (smaller ones are below anything the fp16 /
+# bf16 dS cast keeps). Any other tile (spread-out or non-finite statistics: extreme logits, empty rows, NaN) takes
+# one exp per pair as before.
+EXP_REUSE_MAX_SPAN = tl.constexpr(64.0)
 
 
 @triton.jit
 def _transposed_dlogits_tile(
     dots,
+    probs,
     w,
     valid,
     rows,
     cols,
-    mask_ptr,
+    row_valid,
+    col_valid,
+    mask_t_ptr,
     mask_period,
-    stride_mask_row,
-    stride_mask_col,
+    stride_mask_t_row,
+    stride_mask_t_col,
+    lse_raw,
     col_lse_raw,
     col_coef_softmax,
     col_coef_pos,
     logit_scale_log2,
     HAS_MASK: tl.constexpr,
+    EXP_REUSE: tl.constexpr,
 ):
     """``dS'_ji`` laid out ``[BLOCK_M, BLOCK_N]``: the reverse direction (contrast j as anchor over the anchors),
-    from the same dots tile (``x_ji = x_ij``) and the reverse direction's per-column statistics."""
+    from the same dots tile (``x_ji = x_ij``) and the reverse direction's per-column statistics.
+
+    With a mask its weights ``mask[j % B, i % B]`` are read from the contiguous transposed copy ``mask_t``
+    (``[i % B, j % B]``: consecutive columns are consecutive addresses, as for ``w``). ``EXP_REUSE``: ``probs`` are
+    this tile's ``p_ij`` and ``dots`` are bitwise the reverse direction's ``x_ji``; the probabilities are rescaled
+    instead of exponentiated again where that is exact enough (see ``EXP_REUSE_MAX_SPAN``)."""
     w_t = w  # labels: [l_i == l_j] is symmetric
     if HAS_MASK:
         w_t = tl.load(
-            mask_ptr
-            + (cols % mask_period).to(tl.int64)[None, :] * stride_mask_row
-            + (rows % mask_period).to(tl.int64)[:, None] * stride_mask_col,
+            mask_t_ptr
+            + (rows % mask_period).to(tl.int64)[:, None] * stride_mask_t_row
+            + (cols % mask_period).to(tl.int64)[None, :] * stride_mask_t_col,
             mask=valid,
             other=0.0,
         )
-    probs_t = tl.exp2(logit_scale_log2 * tl.where(valid, dots - col_lse_raw[None, :], float("-inf")))
+    if EXP_REUSE:
+        row_lo = tl.min(tl.where(row_valid, lse_raw, float("inf")), axis=0)
+        row_hi = tl.max(tl.where(row_valid, lse_raw, float("-inf")), axis=0)
+        col_lo = tl.min(tl.where(col_valid, col_lse_raw, float("inf")), axis=0)
+        col_hi = tl.max(tl.where(col_valid, col_lse_raw, float("-inf")), axis=0)
+        lo = tl.minimum(row_lo, col_lo)
+        hi = tl.maximum(row_hi, col_hi)
+        if logit_scale_log2 * (hi - lo) <= EXP_REUSE_MAX_SPAN:  # False for inf / NaN statistics
+            ref = lo + 0.5 * (hi - lo)
+            row_factor = tl.exp2(logit_scale_log2 * tl.where(row_valid, lse_raw - ref, 0.0))
+            col_factor = tl.exp2(logit_scale_log2 * tl.where(col_valid, ref - col_lse_raw, 0.0))
+            probs_t = probs * row_factor[:, None] * col_factor[None, :]
+        else:
+            probs_t = tl.exp2(logit_scale_log2 * tl.where(valid, dots - col_lse_raw[None, :], float("-inf")))
+    else:
+        probs_t = tl.exp2(logit_scale_log2 * tl.where(valid, dots - col_lse_raw[None, :], float("-inf")))
     return col_coef_softmax[None, :] * probs_t - col_coef_pos[None, :] * w_t
 
 
@@ -330,11 +373,14 @@ def _backward_dlogits_tile(
     HAS_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, TWO_WAY: tl.constexpr, RECOMPUTE_TRANSPOSED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, SINGLE_D_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    mask_t_ptr, stride_mask_t_row, stride_mask_t_col, EXP_REUSE: tl.constexpr,
 ):  # fmt: skip
     """The recomputed ``dS`` tile ``[BLOCK_M, BLOCK_N]`` both backward kernels multiply (plus ``dS'^T`` if TWO_WAY).
 
     Its entries are O(scale): the loss scale and ``grad_output`` are applied to the fp32 accumulator after the
-    products, so a GradScaler's 2**16 never meets the fp16/bf16 cast of ``dS``."""
+    products, so a GradScaler's 2**16 never meets the fp16/bf16 cast of ``dS``. TWO_WAY reads the mask's
+    transposed copy ``mask_t`` for the reverse weights; ``EXP_REUSE`` (only without RECOMPUTE_TRANSPOSED) rescales
+    this tile's probabilities into the reverse direction's instead of a second exp per pair."""
     dots = _dots_tile(
         anchor_ptr, contrast_ptr, a_tile, c_tile, rows, cols, row_valid, col_valid, dim, stride_anchor,
         stride_contrast, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D_TILE, INPUT_PRECISION,
@@ -343,7 +389,8 @@ def _backward_dlogits_tile(
         rows, cols, row_valid, col_valid, row_labels, contrast_label_ptr, stride_contrast_label, mask_ptr,
         mask_period, stride_mask_row, stride_mask_col, self_offset, HAS_MASK, EXCLUDE_SELF,
     )  # fmt: skip
-    dlogits = _dlogits_tile(dots, lse_raw, coef_softmax, coef_pos, w, valid, logit_scale_log2)
+    probs = _probs_tile(dots, lse_raw, valid, logit_scale_log2)
+    dlogits = _dlogits_tile(probs, coef_softmax, coef_pos, w)
     if TWO_WAY:
         dots_t = dots
         if RECOMPUTE_TRANSPOSED:  # x_ji exactly as the reverse direction's forward formed it (see module notes)
@@ -354,8 +401,9 @@ def _backward_dlogits_tile(
                 )
             )  # fmt: skip
         dlogits += _transposed_dlogits_tile(
-            dots_t, w, valid, rows, cols, mask_ptr, mask_period, stride_mask_row, stride_mask_col,
-            col_lse_raw, col_coef_softmax, col_coef_pos, logit_scale_log2, HAS_MASK,
+            dots_t, probs, w, valid, rows, cols, row_valid, col_valid, mask_t_ptr, mask_period, stride_mask_t_row,
+            stride_mask_t_col, lse_raw, col_lse_raw, col_coef_softmax, col_coef_pos, logit_scale_log2, HAS_MASK,
+            EXP_REUSE and not RECOMPUTE_TRANSPOSED,
         )  # fmt: skip
     return dlogits
 
@@ -394,12 +442,16 @@ def _contrastive_bwd_anchor_kernel(
     stride_grad,
     logit_scale_log2,
     grad_scale,
+    mask_t_ptr,
+    stride_mask_t_row,
+    stride_mask_t_col,
     HAS_MASK: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SINGLE_D_TILE: tl.constexpr,
     TWO_WAY: tl.constexpr,
     RECOMPUTE_TRANSPOSED: tl.constexpr,
+    EXP_REUSE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -440,7 +492,7 @@ def _contrastive_bwd_anchor_kernel(
             contrast_label_ptr, stride_contrast_label, mask_ptr, dim, mask_period, stride_anchor, stride_contrast,
             stride_mask_row, stride_mask_col, self_offset, logit_scale_log2,
             HAS_MASK, EXCLUDE_SELF, TWO_WAY, RECOMPUTE_TRANSPOSED, INPUT_PRECISION, SINGLE_D_TILE,
-            BLOCK_M, BLOCK_N, BLOCK_D,
+            BLOCK_M, BLOCK_N, BLOCK_D, mask_t_ptr, stride_mask_t_row, stride_mask_t_col, EXP_REUSE,
         )  # fmt: skip
         acc = tl.dot(dlogits.to(c_tile.dtype), c_tile, acc, input_precision=INPUT_PRECISION)
 
@@ -489,12 +541,16 @@ def _contrastive_bwd_contrast_kernel(
     stride_grad,
     logit_scale_log2,
     grad_scale,
+    mask_t_ptr,
+    stride_mask_t_row,
+    stride_mask_t_col,
     HAS_MASK: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SINGLE_D_TILE: tl.constexpr,
     TWO_WAY: tl.constexpr,
     RECOMPUTE_TRANSPOSED: tl.constexpr,
+    EXP_REUSE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -532,7 +588,7 @@ def _contrastive_bwd_contrast_kernel(
             contrast_label_ptr, stride_contrast_label, mask_ptr, dim, mask_period, stride_anchor, stride_contrast,
             stride_mask_row, stride_mask_col, self_offset, logit_scale_log2,
             HAS_MASK, EXCLUDE_SELF, TWO_WAY, RECOMPUTE_TRANSPOSED, INPUT_PRECISION, SINGLE_D_TILE,
-            BLOCK_M, BLOCK_N, BLOCK_D,
+            BLOCK_M, BLOCK_N, BLOCK_D, mask_t_ptr, stride_mask_t_row, stride_mask_t_col, EXP_REUSE,
         )  # fmt: skip
         acc = tl.dot(tl.trans(dlogits.to(a_tile.dtype)), a_tile, acc, input_precision=INPUT_PRECISION)
 
@@ -771,6 +827,17 @@ def recompute_transposed(dtype: torch.dtype) -> bool:
     return _interpreting() or dtype == torch.float32
 
 
+# TWO_WAY tiles that reuse x_ij as x_ji (see recompute_transposed) also reuse its exp: p'_ji = p_ij * r_i * q_j
+# (EXP_REUSE_MAX_SPAN). Tests force it on in the interpreter, with dots that are exact and hence symmetric.
+TRANSPOSED_EXP_REUSE = True
+
+
+def reuse_transposed_exp(dtype: torch.dtype) -> bool:
+    """Whether TWO_WAY tiles rescale ``p_ij`` into the reverse direction's ``p'_ji`` (one exp per pair, not two):
+    only where the dots tile is reused bitwise (not :func:`recompute_transposed`)."""
+    return TRANSPOSED_EXP_REUSE and not recompute_transposed(dtype)
+
+
 def _device_guard(device: torch.device):
     """Launch on the tensors' device: Triton launches on the current CUDA device and stream."""
     if device.type == "cuda":
@@ -780,9 +847,11 @@ def _device_guard(device: torch.device):
 
 class _LaunchArgs:
     """The kernels' view of one call, prepared once: unit column stride for the embeddings (row strides passed),
-    labels and mask passed with their strides, placeholders for what the variant does not read."""
+    labels and mask passed with their strides, placeholders for what the variant does not read. ``two_way`` (a
+    backward that adds the reverse direction) with a mask also prepares ``mask_t``, a contiguous copy of
+    ``mask.T``, so the reverse weights ``mask[j % B, i % B]`` are read along rows (``mask_t_strides``)."""
 
-    def __init__(self, anchor, contrast, anchor_labels, contrast_labels, mask, self_offset):
+    def __init__(self, anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, two_way=False):
         for name, x in (("anchor", anchor), ("contrast", contrast)):
             if x.dim() != 2:
                 raise ValueError(f"{name} must be [N, D], got shape {tuple(x.shape)}")
@@ -818,6 +887,8 @@ class _LaunchArgs:
         self.block_d, single = block_d_for(self.dim, anchor.element_size())
         self.element_size = anchor.element_size()
         self.tensors = (self.anchor, self.contrast, anchor_labels, contrast_labels, mask)
+        self.mask_t = mask.t().contiguous() if self.has_mask and two_way else mask  # no host sync
+        self.mask_t_strides = (self.mask_t.stride(0), self.mask_t.stride(1)) if self.has_mask else (1, 1)
         self.sizes = (
             self.n_anchor,
             self.n_contrast,
@@ -931,7 +1002,16 @@ def contrastive_backward(
     self_symmetric = col_stats is row_stats
     stats = (*row_stats, *(col_stats if two_way else row_stats))
     constexprs = dict(
-        args.constexprs, TWO_WAY=two_way, RECOMPUTE_TRANSPOSED=two_way and recompute_transposed(args.anchor.dtype)
+        args.constexprs,
+        TWO_WAY=two_way,
+        RECOMPUTE_TRANSPOSED=two_way and recompute_transposed(args.anchor.dtype),
+        EXP_REUSE=two_way and reuse_transposed_exp(args.anchor.dtype),
+    )
+    if two_way and args.has_mask and args.mask_t is args.tensors[4]:
+        raise ValueError("a two-way masked backward needs _LaunchArgs(..., two_way=True) (the transposed mask)")
+    # passed by keyword (the kernels' last runtime arguments): the transposed mask of TWO_WAY and its strides
+    constexprs.update(
+        mask_t_ptr=args.mask_t, stride_mask_t_row=args.mask_t_strides[0], stride_mask_t_col=args.mask_t_strides[1]
     )
     d_tiles = triton.cdiv(args.dim, args.block_d)
     scalars = (*args.sizes,)
@@ -1033,7 +1113,7 @@ def triton_backward(
     """``(grad_anchor, grad_contrast)`` of ``grad_output * loss`` (either None when not needed; with
     ``route == 'self'`` the whole gradient is ``grad_anchor`` and ``grad_contrast`` is None). ``grad_output`` is
     read on the device (no host sync) and applied to the fp32 accumulators, never to the half-precision dS."""
-    args = _LaunchArgs(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset)
+    args = _LaunchArgs(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, route != "one_way")
     if not torch.is_tensor(grad_output):
         grad_output = torch.tensor(float(grad_output), device=args.device)
     grad_output = grad_output.detach().to(device=args.device, dtype=torch.float32).reshape(1)
