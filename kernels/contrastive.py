@@ -32,9 +32,11 @@ from fastcl._core import TRITON_DTYPES, grad_coefficients, row_losses
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MAX_SINGLE_D_TILE = 256  # feature dims up to this are held in one tile; larger ones are looped in tiles of 128
-# fp32 (tf32x3) stages split operands: a [32, 256] fp32 tile alone needs ~196 KB of shared memory in the two-way
-# backward, over sm_80's limit, so fp32 loops feature tiles of 128 beyond D = 128.
-MAX_SINGLE_D_TILE_FP32 = 128
+# fp32 (tf32x3: three tensor-core products on hi/lo split operands) holds the split feature tiles in registers:
+# with feature tiles of 64 or 128, or one tile of 32, every two-way backward config spilled on sm_80 (README, "GPU
+# resources"), so fp32 keeps one tile up to D = 16 and loops tiles of 32 beyond (the backward's output tiles too).
+MAX_SINGLE_D_TILE_FP32 = 16
+D_TILE_FP32 = 32
 
 # Integer arguments left out of Triton's divisibility-by-16 specialization (one compiled kernel whatever the batch
 # size, the mask period or the rank offset), and pointers left out of the 16-byte alignment one (labels and masks
@@ -634,9 +636,44 @@ KERNEL_NAMES = ("fwd", "bwd_anchor", "bwd_contrast")
 # The variants a launch compiles: the backward kernels with and without the reverse direction fused in.
 KERNEL_VARIANTS = ("fwd", "bwd_anchor", "bwd_anchor[two_way]", "bwd_contrast", "bwd_contrast[two_way]")
 REGISTER_BUDGET = 48  # fp32 tile values per thread the kernels may hold without spilling (see keep_config)
-# fp32 (tf32x3) spills whatever the tile (README, "GPU resources"); its budget only keeps the tiles small enough that
-# the smallest fixed config (32 x 32) is kept at every feature dim.
-REGISTER_BUDGET_FP32 = 64
+
+
+def _cfg(block_m, block_n, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# fp32 inputs (tf32x3, and tf32 with allow_tf32): the configs that lower without spilling on sm_80 and sm_90, per
+# kernel variant and feature tiling (one tile, D <= 16, or looped tiles of 32), found by sweeping tiles, warps,
+# stages and feature tiles with ``python -m fastcl.aot`` (which fails on any kept config that spills). Preferred
+# first: the first is the fixed config. ptxas settles between 128 and 255 registers per thread for these.
+# Not kept, for instance: two-way 32x32 tiles once the feature dim loops (8-112 B on both archs), two-way 64x32
+# tiles with one feature tile on sm_80 (8-40 B), 64x64 two-way tiles (144-440 B), any two-way tile with feature
+# tiles of 64 on sm_80 (32-1728 B) or with one tile of 32 (8-608 B); with tf32 (one product) on sm_90, where ptxas
+# settled on 128 registers, bwd_anchor 32x64 / 2 stages with looped tiles (16 B) and bwd_contrast 32x32 with one
+# tile (8 B).
+FP32_CONFIGS = {
+    ("fwd", True): (_cfg(64, 32, 8, 2), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2)),
+    ("fwd", False): (_cfg(64, 32, 8, 2), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2)),
+    ("bwd_anchor", True): (_cfg(64, 32, 8, 2), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 2)),
+    ("bwd_anchor", False): (_cfg(64, 32, 8, 2), _cfg(64, 32, 8, 1), _cfg(32, 32, 8, 1)),
+    ("bwd_contrast", True): (_cfg(32, 64, 8, 2), _cfg(32, 64, 8, 1), _cfg(64, 32, 8, 1)),
+    ("bwd_contrast", False): (_cfg(32, 64, 8, 2), _cfg(32, 64, 8, 1), _cfg(32, 32, 8, 2)),
+    ("bwd_anchor[two_way]", True): (_cfg(32, 32, 8, 2),),
+    ("bwd_anchor[two_way]", False): (_cfg(64, 32, 8, 2), _cfg(64, 32, 8, 1)),
+    ("bwd_contrast[two_way]", True): (_cfg(32, 64, 8, 1), _cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2)),
+    ("bwd_contrast[two_way]", False): (_cfg(32, 64, 8, 1),),
+}
+
+
+# fp32 autotunes among its FP32_CONFIGS: those CONFIGS lacks are appended to it, autotuned for fp32 only.
+_HALF_CANDIDATE_KEYS = frozenset((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in CONFIGS)
+_FP32_ONLY = {
+    (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c
+    for configs in FP32_CONFIGS.values()
+    for c in configs
+}
+_FP32_ONLY = {key: c for key, c in _FP32_ONLY.items() if key not in _HALF_CANDIDATE_KEYS}
+CONFIGS = CONFIGS + list(_FP32_ONLY.values())
 
 
 def variant_name(kernel: str, two_way: bool = False) -> str:
@@ -676,7 +713,10 @@ def register_estimate(config: triton.Config, dim: int, element_size: int, kernel
 
     Calibrated on sm_80 / sm_90 lowerings of bf16 (``python -m fastcl.aot``): within :data:`REGISTER_BUDGET` nothing
     spilled (bwd_contrast also counts its transposed dS tile and prefetched anchor tiles, see below); the forward
-    128x64 / 8 warps (64 values, sm_80) and 64x128 (D = 256), the two-way backward 64x64 / 8 warps (64 values) did. fp32 with tf32x3 spills at every tile size tried (see the README's resource table).
+    128x64 / 8 warps (64 values, sm_80) and 64x128 (D = 256), the two-way backward 64x64 / 8 warps (64 values) did.
+    fp32 does not go by this estimate: the split tf32x3 operands' register use is not proportional to the tiles
+    (a 32x32 two-way tile spilled where 32x64 did not), so :func:`keep_config` keeps the :data:`FP32_CONFIGS`
+    lowered spill-free.
     """
     block_d, single = block_d_for(dim, element_size)
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
@@ -702,16 +742,25 @@ def keep_config(
 ) -> bool:
     """Whether ``config`` fits ``kernel`` (a :data:`KERNEL_VARIANTS` name) at feature dim ``dim``: its shared memory
     (:func:`shared_memory_estimate`) within ``shared_limit`` (default: the smallest of :data:`SHARED_MEMORY_LIMITS`)
-    and its live fp32 tile values (:func:`register_estimate`) within :data:`REGISTER_BUDGET` per thread."""
+    and its live fp32 tile values (:func:`register_estimate`) within :data:`REGISTER_BUDGET` per thread; fp32
+    inputs: one of the spill-free :data:`FP32_CONFIGS` of the variant and feature tiling."""
     if shared_memory_estimate(config, dim, element_size, kernel) > shared_limit:
         return False
-    budget = REGISTER_BUDGET_FP32 if element_size == 4 else REGISTER_BUDGET
-    return register_estimate(config, dim, element_size, kernel) <= budget
+    if element_size == 4:
+        return _config_key(config) in {_config_key(c) for c in _fp32_configs(kernel, dim)}
+    return register_estimate(config, dim, element_size, kernel) <= REGISTER_BUDGET
+
+
+def _fp32_configs(kernel: str, dim: int) -> tuple:
+    return FP32_CONFIGS[(kernel, block_d_for(dim, 4)[1])]
 
 
 def fixed_config(kernel: str, dim: int, element_size: int, candidates=None) -> triton.Config:
     """The one config used without autotuning: the first of ``candidates`` (default :data:`FIXED_PREFERENCE`) that
-    :func:`keep_config` keeps, else the last preference (the smallest, which fits everywhere)."""
+    :func:`keep_config` keeps, else the last preference (the smallest, which fits everywhere). fp32: the first of
+    the variant's :data:`FP32_CONFIGS` (whatever the candidates)."""
+    if element_size == 4:
+        return _fp32_configs(kernel, dim)[0]
     for config in candidates if candidates is not None else FIXED_PREFERENCE:
         if keep_config(config, dim, element_size, kernel):
             return config
@@ -721,7 +770,11 @@ def fixed_config(kernel: str, dim: int, element_size: int, candidates=None) -> t
 def autotune_configs(kernel: str, dim: int, element_size: int, configs=None) -> list:
     """The configs the autotuner times for this kernel variant, feature dim and dtype (never empty)."""
     configs = CONFIGS if configs is None else configs
-    kept = [c for c in configs if keep_config(c, dim, element_size, kernel)]
+    kept = [
+        c
+        for c in configs
+        if keep_config(c, dim, element_size, kernel) and (element_size == 4 or _config_key(c) not in _FP32_ONLY)
+    ]
     return kept or [fixed_config(kernel, dim, element_size)]
 
 
@@ -799,11 +852,11 @@ def _kernel_and_config(variant, dim, element_size):
 
 
 def block_d_for(dim: int, element_size: int = 2) -> tuple[int, bool]:
-    """``(BLOCK_D, SINGLE_D_TILE)``: the whole feature dim in one tile when it fits (up to 256, 128 for fp32),
-    else tiles of 128."""
+    """``(BLOCK_D, SINGLE_D_TILE)``: the whole feature dim in one tile when it fits (up to 256, 16 for fp32),
+    else tiles of 128 (32 for fp32)."""
     if dim <= (MAX_SINGLE_D_TILE_FP32 if element_size == 4 else MAX_SINGLE_D_TILE):
         return max(16, triton.next_power_of_2(dim)), True
-    return 128, False
+    return (D_TILE_FP32 if element_size == 4 else 128), False
 
 
 def input_precision_for(dtype: torch.dtype) -> str:

@@ -104,10 +104,14 @@ def test_every_launchable_config_passes_the_filter_for_every_arch(kernel, dim, e
     ]
 
 
-def test_filter_rejects_the_configs_that_overflowed_shared_memory():
+def test_filter_rejects_the_configs_that_overflowed_shared_memory(monkeypatch):
     """The issue's numbers: fp32, D in 129..256, the old fixed 128x64 / 8 warps / 2 stages needed 262,656 B (fwd),
-    263,424 B and 330,240 B (backward, two-way): over sm_90's 232,448 B."""
+    263,424 B and 330,240 B (backward, two-way): over sm_90's 232,448 B (with one [*, 256] fp32 feature tile, as
+    then; fp32 now loops feature tiles of 32)."""
     old_fixed = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)
+    for kernel in K.KERNEL_VARIANTS:
+        assert not K.keep_config(old_fixed, 256, 4, kernel, shared_limit=K.SHARED_MEMORY_LIMITS[90])
+    monkeypatch.setattr(K, "MAX_SINGLE_D_TILE_FP32", 256)
     for kernel in K.KERNEL_VARIANTS:
         assert not K.keep_config(old_fixed, 256, 4, kernel, shared_limit=K.SHARED_MEMORY_LIMITS[90])
     assert K.shared_memory_estimate(old_fixed, 256, 4, "fwd") >= 262_656
@@ -170,11 +174,15 @@ def test_autotune_key_buckets_the_sizes(monkeypatch):
 def test_sizes_and_offsets_are_not_specialized():
     """Batch sizes, offsets, the mask period and label/mask strides never trigger a recompile; embedding pointers,
     row strides and the feature dim keep Triton's 16-divisibility specialization (vectorized, pipelined loads)."""
-    for kernel in K.RAW_KERNELS.values():
+    every_name = set().union(*(kernel.arg_names for kernel in K.RAW_KERNELS.values()))
+    assert set(K.NOT_SPECIALIZED) <= every_name and set(K.NOT_ALIGNMENT_SPECIALIZED) <= every_name  # no stale names
+    backward_only = {"stride_mask_t_row", "stride_mask_t_col", "mask_t_ptr"}  # the transposed mask of TWO_WAY
+    for name, kernel in K.RAW_KERNELS.items():
         names = set(kernel.arg_names)
+        assert (backward_only <= names) == (name != "fwd")
         not_specialized = set(K.NOT_SPECIALIZED)  # applied by @triton.jit; tests/test_aot.py checks the params
         assert {"n_anchor", "n_contrast", "self_offset", "mask_period", "n_anchor_bucket"} <= not_specialized
-        assert not_specialized <= names
+        assert not_specialized - backward_only <= names
         assert not {"dim", "stride_anchor", "stride_contrast"} & not_specialized
         not_aligned = set(K.NOT_ALIGNMENT_SPECIALIZED)
         assert {"anchor_label_ptr", "contrast_label_ptr", "mask_ptr"} <= not_aligned & names
