@@ -104,6 +104,28 @@ def test_every_launchable_config_passes_the_filter_for_every_arch(kernel, dim, e
     ]
 
 
+@pytest.mark.parametrize("dim", [1, 16, 17, 32, 64, 100, 128, 256, 300, 1024])
+def test_fp32_keeps_only_the_spill_free_configs(dim):
+    """fp32 (tf32x3 / tf32) launches only configs of FP32_CONFIGS, which lowered without spills on sm_80 and sm_90
+    (``python -m fastcl.aot`` fails otherwise), with one feature tile up to D = 16 and looped tiles of 32 beyond;
+    the old fixed configs (32x32 two-way tiles, 64x32 / 8 warps forward with 128-wide feature tiles) are gone."""
+    block_d, single = K.block_d_for(dim, 4)
+    assert (block_d, single) == ((16, True) if dim <= 16 else (32, False))
+    assert K.block_d_for(dim, 2)[0] >= min(128, max(16, dim))  # half precision keeps its wide feature tiles
+    for kernel in K.KERNEL_VARIANTS:
+        allowed = [K._config_key(c) for c in K.FP32_CONFIGS[(kernel, single)]]
+        launchable = [K._config_key(c) for c in K.launchable_configs(kernel, dim, 4)]
+        assert launchable and set(launchable) <= set(allowed)
+        assert K._config_key(K.fixed_config(kernel, dim, 4)) == allowed[0]
+        assert K._config_key(K.fixed_config(kernel, dim, 4, list(K.FIXED_PREFERENCE))) == allowed[0]
+    # the fp32-only candidates (appended to the autotune list) are never autotuned for half precision
+    for kernel in K.KERNEL_VARIANTS:
+        tuned = {K._config_key(c) for c in K.autotune_configs(kernel, dim, 2)}
+        tuned.discard(K._config_key(K.fixed_config(kernel, dim, 2)))  # the prune fallback (FIXED_PREFERENCE)
+        assert not tuned & set(K._FP32_ONLY)
+    assert K._config_key(K.FP32_CONFIGS[("bwd_contrast[two_way]", False)][0]) == (32, 64, 8, 1)
+
+
 def test_filter_rejects_the_configs_that_overflowed_shared_memory(monkeypatch):
     """The issue's numbers: fp32, D in 129..256, the old fixed 128x64 / 8 warps / 2 stages needed 262,656 B (fwd),
     263,424 B and 330,240 B (backward, two-way): over sm_90's 232,448 B (with one [*, 256] fp32 feature tile, as
