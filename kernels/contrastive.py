@@ -751,6 +751,8 @@ def keep_config(
         return False
     if element_size == 4:
         return _config_key(config) in {_config_key(c) for c in _fp32_configs(kernel, dim)}
+    if kernel.endswith("[two_way]") and min(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) >= 64:
+        return False  # the exp reuse keeps p_ij live next to dS: 64x64 two-way tiles spilled 16-472 B (D = 16, 64)
     return register_estimate(config, dim, element_size, kernel) <= REGISTER_BUDGET
 
 
