@@ -38,17 +38,19 @@ from fastcl._core import TRITON_DTYPES, grad_coefficients, row_losses
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MAX_SINGLE_D_TILE = 256  # feature dims up to this are held in one tile; larger ones are looped in tiles of 128
-# fp32 (tf32x3) stages split operands: a [32, 256] fp32 tile alone needs ~196 KB of shared memory in the two-way
-# backward, over sm_80's limit, so fp32 loops feature tiles of 128 beyond D = 128.
-MAX_SINGLE_D_TILE_FP32 = 128
-# Larger dims: the logits loop over feature tiles of LOOPED_D_TILE, and each backward program accumulates an output
-# tile of up to MAX_OUTPUT_D_TILE gradient columns (output_block_d_for). Module constants so that tests can shrink
-# them to the interpreter's 16 x 16 blocks.
+# fp32 (tf32x3: three tensor-core products on hi/lo split operands) holds the split feature tiles in registers:
+# with feature tiles of 64 or 128, or one tile of 32, every two-way backward config spilled on sm_80 (README, "GPU
+# resources"), so fp32 keeps one tile up to D = 16 and loops tiles of 32 beyond (the backward's output tiles too, MAX_OUTPUT_D_TILE_FP32).
+MAX_SINGLE_D_TILE_FP32 = 16
+D_TILE_FP32 = 32
+# Larger dims: the logits loop over feature tiles of LOOPED_D_TILE (fp32: D_TILE_FP32), and each backward program
+# accumulates an output tile of up to MAX_OUTPUT_D_TILE gradient columns (output_block_d_for). Module constants so
+# that tests can shrink them to the interpreter's 16 x 16 blocks.
 LOOPED_D_TILE = 128
 MAX_OUTPUT_D_TILE = 512
-# fp32 (tf32x3 splits operands): a [32, 512] fp32 accumulator spilled 1.5-4.7 KB per thread on sm_80, [32, 256]
-# 0.7-1.1 KB (the 128-wide tiles before: 0.6-0.9 KB), so fp32 accumulates at most 256 columns per program.
-MAX_OUTPUT_D_TILE_FP32 = 256
+# fp32: the FP32_CONFIGS were lowered spill-free with 32-wide output tiles (a [32, 512] fp32 accumulator spilled
+# 1.5-4.7 KB per thread on sm_80, [32, 256] 0.7-1.1 KB, with the tf32x3 operands of 128-wide tiles).
+MAX_OUTPUT_D_TILE_FP32 = D_TILE_FP32
 
 # Integer arguments left out of Triton's divisibility-by-16 specialization (one compiled kernel whatever the batch
 # size, the mask period or the rank offset), and pointers left out of the 16-byte alignment one (labels and masks
@@ -66,8 +68,10 @@ NOT_SPECIALIZED = (
     "stride_contrast_label",
     "stride_mask_row",
     "stride_mask_col",
+    "stride_mask_t_row",
+    "stride_mask_t_col",
 )
-NOT_ALIGNMENT_SPECIALIZED = ("anchor_label_ptr", "contrast_label_ptr", "mask_ptr", "grad_output_ptr")
+NOT_ALIGNMENT_SPECIALIZED = ("anchor_label_ptr", "contrast_label_ptr", "mask_ptr", "mask_t_ptr", "grad_output_ptr")
 
 
 def _interpreting() -> bool:
@@ -163,41 +167,82 @@ def _pair_weights(
 
 
 @triton.jit
-def _dlogits_tile(dots, lse_raw, coef_softmax, coef_pos, w, valid, logit_scale_log2):
-    """``dS = coef_softmax * softmax - coef_pos * w`` (fp32) from raw dots and the row LSE in raw units."""
-    probs = tl.exp2(logit_scale_log2 * tl.where(valid, dots - lse_raw[:, None], float("-inf")))  # excluded -> 0
+def _probs_tile(dots, lse_raw, valid, logit_scale_log2):
+    """``p_ij = exp2(logit_scale_log2 * (x_ij - lse_raw_i))`` (fp32, one exp per pair; excluded pairs -> 0)."""
+    return tl.exp2(logit_scale_log2 * tl.where(valid, dots - lse_raw[:, None], float("-inf")))
+
+
+@triton.jit
+def _dlogits_tile(probs, coef_softmax, coef_pos, w):
+    """``dS = coef_softmax * softmax - coef_pos * w`` (fp32) from the tile's probabilities."""
     return coef_softmax[:, None] * probs - coef_pos[:, None] * w
+
+
+# TWO_WAY without recomputed dots (x_ji == x_ij bitwise): the reverse direction's probabilities are
+# p'_ji = exp2(s (x_ij - lse'_j)) = p_ij * r_i * q_j with per-row / per-column factors r_i = exp2(s (lse_i - ref))
+# and q_j = exp2(s (ref - lse'_j)) around a tile reference ref: BLOCK_M + BLOCK_N exps per tile instead of
+# BLOCK_M * BLOCK_N. Only where the tile's log-sum-exps lie within EXP_REUSE_MAX_SPAN (in log2 units) of each other:
+# then each factor is within 2**(+-SPAN/2) (no overflow or underflow) and p_ij >= p'_ji * 2**-SPAN, so every p'_ji
+# above 2**(SPAN - 126) comes from a normal p_ij at full fp32 precision (smaller ones are below anything the fp16 /
+# bf16 dS cast keeps). Any other tile (spread-out or non-finite statistics: extreme logits, empty rows, NaN) takes
+# one exp per pair as before.
+EXP_REUSE_MAX_SPAN = tl.constexpr(64.0)
 
 
 @triton.jit
 def _transposed_dlogits_tile(
     dots,
+    probs,
     w,
     valid,
     rows,
     cols,
-    mask_ptr,
+    row_valid,
+    col_valid,
+    mask_t_ptr,
     mask_period,
-    stride_mask_row,
-    stride_mask_col,
+    stride_mask_t_row,
+    stride_mask_t_col,
+    lse_raw,
     col_lse_raw,
     col_coef_softmax,
     col_coef_pos,
     logit_scale_log2,
     HAS_MASK: tl.constexpr,
+    EXP_REUSE: tl.constexpr,
 ):
     """``dS'_ji`` laid out ``[BLOCK_M, BLOCK_N]``: the reverse direction (contrast j as anchor over the anchors),
-    from the same dots tile (``x_ji = x_ij``) and the reverse direction's per-column statistics."""
+    from the same dots tile (``x_ji = x_ij``) and the reverse direction's per-column statistics.
+
+    With a mask its weights ``mask[j % B, i % B]`` are read from the contiguous transposed copy ``mask_t``
+    (``[i % B, j % B]``: consecutive columns are consecutive addresses, as for ``w``). ``EXP_REUSE``: ``probs`` are
+    this tile's ``p_ij`` and ``dots`` are bitwise the reverse direction's ``x_ji``; the probabilities are rescaled
+    instead of exponentiated again where that is exact enough (see ``EXP_REUSE_MAX_SPAN``)."""
     w_t = w  # labels: [l_i == l_j] is symmetric
     if HAS_MASK:
         w_t = tl.load(
-            mask_ptr
-            + (cols % mask_period).to(tl.int64)[None, :] * stride_mask_row
-            + (rows % mask_period).to(tl.int64)[:, None] * stride_mask_col,
+            mask_t_ptr
+            + (rows % mask_period).to(tl.int64)[:, None] * stride_mask_t_row
+            + (cols % mask_period).to(tl.int64)[None, :] * stride_mask_t_col,
             mask=valid,
             other=0.0,
         )
-    probs_t = tl.exp2(logit_scale_log2 * tl.where(valid, dots - col_lse_raw[None, :], float("-inf")))
+    if EXP_REUSE:
+        row_lo = tl.min(tl.where(row_valid, lse_raw, float("inf")), axis=0)
+        row_hi = tl.max(tl.where(row_valid, lse_raw, float("-inf")), axis=0)
+        col_lo = tl.min(tl.where(col_valid, col_lse_raw, float("inf")), axis=0)
+        col_hi = tl.max(tl.where(col_valid, col_lse_raw, float("-inf")), axis=0)
+        lo = tl.minimum(row_lo, col_lo)
+        hi = tl.maximum(row_hi, col_hi)
+        if logit_scale_log2 * (hi - lo) <= EXP_REUSE_MAX_SPAN:  # False for inf / NaN statistics
+            ref = lo + 0.5 * (hi - lo)
+            row_factor = tl.exp2(logit_scale_log2 * tl.where(row_valid, lse_raw - ref, 0.0))
+            col_factor = tl.exp2(logit_scale_log2 * tl.where(col_valid, ref - col_lse_raw, 0.0))
+            probs_t = probs * row_factor[:, None] * col_factor[None, :]
+        else:
+            probs_t = tl.exp2(logit_scale_log2 * tl.where(valid, dots - col_lse_raw[None, :], float("-inf")))
+    else:
+        probs_t = tl.exp2(logit_scale_log2 * tl.where(valid, dots - col_lse_raw[None, :], float("-inf")))
     return col_coef_softmax[None, :] * probs_t - col_coef_pos[None, :] * w_t
 
 
@@ -344,11 +389,14 @@ def _backward_dlogits_tile(
     HAS_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, TWO_WAY: tl.constexpr, RECOMPUTE_TRANSPOSED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, SINGLE_D_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    mask_t_ptr, stride_mask_t_row, stride_mask_t_col, EXP_REUSE: tl.constexpr,
 ):  # fmt: skip
     """The recomputed ``dS`` tile ``[BLOCK_M, BLOCK_N]`` both backward kernels multiply (plus ``dS'^T`` if TWO_WAY).
 
     Its entries are O(scale): the loss scale and ``grad_output`` are applied to the fp32 accumulator after the
-    products, so a GradScaler's 2**16 never meets the fp16/bf16 cast of ``dS``."""
+    products, so a GradScaler's 2**16 never meets the fp16/bf16 cast of ``dS``. TWO_WAY reads the mask's
+    transposed copy ``mask_t`` for the reverse weights; ``EXP_REUSE`` (only without RECOMPUTE_TRANSPOSED) rescales
+    this tile's probabilities into the reverse direction's instead of a second exp per pair."""
     dots = _dots_tile(
         anchor_ptr, contrast_ptr, a_tile, c_tile, rows, cols, row_valid, col_valid, dim, stride_anchor,
         stride_contrast, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D_TILE, INPUT_PRECISION,
@@ -357,7 +405,8 @@ def _backward_dlogits_tile(
         rows, cols, row_valid, col_valid, row_labels, contrast_label_ptr, stride_contrast_label, mask_ptr,
         mask_period, stride_mask_row, stride_mask_col, self_offset, HAS_MASK, EXCLUDE_SELF,
     )  # fmt: skip
-    dlogits = _dlogits_tile(dots, lse_raw, coef_softmax, coef_pos, w, valid, logit_scale_log2)
+    probs = _probs_tile(dots, lse_raw, valid, logit_scale_log2)
+    dlogits = _dlogits_tile(probs, coef_softmax, coef_pos, w)
     if TWO_WAY:
         dots_t = dots
         if RECOMPUTE_TRANSPOSED:  # x_ji exactly as the reverse direction's forward formed it (see module notes)
@@ -368,8 +417,9 @@ def _backward_dlogits_tile(
                 )
             )  # fmt: skip
         dlogits += _transposed_dlogits_tile(
-            dots_t, w, valid, rows, cols, mask_ptr, mask_period, stride_mask_row, stride_mask_col,
-            col_lse_raw, col_coef_softmax, col_coef_pos, logit_scale_log2, HAS_MASK,
+            dots_t, probs, w, valid, rows, cols, row_valid, col_valid, mask_t_ptr, mask_period, stride_mask_t_row,
+            stride_mask_t_col, lse_raw, col_lse_raw, col_coef_softmax, col_coef_pos, logit_scale_log2, HAS_MASK,
+            EXP_REUSE and not RECOMPUTE_TRANSPOSED,
         )  # fmt: skip
     return dlogits
 
@@ -408,12 +458,16 @@ def _contrastive_bwd_anchor_kernel(
     stride_grad,
     logit_scale_log2,
     grad_scale,
+    mask_t_ptr,
+    stride_mask_t_row,
+    stride_mask_t_col,
     HAS_MASK: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SINGLE_D_TILE: tl.constexpr,
     TWO_WAY: tl.constexpr,
     RECOMPUTE_TRANSPOSED: tl.constexpr,
+    EXP_REUSE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_D_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -455,7 +509,7 @@ def _contrastive_bwd_anchor_kernel(
             contrast_label_ptr, stride_contrast_label, mask_ptr, dim, mask_period, stride_anchor, stride_contrast,
             stride_mask_row, stride_mask_col, self_offset, logit_scale_log2,
             HAS_MASK, EXCLUDE_SELF, TWO_WAY, RECOMPUTE_TRANSPOSED, INPUT_PRECISION, SINGLE_D_TILE,
-            BLOCK_M, BLOCK_N, BLOCK_D,
+            BLOCK_M, BLOCK_N, BLOCK_D, mask_t_ptr, stride_mask_t_row, stride_mask_t_col, EXP_REUSE,
         )  # fmt: skip
         acc = tl.dot(dlogits.to(c_tile.dtype), c_tile, acc, input_precision=INPUT_PRECISION)
 
@@ -504,12 +558,16 @@ def _contrastive_bwd_contrast_kernel(
     stride_grad,
     logit_scale_log2,
     grad_scale,
+    mask_t_ptr,
+    stride_mask_t_row,
+    stride_mask_t_col,
     HAS_MASK: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SINGLE_D_TILE: tl.constexpr,
     TWO_WAY: tl.constexpr,
     RECOMPUTE_TRANSPOSED: tl.constexpr,
+    EXP_REUSE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_D_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -548,7 +606,7 @@ def _contrastive_bwd_contrast_kernel(
             contrast_label_ptr, stride_contrast_label, mask_ptr, dim, mask_period, stride_anchor, stride_contrast,
             stride_mask_row, stride_mask_col, self_offset, logit_scale_log2,
             HAS_MASK, EXCLUDE_SELF, TWO_WAY, RECOMPUTE_TRANSPOSED, INPUT_PRECISION, SINGLE_D_TILE,
-            BLOCK_M, BLOCK_N, BLOCK_D,
+            BLOCK_M, BLOCK_N, BLOCK_D, mask_t_ptr, stride_mask_t_row, stride_mask_t_col, EXP_REUSE,
         )  # fmt: skip
         acc = tl.dot(tl.trans(dlogits.to(a_tile.dtype)), a_tile, acc, input_precision=INPUT_PRECISION)
 
@@ -601,15 +659,53 @@ KERNEL_NAMES = ("fwd", "bwd_anchor", "bwd_contrast")
 # The variants a launch compiles: the backward kernels with and without the reverse direction fused in.
 KERNEL_VARIANTS = ("fwd", "bwd_anchor", "bwd_anchor[two_way]", "bwd_contrast", "bwd_contrast[two_way]")
 REGISTER_BUDGET = 48  # fp32 tile values per thread the kernels may hold without spilling (see keep_config)
-# fp32 (tf32x3) spills whatever the tile (README, "GPU resources"); its budget only keeps the tiles small enough that
-# the smallest fixed config (32 x 32) is kept at every feature dim.
-REGISTER_BUDGET_FP32 = 64
 # The backward at looped feature dims: the [resident, BLOCK_D_OUT] accumulator dominates (bf16, D = 1024, sm_80 and
 # sm_90: 68-74 values per thread (32 x 512 accumulator) lowered to 168-216 registers without spills with labels,
 # 206-231 with a mask; the two-way 32 x 64 tiles (80-84 values) reached 248-255 with a mask, 128-144 values spilled
 # on one arch or the other); a second pipeline stage of the logits loop spilled even the 32 x 32 tile, so these
 # configs run one stage.
 LOOPED_REGISTER_BUDGET = 76
+
+
+def _cfg(block_m, block_n, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# fp32 inputs (tf32x3, and tf32 with allow_tf32): the configs that lower without spilling on sm_80 and sm_90, per
+# kernel variant and feature tiling (one tile, D <= 16, or looped tiles of 32), found by sweeping tiles, warps,
+# stages and feature tiles with ``python -m fastcl.aot`` (which fails on any kept config that spills). Preferred
+# first: the first is the fixed config. ptxas settles between 110 and 255 registers per thread for these.
+# Not kept, for instance: two-way 32x32 tiles once the feature dim loops (8-112 B on both archs), two-way 64x32
+# tiles with one feature tile on sm_80 (8-40 B), 64x64 two-way tiles (144-440 B), any two-way tile with feature
+# tiles of 64 on sm_80 (32-1728 B) or with one tile of 32 (8-608 B); with tf32 (one product) on sm_90, where ptxas
+# settled on 128 registers, bwd_anchor 32x64 / 2 stages with looped tiles (16 B) and bwd_contrast 32x32 with one
+# tile (8 B); with a mask, two-way bwd_anchor 64x32 / 2 stages (24 B, sm_80), two-way bwd_contrast 32x64 with one
+# tile (64 B, sm_80), and one-way bwd_anchor with one tile at 64x32 / 2 stages (tf32, sm_80, 8 B at 128 registers)
+# and 32x64 (16 B, sm_90), with looped tiles at 32x32 / 1 stage (tf32, sm_80, 8 B at 80 registers). Both positive
+# sources (labels, ``--mask``) and both precisions are lowered for these.
+FP32_CONFIGS = {
+    ("fwd", True): (_cfg(64, 32, 8, 2), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2)),
+    ("fwd", False): (_cfg(64, 32, 8, 2), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2)),
+    ("bwd_anchor", True): (_cfg(64, 32, 8, 1),),
+    ("bwd_anchor", False): (_cfg(64, 32, 8, 2), _cfg(64, 32, 8, 1)),
+    ("bwd_contrast", True): (_cfg(32, 64, 8, 2), _cfg(32, 64, 8, 1), _cfg(64, 32, 8, 1)),
+    ("bwd_contrast", False): (_cfg(32, 64, 8, 2), _cfg(32, 64, 8, 1), _cfg(32, 32, 8, 2)),
+    ("bwd_anchor[two_way]", True): (_cfg(32, 32, 8, 2),),
+    ("bwd_anchor[two_way]", False): (_cfg(64, 32, 8, 1),),
+    ("bwd_contrast[two_way]", True): (_cfg(64, 32, 8, 1), _cfg(32, 32, 8, 2)),
+    ("bwd_contrast[two_way]", False): (_cfg(32, 64, 8, 1),),
+}
+
+
+# fp32 autotunes among its FP32_CONFIGS: those CONFIGS lacks are appended to it, autotuned for fp32 only.
+_HALF_CANDIDATE_KEYS = frozenset((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in CONFIGS)
+_FP32_ONLY = {
+    (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c
+    for configs in FP32_CONFIGS.values()
+    for c in configs
+}
+_FP32_ONLY = {key: c for key, c in _FP32_ONLY.items() if key not in _HALF_CANDIDATE_KEYS}
+CONFIGS = CONFIGS + list(_FP32_ONLY.values())
 
 
 def variant_name(kernel: str, two_way: bool = False) -> str:
@@ -651,7 +747,10 @@ def register_estimate(config: triton.Config, dim: int, element_size: int, kernel
 
     Calibrated on sm_80 / sm_90 lowerings of bf16 (``python -m fastcl.aot``): within :data:`REGISTER_BUDGET` nothing
     spilled (bwd_contrast also counts its transposed dS tile and prefetched anchor tiles, see below); the forward
-    128x64 / 8 warps (64 values, sm_80) and 64x128 (D = 256), the two-way backward 64x64 / 8 warps (64 values) did. fp32 with tf32x3 spills at every tile size tried (see the README's resource table).
+    128x64 / 8 warps (64 values, sm_80) and 64x128 (D = 256), the two-way backward 64x64 / 8 warps (64 values) did.
+    fp32 does not go by this estimate: the split tf32x3 operands' register use is not proportional to the tiles
+    (a 32x32 two-way tile spilled where 32x64 did not), so :func:`keep_config` keeps the :data:`FP32_CONFIGS`
+    lowered spill-free.
     """
     block_d, single = block_d_for(dim, element_size)
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
@@ -677,15 +776,24 @@ def keep_config(
 ) -> bool:
     """Whether ``config`` fits ``kernel`` (a :data:`KERNEL_VARIANTS` name) at feature dim ``dim``: its shared memory
     (:func:`shared_memory_estimate`) within ``shared_limit`` (default: the smallest of :data:`SHARED_MEMORY_LIMITS`)
-    and its live fp32 tile values (:func:`register_estimate`) within :data:`REGISTER_BUDGET` per thread."""
+    and its live fp32 tile values (:func:`register_estimate`) within :data:`REGISTER_BUDGET` per thread; fp32
+    inputs: one of the spill-free :data:`FP32_CONFIGS` of the variant and feature tiling."""
     if shared_memory_estimate(config, dim, element_size, kernel) > shared_limit:
         return False
-    budget = REGISTER_BUDGET_FP32 if element_size == 4 else REGISTER_BUDGET
+    if element_size == 4:
+        return _config_key(config) in {_config_key(c) for c in _fp32_configs(kernel, dim)}
+    if kernel.endswith("[two_way]") and min(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) >= 64:
+        return False  # the exp reuse keeps p_ij live next to dS: 64x64 two-way tiles spilled 16-472 B (D = 16, 64)
+    budget = REGISTER_BUDGET
     if kernel != "fwd" and not block_d_for(dim, element_size)[1]:
         if config.num_stages > 1:  # the wide accumulator leaves no registers for a second logits-loop stage
             return False
         budget = LOOPED_REGISTER_BUDGET
     return register_estimate(config, dim, element_size, kernel) <= budget
+
+
+def _fp32_configs(kernel: str, dim: int) -> tuple:
+    return FP32_CONFIGS[(kernel, block_d_for(dim, 4)[1])]
 
 
 def fixed_preference(kernel: str, dim: int, element_size: int) -> tuple:
@@ -697,7 +805,10 @@ def fixed_preference(kernel: str, dim: int, element_size: int) -> tuple:
 
 def fixed_config(kernel: str, dim: int, element_size: int, candidates=None) -> triton.Config:
     """The one config used without autotuning: the first of ``candidates`` (default :func:`fixed_preference`) that
-    :func:`keep_config` keeps, else the last preference (the smallest, which fits everywhere)."""
+    :func:`keep_config` keeps, else the last preference (the smallest, which fits everywhere). fp32: the first of
+    the variant's :data:`FP32_CONFIGS` (whatever the candidates)."""
+    if element_size == 4:
+        return _fp32_configs(kernel, dim)[0]
     for config in candidates if candidates is not None else fixed_preference(kernel, dim, element_size):
         if keep_config(config, dim, element_size, kernel):
             return config
@@ -707,7 +818,11 @@ def fixed_config(kernel: str, dim: int, element_size: int, candidates=None) -> t
 def autotune_configs(kernel: str, dim: int, element_size: int, configs=None) -> list:
     """The configs the autotuner times for this kernel variant, feature dim and dtype (never empty)."""
     configs = CONFIGS if configs is None else configs
-    kept = [c for c in configs if keep_config(c, dim, element_size, kernel)]
+    kept = [
+        c
+        for c in configs
+        if keep_config(c, dim, element_size, kernel) and (element_size == 4 or _config_key(c) not in _FP32_ONLY)
+    ]
     return kept or [fixed_config(kernel, dim, element_size)]
 
 
@@ -786,11 +901,11 @@ def _kernel_and_config(variant, dim, element_size):
 
 
 def block_d_for(dim: int, element_size: int = 2) -> tuple[int, bool]:
-    """``(BLOCK_D, SINGLE_D_TILE)``: the whole feature dim in one tile when it fits (up to 256, 128 for fp32),
-    else the logits loop over tiles of :data:`LOOPED_D_TILE`."""
+    """``(BLOCK_D, SINGLE_D_TILE)``: the whole feature dim in one tile when it fits (up to 256, 16 for fp32),
+    else the logits loop over tiles of :data:`LOOPED_D_TILE` (fp32: :data:`D_TILE_FP32`)."""
     if dim <= (MAX_SINGLE_D_TILE_FP32 if element_size == 4 else MAX_SINGLE_D_TILE):
         return max(16, triton.next_power_of_2(dim)), True
-    return LOOPED_D_TILE, False
+    return (D_TILE_FP32 if element_size == 4 else LOOPED_D_TILE), False
 
 
 def output_block_d_for(dim: int, element_size: int = 2) -> int:
@@ -855,6 +970,17 @@ def recompute_transposed(dtype: torch.dtype) -> bool:
     return _interpreting() or dtype == torch.float32
 
 
+# TWO_WAY tiles that reuse x_ij as x_ji (see recompute_transposed) also reuse its exp: p'_ji = p_ij * r_i * q_j
+# (EXP_REUSE_MAX_SPAN). Tests force it on in the interpreter, with dots that are exact and hence symmetric.
+TRANSPOSED_EXP_REUSE = True
+
+
+def reuse_transposed_exp(dtype: torch.dtype) -> bool:
+    """Whether TWO_WAY tiles rescale ``p_ij`` into the reverse direction's ``p'_ji`` (one exp per pair, not two):
+    only where the dots tile is reused bitwise (not :func:`recompute_transposed`)."""
+    return TRANSPOSED_EXP_REUSE and not recompute_transposed(dtype)
+
+
 def _device_guard(device: torch.device):
     """Launch on the tensors' device: Triton launches on the current CUDA device and stream."""
     if device.type == "cuda":
@@ -864,9 +990,11 @@ def _device_guard(device: torch.device):
 
 class _LaunchArgs:
     """The kernels' view of one call, prepared once: unit column stride for the embeddings (row strides passed),
-    labels and mask passed with their strides, placeholders for what the variant does not read."""
+    labels and mask passed with their strides, placeholders for what the variant does not read. ``two_way`` (a
+    backward that adds the reverse direction) with a mask also prepares ``mask_t``, a contiguous copy of
+    ``mask.T``, so the reverse weights ``mask[j % B, i % B]`` are read along rows (``mask_t_strides``)."""
 
-    def __init__(self, anchor, contrast, anchor_labels, contrast_labels, mask, self_offset):
+    def __init__(self, anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, two_way=False):
         for name, x in (("anchor", anchor), ("contrast", contrast)):
             if x.dim() != 2:
                 raise ValueError(f"{name} must be [N, D], got shape {tuple(x.shape)}")
@@ -903,6 +1031,8 @@ class _LaunchArgs:
         self.block_d_out = output_block_d_for(self.dim, anchor.element_size())
         self.element_size = anchor.element_size()
         self.tensors = (self.anchor, self.contrast, anchor_labels, contrast_labels, mask)
+        self.mask_t = mask.t().contiguous() if self.has_mask and two_way else mask  # no host sync
+        self.mask_t_strides = (self.mask_t.stride(0), self.mask_t.stride(1)) if self.has_mask else (1, 1)
         self.sizes = (
             self.n_anchor,
             self.n_contrast,
@@ -1020,6 +1150,13 @@ def contrastive_backward(
         TWO_WAY=two_way,
         RECOMPUTE_TRANSPOSED=two_way and recompute_transposed(args.anchor.dtype),
         BLOCK_D_OUT=args.block_d_out,
+        EXP_REUSE=two_way and reuse_transposed_exp(args.anchor.dtype),
+    )
+    if two_way and args.has_mask and args.mask_t is args.tensors[4]:
+        raise ValueError("a two-way masked backward needs _LaunchArgs(..., two_way=True) (the transposed mask)")
+    # passed by keyword (the kernels' last runtime arguments): the transposed mask of TWO_WAY and its strides
+    constexprs.update(
+        mask_t_ptr=args.mask_t, stride_mask_t_row=args.mask_t_strides[0], stride_mask_t_col=args.mask_t_strides[1]
     )
     d_tiles = backward_output_tiles(args.dim, args.element_size)
     scalars = (*args.sizes,)
@@ -1121,7 +1258,7 @@ def triton_backward(
     """``(grad_anchor, grad_contrast)`` of ``grad_output * loss`` (either None when not needed; with
     ``route == 'self'`` the whole gradient is ``grad_anchor`` and ``grad_contrast`` is None). ``grad_output`` is
     read on the device (no host sync) and applied to the fp32 accumulators, never to the half-precision dS."""
-    args = _LaunchArgs(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset)
+    args = _LaunchArgs(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, route != "one_way")
     if not torch.is_tensor(grad_output):
         grad_output = torch.tensor(float(grad_output), device=args.device)
     grad_output = grad_output.detach().to(device=args.device, dtype=torch.float32).reshape(1)

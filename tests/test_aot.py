@@ -100,6 +100,15 @@ def test_violations():
     assert aot.violations({"error": "CompilationError: boom"})
 
 
+def test_fp32_spills_break_the_invariant_too():
+    """No precision is exempt any more: fp32 via tf32x3 spilled 48 B - 6 KB with its old configs and was only
+    reported; its kept configs now lower spill-free, so a spill there fails the run like any other."""
+    ok = dict(shared_bytes=1000, shared_limit=2000, arch="sm_90", tensor_cores=True, spill_bytes=0)
+    for precision in ("tf32x3", "tf32", "ieee"):
+        assert aot.violations(dict(ok, input_precision=precision)) == []
+        assert aot.violations(dict(ok, input_precision=precision, spill_bytes=48)) == ["spills 48 B"]
+
+
 def _fake_record(job, **overrides):
     record = {key: job.get(key) for key in aot.RECORD_KEYS}
     record.update(

@@ -171,7 +171,8 @@ def test_autotuned_launch_path_with_pruning(monkeypatch):
     monkeypatch.setattr(K, "tuning_configs", lambda: configs)
     monkeypatch.setattr(K, "AUTOTUNE_DO_BENCH", host_timer)
     monkeypatch.setattr(K, "_tuned", {})
-    _check_supcon(21, 2, 8, "one", "labels")
+    # fp16: fp32 inputs keep only the spill-free FP32_CONFIGS (GPU-sized tiles), so its pruning would drop both
+    _check_supcon(21, 2, 8, "one", "labels", dtype=torch.float16)
     assert set(K._tuned) == {"fwd", "bwd_anchor", "bwd_contrast"}
     for kernel in K._tuned.values():
         assert kernel.best_config in configs[:2]
@@ -391,7 +392,8 @@ def test_looped_dim_fixed_configs_in_the_interpreter(monkeypatch, route, dim, dt
     monkeypatch.setattr(K, "INTERPRETER_CONFIG", triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}))
     monkeypatch.setattr(K, "_tuned", {})
     element_size = torch.tensor([], dtype=dtype).element_size()
-    assert K.backward_output_tiles(dim, element_size) == (2 if dim == 1024 else 3)
+    assert K.backward_output_tiles(dim, element_size) == triton.cdiv(dim, K.output_block_d_for(dim, element_size))
+    assert K.backward_output_tiles(dim, element_size) == (2 if dim == 1024 else triton.cdiv(600, K.MAX_OUTPUT_D_TILE_FP32))
     assert not K.block_d_for(dim, element_size)[1]
     if route == "supcon_all":
         _check_supcon(37, 2, dim, "all", "labels", dtype=dtype, temperature=0.5, base=0.5)
@@ -406,3 +408,197 @@ def test_looped_dim_fixed_configs_in_the_interpreter(monkeypatch, route, dim, dt
     ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-4 * abs(ref.item())
     assert _max_rel(q.grad.cpu(), rq.grad) < 1e-4 and _max_rel(k.grad.cpu(), rk.grad) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TWO_WAY: the reverse direction's probabilities rescaled from this direction's (one exp per pair, not two), and
+# the reverse mask weights read from a contiguous transposed copy.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _exact_embeddings(n, dim, step, generator):
+    """Embeddings whose dot products are exact in fp32 (small multiples of ``step``, a power of two): every
+    summation order gives the same x_ij, so x_ij == x_ji bitwise also in the interpreter (whose numpy matmul is not
+    symmetric in general), as tensor-core fp16/bf16 products are on a GPU."""
+    return torch.randint(-3, 4, (n, dim), generator=generator).float() * step
+
+
+def _lse_span_log2(logits):
+    """The spread of both directions' log-sum-exps in log2 units (what EXP_REUSE_MAX_SPAN bounds per tile)."""
+    lse = torch.cat([torch.logsumexp(logits, 1), torch.logsumexp(logits, 0)])
+    return ((lse.max() - lse.min()) / torch.log(torch.tensor(2.0, dtype=torch.float64))).item()
+
+
+def _two_way_grads(monkeypatch, reuse, query, key, temperature, labels=None):
+    """Gradients of symmetric InfoNCE (route 'two_way') or, with ``labels``, SupCon 'all' (route 'self'), with the
+    transposed dots reused (not recomputed) and the exp reuse on or off."""
+    import fastcl.kernels.contrastive as K
+
+    monkeypatch.setattr(K, "recompute_transposed", lambda dtype: False)
+    monkeypatch.setattr(K, "TRANSPOSED_EXP_REUSE", reuse)
+    if labels is None:
+        q, k = query.to(DEVICE, copy=True).requires_grad_(), key.to(DEVICE, copy=True).requires_grad_()
+        FF.info_nce_loss(q, k, temperature=temperature, normalize=False, backend="triton").backward()
+        return q.grad.cpu(), k.grad.cpu()
+    x = torch.stack([query, key], 1).to(DEVICE).requires_grad_()
+    FF.supcon_loss(x, labels.to(DEVICE), temperature=temperature, base_temperature=temperature, backend="triton").backward()
+    return (x.grad.cpu(),)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="forces the interpreter's transposed-dots choice")
+@pytest.mark.parametrize("route", ["two_way", "self"])
+@pytest.mark.parametrize(
+    "regime,step,temperature",
+    [("moderate", 0.25, 1.0), ("large_factors", 0.25, 0.1), ("extreme", 4.0, 0.01)],
+)
+def test_two_way_exp_reuse_against_float64(monkeypatch, route, regime, step, temperature):
+    """p'_ji = p_ij * r_i * q_j where the tile's log-sum-exps are within EXP_REUSE_MAX_SPAN (log2 units) of each
+    other, the direct exp elsewhere. 'extreme' (|logits| ~ 1e4, spread in the thousands): the factors would overflow
+    and p_ij underflows to 0 where p'_ji ~ 1, so every tile must fall back, giving bitwise the direct result."""
+    import fastcl.kernels.contrastive as K
+
+    gen = torch.Generator().manual_seed(7)
+    n, dim = 13, 16
+    query, key = _exact_embeddings(n, dim, step, gen), _exact_embeddings(n, dim, step, gen)
+    labels = torch.randint(0, 3, (n,), generator=gen) if route == "self" else None
+    rq, rk = query.double().requires_grad_(), key.double().requires_grad_()
+    if route == "two_way":
+        logits = rq @ rk.T / temperature
+        info_nce_float64(rq, rk, None, temperature, True).backward()
+        expected = (rq.grad, rk.grad)
+    else:
+        x = torch.stack([rq, rk], 1)
+        flat = torch.cat([rq, rk])
+        logits = (flat @ flat.T / temperature).fill_diagonal_(float("-inf"))
+        supcon_float64(x, labels, temperature=temperature, base_temperature=temperature).backward()
+        expected = (torch.stack([rq.grad, rk.grad], 1),)
+    span = _lse_span_log2(logits.detach())
+    limit = K.EXP_REUSE_MAX_SPAN.value
+    assert (span > limit) if regime == "extreme" else (span < limit), span  # the regime the case is meant to test
+    if regime == "large_factors":
+        assert span > limit / 4, span  # factors far from 1 (up to 2**(span / 2))
+
+    reused = _two_way_grads(monkeypatch, True, query, key, temperature, labels)
+    direct = _two_way_grads(monkeypatch, False, query, key, temperature, labels)
+    # extreme 'self': ties between small-integer logits ~ 1e4 leave both paths at the fp32 LSE's resolution
+    # (logit_scale * ulp(lse_raw) ~ 1e-4), identically
+    tolerance = 2e-3 if regime == "extreme" else 1e-5
+    for got, plain, ref in zip(reused, direct, expected):
+        assert torch.isfinite(got).all()
+        assert _max_rel(got, ref) < tolerance
+        assert _max_rel(plain, ref) < tolerance
+        if regime == "extreme":
+            assert torch.equal(got, plain)  # the guard sent the tile to the direct exp
+        else:
+            assert not torch.equal(got, plain)  # the rescaled probabilities were used (they round differently)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="forces the interpreter's transposed-dots choice")
+def test_two_way_exp_reuse_half_precision_and_nan(monkeypatch):
+    """bf16 (the dtype the reuse is for on a GPU) agrees with the direct exp; NaN in -> NaN out through the
+    reuse path (NaN statistics fail the guard, NaN dots give NaN probabilities)."""
+    gen = torch.Generator().manual_seed(11)
+    query, key = _exact_embeddings(10, 16, 0.25, gen), _exact_embeddings(10, 16, 0.25, gen)
+    reused = _two_way_grads(monkeypatch, True, query.bfloat16(), key.bfloat16(), 0.5)
+    direct = _two_way_grads(monkeypatch, False, query.bfloat16(), key.bfloat16(), 0.5)
+    for got, plain in zip(reused, direct):
+        assert torch.isfinite(got).all() and got.abs().max() > 0
+        assert _rel(got.float(), plain.float()) < 1e-2
+    query[3, 5] = float("nan")
+    for grad in _two_way_grads(monkeypatch, True, query, key, 0.5):
+        assert grad.isnan().any()
+
+
+def _two_way_masked_float64(anchor, contrast, mask, temperature):
+    """Mean of both directions with positive weights ``mask[i % B, j % B]`` for anchor row i over contrast row j
+    and ``mask[j % B, i % B]`` for the reverse direction (contrast row j over anchor row i); no self exclusion."""
+    a, c, m = anchor.double(), contrast.double(), mask.double()
+
+    def direction(x, y):
+        b = m.shape[0]
+        losses = []
+        for i in range(x.shape[0]):
+            logits = y @ x[i] / temperature
+            w = torch.stack([m[i % b, j % b] for j in range(y.shape[0])])
+            total = w.sum()
+            divisor = total if total >= 1e-6 else torch.ones((), dtype=torch.float64)
+            losses.append(-(w * (logits - torch.logsumexp(logits, 0))).sum() / divisor)
+        return torch.stack(losses).mean()
+
+    return 0.5 * (direction(a, c) + direction(c, a))
+
+
+def test_two_way_mask_reads_the_transposed_copy():
+    """Route 'two_way' with a non-symmetric mask whose period divides N: the reverse direction's weights are
+    ``mask[j % B, i % B]``, read from ``mask_t = mask.T.contiguous()`` at ``[i % B, j % B]``; equals float64 and the
+    chunked backend."""
+    from fastcl._core import contrastive_loss
+
+    gen = torch.Generator().manual_seed(5)
+    bsz, n, dim = 5, 15, 12
+    mask = torch.rand(bsz, bsz, generator=gen) * (torch.rand(bsz, bsz, generator=gen) < 0.6)
+    mask[0, 1], mask[1, 0] = 1.0, 0.0  # certainly not symmetric
+    anchor = F.normalize(torch.randn(n, dim, generator=gen), dim=-1)
+    contrast = F.normalize(torch.randn(n, dim, generator=gen), dim=-1)
+    results = {}
+    for backend in ("triton", "chunked"):
+        a, c = anchor.to(DEVICE, copy=True).requires_grad_(), contrast.to(DEVICE, copy=True).requires_grad_()
+        loss = contrastive_loss(
+            a, c, None, None, mask.to(DEVICE), self_offset=None, temperature=0.3, scale=1.0, backend=backend,
+            two_way=True,
+        )  # fmt: skip
+        loss.backward()
+        results[backend] = (loss.item(), a.grad.cpu(), c.grad.cpu())
+    ra, rc = anchor.double().requires_grad_(), contrast.double().requires_grad_()
+    ref = _two_way_masked_float64(ra, rc, mask, 0.3)
+    ref.backward()
+    wrong = _two_way_masked_float64(ra.detach(), rc.detach(), mask.T, 0.3)  # a transposed read gone wrong
+    assert abs(wrong.item() - ref.item()) > 1e-3
+    loss, grad_a, grad_c = results["triton"]
+    assert abs(loss - ref.item()) < 1e-5 * abs(ref.item())
+    assert _rel(grad_a, ra.grad) < 1e-4 and _rel(grad_c, rc.grad) < 1e-4
+    assert _rel(grad_a, results["chunked"][1]) < 1e-4 and _rel(grad_c, results["chunked"][2]) < 1e-4
+
+
+@pytest.mark.parametrize("route", ["two_way", "self", "one_way"])
+def test_two_way_backward_reads_its_weights_from_mask_t(monkeypatch, route):
+    """The reverse weights come from ``_LaunchArgs.mask_t`` and nowhere else: poisoned with NaN there, the two-way
+    and self routes' gradients turn NaN while the forward (which never reads it) and one-way gradients stay finite.
+    The copy itself is the contiguous transpose, made only for backward launches that add the reverse direction."""
+    import fastcl.kernels.contrastive as K
+
+    prepared = []
+    original = K._LaunchArgs.__init__
+
+    def poisoned(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.has_mask:
+            prepared.append((args[4], self.mask_t, self.mask_t_strides))
+            if self.mask_t is not args[4]:
+                self.mask_t = torch.full_like(self.mask_t, float("nan"))
+
+    monkeypatch.setattr(K._LaunchArgs, "__init__", poisoned)
+    gen = torch.Generator().manual_seed(2)
+    bsz = 6
+    mask = (torch.rand(bsz, bsz, generator=gen) < 0.5).float().T  # non-contiguous, not symmetric
+    x = F.normalize(torch.randn(bsz, 2, 8, generator=gen), dim=-1).to(DEVICE).requires_grad_()
+    if route == "self":
+        loss = FF.supcon_loss(x, mask=mask.to(DEVICE), backend="triton")
+    else:
+        from fastcl._core import contrastive_loss
+
+        flat = x.transpose(0, 1).reshape(2 * bsz, 8)
+        loss = contrastive_loss(
+            flat[:bsz], flat[bsz:], None, None, mask.to(DEVICE), self_offset=None, temperature=0.2, scale=1.0,
+            backend="triton", two_way=route == "two_way",
+        )  # fmt: skip
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert x.grad.isnan().any() == (route != "one_way")
+    backward = prepared[-1]
+    if route == "one_way":
+        assert backward[1] is backward[0]  # no copy for one-way launches
+    else:
+        given, mask_t, strides = backward
+        assert mask_t is not given and mask_t.is_contiguous() and strides == (bsz, 1)
+    assert all(p[1] is p[0] for p in prepared[:-1])  # forward launches: no copy

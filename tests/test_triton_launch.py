@@ -104,10 +104,36 @@ def test_every_launchable_config_passes_the_filter_for_every_arch(kernel, dim, e
     ]
 
 
-def test_filter_rejects_the_configs_that_overflowed_shared_memory():
+@pytest.mark.parametrize("dim", [1, 16, 17, 32, 64, 100, 128, 256, 300, 1024])
+def test_fp32_keeps_only_the_spill_free_configs(dim):
+    """fp32 (tf32x3 / tf32) launches only configs of FP32_CONFIGS, which lowered without spills on sm_80 and sm_90
+    (``python -m fastcl.aot`` fails otherwise), with one feature tile up to D = 16 and looped tiles of 32 beyond;
+    the old fixed configs (32x32 two-way tiles, 64x32 / 8 warps forward with 128-wide feature tiles) are gone."""
+    block_d, single = K.block_d_for(dim, 4)
+    assert (block_d, single) == ((16, True) if dim <= 16 else (32, False))
+    assert K.block_d_for(dim, 2)[0] >= min(128, max(16, dim))  # half precision keeps its wide feature tiles
+    for kernel in K.KERNEL_VARIANTS:
+        allowed = [K._config_key(c) for c in K.FP32_CONFIGS[(kernel, single)]]
+        launchable = [K._config_key(c) for c in K.launchable_configs(kernel, dim, 4)]
+        assert launchable and set(launchable) <= set(allowed)
+        assert K._config_key(K.fixed_config(kernel, dim, 4)) == allowed[0]
+        assert K._config_key(K.fixed_config(kernel, dim, 4, list(K.FIXED_PREFERENCE))) == allowed[0]
+    # the fp32-only candidates (appended to the autotune list) are never autotuned for half precision
+    for kernel in K.KERNEL_VARIANTS:
+        tuned = {K._config_key(c) for c in K.autotune_configs(kernel, dim, 2)}
+        tuned.discard(K._config_key(K.fixed_config(kernel, dim, 2)))  # the prune fallback (FIXED_PREFERENCE)
+        assert not tuned & set(K._FP32_ONLY)
+    assert K._config_key(K.FP32_CONFIGS[("bwd_contrast[two_way]", False)][0]) == (32, 64, 8, 1)
+
+
+def test_filter_rejects_the_configs_that_overflowed_shared_memory(monkeypatch):
     """The issue's numbers: fp32, D in 129..256, the old fixed 128x64 / 8 warps / 2 stages needed 262,656 B (fwd),
-    263,424 B and 330,240 B (backward, two-way): over sm_90's 232,448 B."""
+    263,424 B and 330,240 B (backward, two-way): over sm_90's 232,448 B (with one [*, 256] fp32 feature tile, as
+    then; fp32 now loops feature tiles of 32)."""
     old_fixed = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)
+    for kernel in K.KERNEL_VARIANTS:
+        assert not K.keep_config(old_fixed, 256, 4, kernel, shared_limit=K.SHARED_MEMORY_LIMITS[90])
+    monkeypatch.setattr(K, "MAX_SINGLE_D_TILE_FP32", 256)
     for kernel in K.KERNEL_VARIANTS:
         assert not K.keep_config(old_fixed, 256, 4, kernel, shared_limit=K.SHARED_MEMORY_LIMITS[90])
     assert K.shared_memory_estimate(old_fixed, 256, 4, "fwd") >= 262_656
@@ -170,11 +196,15 @@ def test_autotune_key_buckets_the_sizes(monkeypatch):
 def test_sizes_and_offsets_are_not_specialized():
     """Batch sizes, offsets, the mask period and label/mask strides never trigger a recompile; embedding pointers,
     row strides and the feature dim keep Triton's 16-divisibility specialization (vectorized, pipelined loads)."""
-    for kernel in K.RAW_KERNELS.values():
+    every_name = set().union(*(kernel.arg_names for kernel in K.RAW_KERNELS.values()))
+    assert set(K.NOT_SPECIALIZED) <= every_name and set(K.NOT_ALIGNMENT_SPECIALIZED) <= every_name  # no stale names
+    backward_only = {"stride_mask_t_row", "stride_mask_t_col", "mask_t_ptr"}  # the transposed mask of TWO_WAY
+    for name, kernel in K.RAW_KERNELS.items():
         names = set(kernel.arg_names)
+        assert (backward_only <= names) == (name != "fwd")
         not_specialized = set(K.NOT_SPECIALIZED)  # applied by @triton.jit; tests/test_aot.py checks the params
         assert {"n_anchor", "n_contrast", "self_offset", "mask_period", "n_anchor_bucket"} <= not_specialized
-        assert not_specialized <= names
+        assert not_specialized - backward_only <= names
         assert not {"dim", "stride_anchor", "stride_contrast"} & not_specialized
         not_aligned = set(K.NOT_ALIGNMENT_SPECIALIZED)
         assert {"anchor_label_ptr", "contrast_label_ptr", "mask_ptr"} <= not_aligned & names
