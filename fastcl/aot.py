@@ -15,6 +15,8 @@ empty.
     python -m fastcl.aot --json aot.json          # the CI subset (below), sm_80 + sm_90
     python -m fastcl.aot --full --json aot.json   # everything a launch can compile: D in 16..1024, all dtypes
     python -m fastcl.aot --dtype fp32 --dim 256 --mask --arch 90
+    python -m fastcl.aot --arch 90 --dtype bf16 --dtype fp16 --dtype fp32 --dim 128 --dim 1024 --table
+                                                  # the README's "GPU resources" rows (fixed configs, markdown)
 
 The CI subset (default without ``--full``) lowers for sm_80 and sm_90, bf16 and fp32/tf32x3, D in {128, 256, 1024},
 every kernel variant in its fixed config (the one ``FASTCL_TRITON_AUTOTUNE=0`` and deterministic mode launch), and
@@ -77,9 +79,9 @@ RECORD_KEYS = (
 )
 
 
-def selection(dtypes, dims, archs, full: bool, has_mask: bool = False) -> list:
+def selection(dtypes, dims, archs, full: bool, has_mask: bool = False, kernels=None) -> list:
     """The lowering jobs: one dict per kernel variant / config / arch / dtype / precision / dim (``full=False``: the
-    CI subset's configs and precisions)."""
+    CI subset's configs and precisions; ``kernels``: only these variant labels, default all)."""
     import torch
 
     from fastcl.kernels import contrastive as K
@@ -91,6 +93,8 @@ def selection(dtypes, dims, archs, full: bool, has_mask: bool = False) -> list:
             precisions = CI_PRECISIONS.get(dtype, precisions)
         for dim in dims:
             for kernel_name, label, variant in KERNEL_VARIANTS:
+                if kernels and label not in kernels:
+                    continue
                 base = label  # configs are chosen per variant (two-way tiles hold twice the fp32 values)
                 fixed = K.fixed_config(base, dim, element_size)
                 autotuned = K.autotune_configs(base, dim, element_size)
@@ -171,7 +175,7 @@ def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
     )
     if "TWO_WAY" in constexprs:
         constexprs["RECOMPUTE_TRANSPOSED"] = constexprs["TWO_WAY"] and K.recompute_transposed(torch_dtype)
-        constexprs["BLOCK_D_OUT"] = K.output_block_d_for(dim, DTYPES[job["dtype"]][1])
+        constexprs["BLOCK_D_OUT"] = K.output_block_d_for(dim, DTYPES[job["dtype"]][1], constexprs["TWO_WAY"])
         constexprs["EXP_REUSE"] = constexprs["TWO_WAY"] and K.reuse_transposed_exp(torch_dtype)
     args = []
     for name in fn.arg_names:
@@ -225,6 +229,7 @@ def compile_one(job: dict) -> dict:
             constexprs,
             num_warps=job["num_warps"],
             num_stages=job["num_stages"],
+            **({"maxnreg": job["maxnreg"]} if job.get("maxnreg") else {}),
             debug=False,
             instrumentation_mode=knobs.compilation.instrumentation_mode,
             fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts,
@@ -257,6 +262,39 @@ def compile_one(job: dict) -> dict:
     return record
 
 
+TABLE_HEADER = (
+    "| kernel | dtype / precision | D | BLOCK_M x BLOCK_N, warps, stages | registers | spills (B) | shared (B) "
+    "| tensor cores |\n|---|---|---|---|---|---|---|---|"
+)
+
+
+def markdown_table(records) -> str:
+    """The README's "GPU resources" rows: one markdown row per lowered fixed config (the one
+    ``FASTCL_TRITON_AUTOTUNE=0`` and deterministic mode launch), ordered by arch, D, dtype and kernel variant, under
+    :data:`TABLE_HEADER`; one table per arch (a ``sm_XX:`` line before each when there are several). Records that
+    failed to lower are rows too (``failed`` in the registers column)."""
+    order = {dtype: i for i, dtype in enumerate(DTYPES)}
+    rows = sorted(
+        (r for r in records if "fixed" in r.get("roles", ())),
+        key=lambda r: (r["arch"], r["dim"], order.get(r["dtype"], len(order)), r["input_precision"], r["kernel"]),
+    )
+    archs = sorted({r["arch"] for r in rows})
+    lines = []
+    for arch in archs:
+        if len(archs) > 1:
+            lines.append(f"{arch}:")
+        lines.append(TABLE_HEADER)
+        for r in (r for r in rows if r["arch"] == arch):
+            dtype = r["dtype"] if r["input_precision"] == "ieee" else f"{r['dtype']} / {r['input_precision']}"
+            config = f"{r['block_m']}x{r['block_n']}, {r['num_warps']}, {r['num_stages']}"
+            if "error" in r:
+                usage = "failed | - | - | -"
+            else:
+                usage = f"{r['registers']} | {r['spill_bytes']:,} | {r['shared_bytes']:,} | {r['mma']}"
+            lines.append(f"| {r['kernel']} | {dtype} | {r['dim']} | {config} | {usage} |")
+    return "\n".join(lines)
+
+
 def violations(record: dict) -> list:
     """The invariants a record breaks (empty when it is fine)."""
     if "error" in record:
@@ -277,16 +315,22 @@ def main(argv=None) -> int:
     parser.add_argument("--dim", type=int, action="append", help="feature dim(s) D; default: the subset's")
     parser.add_argument("--mask", action="store_true", help="the [bsz, bsz] mask variant instead of labels")
     parser.add_argument("--arch", type=int, action="append", help="SM version(s), default 80 and 90")
+    parser.add_argument(
+        "--kernel", choices=[label for _, label, _ in KERNEL_VARIANTS], action="append", help="default: all variants"
+    )
     parser.add_argument("--full", action="store_true", help="every launchable config and D in 16..1024")
     parser.add_argument("--json", metavar="PATH", help="write the records (a JSON list) here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--table", action="store_true", help="finish with the fixed configs' rows as markdown (README, GPU resources)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     os.environ.pop("TRITON_INTERPRET", None)
 
     dims = args.dim or (DIMS if args.full else CI_DIMS)
     dtypes = args.dtype or (sorted(DTYPES) if args.full else sorted(CI_PRECISIONS))
-    todo = selection(dtypes, dims, args.arch or ARCHS, args.full, args.mask)
+    todo = selection(dtypes, dims, args.arch or ARCHS, args.full, args.mask, args.kernel)
     print(
         f"fastcl AOT: {len(todo)} lowerings ({'full' if args.full else 'CI subset'}), dims={list(dims)}, "
         f"mask={args.mask}"
@@ -324,6 +368,10 @@ def main(argv=None) -> int:
     if not records:
         print("fastcl AOT: empty selection (nothing lowered)")
         return 1
+    if args.table:
+        print()
+        print(markdown_table(records))
+        print()
     print(
         f"fastcl AOT: {len(records)} lowered in {time.perf_counter() - start:.0f} s, {bad} break an invariant "
         "(compile failure, shared memory over the arch limit, no tensor cores on sm_90, spills)"

@@ -40,7 +40,8 @@ LN2 = 0.6931471805599453
 MAX_SINGLE_D_TILE = 256  # feature dims up to this are held in one tile; larger ones are looped in tiles of 128
 # fp32 (tf32x3: three tensor-core products on hi/lo split operands) holds the split feature tiles in registers:
 # with feature tiles of 64 or 128, or one tile of 32, every two-way backward config spilled on sm_80 (README, "GPU
-# resources"), so fp32 keeps one tile up to D = 16 and loops tiles of 32 beyond (the backward's output tiles too, MAX_OUTPUT_D_TILE_FP32).
+# resources"), so fp32 keeps one tile up to D = 16 and loops tiles of 32 beyond (the backward's output tiles are
+# wider, MAX_OUTPUT_D_TILE_FP32).
 MAX_SINGLE_D_TILE_FP32 = 16
 D_TILE_FP32 = 32
 # Larger dims: the logits loop over feature tiles of LOOPED_D_TILE (fp32: D_TILE_FP32), and each backward program
@@ -48,9 +49,11 @@ D_TILE_FP32 = 32
 # that tests can shrink them to the interpreter's 16 x 16 blocks.
 LOOPED_D_TILE = 128
 MAX_OUTPUT_D_TILE = 512
-# fp32: the FP32_CONFIGS were lowered spill-free with 32-wide output tiles (a [32, 512] fp32 accumulator spilled
-# 1.5-4.7 KB per thread on sm_80, [32, 256] 0.7-1.1 KB, with the tf32x3 operands of 128-wide tiles).
-MAX_OUTPUT_D_TILE_FP32 = D_TILE_FP32
+# fp32 (tf32x3, tf32): the logits loop keeps feature tiles of 32 (the split tf32x3 operands are what spilled), but the
+# output tile is up to 256 wide (one-way kernels) or 128 (two-way: twice the dS values; every two-way config tried
+# at 256 spilled 8-320 B, README "GPU resources"): D = 128 recomputes the logits once, D = 1024 four / eight times.
+MAX_OUTPUT_D_TILE_FP32 = 256
+MAX_OUTPUT_D_TILE_FP32_TWO_WAY = 128
 
 # Integer arguments left out of Triton's divisibility-by-16 specialization (one compiled kernel whatever the batch
 # size, the mask period or the rank offset), and pointers left out of the 16-byte alignment one (labels and masks
@@ -494,7 +497,10 @@ def _contrastive_bwd_anchor_kernel(
     for col_start in range(col_begin, col_end, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
         col_valid = cols < col_end
-        c_tile = _load_rows(contrast_ptr, cols, col_valid, stride_contrast, d_out, dim, BLOCK_D_OUT)
+        if SINGLE_D_TILE:  # the logits operand is also the output operand
+            c_tile = _load_rows(contrast_ptr, cols, col_valid, stride_contrast, d_out, dim, BLOCK_D_OUT)
+        else:  # unused by the looped logits product; the output operand is loaded after it (see below)
+            c_tile = tl.zeros([BLOCK_N, BLOCK_D], dtype=contrast_ptr.dtype.element_ty)
         col_lse_raw = tl.zeros([BLOCK_N], dtype=tl.float32)
         col_coef_softmax = col_lse_raw
         col_coef_pos = col_lse_raw
@@ -511,6 +517,8 @@ def _contrastive_bwd_anchor_kernel(
             HAS_MASK, EXCLUDE_SELF, TWO_WAY, RECOMPUTE_TRANSPOSED, INPUT_PRECISION, SINGLE_D_TILE,
             BLOCK_M, BLOCK_N, BLOCK_D, mask_t_ptr, stride_mask_t_row, stride_mask_t_col, EXP_REUSE,
         )  # fmt: skip
+        if not SINGLE_D_TILE:  # loaded here, the [BLOCK_N, BLOCK_D_OUT] tile is not live across the logits loop
+            c_tile = _load_rows(contrast_ptr, cols, col_valid, stride_contrast, d_out, dim, BLOCK_D_OUT)
         acc = tl.dot(dlogits.to(c_tile.dtype), c_tile, acc, input_precision=INPUT_PRECISION)
 
     d = d_out + tl.arange(0, BLOCK_D_OUT)
@@ -595,7 +603,10 @@ def _contrastive_bwd_contrast_kernel(
     for row_start in range(row_begin, row_end, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M)
         row_valid = rows < row_end
-        a_tile = _load_rows(anchor_ptr, rows, row_valid, stride_anchor, d_out, dim, BLOCK_D_OUT)
+        if SINGLE_D_TILE:  # the logits operand is also the output operand
+            a_tile = _load_rows(anchor_ptr, rows, row_valid, stride_anchor, d_out, dim, BLOCK_D_OUT)
+        else:  # unused by the looped logits product; the output operand is loaded after it (see below)
+            a_tile = tl.zeros([BLOCK_M, BLOCK_D], dtype=anchor_ptr.dtype.element_ty)
         row_labels, lse_raw, coef_softmax, coef_pos = _load_row_stats(
             anchor_label_ptr, stride_anchor_label, lse_ptr, coef_softmax_ptr, coef_pos_ptr, rows, row_valid,
             not HAS_MASK,
@@ -608,6 +619,8 @@ def _contrastive_bwd_contrast_kernel(
             HAS_MASK, EXCLUDE_SELF, TWO_WAY, RECOMPUTE_TRANSPOSED, INPUT_PRECISION, SINGLE_D_TILE,
             BLOCK_M, BLOCK_N, BLOCK_D, mask_t_ptr, stride_mask_t_row, stride_mask_t_col, EXP_REUSE,
         )  # fmt: skip
+        if not SINGLE_D_TILE:  # loaded here, the [BLOCK_M, BLOCK_D_OUT] tile is not live across the logits loop
+            a_tile = _load_rows(anchor_ptr, rows, row_valid, stride_anchor, d_out, dim, BLOCK_D_OUT)
         acc = tl.dot(tl.trans(dlogits.to(a_tile.dtype)), a_tile, acc, input_precision=INPUT_PRECISION)
 
     d = d_out + tl.arange(0, BLOCK_D_OUT)
@@ -687,13 +700,19 @@ FP32_CONFIGS = {
     ("fwd", True): (_cfg(64, 32, 8, 2), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2)),
     ("fwd", False): (_cfg(64, 32, 8, 2), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2)),
     ("bwd_anchor", True): (_cfg(64, 32, 8, 1),),
-    ("bwd_anchor", False): (_cfg(64, 32, 8, 2), _cfg(64, 32, 8, 1)),
+    ("bwd_anchor", False): (_cfg(32, 32, 8, 2), _cfg(32, 32, 8, 1)),
     ("bwd_contrast", True): (_cfg(32, 64, 8, 2), _cfg(32, 64, 8, 1), _cfg(64, 32, 8, 1)),
-    ("bwd_contrast", False): (_cfg(32, 64, 8, 2), _cfg(32, 64, 8, 1), _cfg(32, 32, 8, 2)),
+    ("bwd_contrast", False): (_cfg(32, 32, 8, 2),),
     ("bwd_anchor[two_way]", True): (_cfg(32, 32, 8, 2),),
-    ("bwd_anchor[two_way]", False): (_cfg(64, 32, 8, 1),),
+    ("bwd_anchor[two_way]", False): (_cfg(64, 32, 8, 2),),
     ("bwd_contrast[two_way]", True): (_cfg(64, 32, 8, 1), _cfg(32, 32, 8, 2)),
     ("bwd_contrast[two_way]", False): (_cfg(32, 64, 8, 1),),
+}
+# Per output-tile width (BLOCK_D_OUT, output_block_d_for) where the variant's looped configs above spill: two-way
+# bwd_contrast 32x64 / 1 stage spilled 8 B at 64-wide output tiles (D = 64, mask, tf32x3, sm_80), 2 stages do not
+# (and spilled 8 B at 128-wide ones).
+FP32_CONFIGS_BY_OUTPUT_TILE = {
+    ("bwd_contrast[two_way]", 64): (_cfg(32, 64, 8, 2),),
 }
 
 
@@ -701,7 +720,7 @@ FP32_CONFIGS = {
 _HALF_CANDIDATE_KEYS = frozenset((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in CONFIGS)
 _FP32_ONLY = {
     (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c
-    for configs in FP32_CONFIGS.values()
+    for configs in (*FP32_CONFIGS.values(), *FP32_CONFIGS_BY_OUTPUT_TILE.values())
     for c in configs
 }
 _FP32_ONLY = {key: c for key, c in _FP32_ONLY.items() if key not in _HALF_CANDIDATE_KEYS}
@@ -732,7 +751,7 @@ def shared_memory_estimate(config: triton.Config, dim: int, element_size: int, k
     else:
         tiles = (block_m + block_n) * block_d * element_size * stages
         if kernel != "fwd":
-            tiles += streamed * output_block_d_for(dim, element_size) * element_size
+            tiles += streamed * output_block_d_for(dim, element_size, kernel.endswith("[two_way]")) * element_size
     if element_size == 4:
         tiles *= 2
     scratch = 0 if kernel == "fwd" else block_m * block_n * max(element_size, 2) * 2
@@ -763,7 +782,9 @@ def register_estimate(config: triton.Config, dim: int, element_size: int, kernel
     if kernel == "fwd":
         resident = (block_m if single else block_m + block_n) * block_d * element_size / 4
     else:  # the fp32 gradient accumulator
-        resident = (block_n if kernel.startswith("bwd_contrast") else block_m) * output_block_d_for(dim, element_size)
+        resident = (block_n if kernel.startswith("bwd_contrast") else block_m) * output_block_d_for(
+            dim, element_size, kernel.endswith("[two_way]")
+        )
     return (tile + resident) / threads * (1.5 if element_size == 4 else 1.0)
 
 
@@ -777,7 +798,7 @@ def keep_config(
     """Whether ``config`` fits ``kernel`` (a :data:`KERNEL_VARIANTS` name) at feature dim ``dim``: its shared memory
     (:func:`shared_memory_estimate`) within ``shared_limit`` (default: the smallest of :data:`SHARED_MEMORY_LIMITS`)
     and its live fp32 tile values (:func:`register_estimate`) within :data:`REGISTER_BUDGET` per thread; fp32
-    inputs: one of the spill-free :data:`FP32_CONFIGS` of the variant and feature tiling."""
+    inputs: one of the spill-free :data:`FP32_CONFIGS` of the variant and feature tiling (output-tile width)."""
     if shared_memory_estimate(config, dim, element_size, kernel) > shared_limit:
         return False
     if element_size == 4:
@@ -793,7 +814,13 @@ def keep_config(
 
 
 def _fp32_configs(kernel: str, dim: int) -> tuple:
-    return FP32_CONFIGS[(kernel, block_d_for(dim, 4)[1])]
+    """The variant's :data:`FP32_CONFIGS` at this feature tiling (:data:`FP32_CONFIGS_BY_OUTPUT_TILE` first)."""
+    single = block_d_for(dim, 4)[1]
+    if kernel != "fwd" and not single:
+        by_width = FP32_CONFIGS_BY_OUTPUT_TILE.get((kernel, output_block_d_for(dim, 4, kernel.endswith("[two_way]"))))
+        if by_width:
+            return by_width
+    return FP32_CONFIGS[(kernel, single)]
 
 
 def fixed_preference(kernel: str, dim: int, element_size: int) -> tuple:
@@ -908,21 +935,25 @@ def block_d_for(dim: int, element_size: int = 2) -> tuple[int, bool]:
     return (D_TILE_FP32 if element_size == 4 else LOOPED_D_TILE), False
 
 
-def output_block_d_for(dim: int, element_size: int = 2) -> int:
+def output_block_d_for(dim: int, element_size: int = 2, two_way: bool = False) -> int:
     """``BLOCK_D_OUT``: the width of the gradient columns one backward program accumulates. The feature tile itself
-    when the dim fits one tile, else the dim rounded up to a power of two, at most :data:`MAX_OUTPUT_D_TILE`: each
+    when the dim fits one tile, else the dim rounded up to a power of two, at most :data:`MAX_OUTPUT_D_TILE` (fp32:
+    :data:`MAX_OUTPUT_D_TILE_FP32`, and :data:`MAX_OUTPUT_D_TILE_FP32_TWO_WAY` for the ``TWO_WAY`` kernels): each
     output tile recomputes the whole logits product, so wide tiles keep that recomputation rare
     (:func:`backward_flops`)."""
     block_d, single = block_d_for(dim, element_size)
     if single:
         return block_d
-    widest = MAX_OUTPUT_D_TILE_FP32 if element_size == 4 else MAX_OUTPUT_D_TILE
+    if element_size == 4:
+        widest = MAX_OUTPUT_D_TILE_FP32_TWO_WAY if two_way else MAX_OUTPUT_D_TILE_FP32
+    else:
+        widest = MAX_OUTPUT_D_TILE
     return max(block_d, min(widest, triton.next_power_of_2(dim)))
 
 
-def backward_output_tiles(dim: int, element_size: int = 2) -> int:
+def backward_output_tiles(dim: int, element_size: int = 2, two_way: bool = False) -> int:
     """Programs per row block along the feature dim in the backward grid (each recomputes the logits once)."""
-    return triton.cdiv(dim, output_block_d_for(dim, element_size))
+    return triton.cdiv(dim, output_block_d_for(dim, element_size, two_way))
 
 
 def backward_flops(
@@ -937,10 +968,12 @@ def backward_flops(
     if route not in ("self", "one_way", "two_way"):
         raise ValueError(f"route must be 'self', 'one_way' or 'two_way', got {route!r}")
     block_d, _ = block_d_for(dim, element_size)
-    tiles = backward_output_tiles(dim, element_size)
+    two_way = route != "one_way"
+    tiles = backward_output_tiles(dim, element_size, two_way)
     logits_k = triton.cdiv(dim, block_d) * block_d
-    logits_per_tile = 2 if recompute and route != "one_way" else 1
-    per_kernel = 2 * n_anchor * n_contrast * tiles * (logits_per_tile * logits_k + output_block_d_for(dim, element_size))
+    logits_per_tile = 2 if recompute and two_way else 1
+    block_d_out = output_block_d_for(dim, element_size, two_way)
+    per_kernel = 2 * n_anchor * n_contrast * tiles * (logits_per_tile * logits_k + block_d_out)
     return per_kernel * (1 if route == "self" else 2)
 
 
@@ -1028,7 +1061,6 @@ class _LaunchArgs:
             mask = torch.zeros(1, dtype=torch.float32, device=self.device)
         self.n_anchor, self.n_contrast, self.dim = anchor.shape[0], contrast.shape[0], anchor.shape[1]
         self.block_d, single = block_d_for(self.dim, anchor.element_size())
-        self.block_d_out = output_block_d_for(self.dim, anchor.element_size())
         self.element_size = anchor.element_size()
         self.tensors = (self.anchor, self.contrast, anchor_labels, contrast_labels, mask)
         self.mask_t = mask.t().contiguous() if self.has_mask and two_way else mask  # no host sync
@@ -1149,7 +1181,7 @@ def contrastive_backward(
         args.constexprs,
         TWO_WAY=two_way,
         RECOMPUTE_TRANSPOSED=two_way and recompute_transposed(args.anchor.dtype),
-        BLOCK_D_OUT=args.block_d_out,
+        BLOCK_D_OUT=output_block_d_for(args.dim, args.element_size, two_way),
         EXP_REUSE=two_way and reuse_transposed_exp(args.anchor.dtype),
     )
     if two_way and args.has_mask and args.mask_t is args.tensors[4]:
@@ -1158,7 +1190,7 @@ def contrastive_backward(
     constexprs.update(
         mask_t_ptr=args.mask_t, stride_mask_t_row=args.mask_t_strides[0], stride_mask_t_col=args.mask_t_strides[1]
     )
-    d_tiles = backward_output_tiles(args.dim, args.element_size)
+    d_tiles = backward_output_tiles(args.dim, args.element_size, two_way)
     scalars = (*args.sizes,)
     grad_anchor = grad_contrast = None
     if need_anchor:

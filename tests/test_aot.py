@@ -147,3 +147,55 @@ class _SerialPool:
 
     def map(self, fn, items):
         return map(fn, items)
+
+
+def test_table_prints_the_readme_rows_of_the_fixed_configs(monkeypatch, capsys):
+    """--table ends with one markdown row per fixed config (README "GPU resources"), sorted by D, dtype, kernel;
+    the --kernel filter keeps only the named variants."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(aot, "ProcessPoolExecutor", _SerialPool)
+    monkeypatch.setattr(
+        aot,
+        "compile_one",
+        lambda job: _fake_record(job, roles=job["roles"], registers=201, spill_bytes=0, shared_bytes=33_536),
+    )
+    argv = ["--dtype", "fp32", "--dtype", "bf16", "--dim", "1024", "--dim", "128", "--arch", "90", "--table"]
+    assert aot.main(argv + ["--kernel", "bwd_anchor[two_way]", "--kernel", "fwd"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index(aot.TABLE_HEADER) :].strip().splitlines()
+    assert table[:2] == aot.TABLE_HEADER.splitlines()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("bwd_anchor[two_way]", "bf16", "128"),
+        ("fwd", "bf16", "128"),
+        ("bwd_anchor[two_way]", "fp32 / tf32x3", "128"),
+        ("fwd", "fp32 / tf32x3", "128"),
+        ("bwd_anchor[two_way]", "bf16", "1024"),
+        ("fwd", "bf16", "1024"),
+        ("bwd_anchor[two_way]", "fp32 / tf32x3", "1024"),
+        ("fwd", "fp32 / tf32x3", "1024"),
+    ]
+    import fastcl.kernels.contrastive as K
+
+    fixed = K.fixed_config("bwd_anchor[two_way]", 1024, 4)
+    m, n = fixed.kwargs["BLOCK_M"], fixed.kwargs["BLOCK_N"]
+    assert rows[6][3:] == [f"{m}x{n}, {fixed.num_warps}, {fixed.num_stages}", "201", "0", "33,536", "wgmma"]
+
+
+def test_markdown_table_of_records():
+    """Only fixed configs become rows; one table per arch; a failed lowering is a row that says so."""
+    base = dict(kernel="fwd", dtype="bf16", input_precision="ieee", dim=128, block_m=64, block_n=64, num_warps=8,
+                num_stages=2, registers=208, spill_bytes=0, shared_bytes=49_664, mma="wgmma", roles=["fixed"])  # fmt: skip
+    records = [
+        dict(base, arch="sm_90"),
+        dict(base, arch="sm_80", mma="mma", registers=190),
+        dict(base, arch="sm_90", block_m=128, roles=["autotuned"]),
+        dict(base, arch="sm_90", kernel="bwd_anchor", error="CompilationError: boom"),
+    ]
+    lines = aot.markdown_table(records).splitlines()
+    assert lines[0] == "sm_80:" and lines[4] == "sm_90:"
+    assert lines[3] == "| fwd | bf16 | 128 | 64x64, 8, 2 | 190 | 0 | 49,664 | mma |"
+    assert lines[7] == "| bwd_anchor | bf16 | 128 | 64x64, 8, 2 | failed | - | - | - |"
+    assert lines[8] == "| fwd | bf16 | 128 | 64x64, 8, 2 | 208 | 0 | 49,664 | wgmma |"
+    assert len(lines) == 9
+    assert aot.markdown_table([dict(base, arch="sm_90")]).splitlines()[0] == aot.TABLE_HEADER.splitlines()[0]

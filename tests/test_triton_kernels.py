@@ -298,7 +298,7 @@ def test_route_is_decided_before_copies(monkeypatch):
 # Tile constants shrunk to the interpreter's 16 x 16 blocks: dims over 32 loop the logits in tiles of 32 and the
 # backward accumulates output tiles of up to 128 columns, so D = 257 / 300 have 3 output tiles and 513 has 5.
 SMALL_D_TILES = dict(MAX_SINGLE_D_TILE=32, MAX_SINGLE_D_TILE_FP32=32, LOOPED_D_TILE=32, MAX_OUTPUT_D_TILE=128,
-                     MAX_OUTPUT_D_TILE_FP32=128)  # fmt: skip
+                     MAX_OUTPUT_D_TILE_FP32=128, MAX_OUTPUT_D_TILE_FP32_TWO_WAY=128)  # fmt: skip
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="interpreter-only: shrinks the feature tiles to the 16 x 16 blocks")
@@ -383,8 +383,9 @@ def test_several_output_feature_tiles_match_float64(monkeypatch, route, dim, dty
 )
 def test_looped_dim_fixed_configs_in_the_interpreter(monkeypatch, route, dim, dtype, block_m, block_n):
     """The real tile constants with the block shapes of the looped-dim fixed configs (32 x 64 for the one-way dA,
-    64 x 32 for the one-way dC; the interpreter runs every kernel in the one config): D = 1024 fp16 has two
-    512-wide output tiles, D = 600 fp32 three 256-wide ones (the last one partial)."""
+    64 x 32 for the one-way dC and for fp32's two-way dA; the interpreter runs every kernel in the one config):
+    D = 1024 fp16 has two 512-wide output tiles, D = 600 fp32 (symmetric InfoNCE: the two-way kernels) five
+    128-wide ones (the last one partial; one-way fp32 kernels would have three 256-wide ones)."""
     import triton
 
     import fastcl.kernels.contrastive as K
@@ -392,9 +393,18 @@ def test_looped_dim_fixed_configs_in_the_interpreter(monkeypatch, route, dim, dt
     monkeypatch.setattr(K, "INTERPRETER_CONFIG", triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}))
     monkeypatch.setattr(K, "_tuned", {})
     element_size = torch.tensor([], dtype=dtype).element_size()
-    assert K.backward_output_tiles(dim, element_size) == triton.cdiv(dim, K.output_block_d_for(dim, element_size))
-    assert K.backward_output_tiles(dim, element_size) == (2 if dim == 1024 else triton.cdiv(600, K.MAX_OUTPUT_D_TILE_FP32))
+    for two_way in (False, True):
+        width = K.output_block_d_for(dim, element_size, two_way)
+        assert K.backward_output_tiles(dim, element_size, two_way) == triton.cdiv(dim, width)
+    assert K.backward_output_tiles(dim, element_size, two_way=True) == (2 if dim == 1024 else 5)
+    assert K.backward_output_tiles(dim, element_size) == (2 if dim == 1024 else 3)
     assert not K.block_d_for(dim, element_size)[1]
+    tiles = []
+    original = K._launch
+    monkeypatch.setattr(
+        K, "_launch", lambda name, grid_of, *a: tiles.append((name, grid_of({"BLOCK_M": 16, "BLOCK_N": 16})[1]))
+        or original(name, grid_of, *a),
+    )  # fmt: skip
     if route == "supcon_all":
         _check_supcon(37, 2, dim, "all", "labels", dtype=dtype, temperature=0.5, base=0.5)
         return
@@ -408,6 +418,7 @@ def test_looped_dim_fixed_configs_in_the_interpreter(monkeypatch, route, dim, dt
     ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-4 * abs(ref.item())
     assert _max_rel(q.grad.cpu(), rq.grad) < 1e-4 and _max_rel(k.grad.cpu(), rk.grad) < 1e-4
+    assert [t for t in tiles if t[0] != "fwd"] == [("bwd_anchor", 5), ("bwd_contrast", 5)], tiles
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -113,7 +113,10 @@ def test_fp32_keeps_only_the_spill_free_configs(dim):
     assert (block_d, single) == ((16, True) if dim <= 16 else (32, False))
     assert K.block_d_for(dim, 2)[0] >= min(128, max(16, dim))  # half precision keeps its wide feature tiles
     for kernel in K.KERNEL_VARIANTS:
-        allowed = [K._config_key(c) for c in K.FP32_CONFIGS[(kernel, single)]]
+        allowed = [K._config_key(c) for c in K._fp32_configs(kernel, dim)]
+        by_width = (kernel, K.output_block_d_for(dim, 4, kernel.endswith("[two_way]")))
+        if single or by_width not in K.FP32_CONFIGS_BY_OUTPUT_TILE:
+            assert allowed == [K._config_key(c) for c in K.FP32_CONFIGS[(kernel, single)]]
         launchable = [K._config_key(c) for c in K.launchable_configs(kernel, dim, 4)]
         assert launchable and set(launchable) <= set(allowed)
         assert K._config_key(K.fixed_config(kernel, dim, 4)) == allowed[0]
@@ -124,6 +127,16 @@ def test_fp32_keeps_only_the_spill_free_configs(dim):
         tuned.discard(K._config_key(K.fixed_config(kernel, dim, 2)))  # the prune fallback (FIXED_PREFERENCE)
         assert not tuned & set(K._FP32_ONLY)
     assert K._config_key(K.FP32_CONFIGS[("bwd_contrast[two_way]", False)][0]) == (32, 64, 8, 1)
+    two_way_dc = K._config_key(K.fixed_config("bwd_contrast[two_way]", dim, 4))
+    assert two_way_dc == ((32, 64, 8, 2) if 32 < dim <= 64 else (32, 64, 8, 1) if dim > 16 else two_way_dc)
+    # the logits loop over tiles of 32, but each backward program owns an output tile of up to 256 columns (128
+    # for the two-way kernels): D = 128 recomputes the logits once, D = 1024 four times (two-way: eight)
+    for two_way, widest in ((False, 256), (True, 128)):
+        width = K.output_block_d_for(dim, 4, two_way)
+        assert width == (16 if dim <= 16 else min(widest, triton.next_power_of_2(dim)))
+        assert K.backward_output_tiles(dim, 4, two_way) == triton.cdiv(dim, width)
+    assert K.backward_output_tiles(128, 4, True) == 1 and K.backward_output_tiles(1024, 4, True) == 8
+    assert K.backward_output_tiles(1024, 4) == 4
 
 
 def test_filter_rejects_the_configs_that_overflowed_shared_memory(monkeypatch):
@@ -386,3 +399,27 @@ def test_backward_flops_at_looped_feature_dims(monkeypatch, route, dim):
         assert old > 1.5 * dense
     # D = 512: one output tile (no recomputation at all); D = 1024: two instead of eight
     assert launched / old == pytest.approx((2 * dim if dim == 512 else 3 * dim) / (tiles * (dim + 128)))
+
+
+@pytest.mark.parametrize("dim", [128, 1024])
+@pytest.mark.parametrize("route", ["self", "one_way", "two_way"])
+def test_fp32_backward_flops_with_wide_output_tiles(monkeypatch, route, dim):
+    """fp32 loops the logits over feature tiles of 32 but accumulates output tiles of up to 256 columns (two-way:
+    128), so D = 128 recomputes the logits once instead of four times (32-wide output tiles, the structure the
+    spill-free FP32_CONFIGS were first swept with). The model is checked against the launches (two-way tiles
+    recompute the transposed dots in fp32)."""
+    n = 4096
+    dense = K.dense_backward_flops(n, n, dim)
+    with monkeypatch.context() as m:
+        launched = _launched_backward_flops(m, route, n, dim, torch.float32)
+    assert launched == K.backward_flops(route, n, n, dim, 4, recompute=True)
+    with monkeypatch.context() as m:  # the structure before: 32-wide output tiles
+        m.setattr(K, "MAX_OUTPUT_D_TILE_FP32", 32)
+        m.setattr(K, "MAX_OUTPUT_D_TILE_FP32_TWO_WAY", 32)
+        old = _launched_backward_flops(m, route, n, dim, torch.float32)
+        assert old == K.backward_flops(route, n, n, dim, 4, recompute=True)
+    # in units of the dense backward: (self / one-way / two-way) 1.00 / 1.33 / 2.00 at D = 128 (was 3.00 / 3.33 /
+    # 6.00), 5.67 / 3.33 / 11.33 at D = 1024 (was 21.67 / 22.00 / 43.33)
+    expected = {128: {"self": (3.0, 1.0), "one_way": (10 / 3, 4 / 3), "two_way": (6.0, 2.0)},
+                1024: {"self": (65 / 3, 17 / 3), "one_way": (22.0, 10 / 3), "two_way": (130 / 3, 34 / 3)}}  # fmt: skip
+    assert (old / dense, launched / dense) == pytest.approx(expected[dim][route])
