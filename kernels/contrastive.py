@@ -12,10 +12,11 @@ so no atomics are needed and the result is deterministic. At small N the reducti
 NT-Xent) the first kernel alone forms ``(dS + dS^T) @ C`` from each tile (``TWO_WAY``); symmetric two-tower InfoNCE
 uses the same flag in both kernels, so each tile serves both directions. Nothing ``N x N`` is ever allocated.
 
-Feature dims up to 256 (fp32: 128) are one tile. Beyond, the logits loop over feature tiles of 128, and each backward
-program owns the gradient columns of one output tile of up to 512 (fp32: 256, :func:`output_block_d_for`): every
-output tile recomputes the whole logits product, so the tile is as wide as the registers allow (a ``[32, 512]`` fp32
-accumulator). At D = 1024 the logits are recomputed twice, and the self route costs the dense formulation's FLOPs
+Feature dims up to 256 (fp32: 16) are one tile. Beyond, the logits loop over feature tiles of 128 (fp32: 32), and
+each backward program owns the gradient columns of one output tile of up to 512 (fp32: 256, two-way kernels 128;
+:func:`output_block_d_for`), loaded after the logits loop: every output tile recomputes the whole logits product,
+so the tile is as wide as the registers allow (a ``[32, 512]`` fp32 accumulator). At D = 1024 the logits are
+recomputed twice (fp32: 4 times, two-way 8; D = 128 once), and the self route costs the dense formulation's FLOPs
 (:func:`backward_flops`; with 128-wide output tiles it was 3x: 9 tile products per 128 columns where dense needs 2).
 
 Layout per op: ``@triton.jit`` kernels -> config choice (autotuned, fixed or deterministic; every choice passes
@@ -687,15 +688,17 @@ def _cfg(block_m, block_n, warps, stages):
 # fp32 inputs (tf32x3, and tf32 with allow_tf32): the configs that lower without spilling on sm_80 and sm_90, per
 # kernel variant and feature tiling (one tile, D <= 16, or looped tiles of 32), found by sweeping tiles, warps,
 # stages and feature tiles with ``python -m fastcl.aot`` (which fails on any kept config that spills). Preferred
-# first: the first is the fixed config. ptxas settles between 110 and 255 registers per thread for these.
-# Not kept, for instance: two-way 32x32 tiles once the feature dim loops (8-112 B on both archs), two-way 64x32
-# tiles with one feature tile on sm_80 (8-40 B), 64x64 two-way tiles (144-440 B), any two-way tile with feature
-# tiles of 64 on sm_80 (32-1728 B) or with one tile of 32 (8-608 B); with tf32 (one product) on sm_90, where ptxas
-# settled on 128 registers, bwd_anchor 32x64 / 2 stages with looped tiles (16 B) and bwd_contrast 32x32 with one
-# tile (8 B); with a mask, two-way bwd_anchor 64x32 / 2 stages (24 B, sm_80), two-way bwd_contrast 32x64 with one
-# tile (64 B, sm_80), and one-way bwd_anchor with one tile at 64x32 / 2 stages (tf32, sm_80, 8 B at 128 registers)
-# and 32x64 (16 B, sm_90), with looped tiles at 32x32 / 1 stage (tf32, sm_80, 8 B at 80 registers). Both positive
-# sources (labels, ``--mask``) and both precisions are lowered for these.
+# first: the first is the fixed config. ptxas settles between 74 and 255 registers per thread for these.
+# One feature tile, not kept, for instance: two-way 64x32 tiles on sm_80 (8-40 B), 64x64 two-way tiles (144-440 B),
+# any two-way tile with one tile of 32 (8-608 B); bwd_contrast 32x32 (tf32, sm_90, 8 B at 128 registers), two-way
+# bwd_contrast 32x64 with a mask (64 B, sm_80), one-way bwd_anchor 64x32 / 2 stages (tf32, sm_80, 8 B) and 32x64
+# (16 B, sm_90). Looped feature tiles, with the backward's output tiles of up to 256 columns (two-way: 128,
+# output_block_d_for; the [resident, BLOCK_D_OUT] accumulator and the [streamed, BLOCK_D_OUT] operand): the
+# one-way kernels keep a resident side of 32 (at 256 columns 64x32 bwd_anchor spilled 8-32 B, 32x64 bwd_contrast
+# 24-224 B, 32x64 bwd_anchor 96-208 B); two-way at 128 columns: bwd_anchor 64x32 / 1 stage spilled 8 B (sm_80), 32x64
+# 8-16 B, 32x32 16-56 B, 4 warps up to 296 B; two-way at 256 columns every config tried spilled (32x32: 8-72 B, 64x32
+# / 32x64: 24-320 B), hence MAX_OUTPUT_D_TILE_FP32_TWO_WAY = 128. Both positive sources (labels, ``--mask``) and both
+# precisions are lowered for these (D = 32, 64, 128, 256, 1024: every output-tile width).
 FP32_CONFIGS = {
     ("fwd", True): (_cfg(64, 32, 8, 2), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2)),
     ("fwd", False): (_cfg(64, 32, 8, 2), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2)),
