@@ -229,48 +229,95 @@ def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset,
     return loss, grad_anchor.mul_(inv_temperature), grad_contrast
 
 
+def _paired_by_index(anchor_labels, contrast_labels, self_offset, two_way) -> bool:
+    """True when anchor i's only positive is contrast i (``labels`` ``arange``: InfoNCE's default pairing).
+
+    Checked on CPU only, where reading two small integer vectors is a few microseconds and no device sync; the
+    answer picks the identity route of :func:`_single_block`, whose positives are the diagonal.
+    """
+    n_anchor, n_contrast = anchor_labels.shape[0], contrast_labels.shape[0]
+    if self_offset is not None or contrast_labels.device.type != "cpu" or (two_way and n_anchor != n_contrast):
+        return False
+    ids = torch.arange(n_contrast, device=contrast_labels.device)
+    if not torch.equal(contrast_labels, ids):
+        return False
+    prefix = (  # fastcl.functional passes the anchors' ids as a view of the contrast ids
+        anchor_labels.data_ptr() == contrast_labels.data_ptr() and anchor_labels.stride() == contrast_labels.stride()
+    )
+    return prefix or torch.equal(anchor_labels, ids[:n_anchor])
+
+
+def _single_block_paired(anchor, contrast, inv_temperature, scale, two_way, want_grad):
+    """:func:`_single_block` when anchor i's one positive is contrast i (``W = P = 1``): the loss is the mean of
+    the log-softmax diagonal(s) and ``dL/ds = k (softmax - I)``; no weight matrix at all."""
+    compute_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
+    a_all, c_all = anchor.to(compute_dtype), contrast.to(compute_dtype)
+    n_anchor = a_all.shape[0]
+    logits = torch.mm(a_all, c_all.T).mul_(inv_temperature)
+    half = 0.5 if two_way else 1.0
+    log_prob = torch.log_softmax(logits, 1)
+    if two_way:  # Na == Nc
+        col_log_prob = torch.log_softmax(logits, 0)
+        loss = torch.add(log_prob.diagonal(), col_log_prob.diagonal()).sum()
+    else:
+        loss = log_prob.diagonal().sum()
+    loss = loss.mul_(-half * scale / n_anchor)
+    if not want_grad:
+        return loss, None, None
+    coef = half * scale * inv_temperature / n_anchor  # (= the column coefficient: Nc == Na when two-way)
+    dlogits = log_prob.exp_()
+    if two_way:
+        dlogits.add_(col_log_prob.exp_())
+    dlogits.mul_(coef).diagonal().sub_(2 * coef if two_way else coef)
+    return loss, torch.mm(dlogits, c_all), torch.mm(dlogits.T, a_all)
+
+
 def _single_block(anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, two_way,
-                  want_grad):
+                  want_grad):  # fmt: skip
     """Label-defined loss (one or both directions) when one block holds the whole ``[Na, Nc]`` problem.
 
-    The cheapest exact route at small N: three GEMMs and a handful of whole-matrix elementwise ops, with the
-    positive weights read from a label comparison instead of per-class sums (whose sort, scatter and gather
-    dominate below a few hundred rows).
+    The cheapest exact route at small N, where each PyTorch op costs more than its arithmetic: three GEMMs and about
+    twenty whole-matrix ops, positive weights from a label comparison (no sort, scatter or gather), the self pairs
+    written through a diagonal view, ``1 / t`` and the mean folded into the per-row gradient coefficients. Needs at
+    least one column per row once the self pair is out (``Nc >= 2`` with ``self_offset``; :func:`chunked_forward`
+    routes the single-column case elsewhere).
     """
     compute_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
-    a_all = anchor.to(compute_dtype) * inv_temperature
-    c_all = contrast.to(compute_dtype)
+    a_all, c_all = anchor.to(compute_dtype), contrast.to(compute_dtype)
     n_anchor, n_contrast = a_all.shape[0], c_all.shape[0]
-    logits = a_all @ c_all.T
-    w = (anchor_labels[:, None] == contrast_labels[None, :]).to(compute_dtype)
+    logits = torch.mm(a_all, c_all.T).mul_(inv_temperature)
+    w = torch.eq(anchor_labels[:, None], contrast_labels[None, :]).to(compute_dtype)
     if self_offset is not None:
-        rows = torch.arange(n_anchor, device=a_all.device)
-        w[rows, rows + self_offset] = 0.0
-    weighted = w * logits  # before the self logits become -inf
-    if self_offset is not None:
-        logits[rows, rows + self_offset] = float("-inf")
-    row_lse = torch.logsumexp(logits, dim=1)
-    row_weight = w.sum(1)
-    loss = row_losses(weighted.sum(1), row_weight, row_lse, scale).mean()
+        w.diagonal(self_offset).zero_()
+        logits.diagonal(self_offset).fill_(float("-inf"))
     half = 0.5 if two_way else 1.0
+
+    def direction(dim, count):
+        """``(loss term, softmax, W, 1 / P)`` along ``dim``: loss = -scale / (N P_i) sum_j w_ij log softmax_ij,
+        ``P_i = max(W_i, 1)`` (``W_i`` counts positives: an integer)."""
+        weight = w.sum(dim)
+        inverse = weight.clamp_min(1.0).reciprocal_()
+        log_prob = torch.log_softmax(logits, dim)
+        prob = log_prob.exp() if want_grad else None
+        if self_offset is not None:  # 0 * -inf would be NaN; w is 0 there
+            log_prob.diagonal(self_offset).zero_()
+        term = torch.linalg.vecdot(w, log_prob, dim=dim).dot(inverse).mul_(-half * scale / count)
+        return term, prob, weight, inverse
+
+    loss, prob, weight, inverse = direction(1, n_anchor)
     if two_way:
-        col_lse = torch.logsumexp(logits, dim=0)
-        col_weight = w.sum(0)
-        loss = half * (loss + row_losses(weighted.sum(0), col_weight, col_lse, scale).mean())
+        col_loss, col_prob, col_weight, col_inverse = direction(0, n_contrast)
+        loss = loss.add_(col_loss)
     if not want_grad:
         return loss, None, None
 
-    def coefficients(weight, lse, count):
-        softmax, pos = grad_coefficients(weight, half * scale / count)
-        empty = lse == float("-inf")
-        return torch.where(empty, torch.zeros_like(softmax), softmax), pos, torch.where(empty, torch.zeros_like(lse), lse)
-
-    softmax, pos, lse = coefficients(row_weight, row_lse, n_anchor)
-    dlogits = torch.sub(logits, lse[:, None]).exp_().mul_(softmax[:, None]).addcmul_(w, pos[:, None], value=-1.0)
+    # dL/ds_ij / t = k_i (W_i softmax_ij - w_ij) [+ k'_j (W'_j softmax'_ij - w_ij)], k = half scale / (t N P)
+    row_coef = inverse.mul_(half * scale * inv_temperature / n_anchor)
+    dlogits = prob.mul_(weight[:, None]).sub_(w).mul_(row_coef[:, None])
     if two_way:
-        softmax, pos, lse = coefficients(col_weight, col_lse, n_contrast)
-        dlogits.add_(logits.sub_(lse).exp_().mul_(softmax)).addcmul_(w, pos, value=-1.0)
-    return loss, (dlogits @ c_all).mul_(inv_temperature), dlogits.T @ a_all
+        col_coef = col_inverse.mul_(half * scale * inv_temperature / n_contrast)
+        dlogits.addcmul_(col_prob.mul_(col_weight).sub_(w), col_coef)
+    return loss, torch.mm(dlogits, c_all), torch.mm(dlogits.T, a_all)
 
 
 def chunked_forward(
@@ -280,8 +327,12 @@ def chunked_forward(
     its gradients for ``grad_output = 1`` in the compute dtype (else None). ``two_way`` averages both directions."""
     # below ~512 x 512 pairs the per-class positives' fixed costs (sort, scatter, gather) outweigh a dense
     # label comparison; above it the blockwise route is faster even when one block would hold everything
-    single = anchor.shape[0] * contrast.shape[0] <= _SINGLE_BLOCK_PAIRS
-    if mask is None and single and (not two_way or self_offset in (None, 0)):
+    n_anchor, n_contrast = anchor.shape[0], contrast.shape[0]
+    single = 0 < n_anchor * n_contrast <= _SINGLE_BLOCK_PAIRS
+    no_empty_row = self_offset is None or (n_contrast >= 2 and (not two_way or n_anchor >= 2))
+    if mask is None and single and no_empty_row and (not two_way or self_offset in (None, 0)):
+        if _paired_by_index(anchor_labels, contrast_labels, self_offset, two_way):
+            return _single_block_paired(anchor, contrast, inv_temperature, scale, two_way, want_grad)
         return _single_block(
             anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, two_way, want_grad
         )
