@@ -253,7 +253,7 @@ def predicted_bytes(case: Case) -> int:
     if case.backend == "chunked":
         from fastcl import chunked
 
-        block_bytes = chunked._BLOCK_BYTES * (1 if case.device == "cpu" else 64)
+        block_bytes = chunked.block_bytes(case.device)
         return int(10 * n * d * 4 + 4 * block_bytes + 64 * n)
     return int(6 * n * d * elem + 64 * n)  # triton: gradients, fp32 row statistics
 

@@ -97,3 +97,85 @@ def test_two_way_nan_propagates():
         anchor, torch.randn(6, 4, dtype=torch.float64), labels, labels, None, None, 2.0, 1.0, True, True
     )
     assert torch.isnan(loss) and torch.isnan(grad_anchor).any() and torch.isnan(grad_contrast).any()
+
+
+def _dense_one_way(anchor, contrast, weights, self_offset, inv_temperature, scale):
+    """SupCon-style loss of the anchors over the contrast rows with ``[Na, Nc]`` positive weights (float64)."""
+    logits = anchor @ contrast.T * inv_temperature
+    if self_offset is not None:
+        idx = torch.arange(anchor.shape[0])
+        excluded = torch.zeros_like(logits, dtype=torch.bool)
+        excluded[idx, idx + self_offset] = True
+        logits = logits.masked_fill(excluded, float("-inf"))
+        weights = weights.masked_fill(excluded, 0.0)
+    log_prob = torch.log_softmax(logits, dim=1)
+    pos = torch.where(weights > 0, weights * log_prob, torch.zeros_like(log_prob)).sum(1)
+    count = weights.sum(1)
+    return (-scale * pos / torch.where(count < 1e-6, torch.ones_like(count), count)).mean()
+
+
+@pytest.mark.parametrize("shift_free", [True, False])
+@pytest.mark.parametrize("route", ["labels", "mask", "two_way", "paired", "paired_two_way"])
+@pytest.mark.parametrize("blocks", ["one", "many"])
+def test_routes_match_dense_float64(monkeypatch, shift_free, route, blocks):
+    """Every route (single block, blockwise, identity pairing) with and without the shift-free exponentials."""
+    monkeypatch.setattr(fastcl.chunked, "_SHIFT_FREE_BOUND", {d: (1e9 if shift_free else -1.0) for d in (torch.float32, torch.float64)})
+    if blocks == "many":
+        monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", 1)
+        monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 4)
+        monkeypatch.setattr(fastcl.chunked, "_SINGLE_BLOCK_PAIRS", 0)
+    gen = torch.Generator().manual_seed(11)
+    n, bsz = 19, 19 if route.startswith("paired") else 10
+    contrast = torch.randn(2 * bsz, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    inv_t, scale = 1 / 0.4, 0.9
+    mask = labels = None
+    if route in ("labels", "mask"):
+        sample_labels = torch.randint(3, (bsz,), generator=gen)
+        anchor, self_offset, two_way = contrast, 0, False
+        labels = sample_labels.repeat(2)
+        weights = (labels[:, None] == labels[None, :]).to(torch.float64)
+        if route == "mask":
+            mask = torch.rand(bsz, bsz, generator=gen, dtype=torch.float64).float()
+            weights = mask.double().repeat(2, 2)
+            labels = None
+    else:
+        anchor = torch.randn(n if route.startswith("paired") else 13, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+        contrast = contrast[: anchor.shape[0] if route != "paired" else n + 4].detach().requires_grad_()
+        self_offset, two_way = None, route != "paired"
+        labels_a = torch.arange(anchor.shape[0]) if route.startswith("paired") else torch.randint(4, (anchor.shape[0],), generator=gen)
+        labels_c = torch.arange(contrast.shape[0]) if route.startswith("paired") else torch.randint(4, (contrast.shape[0],), generator=gen)
+        weights = (labels_a[:, None] == labels_c[None, :]).to(torch.float64)
+    if route in ("labels", "mask"):
+        ref = _dense_one_way(anchor, contrast, weights, self_offset, inv_t, scale)
+        grad_ref = torch.autograd.grad(ref, contrast)[0]
+        loss, ga, gc = chunked_forward(anchor.detach(), contrast.detach(), labels, labels, mask, 0, inv_t, scale, False, True)
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ga + gc, grad_ref, rtol=1e-9, atol=1e-12)
+        return
+    if two_way:
+        ref = _dense_two_way(anchor, contrast, labels_a, labels_c, None, inv_t, scale)
+    else:
+        ref = _dense_one_way(anchor, contrast, weights, None, inv_t, scale)
+    ref_a, ref_c = torch.autograd.grad(ref, (anchor, contrast))
+    loss, ga, gc = chunked_forward(anchor.detach(), contrast.detach(), labels_a, labels_c, None, None, inv_t, scale, two_way, True)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ga, ref_a, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gc, ref_c, rtol=1e-9, atol=1e-12)
+
+
+def test_paired_by_index_detects_only_the_identity_pairing():
+    ids = torch.arange(6)
+    assert fastcl.chunked._paired_by_index(ids[:4], ids, None, False)
+    assert fastcl.chunked._paired_by_index(torch.arange(6), ids, None, True)
+    assert not fastcl.chunked._paired_by_index(ids[:4], ids, None, True)  # two-way needs Na == Nc
+    assert not fastcl.chunked._paired_by_index(ids + 1, ids + 1, None, True)
+    assert not fastcl.chunked._paired_by_index(torch.tensor([0, 1, 3, 2]), torch.arange(4), None, False)
+    assert not fastcl.chunked._paired_by_index(ids, ids, 0, False)  # self pairs excluded: not InfoNCE
+
+
+def test_shift_free_bound():
+    small = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
+    assert fastcl.chunked._shift_free(small * 20, small)  # |s| <= 20
+    assert not fastcl.chunked._shift_free(small * 61, small)
+    assert not fastcl.chunked._shift_free(small * float("nan"), small)
+    assert fastcl.chunked._shift_free(small.double() * 500, small.double())
