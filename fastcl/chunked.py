@@ -136,10 +136,11 @@ def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, self_off
 
     shift_free = _shift_free(a_all, c_all)
     block = _block_rows(n_anchor, n_contrast, device)
+    buffer = a_all.new_empty(min(block, n_anchor), n_contrast)  # one [block, Nc] buffer for every block
     for start in range(0, n_anchor, block):
         stop = min(start + block, n_anchor)
         a = a_all[start:stop]
-        logits = a @ c_all.T  # [block, Nc]
+        logits = torch.mm(a, c_all.T, out=buffer[: stop - start])
         if mask is not None:
             rows = torch.arange(start, stop, device=device)
             w = _mask_weights(rows, mask, contrast_samples, compute_dtype)
@@ -211,9 +212,10 @@ def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset,
     block = _block_rows(n_anchor, n_contrast, device)
     single_block = block >= n_anchor
     kept = None
+    buffers = [a_all.new_empty(min(block, n_anchor), n_contrast) for _ in range(1 if single_block else 2)]
 
     def block_logits(start, stop):
-        logits = a_all[start:stop] @ c_all.T
+        logits = torch.mm(a_all[start:stop], c_all.T, out=buffers[0][: stop - start])
         if self_offset is not None:
             _self_diagonal(logits, start, self_offset).fill_(float("-inf"))
         return logits
@@ -271,7 +273,8 @@ def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset,
         if shift_free:
             exps = kept if single_block else block_logits(start, stop).exp_()
             kept = None
-            dlogits = torch.mul(exps, col_factor).addcmul_(exps, row_factor[start:stop, None])
+            dlogits = buffers[-1][: stop - start] if not single_block else torch.empty_like(exps)
+            dlogits = torch.mul(exps, col_factor, out=dlogits).addcmul_(exps, row_factor[start:stop, None])
             del exps
         else:
             logits = kept if single_block else block_logits(start, stop)
