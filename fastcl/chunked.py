@@ -291,38 +291,50 @@ def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset,
     return loss, grad_anchor.mul_(inv_temperature), grad_contrast
 
 
-def _paired_by_index(anchor_labels, contrast_labels, self_offset, two_way) -> bool:
-    """True when anchor i's only positive is contrast i (``labels`` ``arange``: InfoNCE's default pairing).
+def _paired_by_index(anchor_labels, contrast_labels, self_offset, two_way):
+    """Where each anchor's only positive is when the contrast ids are ``arange(Nc)`` (InfoNCE's pairings), else None:
+    ``'diagonal'`` when anchor i pairs with contrast i (the default pairing), or (one-way) the ``[Na]`` positive
+    column of each anchor (``labels`` given, all in ``[0, Nc)``).
 
-    Checked on CPU only, where reading two small integer vectors is a few microseconds and no device sync; the
-    answer picks the identity route of :func:`_single_block`, whose positives are the diagonal.
+    Checked on CPU only, where reading small integer vectors costs microseconds and no device sync; the answer
+    picks :func:`_single_block_paired`, whose positives are one element per row.
     """
     n_anchor, n_contrast = anchor_labels.shape[0], contrast_labels.shape[0]
-    if self_offset is not None or contrast_labels.device.type != "cpu" or (two_way and n_anchor != n_contrast):
-        return False
+    if self_offset is not None or contrast_labels.device.type != "cpu" or contrast_labels.dtype != torch.int64:
+        return None
     ids = torch.arange(n_contrast, device=contrast_labels.device)
     if not torch.equal(contrast_labels, ids):
-        return False
+        return None
     prefix = (  # fastcl.functional passes the anchors' ids as a view of the contrast ids
         anchor_labels.data_ptr() == contrast_labels.data_ptr() and anchor_labels.stride() == contrast_labels.stride()
     )
-    return prefix or torch.equal(anchor_labels, ids[:n_anchor])
+    if (prefix or torch.equal(anchor_labels, ids[:n_anchor])) and (not two_way or n_anchor == n_contrast):
+        return "diagonal"
+    if two_way or anchor_labels.dtype != torch.int64:
+        return None
+    low, high = torch.aminmax(anchor_labels)
+    return anchor_labels if 0 <= int(low) and int(high) < n_contrast else None
 
 
-def _single_block_paired(anchor, contrast, inv_temperature, scale, two_way, want_grad):
-    """:func:`_single_block` when anchor i's one positive is contrast i (``W = P = 1``): the loss is the mean of
-    the log-softmax diagonal(s) and ``dL/ds = k (softmax - I)``; no weight matrix at all."""
+def _single_block_paired(anchor, contrast, inv_temperature, scale, two_way, want_grad, positive="diagonal"):
+    """:func:`_single_block` when each anchor has exactly one positive (``W = P = 1``): anchor i pairs with contrast
+    i (``positive='diagonal'``; both directions when ``two_way``, Na == Nc) or with contrast ``positive[i]``
+    (one-way). The loss is the mean of the positives' log-softmax and ``dL/ds = k (softmax - onehot)``: no weight
+    matrix at all."""
     compute_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
     a_all, c_all = anchor.to(compute_dtype), contrast.to(compute_dtype)
     n_anchor = a_all.shape[0]
     logits = torch.mm(a_all, c_all.T).mul_(inv_temperature)
     half = 0.5 if two_way else 1.0
     log_prob = torch.log_softmax(logits, 1)
+    column = None if isinstance(positive, str) else positive[:, None]
     if two_way:  # Na == Nc
         col_log_prob = torch.log_softmax(logits, 0)
         loss = torch.add(log_prob.diagonal(), col_log_prob.diagonal()).sum()
-    else:
+    elif column is None:
         loss = log_prob.diagonal().sum()
+    else:
+        loss = log_prob.gather(1, column).sum()
     loss = loss.mul_(-half * scale / n_anchor)
     if not want_grad:
         return loss, None, None
@@ -330,12 +342,15 @@ def _single_block_paired(anchor, contrast, inv_temperature, scale, two_way, want
     dlogits = log_prob.exp_()
     if two_way:
         dlogits.add_(col_log_prob.exp_())
-    dlogits.mul_(coef).diagonal().sub_(2 * coef if two_way else coef)
+    if column is None:
+        dlogits.mul_(coef).diagonal().sub_(2 * coef if two_way else coef)
+    else:
+        dlogits.mul_(coef).scatter_add_(1, column, dlogits.new_full(column.shape, -coef))
     return loss, torch.mm(dlogits, c_all), torch.mm(dlogits.T, a_all)
 
 
 def _single_block(anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, two_way,
-                  want_grad):  # fmt: skip
+                  want_grad, mask=None):  # fmt: skip
     """Label-defined loss (one or both directions) when one block holds the whole ``[Na, Nc]`` problem.
 
     The cheapest exact route at small N, where each PyTorch op costs more than its arithmetic: three GEMMs and about
@@ -348,7 +363,13 @@ def _single_block(anchor, contrast, anchor_labels, contrast_labels, self_offset,
     a_all, c_all = anchor.to(compute_dtype), contrast.to(compute_dtype)
     n_anchor, n_contrast = a_all.shape[0], c_all.shape[0]
     logits = torch.mm(a_all, c_all.T).mul_(inv_temperature)
-    w = torch.eq(anchor_labels[:, None], contrast_labels[None, :]).to(compute_dtype)
+    if mask is None:
+        w = torch.eq(anchor_labels[:, None], contrast_labels[None, :]).to(compute_dtype)
+    elif n_anchor % mask.shape[0] == 0 and n_contrast % mask.shape[0] == 0:  # views stacked: mask tiles
+        w = mask.to(compute_dtype).repeat(n_anchor // mask.shape[0], n_contrast // mask.shape[0])
+    else:
+        rows = torch.arange(n_anchor, device=a_all.device)
+        w = _mask_weights(rows, mask, torch.arange(n_contrast, device=a_all.device) % mask.shape[0], compute_dtype)
     if self_offset is not None:
         w.diagonal(self_offset).zero_()
         logits.diagonal(self_offset).fill_(float("-inf"))
@@ -358,7 +379,10 @@ def _single_block(anchor, contrast, anchor_labels, contrast_labels, self_offset,
         """``(loss term, softmax, W, 1 / P)`` along ``dim``: loss = -scale / (N P_i) sum_j w_ij log softmax_ij,
         ``P_i = max(W_i, 1)`` (``W_i`` counts positives: an integer)."""
         weight = w.sum(dim)
-        inverse = weight.clamp_min(1.0).reciprocal_()
+        if mask is None:  # W counts positives: P = max(W, 1)
+            inverse = weight.clamp_min(1.0).reciprocal_()
+        else:  # real weights: P = W, or 1 when W < 1e-6 (row_losses)
+            inverse = torch.where(weight < 1e-6, 1.0, weight).reciprocal_()
         log_prob = torch.log_softmax(logits, dim)
         prob = log_prob.exp() if want_grad else None
         if self_offset is not None:  # 0 * -inf would be NaN; w is 0 there
@@ -393,10 +417,15 @@ def chunked_forward(
     single = 0 < n_anchor * n_contrast <= _SINGLE_BLOCK_PAIRS
     no_empty_row = self_offset is None or (n_contrast >= 2 and (not two_way or n_anchor >= 2))
     if mask is None and single and no_empty_row and (not two_way or self_offset in (None, 0)):
-        if _paired_by_index(anchor_labels, contrast_labels, self_offset, two_way):
-            return _single_block_paired(anchor, contrast, inv_temperature, scale, two_way, want_grad)
+        positive = _paired_by_index(anchor_labels, contrast_labels, self_offset, two_way)
+        if positive is not None:
+            return _single_block_paired(anchor, contrast, inv_temperature, scale, two_way, want_grad, positive)
         return _single_block(
             anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, two_way, want_grad
+        )
+    if mask is not None and single and no_empty_row and not two_way:  # (two-way reads the mask transposed)
+        return _single_block(
+            anchor, contrast, None, None, self_offset, inv_temperature, scale, False, want_grad, mask=mask
         )
     if two_way and mask is None and self_offset in (None, 0):
         return _two_way_pass(

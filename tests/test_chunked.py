@@ -163,14 +163,34 @@ def test_routes_match_dense_float64(monkeypatch, shift_free, route, blocks):
     torch.testing.assert_close(gc, ref_c, rtol=1e-9, atol=1e-12)
 
 
-def test_paired_by_index_detects_only_the_identity_pairing():
+def test_paired_by_index_detects_only_one_positive_per_row():
     ids = torch.arange(6)
-    assert fastcl.chunked._paired_by_index(ids[:4], ids, None, False)
-    assert fastcl.chunked._paired_by_index(torch.arange(6), ids, None, True)
-    assert not fastcl.chunked._paired_by_index(ids[:4], ids, None, True)  # two-way needs Na == Nc
-    assert not fastcl.chunked._paired_by_index(ids + 1, ids + 1, None, True)
-    assert not fastcl.chunked._paired_by_index(torch.tensor([0, 1, 3, 2]), torch.arange(4), None, False)
-    assert not fastcl.chunked._paired_by_index(ids, ids, 0, False)  # self pairs excluded: not InfoNCE
+    paired = fastcl.chunked._paired_by_index
+    assert paired(ids[:4], ids, None, False) == "diagonal"
+    assert paired(torch.arange(6), ids, None, True) == "diagonal"
+    assert paired(ids[:4], ids, None, True) is None  # two-way needs Na == Nc
+    assert paired(ids + 1, ids + 1, None, True) is None
+    labels = torch.tensor([0, 1, 3, 2])
+    assert paired(labels, torch.arange(4), None, False) is labels  # one-way: any index in [0, Nc)
+    assert paired(labels, torch.arange(4), None, True) is None
+    assert paired(torch.tensor([0, 4]), torch.arange(4), None, False) is None  # out of range: no positive
+    assert paired(torch.tensor([0, -1]), torch.arange(4), None, False) is None
+    assert paired(ids, ids, 0, False) is None  # self pairs excluded: not InfoNCE
+
+
+def test_single_positive_per_row_route_matches_dense_float64():
+    """InfoNCE with explicit labels (one-way): the gather route against the dense formula, repeated indices too."""
+    gen = torch.Generator().manual_seed(5)
+    query = torch.randn(9, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(14, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([3, 0, 13, 3, 7, 7, 1, 12, 5])
+    weights = (labels[:, None] == torch.arange(14)[None, :]).to(torch.float64)
+    ref = _dense_one_way(query, key, weights, None, 1 / 0.2, 1.0)
+    ref_q, ref_k = torch.autograd.grad(ref, (query, key))
+    loss, gq, gk = chunked_forward(query.detach(), key.detach(), labels, torch.arange(14), None, None, 5.0, 1.0, False, True)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gq, ref_q, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gk, ref_k, rtol=1e-9, atol=1e-12)
 
 
 def test_shift_free_bound():
