@@ -276,9 +276,12 @@ class _ChunkedFunction(torch.autograd.Function):
 
         loss, grad_anchor, grad_contrast = chunked_forward(
             contrast if anchor is None else anchor, contrast, anchor_labels, contrast_labels, mask, self_offset,
-            inv_temperature, scale, two_way, True,
+            inv_temperature, scale, two_way, True, fold_same=anchor is None,
         )  # fmt: skip
         ctx.same = anchor is None
+        ctx.folded = grad_contrast is None  # (anchor None) grad_anchor is already the one input's whole gradient
+        if ctx.folded:
+            grad_contrast = grad_anchor
         ctx.dtypes = (contrast.dtype if anchor is None else anchor.dtype, contrast.dtype)
         ctx.save_for_backward(grad_anchor, grad_contrast)
         return loss.to(_compute_dtype(contrast))
@@ -287,6 +290,8 @@ class _ChunkedFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_anchor, grad_contrast = ctx.saved_tensors
         # (out of place: a retained graph may run this backward again)
+        if ctx.folded:
+            return None, (grad_anchor * grad_loss).to(ctx.dtypes[1]), *([None] * 7)
         if ctx.same:  # the anchors are the contrast rows: both roles' gradients go to the one input
             return None, torch.add(grad_anchor, grad_contrast).mul_(grad_loss).to(ctx.dtypes[1]), *([None] * 7)
         grad_anchor = (grad_anchor * grad_loss).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None

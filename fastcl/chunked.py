@@ -350,7 +350,7 @@ def _single_block_paired(anchor, contrast, inv_temperature, scale, two_way, want
 
 
 def _single_block(anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, two_way,
-                  want_grad, mask=None):  # fmt: skip
+                  want_grad, mask=None, fold_same=False):  # fmt: skip
     """Label-defined loss (one or both directions) when one block holds the whole ``[Na, Nc]`` problem.
 
     The cheapest exact route at small N, where each PyTorch op costs more than its arithmetic: three GEMMs and about
@@ -403,14 +403,20 @@ def _single_block(anchor, contrast, anchor_labels, contrast_labels, self_offset,
     if two_way:
         col_coef = col_inverse.mul_(half * scale * inv_temperature / n_contrast)
         dlogits.addcmul_(col_prob.mul_(col_weight).sub_(w), col_coef)
+    if fold_same:  # anchors are the contrast rows: dX = dS X + dS^T X = (dS + dS^T) X, one product instead of two
+        return loss, torch.mm(dlogits + dlogits.T, c_all), None
     return loss, torch.mm(dlogits, c_all), torch.mm(dlogits.T, a_all)
 
 
 def chunked_forward(
-    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way, want_grad
-):
+    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way, want_grad,
+    fold_same=False,
+):  # fmt: skip
     """``(loss, grad_anchor, grad_contrast)``: the loss (fp32, float64 for float64 inputs) and, with ``want_grad``,
-    its gradients for ``grad_output = 1`` in the compute dtype (else None). ``two_way`` averages both directions."""
+    its gradients for ``grad_output = 1`` in the compute dtype (else None). ``two_way`` averages both directions.
+
+    ``fold_same=True`` with ``anchor is contrast`` allows ``grad_contrast = None`` with the whole gradient of the one
+    input in ``grad_anchor`` (the single-block route then needs one gradient product instead of two)."""
     # below ~512 x 512 pairs the per-class positives' fixed costs (sort, scatter, gather) outweigh a dense
     # label comparison; above it the blockwise route is faster even when one block would hold everything
     n_anchor, n_contrast = anchor.shape[0], contrast.shape[0]
@@ -420,13 +426,17 @@ def chunked_forward(
         positive = _paired_by_index(anchor_labels, contrast_labels, self_offset, two_way)
         if positive is not None:
             return _single_block_paired(anchor, contrast, inv_temperature, scale, two_way, want_grad, positive)
+        fold = fold_same and anchor is contrast and self_offset == 0
         return _single_block(
-            anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, two_way, want_grad
-        )
+            anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, two_way, want_grad,
+            fold_same=fold,
+        )  # fmt: skip
     if mask is not None and single and no_empty_row and not two_way:  # (two-way reads the mask transposed)
+        fold = fold_same and anchor is contrast and self_offset == 0
         return _single_block(
-            anchor, contrast, None, None, self_offset, inv_temperature, scale, False, want_grad, mask=mask
-        )
+            anchor, contrast, None, None, self_offset, inv_temperature, scale, False, want_grad, mask=mask,
+            fold_same=fold,
+        )  # fmt: skip
     if two_way and mask is None and self_offset in (None, 0):
         return _two_way_pass(
             anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, want_grad

@@ -199,3 +199,24 @@ def test_shift_free_bound():
     assert not fastcl.chunked._shift_free(small * 61, small)
     assert not fastcl.chunked._shift_free(small * float("nan"), small)
     assert fastcl.chunked._shift_free(small.double() * 500, small.double())
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_fold_same_gives_the_one_inputs_whole_gradient(use_mask):
+    """Anchors that are the contrast rows: (dS + dS^T) X in one product equals dA + dC of the unfolded route."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(14, 5, generator=gen, dtype=torch.float64)
+    labels = torch.randint(3, (7,), generator=gen).repeat(2)
+    mask = torch.rand(7, 7, generator=gen) if use_mask else None
+    args = (x, x, None if use_mask else labels, None if use_mask else labels, mask, 0, 1 / 0.3, 0.8, False, True)
+    loss, ga, gc = chunked_forward(*args)
+    folded_loss, whole, none = chunked_forward(*args, fold_same=True)
+    assert none is None
+    torch.testing.assert_close(folded_loss, loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(whole, ga + gc, rtol=1e-10, atol=1e-13)
+    x_grad = x.clone().requires_grad_()
+    if use_mask:
+        ref = _dense_one_way(x_grad, x_grad, mask.double().repeat(2, 2), 0, 1 / 0.3, 0.8)
+    else:
+        ref = _dense_one_way(x_grad, x_grad, (labels[:, None] == labels[None, :]).double(), 0, 1 / 0.3, 0.8)
+    torch.testing.assert_close(whole, torch.autograd.grad(ref, x_grad)[0], rtol=1e-9, atol=1e-12)
