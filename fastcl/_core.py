@@ -284,7 +284,7 @@ class _ChunkedFunction(torch.autograd.Function):
             grad_contrast = grad_anchor
         ctx.dtypes = (contrast.dtype if anchor is None else anchor.dtype, contrast.dtype)
         ctx.save_for_backward(grad_anchor, grad_contrast)
-        return loss.to(_compute_dtype(contrast))
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
