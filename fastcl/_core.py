@@ -267,30 +267,32 @@ _contrastive_chunked.register_autograd(_chunked_backward, setup_context=_chunked
 
 class _ChunkedFunction(torch.autograd.Function):
     """The eager form of ``fastcl::contrastive_chunked``: same forward (``chunked_forward``), same backward (the
-    stored gradients scaled by ``grad_output``), one scalar output, no custom-op dispatch."""
+    stored gradients scaled by ``grad_output``), no custom-op dispatch. Outputs ``(loss, dA, dC)`` like the op; with
+    one input (``anchor`` None) ``dC`` may be an empty marker and ``dA`` that input's whole gradient."""
 
     @staticmethod
-    def forward(ctx, anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale,
-                two_way):  # fmt: skip
+    def forward(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way):
         from fastcl.chunked import chunked_forward
 
         loss, grad_anchor, grad_contrast = chunked_forward(
             contrast if anchor is None else anchor, contrast, anchor_labels, contrast_labels, mask, self_offset,
             inv_temperature, scale, two_way, True, fold_same=anchor is None,
         )  # fmt: skip
-        ctx.same = anchor is None
-        ctx.folded = grad_contrast is None  # (anchor None) grad_anchor is already the one input's whole gradient
-        if ctx.folded:
-            grad_contrast = grad_anchor
-        ctx.dtypes = (contrast.dtype if anchor is None else anchor.dtype, contrast.dtype)
-        ctx.save_for_backward(grad_anchor, grad_contrast)
-        return loss
+        return loss, grad_anchor, grad_anchor.new_empty(0) if grad_contrast is None else grad_contrast
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def setup_context(ctx, inputs, output):
+        anchor, contrast = inputs[0], inputs[1]
+        ctx.same = anchor is None
+        ctx.dtypes = (contrast.dtype if anchor is None else anchor.dtype, contrast.dtype)
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(output[1], output[2])
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_a, _grad_c):
         grad_anchor, grad_contrast = ctx.saved_tensors
         # (out of place: a retained graph may run this backward again)
-        if ctx.folded:
+        if ctx.same and grad_contrast.dim() != 2:  # folded: grad_anchor is already the one input's gradient
             return None, (grad_anchor * grad_loss).to(ctx.dtypes[1]), *([None] * 7)
         if ctx.same:  # the anchors are the contrast rows: both roles' gradients go to the one input
             return None, torch.add(grad_anchor, grad_contrast).mul_(grad_loss).to(ctx.dtypes[1]), *([None] * 7)
@@ -304,7 +306,7 @@ def _chunked_eager(anchor, contrast, anchor_labels, contrast_labels, mask, self_
     if want_grad:
         return _ChunkedFunction.apply(
             anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way
-        )
+        )[0]
     from fastcl.chunked import chunked_forward
 
     loss, _, _ = chunked_forward(
