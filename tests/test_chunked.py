@@ -220,3 +220,25 @@ def test_fold_same_gives_the_one_inputs_whole_gradient(use_mask):
     else:
         ref = _dense_one_way(x_grad, x_grad, (labels[:, None] == labels[None, :]).double(), 0, 1 / 0.3, 0.8)
     torch.testing.assert_close(whole, torch.autograd.grad(ref, x_grad)[0], rtol=1e-9, atol=1e-12)
+
+
+def test_eager_function_under_torch_func_grad_and_retained_graph():
+    """The eager autograd.Function (no custom-op dispatch) keeps what the op gave: torch.func.grad works, and a
+    retained graph's second backward adds the same gradient again (the stored gradients are never scaled in place)."""
+    import fastcl.functional as FF
+
+    gen = torch.Generator().manual_seed(4)
+    features = torch.randn(8, 2, 16, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 3, (8,), generator=gen)
+    grad = torch.func.grad(lambda f: FF.supcon_loss(f, labels, backend="chunked"))(features)
+    leaf = features.clone().requires_grad_()
+    expected = torch.autograd.grad(FF.supcon_loss(leaf, labels, backend="reference"), leaf)[0]
+    torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-12)
+
+    query = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    loss = FF.info_nce_loss(query, key, backend="chunked")
+    (2.0 * loss).backward(retain_graph=True)
+    first = query.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(query.grad, 1.5 * first, rtol=1e-12, atol=0)
