@@ -303,6 +303,15 @@ class _ChunkedFunction(torch.autograd.Function):
 
 def _chunked_eager(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale,
                    two_way, want_grad):  # fmt: skip
+    # one-way, one positive per anchor (InfoNCE): autograd's cross-entropy is the cheapest exact route at one block
+    # (for the symmetric loss chunked's own single-block route, gradients formed in the forward, measured faster)
+    if want_grad and not two_way and anchor is not None and mask is None and self_offset is None:
+        from fastcl.chunked import _SINGLE_BLOCK_PAIRS, _paired_by_index
+
+        if 0 < anchor.shape[0] * contrast.shape[0] <= _SINGLE_BLOCK_PAIRS:
+            positive = _paired_by_index(anchor_labels, contrast_labels, self_offset, two_way)
+            if positive is not None:  # one positive per anchor, one block: cross-entropy with autograd is cheapest
+                return _one_positive_loss(anchor, contrast, positive, inv_temperature, scale, two_way)
     if want_grad:
         return _ChunkedFunction.apply(
             anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way
@@ -314,6 +323,19 @@ def _chunked_eager(anchor, contrast, anchor_labels, contrast_labels, mask, self_
         inv_temperature, scale, two_way, False,
     )  # fmt: skip
     return loss.to(_compute_dtype(contrast))
+
+
+def _one_positive_loss(anchor, contrast, positive, inv_temperature, scale, two_way):
+    """The op's loss when anchor i's only positive is contrast ``positive[i]`` (or i: ``'diagonal'``) and no pair is
+    excluded: ``scale * cross_entropy(s, positive)`` (both directions averaged when ``two_way``, Na == Nc), with
+    autograd's backward. At small N (one block) the fewest ops: no weights, no gradients formed in the forward."""
+    dtype = _compute_dtype(contrast)
+    logits = torch.mm(anchor.to(dtype), contrast.to(dtype).T).mul(inv_temperature)
+    target = torch.arange(anchor.shape[0], device=anchor.device) if isinstance(positive, str) else positive
+    loss = torch.nn.functional.cross_entropy(logits, target)
+    if two_way:
+        loss = 0.5 * (loss + torch.nn.functional.cross_entropy(logits.T, target))
+    return loss * scale if scale != 1.0 else loss
 
 
 @torch.library.custom_op("fastcl::contrastive_triton", mutates_args=())
