@@ -242,3 +242,24 @@ def test_eager_function_under_torch_func_grad_and_retained_graph():
     first = query.grad.clone()
     loss.backward()
     torch.testing.assert_close(query.grad, 1.5 * first, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("labels", [None, [4, 0, 9, 4, 2, 8, 1]])
+def test_one_way_infonce_cross_entropy_route_matches_dense_float64(labels):
+    """The eager op's one-way InfoNCE route (one positive per anchor, one block: autograd cross-entropy), more keys
+    than queries, against the independent dense formula."""
+    import fastcl.functional as FF
+
+    gen = torch.Generator().manual_seed(8)
+    query = torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(10, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    index = torch.arange(7) if labels is None else torch.tensor(labels)
+    loss = FF.info_nce_loss(query, key, None if labels is None else index, temperature=0.3, symmetric=False,
+                            normalize=False, backend="chunked")  # fmt: skip
+    weights = (index[:, None] == torch.arange(10)[None, :]).to(torch.float64)
+    ref = _dense_one_way(query, key, weights, None, 1 / 0.3, 1.0)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    got = torch.autograd.grad(loss, (query, key))
+    expected = torch.autograd.grad(ref, (query, key))
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-9, atol=1e-12)
