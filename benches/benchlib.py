@@ -24,6 +24,7 @@ import gc
 import json
 import math
 import os
+import statistics
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -36,6 +37,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 NUM_CLASSES = 100  # SupCon labels: a CIFAR-100-like label set
 TEMPERATURE = {"supcon": 0.1, "ntxent": 0.5, "infonce": 0.07}
 MIB = 2**20
+SMALL_N = (64, 128, 256, 512)  # the quick suite's small sizes: per-call costs, where dense is hardest to beat
 
 IMPL_FASTCL = "fastcl"
 IMPL_REFERENCE = "reference"
@@ -123,6 +125,7 @@ def sweep(device: str, quick: bool) -> List[Tuple[str, str, int, int, str]]:
     if device == "cpu":
         if quick:
             grid = [(m, n, 128, "fp32") for n in (1024, 2048) for m in MODES]
+            grid += [("fwd+bwd", n, 128, "fp32") for n in SMALL_N]  # the fixed per-call costs (issue 13)
         else:
             grid = [(m, n, d, "fp32") for d in (128, 256) for n in (1024, 4096, 8192) for m in MODES]
             grid += [("fwd+bwd", n, 128, "fp32") for n in (256, 16384, 32768, 65536)]
@@ -253,7 +256,7 @@ def predicted_bytes(case: Case) -> int:
     if case.backend == "chunked":
         from fastcl import chunked
 
-        block_bytes = chunked._BLOCK_BYTES * (1 if case.device == "cpu" else 64)
+        block_bytes = chunked.block_bytes(case.device)
         return int(10 * n * d * 4 + 4 * block_bytes + 64 * n)
     return int(6 * n * d * elem + 64 * n)  # triton: gradients, fp32 row statistics
 
@@ -549,6 +552,28 @@ def measure_peak_cuda(case: Case, inputs: Dict[str, torch.Tensor], prepare=None,
 # dA and dC into one product when the anchors are the contrast set); the roofline and `tflops` count these 3 and 2.
 PRODUCTS = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 EXP_PASSES = {"fwd": 1, "bwd": 1, "fwd+bwd": 2}
+
+
+def sgemm_rate(size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a square ``size``^3 fp32 CPU matmul, median of ``repeats`` after a warm-up, at the current thread
+    count; measured once per process and thread count (the CPU floor's ``R``)."""
+    key = ("sgemm", size, torch.get_num_threads())
+    if key not in _rate_cache:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        _rate_cache[key] = 2.0 * size**3 / statistics.median(times)
+    return _rate_cache[key]
+
+
+def cpu_floor_s(case: Case, rate: float) -> float:
+    """The CPU floor of issue 13: the model's matrix products (``PRODUCTS[mode]`` x ``2 N^2 D``, so ``6 N^2 D`` for
+    fwd+bwd) at the sgemm rate ``rate``; exponentials and everything else count as zero."""
+    return model_flops(case) / rate
 
 
 def model_flops(case: Case) -> float:

@@ -143,6 +143,10 @@ def bench_case(
     else:
         info["peak_mem_mb"] = None
         info["peak_mem_error"] = (memory or {}).get("error", "not measured")
+    if case.device == "cpu":  # the floor of issue 13: this run's sgemm rate, same process and thread count
+        rate = benchlib.sgemm_rate()
+        info["sgemm_gflops"] = round(rate / 1e9, 2)
+        info["floor_s"] = benchlib.cpu_floor_s(case, rate)
     if case.backend == "triton":
         info["triton_autotune"] = os.environ.get("FASTCL_TRITON_AUTOTUNE", "1") != "0"
     if case.device == "cuda":

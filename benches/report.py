@@ -41,6 +41,7 @@ class Results:
         self.rows = {}  # (device_name, loss, mode, d, dtype, n, label) -> dict
         self.targets = []  # dicts: target, description, value, threshold, higher_is_better, met, source
         self.sources = []  # (path, device_name, date, threads, versions, load)
+        self.floor_gflops = {}  # device_name -> the sgemm floor case's GFLOP/s (CPU)
 
     # -- loading ----------------------------------------------------------------------------------------------
     def load(self, path: str):
@@ -68,6 +69,9 @@ class Results:
         )
         for bench in data["benchmarks"]:
             info = bench.get("extra_info", {})
+            if info.get("kind") == "sgemm-floor" and info.get("gflops"):  # the CPU floor case (test_sgemm_floor)
+                self.floor_gflops[info.get("device", device_name)] = info["gflops"]
+                continue
             if "impl" not in info:
                 continue
             stats = bench.get("stats", {})
@@ -237,6 +241,26 @@ def impl_order(labels):
     return sorted(labels, key=lambda label: order.index(label) if label in order else 99)
 
 
+def _measured(row):
+    return row is not None and "skipped" not in row and row.get("median_s")
+
+
+def cpu_ratio_cells(ours, dense, floor_gflops):
+    """``[chunked / dense, chunked / floor]``: the floor is the row's model FLOPs (``PRODUCTS[mode]`` x 2 N^2 D) at
+    the sgemm rate measured in the same process (the row's own ``sgemm_gflops``, else the file's floor case)."""
+    if not _measured(ours):
+        return ["-", "-"]
+    cells = [f"{ours['median_s'] / dense['median_s']:.2f}" if _measured(dense) else "-"]
+    gflops = ours.get("sgemm_gflops") or floor_gflops
+    if gflops:
+        products = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}.get(ours.get("mode"), 3)
+        floor_s = products * 2.0 * ours["n"] ** 2 * ours["d"] / (gflops * 1e9)
+        cells.append(f"{ours['median_s'] / floor_s:.2f}")
+    else:
+        cells.append("-")
+    return cells
+
+
 def markdown(results: Results, modes=None) -> str:
     out = []
     for (device, loss, mode, d, dtype), by_n in results.groups(modes):
@@ -260,6 +284,9 @@ def markdown(results: Results, modes=None) -> str:
         head += [f"{short(label)} peak mem" for label in labels]
         if gpu and main:
             head += [f"{short(main)} TFLOP/s", f"{short(main)} of roofline"]
+        cpu_ratios = not gpu and main == "fastcl[chunked]"
+        if cpu_ratios:  # issue 13: time ratio to dense (< 1: faster) and to the sgemm floor (6 N^2 D at R)
+            head += ["chunked / dense", "chunked / floor"]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
         for n in sorted(by_n):
@@ -291,6 +318,8 @@ def markdown(results: Results, modes=None) -> str:
                 tflops, fraction = ours.get("tflops"), ours.get("roofline_fraction")
                 cells.append("-" if tflops is None else f"{tflops:.0f}")
                 cells.append("-" if fraction is None else f"{fraction:.0%}")
+            if cpu_ratios:
+                cells += cpu_ratio_cells(rows.get(main), rows.get("reference"), results.floor_gflops.get(device))
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

@@ -22,6 +22,7 @@ def test_sweep_is_small_first_and_quick_is_small():
     assert {p[0] for p in quick} == set(benchlib.LOSSES)
     assert {p[1] for p in quick} == set(benchlib.MODES)
     assert max(p[2] for p in quick) <= 2048
+    assert {64, 128, 256, 512} <= {p[2] for p in quick if p[1] == "fwd+bwd"}  # the small sizes of issue 13
     ns = [p[2] for p in benchlib.sweep("cpu", quick=False)]
     assert max(ns) == 65536
 
@@ -100,6 +101,11 @@ def test_report_renders_tables_and_skips(tmp_path):
             bench("fastcl", "chunked", 1024, 0.01, 8.0),
             bench("reference", "reference", 1024, 0.05, 30.0),
             bench("fastcl", "chunked", 65536, 40.0, 300.0),
+            {
+                "name": "test_sgemm_floor",
+                "stats": {"median": 0.17, "min": 0.17, "rounds": 5},
+                "extra_info": {"kind": "sgemm-floor", "gflops": 100.0, "device": "Test CPU", "threads": 1},
+            },
         ],
         "fastcl": {
             "device_name": "Test CPU",
@@ -127,4 +133,6 @@ def test_report_renders_tables_and_skips(tmp_path):
     results.load(str(path))
     text = report.markdown(results)
     assert "| 1,024 | 10.0 ms | 50.0 ms | 5.00x |" in text
+    # chunked / dense and chunked / floor: 6 * 1024^2 * 128 flops at 100 GFLOP/s = 8.05 ms -> 0.01 / 0.00805 = 1.24
+    assert "| 0.20 | 1.24 |" in text
     assert "skip: needs ~192 GiB" in text

@@ -97,3 +97,169 @@ def test_two_way_nan_propagates():
         anchor, torch.randn(6, 4, dtype=torch.float64), labels, labels, None, None, 2.0, 1.0, True, True
     )
     assert torch.isnan(loss) and torch.isnan(grad_anchor).any() and torch.isnan(grad_contrast).any()
+
+
+def _dense_one_way(anchor, contrast, weights, self_offset, inv_temperature, scale):
+    """SupCon-style loss of the anchors over the contrast rows with ``[Na, Nc]`` positive weights (float64)."""
+    logits = anchor @ contrast.T * inv_temperature
+    if self_offset is not None:
+        idx = torch.arange(anchor.shape[0])
+        excluded = torch.zeros_like(logits, dtype=torch.bool)
+        excluded[idx, idx + self_offset] = True
+        logits = logits.masked_fill(excluded, float("-inf"))
+        weights = weights.masked_fill(excluded, 0.0)
+    log_prob = torch.log_softmax(logits, dim=1)
+    pos = torch.where(weights > 0, weights * log_prob, torch.zeros_like(log_prob)).sum(1)
+    count = weights.sum(1)
+    return (-scale * pos / torch.where(count < 1e-6, torch.ones_like(count), count)).mean()
+
+
+@pytest.mark.parametrize("shift_free", [True, False])
+@pytest.mark.parametrize("route", ["labels", "mask", "two_way", "paired", "paired_two_way"])
+@pytest.mark.parametrize("blocks", ["one", "many"])
+def test_routes_match_dense_float64(monkeypatch, shift_free, route, blocks):
+    """Every route (single block, blockwise, identity pairing) with and without the shift-free exponentials."""
+    monkeypatch.setattr(fastcl.chunked, "_SHIFT_FREE_BOUND", {d: (1e9 if shift_free else -1.0) for d in (torch.float32, torch.float64)})
+    if blocks == "many":
+        monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", 1)
+        monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 4)
+        monkeypatch.setattr(fastcl.chunked, "_SINGLE_BLOCK_PAIRS", 0)
+    gen = torch.Generator().manual_seed(11)
+    n, bsz = 19, 19 if route.startswith("paired") else 10
+    contrast = torch.randn(2 * bsz, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    inv_t, scale = 1 / 0.4, 0.9
+    mask = labels = None
+    if route in ("labels", "mask"):
+        sample_labels = torch.randint(3, (bsz,), generator=gen)
+        anchor, self_offset, two_way = contrast, 0, False
+        labels = sample_labels.repeat(2)
+        weights = (labels[:, None] == labels[None, :]).to(torch.float64)
+        if route == "mask":
+            mask = torch.rand(bsz, bsz, generator=gen, dtype=torch.float64).float()
+            weights = mask.double().repeat(2, 2)
+            labels = None
+    else:
+        anchor = torch.randn(n if route.startswith("paired") else 13, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+        contrast = contrast[: anchor.shape[0] if route != "paired" else n + 4].detach().requires_grad_()
+        self_offset, two_way = None, route != "paired"
+        labels_a = torch.arange(anchor.shape[0]) if route.startswith("paired") else torch.randint(4, (anchor.shape[0],), generator=gen)
+        labels_c = torch.arange(contrast.shape[0]) if route.startswith("paired") else torch.randint(4, (contrast.shape[0],), generator=gen)
+        weights = (labels_a[:, None] == labels_c[None, :]).to(torch.float64)
+    if route in ("labels", "mask"):
+        ref = _dense_one_way(anchor, contrast, weights, self_offset, inv_t, scale)
+        grad_ref = torch.autograd.grad(ref, contrast)[0]
+        loss, ga, gc = chunked_forward(anchor.detach(), contrast.detach(), labels, labels, mask, 0, inv_t, scale, False, True)
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ga + gc, grad_ref, rtol=1e-9, atol=1e-12)
+        return
+    if two_way:
+        ref = _dense_two_way(anchor, contrast, labels_a, labels_c, None, inv_t, scale)
+    else:
+        ref = _dense_one_way(anchor, contrast, weights, None, inv_t, scale)
+    ref_a, ref_c = torch.autograd.grad(ref, (anchor, contrast))
+    loss, ga, gc = chunked_forward(anchor.detach(), contrast.detach(), labels_a, labels_c, None, None, inv_t, scale, two_way, True)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ga, ref_a, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gc, ref_c, rtol=1e-9, atol=1e-12)
+
+
+def test_paired_by_index_detects_only_one_positive_per_row():
+    ids = torch.arange(6)
+    paired = fastcl.chunked._paired_by_index
+    assert paired(ids[:4], ids, None, False) == "diagonal"
+    assert paired(torch.arange(6), ids, None, True) == "diagonal"
+    assert paired(ids[:4], ids, None, True) is None  # two-way needs Na == Nc
+    assert paired(ids + 1, ids + 1, None, True) is None
+    labels = torch.tensor([0, 1, 3, 2])
+    assert paired(labels, torch.arange(4), None, False) is labels  # one-way: any index in [0, Nc)
+    assert paired(labels, torch.arange(4), None, True) is None
+    assert paired(torch.tensor([0, 4]), torch.arange(4), None, False) is None  # out of range: no positive
+    assert paired(torch.tensor([0, -1]), torch.arange(4), None, False) is None
+    assert paired(ids, ids, 0, False) is None  # self pairs excluded: not InfoNCE
+
+
+def test_single_positive_per_row_route_matches_dense_float64():
+    """InfoNCE with explicit labels (one-way): the gather route against the dense formula, repeated indices too."""
+    gen = torch.Generator().manual_seed(5)
+    query = torch.randn(9, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(14, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([3, 0, 13, 3, 7, 7, 1, 12, 5])
+    weights = (labels[:, None] == torch.arange(14)[None, :]).to(torch.float64)
+    ref = _dense_one_way(query, key, weights, None, 1 / 0.2, 1.0)
+    ref_q, ref_k = torch.autograd.grad(ref, (query, key))
+    loss, gq, gk = chunked_forward(query.detach(), key.detach(), labels, torch.arange(14), None, None, 5.0, 1.0, False, True)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gq, ref_q, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gk, ref_k, rtol=1e-9, atol=1e-12)
+
+
+def test_shift_free_bound():
+    small = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
+    assert fastcl.chunked._shift_free(small * 20, small)  # |s| <= 20
+    assert not fastcl.chunked._shift_free(small * 61, small)
+    assert not fastcl.chunked._shift_free(small * float("nan"), small)
+    assert fastcl.chunked._shift_free(small.double() * 500, small.double())
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_fold_same_gives_the_one_inputs_whole_gradient(use_mask):
+    """Anchors that are the contrast rows: (dS + dS^T) X in one product equals dA + dC of the unfolded route."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(14, 5, generator=gen, dtype=torch.float64)
+    labels = torch.randint(3, (7,), generator=gen).repeat(2)
+    mask = torch.rand(7, 7, generator=gen) if use_mask else None
+    args = (x, x, None if use_mask else labels, None if use_mask else labels, mask, 0, 1 / 0.3, 0.8, False, True)
+    loss, ga, gc = chunked_forward(*args)
+    folded_loss, whole, none = chunked_forward(*args, fold_same=True)
+    assert none is None
+    torch.testing.assert_close(folded_loss, loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(whole, ga + gc, rtol=1e-10, atol=1e-13)
+    x_grad = x.clone().requires_grad_()
+    if use_mask:
+        ref = _dense_one_way(x_grad, x_grad, mask.double().repeat(2, 2), 0, 1 / 0.3, 0.8)
+    else:
+        ref = _dense_one_way(x_grad, x_grad, (labels[:, None] == labels[None, :]).double(), 0, 1 / 0.3, 0.8)
+    torch.testing.assert_close(whole, torch.autograd.grad(ref, x_grad)[0], rtol=1e-9, atol=1e-12)
+
+
+def test_eager_function_under_torch_func_grad_and_retained_graph():
+    """The eager autograd.Function (no custom-op dispatch) keeps what the op gave: torch.func.grad works, and a
+    retained graph's second backward adds the same gradient again (the stored gradients are never scaled in place)."""
+    import fastcl.functional as FF
+
+    gen = torch.Generator().manual_seed(4)
+    features = torch.randn(8, 2, 16, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 3, (8,), generator=gen)
+    grad = torch.func.grad(lambda f: FF.supcon_loss(f, labels, backend="chunked"))(features)
+    leaf = features.clone().requires_grad_()
+    expected = torch.autograd.grad(FF.supcon_loss(leaf, labels, backend="reference"), leaf)[0]
+    torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-12)
+
+    query = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    loss = FF.info_nce_loss(query, key, backend="chunked")
+    (2.0 * loss).backward(retain_graph=True)
+    first = query.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(query.grad, 1.5 * first, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("labels", [None, [4, 0, 9, 4, 2, 8, 1]])
+def test_one_way_infonce_cross_entropy_route_matches_dense_float64(labels):
+    """The eager op's one-way InfoNCE route (one positive per anchor, one block: autograd cross-entropy), more keys
+    than queries, against the independent dense formula."""
+    import fastcl.functional as FF
+
+    gen = torch.Generator().manual_seed(8)
+    query = torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(10, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    index = torch.arange(7) if labels is None else torch.tensor(labels)
+    loss = FF.info_nce_loss(query, key, None if labels is None else index, temperature=0.3, symmetric=False,
+                            normalize=False, backend="chunked")  # fmt: skip
+    weights = (index[:, None] == torch.arange(10)[None, :]).to(torch.float64)
+    ref = _dense_one_way(query, key, weights, None, 1 / 0.3, 1.0)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    got = torch.autograd.grad(loss, (query, key))
+    expected = torch.autograd.grad(ref, (query, key))
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-9, atol=1e-12)

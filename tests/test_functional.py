@@ -248,5 +248,11 @@ def test_block_rows_stay_wide_enough_at_large_n():
     """The byte budget alone would give 16-row blocks at N = 65536; GEMMs keep at least 64 rows."""
     cpu = torch.device("cpu")
     assert fastcl.chunked._block_rows(65536, 65536, cpu) == 64
-    assert fastcl.chunked._block_rows(8192, 8192, cpu) == 128
+    threads = torch.get_num_threads()
+    try:  # 8 MiB of fp32 logits per intra-op thread (up to 4)
+        for count, rows in ((1, 256), (2, 512), (8, 1024)):
+            torch.set_num_threads(count)
+            assert fastcl.chunked._block_rows(8192, 8192, cpu) == rows
+    finally:
+        torch.set_num_threads(threads)
     assert fastcl.chunked._block_rows(10, 8192, cpu) == 10
