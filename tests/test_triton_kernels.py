@@ -301,6 +301,17 @@ SMALL_D_TILES = dict(MAX_SINGLE_D_TILE=32, MAX_SINGLE_D_TILE_FP32=32, LOOPED_D_T
                      MAX_OUTPUT_D_TILE_FP32=128, MAX_OUTPUT_D_TILE_FP32_TWO_WAY=128)  # fmt: skip
 
 
+def _record_launched_tiles(monkeypatch, K) -> list:
+    """Patch ``K._launch`` to record ``(kernel name, programs along the feature axis)`` of every launch it makes."""
+    tiles = []
+    original = K._launch
+    monkeypatch.setattr(
+        K, "_launch", lambda name, grid_of, *a: tiles.append((name, grid_of({"BLOCK_M": 16, "BLOCK_N": 16})[1]))
+        or original(name, grid_of, *a),
+    )  # fmt: skip
+    return tiles
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="interpreter-only: shrinks the feature tiles to the 16 x 16 blocks")
 @pytest.mark.parametrize(
     "route,dim,dtype",
@@ -323,12 +334,7 @@ def test_several_output_feature_tiles_match_float64(monkeypatch, route, dim, dty
 
     for name, value in SMALL_D_TILES.items():
         monkeypatch.setattr(K, name, value)
-    tiles = []
-    original = K._launch
-    monkeypatch.setattr(
-        K, "_launch", lambda name, grid_of, *a: tiles.append((name, grid_of({"BLOCK_M": 16, "BLOCK_N": 16})[1]))
-        or original(name, grid_of, *a),
-    )  # fmt: skip
+    tiles = _record_launched_tiles(monkeypatch, K)
     expected_tiles = triton.cdiv(dim, 128)
     assert K.backward_output_tiles(dim, torch.tensor([], dtype=dtype).element_size()) == expected_tiles >= 3
     tol = TOLERANCE[dtype]
@@ -399,12 +405,7 @@ def test_looped_dim_fixed_configs_in_the_interpreter(monkeypatch, route, dim, dt
     assert K.backward_output_tiles(dim, element_size, two_way=True) == (2 if dim == 1024 else 5)
     assert K.backward_output_tiles(dim, element_size) == (2 if dim == 1024 else 3)
     assert not K.block_d_for(dim, element_size)[1]
-    tiles = []
-    original = K._launch
-    monkeypatch.setattr(
-        K, "_launch", lambda name, grid_of, *a: tiles.append((name, grid_of({"BLOCK_M": 16, "BLOCK_N": 16})[1]))
-        or original(name, grid_of, *a),
-    )  # fmt: skip
+    tiles = _record_launched_tiles(monkeypatch, K)
     if route == "supcon_all":
         _check_supcon(37, 2, dim, "all", "labels", dtype=dtype, temperature=0.5, base=0.5)
         return
