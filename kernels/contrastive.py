@@ -981,7 +981,8 @@ def backward_flops(
 
 
 def dense_backward_flops(n_anchor: int, n_contrast: int, dim: int) -> int:
-    """FLOPs of the dense formulation's backward: the logits ``A C^T``, then ``dS C`` and ``dS^T A``."""
+    """FLOPs of the dense formulation, forward and backward (``6 Na Nc D``): the logits ``A C^T``, then ``dS C``
+    and ``dS^T A``. The fused backward (:func:`backward_flops`) is compared with it: it recomputes the logits."""
     return 6 * n_anchor * n_contrast * dim
 
 
