@@ -251,15 +251,24 @@ def _chunked_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2])
 
 
+def _input_gradients(ctx, grad_loss, grad_anchor, grad_contrast):
+    """``(dA, dC)`` for the inputs from the stored gradients of ``grad_output = 1`` (:func:`_chunked_setup`): scaled
+    by ``grad_loss`` out of place (a retained graph may run the backward again) and cast to the input dtypes. With
+    one input (``ctx.same``) both roles' gradients go to it; an empty ``grad_contrast`` there means ``grad_anchor``
+    is already that input's whole gradient (folded by the forward)."""
+    if ctx.same:
+        total = grad_anchor if grad_contrast.dim() != 2 else torch.add(grad_anchor, grad_contrast)
+        return None, total.mul(grad_loss).to(ctx.dtypes[1])
+    grad_anchor = (grad_anchor * grad_loss).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+    grad_contrast = (grad_contrast * grad_loss).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+    return grad_anchor, grad_contrast
+
+
 def _chunked_backward(ctx, grad_loss, _grad_a, _grad_c):
     grad_anchor, grad_contrast = ctx.saved_tensors
     if grad_contrast.dim() != 2:
         raise RuntimeError("fastcl::contrastive_chunked was called with want_grad=False, so it has no gradient")
-    grad_anchor = (grad_anchor * grad_loss).to(ctx.dtypes[0])
-    grad_contrast = (grad_contrast * grad_loss).to(ctx.dtypes[1])
-    if ctx.same:  # the anchors are the contrast rows: both roles' gradients go to the one input
-        grad_anchor, grad_contrast = None, grad_anchor + grad_contrast
-    return grad_anchor, grad_contrast, *([None] * 8)
+    return *_input_gradients(ctx, grad_loss, grad_anchor, grad_contrast), *([None] * 8)
 
 
 _contrastive_chunked.register_autograd(_chunked_backward, setup_context=_chunked_setup)
@@ -282,23 +291,12 @@ class _ChunkedFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        anchor, contrast = inputs[0], inputs[1]
-        ctx.same = anchor is None
-        ctx.dtypes = (contrast.dtype if anchor is None else anchor.dtype, contrast.dtype)
+        _chunked_setup(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1], output[2])
-        ctx.save_for_backward(output[1], output[2])
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_a, _grad_c):
-        grad_anchor, grad_contrast = ctx.saved_tensors
-        # (out of place: a retained graph may run this backward again)
-        if ctx.same and grad_contrast.dim() != 2:  # folded: grad_anchor is already the one input's gradient
-            return None, (grad_anchor * grad_loss).to(ctx.dtypes[1]), *([None] * 7)
-        if ctx.same:  # the anchors are the contrast rows: both roles' gradients go to the one input
-            return None, torch.add(grad_anchor, grad_contrast).mul_(grad_loss).to(ctx.dtypes[1]), *([None] * 7)
-        grad_anchor = (grad_anchor * grad_loss).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        grad_contrast = (grad_contrast * grad_loss).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return grad_anchor, grad_contrast, *([None] * 7)
+        return *_input_gradients(ctx, grad_loss, *ctx.saved_tensors), *([None] * 7)
 
 
 def _chunked_eager(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale,
@@ -311,7 +309,7 @@ def _chunked_eager(anchor, contrast, anchor_labels, contrast_labels, mask, self_
         if 0 < anchor.shape[0] * contrast.shape[0] <= _SINGLE_BLOCK_PAIRS:
             positive = _paired_by_index(anchor_labels, contrast_labels, self_offset, two_way)
             if positive is not None:  # one positive per anchor, one block: cross-entropy with autograd is cheapest
-                return _one_positive_loss(anchor, contrast, positive, inv_temperature, scale, two_way)
+                return _one_positive_loss(anchor, contrast, positive, inv_temperature, scale)
     if want_grad:
         return _ChunkedFunction.apply(
             anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way
@@ -325,16 +323,13 @@ def _chunked_eager(anchor, contrast, anchor_labels, contrast_labels, mask, self_
     return loss.to(_compute_dtype(contrast))
 
 
-def _one_positive_loss(anchor, contrast, positive, inv_temperature, scale, two_way):
+def _one_positive_loss(anchor, contrast, positive, inv_temperature, scale):
     """The op's loss when anchor i's only positive is contrast ``positive[i]`` (or i: ``'diagonal'``) and no pair is
-    excluded: ``scale * cross_entropy(s, positive)`` (both directions averaged when ``two_way``, Na == Nc), with
-    autograd's backward. At small N (one block) the fewest ops: no weights, no gradients formed in the forward."""
+    excluded (one-way): ``scale * cross_entropy(s, positive)``, with autograd's backward. At small N (one block) the fewest ops: no weights, no gradients formed in the forward."""
     dtype = _compute_dtype(contrast)
     logits = torch.mm(anchor.to(dtype), contrast.to(dtype).T).mul(inv_temperature)
     target = torch.arange(anchor.shape[0], device=anchor.device) if isinstance(positive, str) else positive
     loss = torch.nn.functional.cross_entropy(logits, target)
-    if two_way:
-        loss = 0.5 * (loss + torch.nn.functional.cross_entropy(logits.T, target))
     return loss * scale if scale != 1.0 else loss
 
 
