@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from fastcl._core import grad_coefficients, row_losses
+from fastcl._core import grad_coefficients, index_range, row_losses
 
 # Bytes of logits per block (``FASTCL_CHUNK_BYTES``; default: 8 MiB per intra-op thread, up to 4 threads). Measured
 # at N = 8192, D = 128 on a 2-core EPYC (512 KiB L2 per core, 8 MiB L3): 256 rows per thread beat 64 and 128 (the
@@ -302,8 +302,8 @@ def _paired_by_index(anchor_labels, contrast_labels, self_offset, two_way):
     n_anchor, n_contrast = anchor_labels.shape[0], contrast_labels.shape[0]
     if self_offset is not None or contrast_labels.device.type != "cpu" or contrast_labels.dtype != torch.int64:
         return None
-    ids = torch.arange(n_contrast, device=contrast_labels.device)
-    if not torch.equal(contrast_labels, ids):
+    ids = index_range(n_contrast, contrast_labels.device)
+    if contrast_labels is not ids and not torch.equal(contrast_labels, ids):
         return None
     prefix = (  # fastcl.functional passes the anchors' ids as a view of the contrast ids
         anchor_labels.data_ptr() == contrast_labels.data_ptr() and anchor_labels.stride() == contrast_labels.stride()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcl import _validation as V
-from fastcl._core import contrastive_loss
+from fastcl._core import contrastive_loss, index_range
 from fastcl.reference import info_nce_loss_reference, supcon_loss_reference
 
 __all__ = ["supcon_loss", "nt_xent_loss", "info_nce_loss"]
@@ -89,17 +89,15 @@ def supcon_loss(
         labels = V.check_labels("labels", labels, bsz, features.device, allow_float=True)
     if mask is not None:
         mask = V.check_mask(mask, bsz, features.device)
-    if normalize:
-        features = F.normalize(features, dim=-1)
-
     if backend == "reference":
+        features = F.normalize(features, dim=-1) if normalize else features
         return supcon_loss_reference(features, labels, mask, temperature, contrast_mode, base_temperature)
 
     contrast = features.transpose(0, 1).reshape(n_views * bsz, -1)  # view-major, as torch.cat(torch.unbind(f, 1))
     anchor = contrast[:bsz] if contrast_mode == "one" else contrast
     anchor_labels = contrast_labels = None
     if mask is None:
-        sample_ids = labels if labels is not None else torch.arange(bsz, device=features.device)
+        sample_ids = labels if labels is not None else index_range(bsz, features.device)
         contrast_labels = sample_ids.repeat(n_views)
         # 'all': the same label object on both sides (the anchors are the contrast set; see _core._route)
         anchor_labels = contrast_labels if contrast_mode == "all" else contrast_labels[:bsz]
@@ -113,6 +111,7 @@ def supcon_loss(
         temperature=temperature,
         scale=temperature / base_temperature,
         backend=backend,
+        normalize=normalize,  # (the fused backends fold it in where they can)
     )
 
 
@@ -216,13 +215,12 @@ def info_nce_loss(
             f"the default pairing (query i <-> key i) needs key [M, D] with M >= B, got B={n_query}, M={n_key}; "
             "pass labels [B] with each query's key index"
         )
-    if normalize:
-        query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
-
     if backend == "reference":
+        if normalize:
+            query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
         return info_nce_loss_reference(query, key, labels, temperature, symmetric)
 
-    key_ids = torch.arange(n_key, device=query.device)
+    key_ids = index_range(n_key, query.device)
     query_labels = labels if labels is not None else key_ids[:n_query]
 
     return contrastive_loss(
@@ -236,4 +234,5 @@ def info_nce_loss(
         scale=1.0,
         backend=backend,
         two_way=symmetric,  # key -> query as well, from the same similarity tiles
+        normalize=normalize,
     )

@@ -49,3 +49,117 @@ def test_local_anchors_against_global_contrast(backend, self_offset):
     assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
     for ours, expected in ((a.grad, ra.grad), (c.grad, rc.grad)):
         assert ((ours.double() - expected).norm() / expected.norm()).item() < 5 * tol
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# normalize=True folded into the eager chunked node (no F.normalize autograd graph)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _folded_cases():
+    """``(name, fastcl call, float64 reference on F.normalize'd inputs, input shapes)`` for every chunked route."""
+    import fastcl.functional as FF
+    from float64_reference import info_nce_float64, supcon_float64
+
+    F = torch.nn.functional
+    labels = torch.tensor([0, 2, 1, 0, 2, 2, 1])
+    mask = torch.rand(7, 7, generator=torch.Generator().manual_seed(3))
+    index = torch.tensor([3, 0, 8, 3, 5, 1, 7])
+    return [
+        ("infonce-sym", lambda q, k: FF.info_nce_loss(q, k, temperature=0.3, backend="chunked"),
+         lambda q, k: info_nce_float64(F.normalize(q, dim=-1), F.normalize(k, dim=-1), None, 0.3), [(7, 5), (7, 5)]),
+        ("infonce-one-way", lambda q, k: FF.info_nce_loss(q, k, temperature=0.3, symmetric=False, backend="chunked"),
+         lambda q, k: info_nce_float64(F.normalize(q, dim=-1), F.normalize(k, dim=-1), None, 0.3, symmetric=False),
+         [(7, 5), (9, 5)]),
+        ("infonce-labels", lambda q, k: FF.info_nce_loss(q, k, index, temperature=0.3, symmetric=False, backend="chunked"),
+         lambda q, k: info_nce_float64(F.normalize(q, dim=-1), F.normalize(k, dim=-1), index, 0.3, symmetric=False),
+         [(7, 3), (9, 3)]),
+        ("ntxent", lambda a, b: FF.nt_xent_loss(a, b, temperature=0.4, backend="chunked"),
+         lambda a, b: supcon_float64(F.normalize(torch.stack([a, b], 1), dim=-1), temperature=0.4, base_temperature=0.4),
+         [(7, 5), (7, 5)]),
+        ("supcon-labels-all", lambda f: FF.supcon_loss(f, labels, temperature=0.2, normalize=True, backend="chunked"),
+         lambda f: supcon_float64(F.normalize(f, dim=-1), labels, temperature=0.2), [(7, 3, 4)]),
+        ("supcon-labels-one", lambda f: FF.supcon_loss(f, labels, temperature=0.2, contrast_mode="one", normalize=True,
+                                                       backend="chunked"),
+         lambda f: supcon_float64(F.normalize(f, dim=-1), labels, temperature=0.2, contrast_mode="one"), [(7, 2, 4)]),
+        ("supcon-mask", lambda f: FF.supcon_loss(f, mask=mask, temperature=0.2, normalize=True, backend="chunked"),
+         lambda f: supcon_float64(F.normalize(f, dim=-1), mask=mask, temperature=0.2), [(7, 2, 4)]),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", _folded_cases(), ids=lambda case: case[0])
+def test_folded_normalize_matches_float64_reference(case, monkeypatch):
+    """normalize=True on the eager chunked backend: raw rows go into the op, which normalises them and applies
+    F.normalize's Jacobian to the gradients it forms (F.normalize itself must not run), for every route; one input
+    row is zero and one has a norm below eps (the clamped-norm branch: gradient g / eps, no radial part)."""
+    _, fused, reference, shapes = case
+    gen = torch.Generator().manual_seed(11)
+    raw = [(3.0 * torch.randn(*shape, generator=gen, dtype=torch.float64)).requires_grad_() for shape in shapes]
+    with torch.no_grad():  # a zero row, and a row of norm 5e-13 < eps (y = x / eps is not a unit vector there)
+        rows = raw[-1].view(-1, raw[-1].shape[-1])
+        rows[1] = 0.0
+        rows[2] *= 5e-13 / rows[2].norm()
+    expected = reference(*raw)
+    expected_grads = torch.autograd.grad(expected, raw)
+
+    def no_normalize(*args, **kwargs):
+        raise AssertionError("F.normalize ran: the fold was not taken")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.functional, "normalize", no_normalize)
+        loss = fused(*raw)
+        grads = torch.autograd.grad(loss, raw)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert grads[-1].abs().max() > 1e10  # the zero row's gradient is g / 1e-12: the clamped branch was exercised
+
+
+def test_folded_normalize_float32_nan_and_torch_func():
+    """fp32 rows: the fold agrees with F.normalize + the dense reference; NaN in one row gives a NaN loss and NaN
+    gradients; under torch.func.grad (the setup_context node) the same gradient as eagerly."""
+    import fastcl.functional as FF
+
+    gen = torch.Generator().manual_seed(12)
+    query = (2.0 * torch.randn(24, 16, generator=gen)).requires_grad_()
+    key = (2.0 * torch.randn(24, 16, generator=gen)).requires_grad_()
+    loss = FF.info_nce_loss(query, key, temperature=0.1, backend="chunked")
+    ref = FF.info_nce_loss(query, key, temperature=0.1, backend="reference")
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    got, want = torch.autograd.grad(loss, (query, key)), torch.autograd.grad(ref, (query, key))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+    func_grad = torch.func.grad(lambda q: FF.info_nce_loss(q, key.detach(), temperature=0.1, backend="chunked"))(
+        query.detach()
+    )
+    torch.testing.assert_close(func_grad, got[0], rtol=1e-6, atol=1e-8)
+
+    poisoned = query.detach().clone()
+    poisoned[3, 2] = float("nan")
+    poisoned.requires_grad_()
+    nan_loss = FF.info_nce_loss(poisoned, key, temperature=0.1, backend="chunked")
+    assert torch.isnan(nan_loss)
+    assert torch.isnan(torch.autograd.grad(nan_loss, poisoned)[0]).any()
+
+
+def test_half_inputs_normalise_as_before():
+    """bf16 rows are not folded: F.normalize in bf16 first, exactly the numbers of normalizing by hand."""
+    import fastcl.functional as FF
+
+    gen = torch.Generator().manual_seed(13)
+    query = torch.randn(10, 8, generator=gen).bfloat16().requires_grad_()
+    key = torch.randn(10, 8, generator=gen).bfloat16().requires_grad_()
+    loss = FF.info_nce_loss(query, key, temperature=0.2, backend="chunked")
+    manual = FF.info_nce_loss(torch.nn.functional.normalize(query, dim=-1), torch.nn.functional.normalize(key, dim=-1),
+                              temperature=0.2, normalize=False, backend="chunked")  # fmt: skip
+    assert torch.equal(loss, manual)
+    assert torch.equal(torch.autograd.grad(loss, query)[0], torch.autograd.grad(manual, query)[0])
+
+
+def test_index_range_is_cached_eagerly():
+    from fastcl._core import index_range
+
+    first = index_range(5, torch.device("cpu"))
+    assert first is index_range(5, torch.device("cpu"))
+    assert torch.equal(first, torch.arange(5)) and first.dtype == torch.int64
