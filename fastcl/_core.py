@@ -230,7 +230,10 @@ def _contrastive_chunked(
     two_way: bool,
     want_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(loss, dL/dA, dL/dC)`` for grad_output = 1 in the compute dtype (empty ``[0]`` without ``want_grad``)."""
+    """``(loss, dL/dA, dL/dC)`` for grad_output = 1 in the compute dtype (empty ``[0]`` without ``want_grad``). With
+    one input (``anchor`` None) the sum of the two is its gradient, and a route that forms only that sum returns it
+    as ``dL/dA`` with zeros as ``dL/dC``: the output shapes stay those of earlier releases, which matters because
+    Inductor's graph cache keys a compiled graph on the op's schema, not on its fake function."""
     from fastcl.chunked import chunked_forward
 
     loss, grad_anchor, grad_contrast = chunked_forward(
@@ -244,8 +247,11 @@ def _contrastive_chunked(
         scale,
         two_way,
         want_grad,
+        fold_same=anchor is None,
     )
     loss = loss.to(_compute_dtype(contrast))
+    if want_grad and grad_contrast is None:  # one input, its whole gradient in grad_anchor (docstring)
+        grad_contrast = torch.zeros_like(grad_anchor)
     if not want_grad:
         grad_anchor = grad_contrast = None
     empty = contrast.new_empty(0, dtype=_compute_dtype(contrast))
@@ -335,8 +341,6 @@ def _fused_chunked(anchor, contrast, anchor_labels, contrast_labels, mask, self_
         contrast if anchor is None else anchor, contrast, anchor_labels, contrast_labels, mask, self_offset,
         inv_temperature, scale, two_way, True, fold_same=anchor is None,
     )  # fmt: skip
-    if anchor is None and grad_contrast is not None:  # one input: its whole gradient, then the marker below
-        grad_anchor, grad_contrast = grad_anchor.add_(grad_contrast), None
     if normalize:
         if anchor is None:
             grad_anchor = _normalize_backward(grad_anchor, contrast, contrast_denom, contrast_live)

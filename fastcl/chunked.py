@@ -185,6 +185,64 @@ def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, self_off
     return stats, grad_anchor.mul_(inv_temperature), grad_contrast
 
 
+def _symmetric_pass(features, labels, inv_temperature, scale, want_grad):
+    """SupCon 'all' / NT-Xent / SimCLR, the anchors being the contrast rows (self pairs excluded) and every ``|s|``
+    bounded (:func:`_shift_free`): ``(stats, whole gradient or None)``, or None when the bound does not hold (the
+    caller takes the row-block pass).
+
+    ``s = x x^T / t`` is symmetric, so only the panels on and right of the diagonal are formed: panel ``p`` is rows
+    ``R = [p0, p1)`` against columns ``[p0, N)``. Pass 1 sums ``exp(s)`` along the panel's rows (row sums of R) and,
+    right of its diagonal block, along its columns (the rows below R, by symmetry): after the last panel every row
+    sum is complete. The softmax part of ``dL/ds`` is ``G_ij = f_i exp(s_ij)`` (``f_i`` = the row's coefficient over
+    its sum), and the one input's gradient is ``(G + G^T) x / t`` with ``(G + G^T)_ij = exp(s_ij) (f_i + f_j)``
+    symmetric too: pass 2 re-forms each panel, turns it into that matrix ``M`` and adds ``M x[p0:]`` to the rows R and
+    ``M^T x[R]`` (right of the diagonal block) to the rows below. Four block products over half the pairs: two
+    thirds of the dense form's three over all pairs, and memory ``O(N D)`` plus one panel. Positives come from
+    per-class sums (:class:`_LabelPositives`), never from the panels.
+    """
+    compute_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    x = features.to(compute_dtype)
+    a_all = x * inv_temperature  # s = a_all @ x.T
+    if not _shift_free(a_all, x):
+        return None
+    n = x.shape[0]
+    positives = _LabelPositives(a_all, x, labels, labels, 0)
+    block = _block_rows(n, n, x.device)
+    buffer = x.new_empty(block, n)
+    row_sum = torch.zeros(n, dtype=compute_dtype, device=x.device)
+
+    def panel_exps(start, stop):
+        """``exp(s)`` of rows ``[start, stop)`` against columns ``[start, N)``, self pairs 0."""
+        panel = torch.mm(a_all[start:stop], x[start:].T, out=buffer[: stop - start, : n - start])
+        panel.diagonal().fill_(float("-inf"))
+        return panel.exp_()
+
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        exps = panel_exps(start, stop)
+        row_sum[start:stop] += exps.sum(dim=1)
+        row_sum[stop:] += exps[:, stop - start :].sum(dim=0)
+    lse = torch.log(row_sum)
+    stats = (positives.pos_logit_sum, positives.pos_weight, lse)
+    if not want_grad:
+        return stats, None
+
+    coef_softmax, coef_pos = grad_coefficients(positives.pos_weight, scale / n)
+    factor = torch.where(row_sum > 0, coef_softmax / row_sum, torch.zeros_like(row_sum))
+    grad = torch.zeros_like(x)  # (G + G^T) x, then the anchors' positive part; / t below
+    grad_contrast = torch.zeros_like(x)  # the contrast role's positive part (already / t: it multiplies a_all)
+    pair_factor = x.new_empty(block, n)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        exps = panel_exps(start, stop)
+        weights = torch.add(factor[start:], factor[start:stop, None], out=pair_factor[: stop - start, : n - start])
+        weights.mul_(exps)  # M = exp(s) (f_i + f_j)
+        grad[start:stop].addmm_(weights, x[start:])
+        grad[stop:].addmm_(weights[:, stop - start :].T, x[start:stop])
+    positives.subtract_gradients(grad, grad_contrast, a_all, x, coef_pos)
+    return stats, grad.mul_(inv_temperature).add_(grad_contrast)
+
+
 def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, want_grad):
     """Both directions of a label-defined loss from the same similarity blocks: ``(loss, dA, dC)``.
 
@@ -415,8 +473,22 @@ def chunked_forward(
     """``(loss, grad_anchor, grad_contrast)``: the loss (fp32, float64 for float64 inputs) and, with ``want_grad``,
     its gradients for ``grad_output = 1`` in the compute dtype (else None). ``two_way`` averages both directions.
 
-    ``fold_same=True`` with ``anchor is contrast`` allows ``grad_contrast = None`` with the whole gradient of the one
-    input in ``grad_anchor`` (the single-block route then needs one gradient product instead of two)."""
+    ``fold_same=True`` with ``anchor is contrast``: ``grad_contrast`` is None and ``grad_anchor`` the whole gradient
+    of the one input (the single-block route then needs one gradient product instead of two, and with
+    ``self_offset == 0`` the symmetric route forms only half the similarity panels)."""
+    same = fold_same and anchor is contrast
+    loss, grad_anchor, grad_contrast = _routes(
+        anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way,
+        want_grad, same,
+    )  # fmt: skip
+    if same and grad_contrast is not None:
+        grad_anchor, grad_contrast = grad_anchor.add_(grad_contrast), None
+    return loss, grad_anchor, grad_contrast
+
+
+def _routes(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way,
+            want_grad, same):  # fmt: skip
+    """:func:`chunked_forward`'s choice of route (``same``: anchors are the contrast rows, one gradient wanted)."""
     # below ~512 x 512 pairs the per-class positives' fixed costs (sort, scatter, gather) outweigh a dense
     # label comparison; above it the blockwise route is faster even when one block would hold everything
     n_anchor, n_contrast = anchor.shape[0], contrast.shape[0]
@@ -426,21 +498,24 @@ def chunked_forward(
         positive = _paired_by_index(anchor_labels, contrast_labels, self_offset, two_way)
         if positive is not None:
             return _single_block_paired(anchor, contrast, inv_temperature, scale, two_way, want_grad, positive)
-        fold = fold_same and anchor is contrast and self_offset == 0
         return _single_block(
             anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, two_way, want_grad,
-            fold_same=fold,
+            fold_same=same and self_offset == 0,
         )  # fmt: skip
     if mask is not None and single and no_empty_row and not two_way:  # (two-way reads the mask transposed)
-        fold = fold_same and anchor is contrast and self_offset == 0
         return _single_block(
             anchor, contrast, None, None, self_offset, inv_temperature, scale, False, want_grad, mask=mask,
-            fold_same=fold,
+            fold_same=same and self_offset == 0,
         )  # fmt: skip
     if two_way and mask is None and self_offset in (None, 0):
         return _two_way_pass(
             anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, want_grad
         )
+    if same and self_offset == 0 and mask is None and not two_way:
+        symmetric = _symmetric_pass(anchor, anchor_labels, inv_temperature, scale, want_grad)
+        if symmetric is not None:
+            stats, grad = symmetric
+            return row_losses(*stats, scale).mean(), grad, None
     stats, grad_anchor, grad_contrast = _fused_pass(
         anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, want_grad
     )

@@ -263,3 +263,66 @@ def test_one_way_infonce_cross_entropy_route_matches_dense_float64(labels):
     expected = torch.autograd.grad(ref, (query, key))
     torch.testing.assert_close(got[0], expected[0], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,block_rows", [(37, 4), (38, 9), (40, 40), (23, 64)])
+@pytest.mark.parametrize("labelled", [True, False])
+def test_symmetric_route_matches_dense_float64(monkeypatch, n, block_rows, labelled):
+    """SupCon 'all' / SimCLR with one input: half the similarity panels (rows [p0, p1) x columns [p0, N)), row sums
+    completed by symmetry, the gradient (G + G^T) x / t; panels of 4 / 9 rows (last one partial), one panel, and a
+    block larger than N. The row-block pass must not run."""
+    monkeypatch.setattr(fastcl.chunked, "_SINGLE_BLOCK_PAIRS", 0)
+    monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", 4 * n * block_rows)
+    monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(fastcl.chunked, "_fused_pass", None)  # calling it would raise TypeError
+    gen = torch.Generator().manual_seed(n + block_rows)
+    x = torch.randn(n, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(4, (n,), generator=gen) if labelled else torch.arange(n) % (n // 2)
+    inv_t, scale = 1 / 0.35, 0.8
+    xd = x.detach()  # (the same object twice: the one-input routes key on identity)
+    loss, grad, none = chunked_forward(xd, xd, labels, labels, None, 0, inv_t, scale, False, True, fold_same=True)
+    assert none is None
+    weights = (labels[:, None] == labels[None, :]).double()
+    ref = _dense_one_way(x, x, weights, 0, inv_t, scale)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, torch.autograd.grad(ref, x)[0], rtol=1e-9, atol=1e-12)
+    forward_only = chunked_forward(xd, xd, labels, labels, None, 0, inv_t, scale, False, False, fold_same=True)
+    torch.testing.assert_close(forward_only[0], loss, rtol=1e-12, atol=0)
+    assert forward_only[1] is None and forward_only[2] is None
+
+
+def test_symmetric_route_falls_back_when_logits_are_unbounded(monkeypatch):
+    """Logits that may leave the shift-free range take the row-block pass (max-shifted exponentials), same numbers;
+    NaN in gives NaN out."""
+    monkeypatch.setattr(fastcl.chunked, "_SINGLE_BLOCK_PAIRS", 0)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 4, generator=gen, dtype=torch.float64) * 30.0  # |s| up to ~1e4 at t = 0.3
+    labels = torch.randint(3, (30,), generator=gen)
+    assert fastcl.chunked._symmetric_pass(x, labels, 1 / 0.3, 1.0, True) is None
+    x_grad = x.clone().requires_grad_()
+    ref = _dense_one_way(x_grad, x_grad, (labels[:, None] == labels[None, :]).double(), 0, 1 / 0.3, 1.0)
+    loss, grad, _ = chunked_forward(x, x, labels, labels, None, 0, 1 / 0.3, 1.0, False, True, fold_same=True)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, torch.autograd.grad(ref, x_grad)[0], rtol=1e-9, atol=1e-12)
+    poisoned = x.clone() / 30.0
+    poisoned[5, 1] = float("nan")
+    loss, grad, _ = chunked_forward(poisoned, poisoned, labels, labels, None, 0, 1 / 0.3, 1.0, False, True, fold_same=True)
+    assert torch.isnan(loss) and torch.isnan(grad).any()
+
+
+def test_symmetric_route_float32_supcon(monkeypatch):
+    """The route through fastcl.functional in fp32 (normalised features, t = 0.07) against the float64 reference."""
+    import fastcl.functional as FF
+
+    monkeypatch.setattr(fastcl.chunked, "_SINGLE_BLOCK_PAIRS", 0)
+    monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", 4 * 64 * 10)
+    monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 1)
+    gen = torch.Generator().manual_seed(9)
+    features = torch.nn.functional.normalize(torch.randn(32, 2, 16, generator=gen), dim=-1).requires_grad_()
+    labels = torch.randint(5, (32,), generator=gen)
+    loss = FF.supcon_loss(features, labels, temperature=0.07, backend="chunked")
+    leaf = features.detach().double().requires_grad_()
+    ref = FF.supcon_loss(leaf, labels, temperature=0.07, backend="reference")
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    grad, ref_grad = torch.autograd.grad(loss, features)[0], torch.autograd.grad(ref, leaf)[0]
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
