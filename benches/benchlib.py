@@ -554,11 +554,11 @@ PRODUCTS = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 EXP_PASSES = {"fwd": 1, "bwd": 1, "fwd+bwd": 2}
 
 
-def sgemm_rate(size: int = 2048, repeats: int = 5) -> float:
+def sgemm_rate(size: int = 2048, repeats: int = 5, fresh: bool = False) -> float:
     """FLOP/s of a square ``size``^3 fp32 CPU matmul, median of ``repeats`` after a warm-up, at the current thread
-    count; measured once per process and thread count (the CPU floor's ``R``)."""
+    count; measured once per process and thread count (the CPU floor's ``R``), again with ``fresh``."""
     key = ("sgemm", size, torch.get_num_threads())
-    if key not in _rate_cache:
+    if fresh or key not in _rate_cache:
         a, b = torch.randn(size, size), torch.randn(size, size)
         a @ b
         times = []

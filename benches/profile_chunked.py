@@ -5,8 +5,10 @@ GEMM, the two gradient GEMMs, exponentials, reductions, other elementwise work a
 
 Prints one markdown table per loss: milliseconds and share of the call per group, and the floor (6 N^2 D flops at
 the sgemm rate measured in this process) for scale. GEMMs are told apart by their operand shapes: the similarity
-product has K = D, ``dA = dS @ C`` has K = N, ``dC += dS^T @ A`` is the ``addmm_``. The profiler adds a little
-overhead per op, so the total is slightly above an unprofiled call.
+product has K = D (under half the output's width); a gradient product with K at least its row count multiplies a
+block by the embeddings (``dA = dS C``, the symmetric route's ``M x``), one with fewer (K = the block's rows) is a
+transposed block's (``dC += dS^T A``, ``M^T x``). The profiler adds a little overhead per op, so the total is
+slightly above an unprofiled call.
 """
 
 import argparse
@@ -21,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 GROUPS = (
-    ("similarity GEMM (s = a c^T, K = D)", "sim"),
-    ("gradient GEMM dA = dS C (K = N)", "da"),
-    ("gradient GEMM dC += dS^T A", "dc"),
+    ("similarity GEMM (s = a c^T, K = D; every pass)", "sim"),
+    ("gradient GEMM, K = the block's width (dA = dS C; symmetric: M x)", "da"),
+    ("gradient GEMM, K = the block's rows (dC += dS^T A; symmetric: M^T x)", "dc"),
     ("exp", "exp"),
     ("reductions (sum, amax, logsumexp)", "red"),
     ("other elementwise on blocks and vectors", "ew"),
@@ -39,12 +41,13 @@ ELEMENTWISE = ("aten::mul", "aten::sub", "aten::add", "aten::div", "aten::addcmu
 def classify(event) -> str:
     name, shapes = event.key, event.input_shapes
     if name in ("aten::mm", "aten::addmm_", "aten::addmm"):
-        if name.startswith("aten::addmm"):
-            return "dc"
-        if len(shapes) >= 2 and len(shapes[0]) == 2 and len(shapes[1]) == 2:
-            k = shapes[0][1]
-            return "da" if k > 2 * shapes[1][1] and shapes[1][1] <= 1024 else "sim"
-        return "sim"
+        operands = shapes[1:3] if name.startswith("aten::addmm") else shapes[:2]  # (addmm: self, mat1, mat2)
+        if len(operands) < 2 or len(operands[0]) != 2 or len(operands[1]) != 2:
+            return "sim"
+        (m, k), (_, n) = operands
+        if k < 2 * n:  # K = D against an output as wide as the contrast set: the similarity product
+            return "sim"
+        return "da" if k >= m else "dc"
     if name.startswith("aten::exp"):
         return "exp"
     if name in REDUCTIONS:

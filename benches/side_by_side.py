@@ -3,7 +3,8 @@
     python benches/side_by_side.py --threads 2 --n 64,256,1024,2048,8192 --losses all --repeats 15
 
 Each repeat runs every implementation once in turn (same inputs), so a noisy neighbour slows all of them alike; the
-table gives medians. Floor = 6 N^2 D flops at the rate of a square 2048^3 sgemm measured in this process.
+table gives medians. Floor = 6 N^2 D flops at R, the rate of a square 2048^3 sgemm measured in this process again
+before each N (a shared machine's rate drifts; the R column shows it).
 
 Losses (``--losses``, comma-separated, or ``all``): the sweep's ``supcon`` (labels, contrast_mode 'all'), ``ntxent``
 and ``infonce`` (symmetric), and the other modes of the issue: ``supcon-one`` (labels, 'one'), ``supcon-unsup`` (no
@@ -75,9 +76,10 @@ def main(argv=None):
     losses = BASE + VARIANTS if args.losses == "all" else tuple(args.losses.split(","))
     rate = benchlib.sgemm_rate()
     print(f"threads={args.threads} sgemm 2048^3: {rate / 1e9:.1f} GFLOP/s")
-    print("| loss | N | chunked | dense | chunked/dense | floor | chunked/floor | repeats |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| loss | N | chunked | dense | chunked/dense | floor | chunked/floor | R GFLOP/s | repeats |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in [int(v) for v in args.n.split(",")]:
+        rate = benchlib.sgemm_rate(fresh=True)
         for loss in losses:
             runs = {backend: variant_target(loss, backend, n, args.d) for backend in ("chunked", "reference")}
             times = {k: [] for k in runs}
@@ -96,7 +98,7 @@ def main(argv=None):
             floor = 6 * pairs * args.d / rate
             print(
                 f"| {loss} | {n} | {chunked * 1e3:.2f} ms | {dense * 1e3:.2f} ms | {chunked / dense:.2f} "
-                f"| {floor * 1e3:.2f} ms | {chunked / floor:.2f} | {repeats} |",
+                f"| {floor * 1e3:.2f} ms | {chunked / floor:.2f} | {rate / 1e9:.1f} | {repeats} |",
                 flush=True,
             )
 

@@ -26,6 +26,7 @@ _BLOCK_BYTES = int(os.environ["FASTCL_CHUNK_BYTES"]) if os.environ.get("FASTCL_C
 _BLOCK_BYTES_PER_THREAD = 8 * 1024 * 1024
 _SINGLE_BLOCK_PAIRS = 512 * 512  # up to this many pairs: the dense single-block route (_single_block)
 _MIN_BLOCK_ROWS = 64  # at very large N the byte budget alone would give GEMMs too thin to run fast
+_SYMMETRIC_PANELS = 8  # the symmetric route's fewest panels (_symmetric_pass)
 
 
 def block_bytes(device_type: str = "cpu") -> int:
@@ -112,6 +113,54 @@ class _LabelPositives:
             grad_contrast[self.self_columns] += weighted
 
 
+class _MaskPositives:
+    """:class:`_LabelPositives` for a ``[B, B]`` mask read at ``[i % B, j % B]``, again without any ``[block, Nc]``
+    weight matrix: with ``R[b]`` the sum of the contrast rows ``j % B == b``, ``sum_j w_ij c_j = (mask @ R)[i % B]``
+    (a ``B x B x D`` product, ``1 / n_views^2`` of the loss's), the counts likewise, and the contrast side's gradient
+    from ``mask^T`` and the anchors' per-residue sums. The self pair's weight ``mask[i % B, (i + k) % B]`` is
+    subtracted explicitly."""
+
+    def __init__(self, a_all, c_all, mask, self_offset):
+        n_anchor, n_contrast = a_all.shape[0], c_all.shape[0]
+        device, dtype = c_all.device, c_all.dtype
+        self.weights = mask.to(dtype)
+        bsz = mask.shape[0]
+        self.anchor_ids = torch.arange(n_anchor, device=device) % bsz
+        self.contrast_ids = torch.arange(n_contrast, device=device) % bsz
+        residue_sum = torch.zeros(bsz, c_all.shape[1], dtype=dtype, device=device).index_add_(0, self.contrast_ids, c_all)
+        counts = torch.zeros(bsz, dtype=dtype, device=device).index_add_(
+            0, self.contrast_ids, torch.ones(n_contrast, dtype=dtype, device=device)
+        )
+        self.positive_sums = torch.mm(self.weights, residue_sum)  # [B, D]: sum_j mask[b, j % B] c_j
+        self.pos_weight = torch.mv(self.weights, counts)[self.anchor_ids]
+        self.pos_logit_sum = torch.linalg.vecdot(a_all, self.positive_sums[self.anchor_ids])
+        self.self_columns = self.self_weight = None
+        if self_offset is not None:  # anchor i is contrast row i + self_offset: weight mask[i % B, (i + k) % B]
+            self.self_columns = slice(self_offset, self_offset + n_anchor)
+            self.self_weight = self.weights[self.anchor_ids, self.contrast_ids[self.self_columns]]
+            self.pos_logit_sum -= self.self_weight * torch.linalg.vecdot(a_all, c_all[self.self_columns])
+            self.pos_weight -= self.self_weight
+
+    def subtract_gradients(self, grad_anchor, grad_contrast, a_all, c_all, coef_pos):
+        """``dA_i -= coef_pos_i sum_j w_ij c_j`` and ``dC_j -= sum_i coef_pos_i w_ij a_i`` (self pairs excluded)."""
+        positive_sum = self.positive_sums[self.anchor_ids]
+        if self.self_columns is not None:
+            positive_sum = positive_sum.addcmul_(c_all[self.self_columns], self.self_weight[:, None], value=-1.0)
+        grad_anchor.addcmul_(positive_sum, coef_pos[:, None], value=-1.0)
+        weighted = a_all * coef_pos[:, None]
+        per_residue = torch.zeros_like(self.positive_sums).index_add_(0, self.anchor_ids, weighted)
+        grad_contrast.sub_(torch.mm(self.weights.T, per_residue)[self.contrast_ids])
+        if self.self_columns is not None:
+            grad_contrast[self.self_columns] += weighted * self.self_weight[:, None]
+
+
+def _positives(a_all, c_all, anchor_labels, contrast_labels, mask, self_offset):
+    """The positives' statistics and gradient, from labels or from the mask (never from a similarity block)."""
+    if mask is None:
+        return _LabelPositives(a_all, c_all, anchor_labels, contrast_labels, self_offset)
+    return _MaskPositives(a_all, c_all, mask, self_offset)
+
+
 def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, want_grad):
     """Row statistics for every anchor and, with ``want_grad``, ``dL/dA`` and ``dL/dC`` for grad_output = 1."""
     compute_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
@@ -121,18 +170,11 @@ def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, self_off
     device = a_all.device
 
     lse = torch.empty(n_anchor, dtype=compute_dtype, device=device)
-    if mask is None:
-        labels = _LabelPositives(a_all, c_all, anchor_labels, contrast_labels, self_offset)
-        pos_logit_sum, pos_weight = labels.pos_logit_sum, labels.pos_weight
-    else:
-        contrast_samples = torch.arange(n_contrast, device=device) % mask.shape[0]
-        pos_logit_sum, pos_weight = torch.empty_like(lse), torch.empty_like(lse)
+    positives = _positives(a_all, c_all, anchor_labels, contrast_labels, mask, self_offset)
     if want_grad:
         grad_anchor = torch.empty_like(a_all)
         grad_contrast = torch.zeros_like(c_all)
-        coef_softmax = coef_pos = None
-        if mask is None:
-            coef_softmax, coef_pos = grad_coefficients(pos_weight, scale / n_anchor)
+        coef_softmax, coef_pos = grad_coefficients(positives.pos_weight, scale / n_anchor)
 
     shift_free = _shift_free(a_all, c_all)
     block = _block_rows(n_anchor, n_contrast, device)
@@ -141,13 +183,6 @@ def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, self_off
         stop = min(start + block, n_anchor)
         a = a_all[start:stop]
         logits = torch.mm(a, c_all.T, out=buffer[: stop - start])
-        if mask is not None:
-            rows = torch.arange(start, stop, device=device)
-            w = _mask_weights(rows, mask, contrast_samples, compute_dtype)
-            if self_offset is not None:
-                _self_diagonal(w, start, self_offset).zero_()
-            pos_logit_sum[start:stop] = torch.linalg.vecdot(w, logits)  # before the self logit becomes -inf
-            pos_weight[start:stop] = w.sum(1)
         if self_offset is not None:
             _self_diagonal(logits, start, self_offset).fill_(float("-inf"))
         if shift_free:  # |s| is bounded: exp(s) as it is (one pass instead of max, subtract, exp)
@@ -161,31 +196,21 @@ def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, self_off
             row_sum = exps.sum(dim=1)
             lse[start:stop] = shift + torch.log(row_sum)
         if want_grad:
-            # dL/ds = coef_softmax * exps / row_sum - coef_pos * w   (the 1/Na of the mean included)
-            if mask is None:
-                softmax_scale = coef_softmax[start:stop] / row_sum
-            else:
-                block_softmax, block_pos = grad_coefficients(pos_weight[start:stop], scale / n_anchor)
-                softmax_scale = block_softmax / row_sum
+            # softmax part of dL/ds = coef_softmax * exps / row_sum (the 1/Na of the mean included); positives below
+            softmax_scale = coef_softmax[start:stop] / row_sum
             softmax_scale = torch.where(row_sum > 0, softmax_scale, torch.zeros_like(softmax_scale))
-            if mask is None:
-                torch.mm(exps, c_all, out=grad_anchor[start:stop])
-                grad_anchor[start:stop] *= softmax_scale[:, None]
-                grad_contrast.addmm_(exps.T, a * softmax_scale[:, None])
-            else:
-                dlogits = exps.mul_(softmax_scale[:, None]).addcmul_(w, block_pos[:, None], value=-1.0)
-                torch.mm(dlogits, c_all, out=grad_anchor[start:stop])
-                grad_contrast.addmm_(dlogits.T, a)
+            torch.mm(exps, c_all, out=grad_anchor[start:stop])
+            grad_anchor[start:stop] *= softmax_scale[:, None]
+            grad_contrast.addmm_(exps.T, a * softmax_scale[:, None])
         del logits, exps
-    stats = (pos_logit_sum, pos_weight, lse)
+    stats = (positives.pos_logit_sum, positives.pos_weight, lse)
     if not want_grad:
         return stats, None, None
-    if mask is None:
-        labels.subtract_gradients(grad_anchor, grad_contrast, a_all, c_all, coef_pos)
+    positives.subtract_gradients(grad_anchor, grad_contrast, a_all, c_all, coef_pos)
     return stats, grad_anchor.mul_(inv_temperature), grad_contrast
 
 
-def _symmetric_pass(features, labels, inv_temperature, scale, want_grad):
+def _symmetric_pass(features, labels, mask, inv_temperature, scale, want_grad):
     """SupCon 'all' / NT-Xent / SimCLR, the anchors being the contrast rows (self pairs excluded) and every ``|s|``
     bounded (:func:`_shift_free`): ``(stats, whole gradient or None)``, or None when the bound does not hold (the
     caller takes the row-block pass).
@@ -198,7 +223,7 @@ def _symmetric_pass(features, labels, inv_temperature, scale, want_grad):
     symmetric too: pass 2 re-forms each panel, turns it into that matrix ``M`` and adds ``M x[p0:]`` to the rows R and
     ``M^T x[R]`` (right of the diagonal block) to the rows below. Four block products over half the pairs: two
     thirds of the dense form's three over all pairs, and memory ``O(N D)`` plus one panel. Positives come from
-    per-class sums (:class:`_LabelPositives`), never from the panels.
+    per-class sums or the mask's products (:func:`_positives`), never from the panels.
     """
     compute_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     x = features.to(compute_dtype)
@@ -206,8 +231,9 @@ def _symmetric_pass(features, labels, inv_temperature, scale, want_grad):
     if not _shift_free(a_all, x):
         return None
     n = x.shape[0]
-    positives = _LabelPositives(a_all, x, labels, labels, 0)
-    block = _block_rows(n, n, x.device)
+    positives = _positives(a_all, x, labels, labels, mask, 0)
+    # at least _SYMMETRIC_PANELS panels: P panels form (1 + 1/P) / 2 of the pairs (one panel would form them all)
+    block = min(_block_rows(n, n, x.device), max(_MIN_BLOCK_ROWS, -(-n // _SYMMETRIC_PANELS)))
     buffer = x.new_empty(block, n)
     row_sum = torch.zeros(n, dtype=compute_dtype, device=x.device)
 
@@ -511,8 +537,8 @@ def _routes(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset,
         return _two_way_pass(
             anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, want_grad
         )
-    if same and self_offset == 0 and mask is None and not two_way:
-        symmetric = _symmetric_pass(anchor, anchor_labels, inv_temperature, scale, want_grad)
+    if same and self_offset == 0 and not two_way:
+        symmetric = _symmetric_pass(anchor, anchor_labels, mask, inv_temperature, scale, want_grad)
         if symmetric is not None:
             stats, grad = symmetric
             return row_losses(*stats, scale).mean(), grad, None

@@ -266,27 +266,34 @@ def test_one_way_infonce_cross_entropy_route_matches_dense_float64(labels):
 
 
 @pytest.mark.parametrize("n,block_rows", [(37, 4), (38, 9), (40, 40), (23, 64)])
-@pytest.mark.parametrize("labelled", [True, False])
-def test_symmetric_route_matches_dense_float64(monkeypatch, n, block_rows, labelled):
+@pytest.mark.parametrize("positives", ["labels", "sample_ids", "mask"])
+def test_symmetric_route_matches_dense_float64(monkeypatch, n, block_rows, positives):
     """SupCon 'all' / SimCLR with one input: half the similarity panels (rows [p0, p1) x columns [p0, N)), row sums
     completed by symmetry, the gradient (G + G^T) x / t; panels of 4 / 9 rows (last one partial), one panel, and a
-    block larger than N. The row-block pass must not run."""
+    block larger than N; positives from labels, from sample ids (SimCLR) and from a mask. The row-block pass must not
+    run."""
     monkeypatch.setattr(fastcl.chunked, "_SINGLE_BLOCK_PAIRS", 0)
     monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", 4 * n * block_rows)
     monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 1)
     monkeypatch.setattr(fastcl.chunked, "_fused_pass", None)  # calling it would raise TypeError
     gen = torch.Generator().manual_seed(n + block_rows)
     x = torch.randn(n, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(4, (n,), generator=gen) if labelled else torch.arange(n) % (n // 2)
+    labels = torch.randint(4, (n,), generator=gen) if positives == "labels" else torch.arange(n) % (n // 2)
+    mask = None
+    if positives == "mask":  # [B, B] weights read at [i % B, j % B], B not dividing N when n is odd
+        labels, mask = None, torch.rand(n // 2, n // 2, generator=gen, dtype=torch.float64)
     inv_t, scale = 1 / 0.35, 0.8
     xd = x.detach()  # (the same object twice: the one-input routes key on identity)
-    loss, grad, none = chunked_forward(xd, xd, labels, labels, None, 0, inv_t, scale, False, True, fold_same=True)
+    loss, grad, none = chunked_forward(xd, xd, labels, labels, mask, 0, inv_t, scale, False, True, fold_same=True)
     assert none is None
-    weights = (labels[:, None] == labels[None, :]).double()
+    if mask is None:
+        weights = (labels[:, None] == labels[None, :]).double()
+    else:
+        weights = mask[torch.arange(n)[:, None] % (n // 2), torch.arange(n)[None, :] % (n // 2)]
     ref = _dense_one_way(x, x, weights, 0, inv_t, scale)
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, torch.autograd.grad(ref, x)[0], rtol=1e-9, atol=1e-12)
-    forward_only = chunked_forward(xd, xd, labels, labels, None, 0, inv_t, scale, False, False, fold_same=True)
+    forward_only = chunked_forward(xd, xd, labels, labels, mask, 0, inv_t, scale, False, False, fold_same=True)
     torch.testing.assert_close(forward_only[0], loss, rtol=1e-12, atol=0)
     assert forward_only[1] is None and forward_only[2] is None
 
@@ -298,7 +305,7 @@ def test_symmetric_route_falls_back_when_logits_are_unbounded(monkeypatch):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(30, 4, generator=gen, dtype=torch.float64) * 30.0  # |s| up to ~1e4 at t = 0.3
     labels = torch.randint(3, (30,), generator=gen)
-    assert fastcl.chunked._symmetric_pass(x, labels, 1 / 0.3, 1.0, True) is None
+    assert fastcl.chunked._symmetric_pass(x, labels, None, 1 / 0.3, 1.0, True) is None
     x_grad = x.clone().requires_grad_()
     ref = _dense_one_way(x_grad, x_grad, (labels[:, None] == labels[None, :]).double(), 0, 1 / 0.3, 1.0)
     loss, grad, _ = chunked_forward(x, x, labels, labels, None, 0, 1 / 0.3, 1.0, False, True, fold_same=True)
@@ -326,3 +333,26 @@ def test_symmetric_route_float32_supcon(monkeypatch):
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
     grad, ref_grad = torch.autograd.grad(loss, features)[0], torch.autograd.grad(ref, leaf)[0]
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("self_offset", [None, 0, 5])
+def test_mask_positives_row_blocks_match_dense_float64(monkeypatch, self_offset):
+    """Anchors that are a slice of the contrast rows (SupCon 'one', a rank's rows) with a mask: the positives from
+    the mask's products (no weight blocks) over many row blocks, against the dense weights."""
+    monkeypatch.setattr(fastcl.chunked, "_SINGLE_BLOCK_PAIRS", 0)
+    monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 3)
+    gen = torch.Generator().manual_seed(21)
+    contrast = torch.randn(27, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    start = 0 if self_offset is None else self_offset
+    anchor = (contrast.detach()[start : start + 13] + (0.1 if self_offset is None else 0.0)).requires_grad_()
+    mask = torch.rand(9, 9, generator=gen, dtype=torch.float64)
+    mask[2] = 0.0  # anchors of sample 2 have no positive
+    rows, cols = torch.arange(13)[:, None] % 9, torch.arange(27)[None, :] % 9
+    ref = _dense_one_way(anchor, contrast, mask[rows, cols], self_offset, 1 / 0.3, 0.6)
+    loss, ga, gc = chunked_forward(anchor.detach(), contrast.detach(), None, None, mask, self_offset, 1 / 0.3, 0.6,
+                                   False, True)  # fmt: skip
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
+    ref_a, ref_c = torch.autograd.grad(ref, (anchor, contrast))
+    torch.testing.assert_close(ga, ref_a, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gc, ref_c, rtol=1e-9, atol=1e-12)
