@@ -10,7 +10,8 @@ from fastcl import functional as FF
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the size in fp32 elements (bytes / 4) of the largest tensor any op creates."""
+    """Records the size in fp32 elements (bytes / 4) of the largest tensor any op creates; a view of one of the op's
+    inputs (``mask.T``) shares its storage and allocates nothing, so it is not counted."""
 
     def __init__(self):
         super().__init__()
@@ -18,14 +19,17 @@ class LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+        storages = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in storages:
                 self.largest = max(self.largest, t.numel() * t.element_size() // 4)
         return out
 
 
-def _largest_tensor(backend, n_views=2, bsz=300, dim=8, use_mask=False):
-    features = torch.randn(bsz, n_views, dim, requires_grad=True)
+def _largest_tensor(backend, n_views=2, bsz=300, dim=8, use_mask=False, normalized=False):
+    features = torch.randn(bsz, n_views, dim)
+    features = (torch.nn.functional.normalize(features, dim=-1) if normalized else features).requires_grad_()
     labels = torch.randint(0, 7, (bsz,))
     mask = (labels[:, None] == labels[None, :]).float() if use_mask else None
     with LargestTensor() as mode:
@@ -35,11 +39,23 @@ def _largest_tensor(backend, n_views=2, bsz=300, dim=8, use_mask=False):
 
 
 @pytest.mark.parametrize("use_mask", [False, True])
-def test_chunked_allocates_at_most_block_rows_by_n(monkeypatch, use_mask):
+@pytest.mark.parametrize("normalized", [False, True], ids=["row-blocks", "symmetric"])
+def test_chunked_allocates_at_most_block_rows_by_n(monkeypatch, use_mask, normalized):
+    """Raw features at t = 0.07 take the row-block pass (|s| unbounded), normalised ones the symmetric route."""
     block_rows = 32
     monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", block_rows * 4 * 600)
     monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 8)
-    largest, n = _largest_tensor("chunked", use_mask=use_mask)
+    route = fastcl.chunked._symmetric_pass if normalized else fastcl.chunked._fused_pass
+    taken = []
+
+    def recorded(*args):
+        result = route(*args)
+        taken.append(result is not None)  # (the symmetric route returns None when it does not apply)
+        return result
+
+    monkeypatch.setattr(fastcl.chunked, route.__name__, recorded)
+    largest, n = _largest_tensor("chunked", use_mask=use_mask, normalized=normalized)
+    assert taken and all(taken)  # the route named in the id ran
     assert largest <= block_rows * n  # 32 x 600 = 19,200 elements, vs N x N = 360,000
     assert largest < n * n // 10
 
