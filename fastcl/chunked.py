@@ -1,15 +1,17 @@
 """Blockwise PyTorch backend: the contrastive op of :mod:`fastcl._core` on any device, O(N*D + block*N) memory.
 
-Anchors are processed in blocks of rows. For each block the logits ``[block, Nc]`` are formed by one matrix
-product and reduced to the row log-sum-exp (self pair excluded), in place, then freed. When a gradient is needed
-the same pass turns the block into the softmax part of ``dL/ds`` and accumulates ``dA`` and ``dC`` (three matrix
-products per block, as many as the dense form), so backward only scales the stored ``[N, D]`` gradients by
-``grad_output``: nothing ``N x N`` is kept and nothing is recomputed. With labels (and SimCLR) the positive terms
-never touch the block: they come from per-class sums of embeddings in ``O(N * D)``; with a ``[B, B]`` mask the
-block's weights are read from the mask.
+Anchors are processed in blocks of rows, each block's logits formed by one matrix product (stored transposed,
+``[Nc, rows]``: on MKL the products then run unstrided) and reduced to the row log-sum-exp (self pair excluded), in
+place, then freed. When a gradient is needed the same pass turns the block into the softmax part of ``dL/ds`` and
+accumulates ``dA`` and ``dC`` (three matrix products per block, as many as the dense form), so backward only scales
+the stored ``[N, D]`` gradients by ``grad_output``: nothing ``N x N`` is kept and nothing is recomputed. Three
+routes do better than that: one input (SupCon 'all', NT-Xent, SimCLR) forms only the half of its symmetric
+similarity matrix on and right of the diagonal (:func:`_symmetric_pass`, two thirds of the dense FLOPs); both
+directions of a symmetric loss share each block (:func:`_two_way_pass`); and one block holding the whole problem takes
+the dense single-block routes. The positives never touch a block: with labels (and SimCLR) they come from per-class
+sums of embeddings in ``O(N * D)``, with a ``[B, B]`` mask from ``B x B x D`` products with it.
 Half-precision inputs are computed in fp32; float64 stays float64 (``gradcheck``).
 """
-
 from __future__ import annotations
 
 import os
@@ -62,8 +64,9 @@ def _shift_free(a_all: torch.Tensor, c_all: torch.Tensor) -> bool:
 
 
 def _self_diagonal(block: torch.Tensor, start: int, self_offset: int) -> torch.Tensor:
-    """The self pairs of a row block starting at anchor ``start``: elements ``(i, start + i + self_offset)``."""
-    return block[:, start + self_offset :].diagonal()
+    """The self pairs of a transposed block ``[Nc, rows]`` of anchors from ``start``: elements
+    ``(start + self_offset + r, r)`` (anchor ``start + r`` is contrast row ``start + r + self_offset``)."""
+    return block[start + self_offset :].diagonal()
 
 
 def _mask_weights(rows: torch.Tensor, mask: torch.Tensor, contrast_samples: torch.Tensor, dtype) -> torch.Tensor:
@@ -178,30 +181,30 @@ def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, self_off
 
     shift_free = _shift_free(a_all, c_all)
     block = _block_rows(n_anchor, n_contrast, device)
-    buffer = a_all.new_empty(min(block, n_anchor), n_contrast)  # one [block, Nc] buffer for every block
+    buffer = a_all.new_empty(min(block, n_anchor) * n_contrast)  # one buffer; blocks stored transposed, [Nc, rows]
     for start in range(0, n_anchor, block):
         stop = min(start + block, n_anchor)
         a = a_all[start:stop]
-        logits = torch.mm(a, c_all.T, out=buffer[: stop - start])
+        logits = torch.mm(c_all, a.T, out=buffer[: n_contrast * (stop - start)].view(n_contrast, stop - start))
         if self_offset is not None:
             _self_diagonal(logits, start, self_offset).fill_(float("-inf"))
         if shift_free:  # |s| is bounded: exp(s) as it is (one pass instead of max, subtract, exp)
             exps = logits.exp_()
-            row_sum = exps.sum(dim=1)
+            row_sum = exps.sum(dim=0)
             lse[start:stop] = torch.log(row_sum)
         else:
-            row_max = logits.amax(dim=1)
+            row_max = logits.amax(dim=0)
             shift = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)  # empty row
-            exps = logits.sub_(shift[:, None]).exp_()  # in place: the block's only [block, Nc] buffer
-            row_sum = exps.sum(dim=1)
+            exps = logits.sub_(shift).exp_()  # in place: the block's only buffer
+            row_sum = exps.sum(dim=0)
             lse[start:stop] = shift + torch.log(row_sum)
         if want_grad:
             # softmax part of dL/ds = coef_softmax * exps / row_sum (the 1/Na of the mean included); positives below
             softmax_scale = coef_softmax[start:stop] / row_sum
             softmax_scale = torch.where(row_sum > 0, softmax_scale, torch.zeros_like(softmax_scale))
-            torch.mm(exps, c_all, out=grad_anchor[start:stop])
+            torch.mm(exps.T, c_all, out=grad_anchor[start:stop])
             grad_anchor[start:stop] *= softmax_scale[:, None]
-            grad_contrast.addmm_(exps.T, a * softmax_scale[:, None])
+            grad_contrast.addmm_(exps, a * softmax_scale[:, None])
         del logits, exps
     stats = (positives.pos_logit_sum, positives.pos_weight, lse)
     if not want_grad:
@@ -300,10 +303,15 @@ def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset,
     block = _block_rows(n_anchor, n_contrast, device)
     single_block = block >= n_anchor
     kept = None
-    buffers = [a_all.new_empty(min(block, n_anchor), n_contrast) for _ in range(1 if single_block else 2)]
+    # blocks stored transposed, [Nc, rows] and contiguous (the products then run unstrided, as in _symmetric_pass)
+    buffers = [a_all.new_empty(min(block, n_anchor) * n_contrast) for _ in range(1 if single_block else 2)]
+
+    def transposed(buffer, rows):
+        return buffer[: n_contrast * rows].view(n_contrast, rows)
 
     def block_logits(start, stop):
-        logits = torch.mm(a_all[start:stop], c_all.T, out=buffers[0][: stop - start])
+        """``s^T`` of anchors ``[start, stop)``: ``[Nc, rows]``, self pairs ``-inf``."""
+        logits = torch.mm(c_all, a_all[start:stop].T, out=transposed(buffers[0], stop - start))
         if self_offset is not None:
             _self_diagonal(logits, start, self_offset).fill_(float("-inf"))
         return logits
@@ -313,21 +321,21 @@ def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset,
         logits = block_logits(start, stop)
         if shift_free:  # |s| is bounded: exp(s) as it is, the column sums need no rescaling (3 passes in all)
             exps = logits.exp_()
-            row_lse[start:stop] = torch.log(exps.sum(dim=1))
-            col_sum.add_(exps.sum(dim=0))
+            row_lse[start:stop] = torch.log(exps.sum(dim=0))
+            col_sum.add_(exps.sum(dim=1))
             kept = exps if single_block else None  # pass 2 needs exactly these
             del logits, exps
             continue
         # columns: online log-sum-exp across row blocks (rescale the running sum to the new running max)
-        new_max = torch.maximum(col_max, logits.amax(dim=0))
+        new_max = torch.maximum(col_max, logits.amax(dim=1))
         col_shift = torch.where(new_max == float("-inf"), torch.zeros_like(new_max), new_max)
-        col_sum.mul_(torch.exp(col_max - col_shift)).add_(torch.exp(logits - col_shift).sum(dim=0))
+        col_sum.mul_(torch.exp(col_max - col_shift)).add_(torch.exp(logits - col_shift[:, None]).sum(dim=1))
         col_max = new_max
         # rows: complete within the block
-        row_max = logits.amax(dim=1)
+        row_max = logits.amax(dim=0)
         row_shift = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
-        exps = torch.sub(logits, row_shift[:, None]) if single_block else logits.sub_(row_shift[:, None])
-        row_lse[start:stop] = row_shift + torch.log(exps.exp_().sum(dim=1))
+        exps = torch.sub(logits, row_shift) if single_block else logits.sub_(row_shift)
+        row_lse[start:stop] = row_shift + torch.log(exps.exp_().sum(dim=0))
         if single_block:
             kept = logits
         del logits, exps
@@ -361,18 +369,18 @@ def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset,
         if shift_free:
             exps = kept if single_block else block_logits(start, stop).exp_()
             kept = None
-            dlogits = buffers[-1][: stop - start] if not single_block else torch.empty_like(exps)
-            dlogits = torch.mul(exps, col_factor, out=dlogits).addcmul_(exps, row_factor[start:stop, None])
+            dlogits = transposed(buffers[-1], stop - start) if not single_block else torch.empty_like(exps)
+            dlogits = torch.mul(exps, col_factor[:, None], out=dlogits).addcmul_(exps, row_factor[start:stop])
             del exps
         else:
             logits = kept if single_block else block_logits(start, stop)
             kept = None
-            reverse_part = torch.sub(logits, col_lse).exp_().mul_(reverse_softmax)
-            dlogits = logits.sub_(row_lse[start:stop, None]).exp_().mul_(forward_softmax[start:stop, None])
+            reverse_part = torch.sub(logits, col_lse[:, None]).exp_().mul_(reverse_softmax[:, None])
+            dlogits = logits.sub_(row_lse[start:stop]).exp_().mul_(forward_softmax[start:stop])
             dlogits.add_(reverse_part)
             del reverse_part, logits
-        torch.mm(dlogits, c_all, out=grad_anchor[start:stop])
-        grad_contrast.addmm_(dlogits.T, a_all[start:stop])
+        torch.mm(dlogits.T, c_all, out=grad_anchor[start:stop])
+        grad_contrast.addmm_(dlogits, a_all[start:stop])
         del dlogits
     forward_pos.subtract_gradients(grad_anchor, grad_contrast, a_all, c_all, forward_coef_pos)
     reverse_pos.subtract_gradients(grad_contrast, grad_anchor, c_all, a_all, reverse_coef_pos)
