@@ -12,6 +12,7 @@ the dense single-block routes. The positives never touch a block: with labels (a
 sums of embeddings in ``O(N * D)``, with a ``[B, B]`` mask from ``B x B x D`` products with it.
 Half-precision inputs are computed in fp32; float64 stays float64 (``gradcheck``).
 """
+
 from __future__ import annotations
 
 import os
