@@ -53,7 +53,10 @@ def grad_coefficients(pos_weight: torch.Tensor, scale: float, grad_output: Optio
 
 @functools.lru_cache(maxsize=16)
 def _cached_index_range(n: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(n, device=device)  # (keyed by the torch.device callers pass: a tensor's .device)
+    # keyed by the torch.device callers pass (a tensor's .device); a normal tensor even when first asked for under
+    # torch.inference_mode (an inference tensor could not later be saved for backward, e.g. as a cross-entropy target)
+    with torch.inference_mode(False):
+        return torch.arange(n, device=device)
 
 
 def index_range(n: int, device: torch.device) -> torch.Tensor:
@@ -380,6 +383,11 @@ class _EagerChunkedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():  # create_graph=True: the stored first derivatives would enter as constants
+            raise RuntimeError(
+                "fastcl's chunked backend forms first derivatives only: create_graph=True (a second derivative "
+                "through the loss) would silently treat them as constants; use backend='reference' for that"
+            )
         return *_input_gradients(ctx, grad_loss, *ctx.saved_tensors), *([None] * 8)
 
 

@@ -163,3 +163,35 @@ def test_index_range_is_cached_eagerly():
     first = index_range(5, torch.device("cpu"))
     assert first is index_range(5, torch.device("cpu"))
     assert torch.equal(first, torch.arange(5)) and first.dtype == torch.int64
+
+
+def test_training_after_inference_mode_evaluation():
+    """An evaluation under torch.inference_mode first (the cached default-pairing ids are created there), training
+    afterwards: the ids must be normal tensors, which autograd can save (the one-way route's cross-entropy target)."""
+    import fastcl._core
+    import fastcl.functional as FF
+
+    fastcl._core._cached_index_range.cache_clear()  # (else an earlier test may have created the ids)
+    gen = torch.Generator().manual_seed(14)
+    query, key = torch.randn(11, 4, generator=gen), torch.randn(11, 4, generator=gen)
+    with torch.inference_mode():
+        evaluated = FF.info_nce_loss(query, key, symmetric=False, normalize=False, backend="chunked")
+    query.requires_grad_()
+    loss = FF.info_nce_loss(query, key, symmetric=False, normalize=False, backend="chunked")
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), evaluated)
+    assert query.grad is not None and torch.isfinite(query.grad).all()
+
+
+def test_chunked_second_derivative_raises():
+    """The eager chunked node stores first derivatives: create_graph=True (the way to a second derivative, e.g. a
+    gradient penalty through an encoder) is a clear error, never a Hessian silently missing the loss's own term."""
+    import fastcl.functional as FF
+
+    encoder = torch.nn.Linear(5, 5).double()
+    features = encoder(torch.randn(6, 2, 5, dtype=torch.float64))
+    loss = FF.supcon_loss(features, torch.tensor([0, 1, 0, 2, 1, 0]), normalize=True, backend="chunked")
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(loss, encoder.weight, create_graph=True)
+    loss = FF.supcon_loss(features, torch.tensor([0, 1, 0, 2, 1, 0]), normalize=True, backend="chunked")
+    torch.autograd.grad(loss, encoder.weight)  # first derivatives as usual
