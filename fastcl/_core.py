@@ -414,9 +414,9 @@ def _chunked_eager(anchor, contrast, anchor_labels, contrast_labels, mask, self_
         return _EagerChunkedFunction.apply(*args)
     from fastcl.chunked import chunked_forward
 
-    loss, _, _ = chunked_forward(
+    loss, _, _ = chunked_forward(  # (fold_same: one input's forward takes the symmetric route, half the products)
         contrast if anchor is None else anchor, contrast, anchor_labels, contrast_labels, mask, self_offset,
-        inv_temperature, scale, two_way, False,
+        inv_temperature, scale, two_way, False, fold_same=anchor is None,
     )  # fmt: skip
     return loss.to(_compute_dtype(contrast))
 

@@ -356,3 +356,22 @@ def test_mask_positives_row_blocks_match_dense_float64(monkeypatch, self_offset)
     ref_a, ref_c = torch.autograd.grad(ref, (anchor, contrast))
     torch.testing.assert_close(ga, ref_a, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(gc, ref_c, rtol=1e-9, atol=1e-12)
+
+
+def test_forward_only_takes_the_symmetric_route(monkeypatch):
+    """Evaluation (no gradient) of SupCon 'all' forms half the panels as well, same loss as with gradients."""
+    import fastcl.functional as FF
+
+    monkeypatch.setattr(fastcl.chunked, "_SINGLE_BLOCK_PAIRS", 0)
+    monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 1)
+    taken = []
+    symmetric = fastcl.chunked._symmetric_pass
+    monkeypatch.setattr(fastcl.chunked, "_symmetric_pass", lambda *args: taken.append(1) or symmetric(*args))
+    gen = torch.Generator().manual_seed(10)
+    features = torch.nn.functional.normalize(torch.randn(20, 2, 6, generator=gen, dtype=torch.float64), dim=-1)
+    labels = torch.randint(4, (20,), generator=gen)
+    with torch.no_grad():
+        loss = FF.supcon_loss(features, labels, temperature=0.2, backend="chunked")
+    assert taken
+    reference = FF.supcon_loss(features, labels, temperature=0.2, backend="reference")
+    torch.testing.assert_close(loss, reference, rtol=1e-10, atol=1e-12)
