@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from fastcl._core import grad_coefficients, index_range, row_losses
+from fastcl._core import grad_coefficients, in_dtype, index_range, row_losses
 
 # Bytes of logits per block (``FASTCL_CHUNK_BYTES``; default: 8 MiB per intra-op thread, up to 4 threads). Measured
 # at N = 8192, D = 128 on a 2-core EPYC (512 KiB L2 per core, 8 MiB L3): 256 rows per thread beat 64 and 128 (the
@@ -419,7 +419,7 @@ def _single_block_paired(anchor, contrast, inv_temperature, scale, two_way, want
     (one-way). The loss is the mean of the positives' log-softmax and ``dL/ds = k (softmax - onehot)``: no weight
     matrix at all."""
     compute_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
-    a_all, c_all = anchor.to(compute_dtype), contrast.to(compute_dtype)
+    a_all, c_all = in_dtype(anchor, compute_dtype), in_dtype(contrast, compute_dtype)
     n_anchor = a_all.shape[0]
     logits = torch.mm(a_all, c_all.T).mul_(inv_temperature)
     half = 0.5 if two_way else 1.0
@@ -457,7 +457,7 @@ def _single_block(anchor, contrast, anchor_labels, contrast_labels, self_offset,
     routes the single-column case elsewhere).
     """
     compute_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
-    a_all, c_all = anchor.to(compute_dtype), contrast.to(compute_dtype)
+    a_all, c_all = in_dtype(anchor, compute_dtype), in_dtype(contrast, compute_dtype)
     n_anchor, n_contrast = a_all.shape[0], c_all.shape[0]
     logits = torch.mm(a_all, c_all.T).mul_(inv_temperature)
     if mask is None:
