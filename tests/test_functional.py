@@ -230,7 +230,7 @@ def test_forward_without_grad_matches():
 def test_auto_backend_on_cpu_is_chunked(monkeypatch):
     calls = []
     original = fastcl.chunked.chunked_forward
-    monkeypatch.setattr(fastcl.chunked, "chunked_forward", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(fastcl.chunked, "chunked_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     FF.supcon_loss(_features(4, 2, 3), backend="auto")
     assert calls == [1]
 
