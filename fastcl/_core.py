@@ -428,7 +428,8 @@ def _chunked_eager(anchor, contrast, anchor_labels, contrast_labels, mask, self_
 
 def _one_positive_loss(anchor, contrast, positive, inv_temperature, scale):
     """The op's loss when anchor i's only positive is contrast ``positive[i]`` (or i: ``'diagonal'``) and no pair is
-    excluded (one-way): ``scale * cross_entropy(s, positive)``, with autograd's backward. At small N (one block) the fewest ops: no weights, no gradients formed in the forward."""
+    excluded (one-way): ``scale * cross_entropy(s, positive)``, with autograd's backward. At small N (one block) the
+    fewest ops: no weights, no gradients formed in the forward."""
     dtype = _compute_dtype(contrast)
     logits = torch.mm(in_dtype(anchor, dtype), in_dtype(contrast, dtype).T).mul(inv_temperature)
     target = index_range(anchor.shape[0], anchor.device) if isinstance(positive, str) else positive

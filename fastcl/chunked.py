@@ -64,6 +64,12 @@ def _shift_free(a_all: torch.Tensor, c_all: torch.Tensor) -> bool:
     return bool(bound <= _SHIFT_FREE_BOUND[a_all.dtype])
 
 
+def _block_view(buffer: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A contiguous ``[height, width]`` block at the start of a flat preallocated ``buffer`` (blocks of every size
+    reuse one allocation; a slice of a 2-D buffer would be strided)."""
+    return buffer[: height * width].view(height, width)
+
+
 def _self_diagonal(block: torch.Tensor, start: int, self_offset: int) -> torch.Tensor:
     """The self pairs of a transposed block ``[Nc, rows]`` of anchors from ``start``: elements
     ``(start + self_offset + r, r)`` (anchor ``start + r`` is contrast row ``start + r + self_offset``)."""
@@ -75,94 +81,81 @@ def _mask_weights(rows: torch.Tensor, mask: torch.Tensor, contrast_samples: torc
     return mask.index_select(0, rows % mask.shape[0]).index_select(1, contrast_samples).to(dtype)
 
 
-class _LabelPositives:
-    """Positives from labels without any ``[block, Nc]`` weight matrix.
+class _Positives:
+    """The positive pairs' share of the loss and of both gradients without any ``[block, Nc]`` weight matrix.
 
-    With dense class ids, ``sum_{j: l_j = l_i} s_ij = a_i . S[l_i]`` where ``S[k]`` sums the contrast rows of
-    class k, so the positive-logit sums, the positive counts and the positive part of both gradients are
-    ``O(N * D)`` (the self pair, when excluded, is subtracted explicitly). The ids come from a sort (labels of any
-    real or bool dtype, equal values sharing an id) and the per-class buffers have the static bound ``Na + Nc``
-    classes: no data-dependent shape, no host sync.
+    Rows are put in groups (``anchor_ids [Na]``, ``contrast_ids [Nc]`` in ``[0, G)``) and ``w_ij = W[g_i, g'_j]``
+    for a ``[G, G]`` weight matrix ``W``, or ``W = I`` when ``weights`` is None (labels: the groups are the classes).
+    With ``R[g]`` the sum of the contrast rows of group g, ``sum_j w_ij c_j = (W R)[g_i]``: the positive-logit sums,
+    the positive weights and the positive part of both gradients cost ``O(N D)`` plus one ``G x G x D`` product with a
+    mask. The self pair (anchor i is contrast row ``i + self_offset``), when excluded, is subtracted explicitly with
+    its weight ``W[g_i, g'_{i+k}]`` (1 with labels). Static shapes, no host sync.
     """
 
-    def __init__(self, a_all, c_all, anchor_labels, contrast_labels, self_offset):
-        from fastcl._validation import dense_label_ids
-
-        n_anchor, n_contrast = a_all.shape[0], c_all.shape[0]
-        labels = torch.cat([anchor_labels, contrast_labels])
-        ids = dense_label_ids(labels.to(torch.uint8) if labels.dtype == torch.bool else labels)
-        self.anchor_ids, self.contrast_ids = ids[:n_anchor], ids[n_anchor:]
-        n_classes = n_anchor + n_contrast  # an upper bound on the number of distinct labels
-        self.class_sum = torch.zeros(n_classes, c_all.shape[1], dtype=c_all.dtype, device=c_all.device)
-        self.class_sum.index_add_(0, self.contrast_ids, c_all)
-        counts = torch.zeros(n_classes, dtype=c_all.dtype, device=c_all.device)
-        counts.index_add_(0, self.contrast_ids, torch.ones(n_contrast, dtype=c_all.dtype, device=c_all.device))
-        self.self_columns = None if self_offset is None else slice(self_offset, self_offset + n_anchor)
-        self.pos_logit_sum = torch.linalg.vecdot(a_all, self.class_sum[self.anchor_ids])
-        self.pos_weight = counts[self.anchor_ids]
-        if self.self_columns is not None:  # anchor i is contrast row i + self_offset, with the same label
-            self.pos_logit_sum -= torch.linalg.vecdot(a_all, c_all[self.self_columns])
-            self.pos_weight -= 1
-
-    def subtract_gradients(self, grad_anchor, grad_contrast, a_all, c_all, coef_pos):
-        """``dA -= coef_pos_i * sum_{j in P(i)} c_j`` and ``dC_j -= sum_{i: j in P(i)} coef_pos_i a_i``."""
-        positive_sum = self.class_sum[self.anchor_ids]
-        if self.self_columns is not None:
-            positive_sum = positive_sum - c_all[self.self_columns]
-        grad_anchor.addcmul_(positive_sum, coef_pos[:, None], value=-1.0)
-        weighted = a_all * coef_pos[:, None]
-        per_class = torch.zeros_like(self.class_sum).index_add_(0, self.anchor_ids, weighted)
-        grad_contrast.sub_(per_class[self.contrast_ids])
-        if self.self_columns is not None:
-            grad_contrast[self.self_columns] += weighted
-
-
-class _MaskPositives:
-    """:class:`_LabelPositives` for a ``[B, B]`` mask read at ``[i % B, j % B]``, again without any ``[block, Nc]``
-    weight matrix: with ``R[b]`` the sum of the contrast rows ``j % B == b``, ``sum_j w_ij c_j = (mask @ R)[i % B]``
-    (a ``B x B x D`` product, ``1 / n_views^2`` of the loss's), the counts likewise, and the contrast side's gradient
-    from ``mask^T`` and the anchors' per-residue sums. The self pair's weight ``mask[i % B, (i + k) % B]`` is
-    subtracted explicitly."""
-
-    def __init__(self, a_all, c_all, mask, self_offset):
+    def __init__(self, a_all, c_all, anchor_ids, contrast_ids, n_groups, weights, self_offset):
         n_anchor, n_contrast = a_all.shape[0], c_all.shape[0]
         device, dtype = c_all.device, c_all.dtype
-        self.weights = mask.to(dtype)
-        bsz = mask.shape[0]
-        self.anchor_ids = torch.arange(n_anchor, device=device) % bsz
-        self.contrast_ids = torch.arange(n_contrast, device=device) % bsz
-        residue_sum = torch.zeros(bsz, c_all.shape[1], dtype=dtype, device=device).index_add_(0, self.contrast_ids, c_all)
-        counts = torch.zeros(bsz, dtype=dtype, device=device).index_add_(
-            0, self.contrast_ids, torch.ones(n_contrast, dtype=dtype, device=device)
+        self.anchor_ids, self.contrast_ids, self.weights = anchor_ids, contrast_ids, weights
+        group_sum = torch.zeros(n_groups, c_all.shape[1], dtype=dtype, device=device).index_add_(0, contrast_ids, c_all)
+        counts = torch.zeros(n_groups, dtype=dtype, device=device).index_add_(
+            0, contrast_ids, torch.ones(n_contrast, dtype=dtype, device=device)
         )
-        self.positive_sums = torch.mm(self.weights, residue_sum)  # [B, D]: sum_j mask[b, j % B] c_j
-        self.pos_weight = torch.mv(self.weights, counts)[self.anchor_ids]
-        self.pos_logit_sum = torch.linalg.vecdot(a_all, self.positive_sums[self.anchor_ids])
+        if weights is not None:  # [G, D]: sum_j W[g, g'_j] c_j
+            group_sum, counts = torch.mm(weights, group_sum), torch.mv(weights, counts)
+        self.positive_sums = group_sum
+        self.pos_weight = counts[anchor_ids]
+        self.pos_logit_sum = torch.linalg.vecdot(a_all, group_sum[anchor_ids])
         self.self_columns = self.self_weight = None
-        if self_offset is not None:  # anchor i is contrast row i + self_offset: weight mask[i % B, (i + k) % B]
+        if self_offset is not None:
             self.self_columns = slice(self_offset, self_offset + n_anchor)
-            self.self_weight = self.weights[self.anchor_ids, self.contrast_ids[self.self_columns]]
-            self.pos_logit_sum -= self.self_weight * torch.linalg.vecdot(a_all, c_all[self.self_columns])
-            self.pos_weight -= self.self_weight
+            self_dots = torch.linalg.vecdot(a_all, c_all[self.self_columns])
+            if weights is None:  # the same row: always its own class
+                self.pos_logit_sum -= self_dots
+                self.pos_weight -= 1
+            else:
+                self.self_weight = weights[anchor_ids, contrast_ids[self.self_columns]]
+                self.pos_logit_sum -= self.self_weight * self_dots
+                self.pos_weight -= self.self_weight
 
     def subtract_gradients(self, grad_anchor, grad_contrast, a_all, c_all, coef_pos):
         """``dA_i -= coef_pos_i sum_j w_ij c_j`` and ``dC_j -= sum_i coef_pos_i w_ij a_i`` (self pairs excluded)."""
         positive_sum = self.positive_sums[self.anchor_ids]
-        if self.self_columns is not None:
-            positive_sum = positive_sum.addcmul_(c_all[self.self_columns], self.self_weight[:, None], value=-1.0)
-        grad_anchor.addcmul_(positive_sum, coef_pos[:, None], value=-1.0)
         weighted = a_all * coef_pos[:, None]
-        per_residue = torch.zeros_like(self.positive_sums).index_add_(0, self.anchor_ids, weighted)
-        grad_contrast.sub_(torch.mm(self.weights.T, per_residue)[self.contrast_ids])
+        per_group = torch.zeros_like(self.positive_sums).index_add_(0, self.anchor_ids, weighted)
+        if self.weights is not None:
+            per_group = torch.mm(self.weights.T, per_group)
         if self.self_columns is not None:
-            grad_contrast[self.self_columns] += weighted * self.self_weight[:, None]
+            self_rows = c_all[self.self_columns]
+            if self.self_weight is None:
+                positive_sum.sub_(self_rows)
+            else:
+                positive_sum.addcmul_(self_rows, self.self_weight[:, None], value=-1.0)
+                weighted = weighted * self.self_weight[:, None]
+            grad_contrast[self.self_columns] += weighted
+        grad_anchor.addcmul_(positive_sum, coef_pos[:, None], value=-1.0)
+        grad_contrast.sub_(per_group[self.contrast_ids])
+
+
+def _label_positives(a_all, c_all, anchor_labels, contrast_labels, self_offset):
+    """:class:`_Positives` of labels: dense class ids from a sort (labels of any real or bool dtype, equal values
+    sharing an id), at most ``Na + Nc`` classes (a static bound)."""
+    from fastcl._validation import dense_label_ids
+
+    labels = torch.cat([anchor_labels, contrast_labels])
+    ids = dense_label_ids(labels.to(torch.uint8) if labels.dtype == torch.bool else labels)
+    n_anchor = a_all.shape[0]
+    return _Positives(a_all, c_all, ids[:n_anchor], ids[n_anchor:], ids.shape[0], None, self_offset)
 
 
 def _positives(a_all, c_all, anchor_labels, contrast_labels, mask, self_offset):
-    """The positives' statistics and gradient, from labels or from the mask (never from a similarity block)."""
+    """The positives' statistics and gradient, from labels or from a ``[B, B]`` mask read at ``[i % B, j % B]``
+    (the groups are the residues mod B), never from a similarity block."""
     if mask is None:
-        return _LabelPositives(a_all, c_all, anchor_labels, contrast_labels, self_offset)
-    return _MaskPositives(a_all, c_all, mask, self_offset)
+        return _label_positives(a_all, c_all, anchor_labels, contrast_labels, self_offset)
+    device, bsz = c_all.device, mask.shape[0]
+    anchor_ids = torch.arange(a_all.shape[0], device=device) % bsz
+    contrast_ids = torch.arange(c_all.shape[0], device=device) % bsz
+    return _Positives(a_all, c_all, anchor_ids, contrast_ids, bsz, mask.to(c_all.dtype), self_offset)
 
 
 def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, want_grad):
@@ -186,7 +179,7 @@ def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, self_off
     for start in range(0, n_anchor, block):
         stop = min(start + block, n_anchor)
         a = a_all[start:stop]
-        logits = torch.mm(c_all, a.T, out=buffer[: n_contrast * (stop - start)].view(n_contrast, stop - start))
+        logits = torch.mm(c_all, a.T, out=_block_view(buffer, n_contrast, stop - start))
         if self_offset is not None:
             _self_diagonal(logits, start, self_offset).fill_(float("-inf"))
         if shift_free:  # |s| is bounded: exp(s) as it is (one pass instead of max, subtract, exp)
@@ -246,7 +239,7 @@ def _symmetric_pass(features, labels, mask, inv_temperature, scale, want_grad):
     def panel_exps(start, stop):
         """``exp(s)`` of rows ``[start, stop)`` against columns ``[start, N)``, self pairs 0."""
         width, rows = n - start, stop - start
-        panel = torch.mm(x[start:], a_all[start:stop].T, out=buffer[: width * rows].view(width, rows))
+        panel = torch.mm(x[start:], a_all[start:stop].T, out=_block_view(buffer, width, rows))
         panel.diagonal().fill_(float("-inf"))
         return panel.exp_()
 
@@ -269,7 +262,7 @@ def _symmetric_pass(features, labels, mask, inv_temperature, scale, want_grad):
         stop = min(start + block, n)
         exps = panel_exps(start, stop)
         width, rows = n - start, stop - start
-        weights = torch.add(factor[start:, None], factor[start:stop], out=pair_factor[: width * rows].view(width, rows))
+        weights = torch.add(factor[start:, None], factor[start:stop], out=_block_view(pair_factor, width, rows))
         weights.mul_(exps)  # M^T = exp(s)^T (f_j + f_i)
         grad[start:stop].addmm_(weights.T, x[start:])
         grad[stop:].addmm_(weights[rows:], x[start:stop])
@@ -286,7 +279,7 @@ def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset,
     turns it into the combined ``dL/ds = (fwd softmax + reverse softmax) / 2`` before the two gradient products: four
     block GEMMs in all (dense needs three and an ``N x N`` buffer; two one-way passes need six). When one block holds
     the whole problem the logits of pass 1 are kept, so it is exactly three. Positives of both directions come from
-    per-class sums (:class:`_LabelPositives`), never from the block. Only ``self_offset`` None or 0 (the same pairs
+    per-class sums (:class:`_Positives`), never from the block. Only ``self_offset`` None or 0 (the same pairs
     excluded in both directions).
     """
     compute_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
@@ -294,8 +287,8 @@ def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset,
     c_all = contrast.to(compute_dtype)
     n_anchor, n_contrast = a_all.shape[0], c_all.shape[0]
     device = a_all.device
-    forward_pos = _LabelPositives(a_all, c_all, anchor_labels, contrast_labels, self_offset)
-    reverse_pos = _LabelPositives(c_all, a_all, contrast_labels, anchor_labels, self_offset)
+    forward_pos = _label_positives(a_all, c_all, anchor_labels, contrast_labels, self_offset)
+    reverse_pos = _label_positives(c_all, a_all, contrast_labels, anchor_labels, self_offset)
 
     row_lse = torch.empty(n_anchor, dtype=compute_dtype, device=device)
     col_max = torch.full((n_contrast,), float("-inf"), dtype=compute_dtype, device=device)
@@ -307,12 +300,9 @@ def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset,
     # blocks stored transposed, [Nc, rows] and contiguous (the products then run unstrided, as in _symmetric_pass)
     buffers = [a_all.new_empty(min(block, n_anchor) * n_contrast) for _ in range(1 if single_block else 2)]
 
-    def transposed(buffer, rows):
-        return buffer[: n_contrast * rows].view(n_contrast, rows)
-
     def block_logits(start, stop):
         """``s^T`` of anchors ``[start, stop)``: ``[Nc, rows]``, self pairs ``-inf``."""
-        logits = torch.mm(c_all, a_all[start:stop].T, out=transposed(buffers[0], stop - start))
+        logits = torch.mm(c_all, a_all[start:stop].T, out=_block_view(buffers[0], n_contrast, stop - start))
         if self_offset is not None:
             _self_diagonal(logits, start, self_offset).fill_(float("-inf"))
         return logits
@@ -370,7 +360,7 @@ def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset,
         if shift_free:
             exps = kept if single_block else block_logits(start, stop).exp_()
             kept = None
-            dlogits = transposed(buffers[-1], stop - start) if not single_block else torch.empty_like(exps)
+            dlogits = _block_view(buffers[-1], n_contrast, stop - start) if not single_block else torch.empty_like(exps)
             dlogits = torch.mul(exps, col_factor[:, None], out=dlogits).addcmul_(exps, row_factor[start:stop])
             del exps
         else:
