@@ -17,9 +17,10 @@ build only loads with that torch. ``FASTCL_NO_CUDA=1`` leaves the CUDA kernels o
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["fastcl", "fastcl.kernels", "fastcl.examples", "fastcl.train", "fastcl._csrc"]
+# every package under fastcl/, plus the two folders mapped into it (kernels/ -> fastcl.kernels, csrc/ -> fastcl._csrc)
+PACKAGES = sorted(set(find_packages(include=["fastcl", "fastcl.*"])) | {"fastcl.kernels", "fastcl._csrc"})
 PACKAGE_DIR = {"fastcl": "fastcl", "fastcl.kernels": "kernels", "fastcl._csrc": "csrc"}
 PACKAGE_DATA = {"fastcl._csrc": ["*.cpp", "*.h", "cuda/*.cu"]}
 
