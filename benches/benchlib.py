@@ -125,7 +125,7 @@ def sweep(device: str, quick: bool) -> List[Tuple[str, str, int, int, str]]:
     if device == "cpu":
         if quick:
             grid = [(m, n, 128, "fp32") for n in (1024, 2048) for m in MODES]
-            grid += [("fwd+bwd", n, 128, "fp32") for n in SMALL_N]  # the fixed per-call costs (issue 13)
+            grid += [("fwd+bwd", n, 128, "fp32") for n in SMALL_N]  # the fixed per-call costs at small N
         else:
             grid = [(m, n, d, "fp32") for d in (128, 256) for n in (1024, 4096, 8192) for m in MODES]
             grid += [("fwd+bwd", n, 128, "fp32") for n in (256, 16384, 32768, 65536)]
@@ -571,7 +571,7 @@ def sgemm_rate(size: int = 2048, repeats: int = 5, fresh: bool = False) -> float
 
 
 def cpu_floor_s(case: Case, rate: float) -> float:
-    """The CPU floor of issue 13: the model's matrix products (``PRODUCTS[mode]`` x ``2 N^2 D``, so ``6 N^2 D`` for
+    """The CPU floor: the model's matrix products (``PRODUCTS[mode]`` x ``2 N^2 D``, so ``6 N^2 D`` for
     fwd+bwd) at the sgemm rate ``rate``; exponentials and everything else count as zero."""
     return model_flops(case) / rate
 

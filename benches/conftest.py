@@ -31,7 +31,7 @@ THREADS = benchlib.apply_threads()
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "targets: the performance targets of issues 2 and 6 (benches/test_targets.py)")
+    config.addinivalue_line("markers", "targets: the CPU and GPU performance targets (benches/test_targets.py)")
     config.addinivalue_line("markers", "huge: N = 2**20 on GPU (run with FASTCL_TRITON_AUTOTUNE=0)")
     config.addinivalue_line("markers", "sweep: the implementation x size sweep (benches/test_losses.py)")
 

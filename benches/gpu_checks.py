@@ -1,4 +1,4 @@
-"""On-card checks of what the interpreter cannot show (issue 9, items 2-5 and 10), with pass/fail per check.
+"""On-card checks the interpreter cannot make (precision, loss scaling, device guard, determinism), pass/fail each.
 
     python benches/gpu_checks.py [--json out.json]
 

@@ -4,7 +4,7 @@
 
 For SupCon 'all' (labels) and symmetric InfoNCE at D = 128, times forward + backward of each implementation with CUDA
 events (warm-up first, so autotuning and compilation are outside the timing; median of ``--reps``) and reports the
-ratios the issue's targets are stated in: reference / triton (>= 1 at N = 1024, >= 10 at N = 16384 in bf16, >= 3 in
+ratios the GPU targets are stated in: reference / triton (>= 1 at N = 1024, >= 10 at N = 16384 in bf16, >= 3 in
 fp32 via tf32x3). The dense reference materialises N x N logits, so it is skipped where that would exceed
 ``--dense-max-gib``. fp32 runs with ``torch.backends.cuda.matmul.allow_tf32 = False`` (PyTorch's default) for both:
 the reference in IEEE fp32, fastcl via tf32x3.

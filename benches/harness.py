@@ -143,7 +143,7 @@ def bench_case(
     else:
         info["peak_mem_mb"] = None
         info["peak_mem_error"] = (memory or {}).get("error", "not measured")
-    if case.device == "cpu":  # the floor of issue 13: this run's sgemm rate, same process and thread count
+    if case.device == "cpu":  # the sgemm floor: this run's sgemm rate, same process and thread count
         rate = benchlib.sgemm_rate()
         info["sgemm_gflops"] = round(rate / 1e9, 2)
         info["floor_s"] = benchlib.cpu_floor_s(case, rate)

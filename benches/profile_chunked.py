@@ -1,5 +1,5 @@
 """Where the chunked backend's time goes: one fwd+bwd call under torch.profiler, ops grouped into the similarity
-GEMM, the two gradient GEMMs, exponentials, reductions, other elementwise work and the rest (issue 13).
+GEMM, the two gradient GEMMs, exponentials, reductions, other elementwise work and the rest.
 
     python benches/profile_chunked.py --threads 1 --n 8192 --losses supcon,infonce
 

@@ -285,7 +285,7 @@ def markdown(results: Results, modes=None) -> str:
         if gpu and main:
             head += [f"{short(main)} TFLOP/s", f"{short(main)} of roofline"]
         cpu_ratios = not gpu and main == "fastcl[chunked]"
-        if cpu_ratios:  # issue 13: time ratio to dense (< 1: faster) and to the sgemm floor (6 N^2 D at R)
+        if cpu_ratios:  # CPU: time ratio to dense (< 1: faster) and to the sgemm floor (6 N^2 D at R)
             head += ["chunked / dense", "chunked / floor"]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))

@@ -1,4 +1,4 @@
-"""Chunked vs dense vs the sgemm floor, interleaved in one process (issue 13): the numbers behind RESULTS.md's table.
+"""Chunked vs dense vs the sgemm floor, interleaved in one process: the numbers behind RESULTS.md's table.
 
     python benches/side_by_side.py --threads 2 --n 64,256,1024,2048,8192 --losses all --repeats 15
 
@@ -7,7 +7,7 @@ table gives medians. Floor = 6 N^2 D flops at R, the rate of a square 2048^3 sge
 before each N (a shared machine's rate drifts; the R column shows it).
 
 Losses (``--losses``, comma-separated, or ``all``): the sweep's ``supcon`` (labels, contrast_mode 'all'), ``ntxent``
-and ``infonce`` (symmetric), and the other modes of the issue: ``supcon-one`` (labels, 'one'), ``supcon-unsup`` (no
+and ``infonce`` (symmetric), and the other modes: ``supcon-one`` (labels, 'one'), ``supcon-unsup`` (no
 labels, 'all': SimCLR), ``supcon-mask`` (a [bsz, bsz] mask), ``infonce-oneway`` (symmetric=False, default pairing),
 ``infonce-labels`` (symmetric=False, random positive indices). N is the side of the similarity matrix as in
 :mod:`benchlib` (for 'one' the anchors are the N/2 first views).

@@ -1,4 +1,4 @@
-"""Measure the performance targets of issues 2 and 6 without pytest-benchmark: one fresh process per case.
+"""Measure the CPU and GPU performance targets without pytest-benchmark: one fresh process per case.
 
     python benches/targets.py                      # the targets of this device (CUDA if present, else CPU)
     python benches/targets.py --json out.json      # also write the measurements
@@ -71,7 +71,7 @@ def cpu_targets(quick: bool):
 
     targets.append(
         (
-            "issue2-cpu-speedup-n8192",
+            "cpu-supcon-speedup-vs-reference-n8192",
             "SupCon fwd+bwd N=8192 (4096 x 2 views), D=128, fp32: chunked speedup over the dense reference",
             3.0,
             True,
@@ -87,7 +87,7 @@ def cpu_targets(quick: bool):
         return value, [result]
 
     targets.append(
-        ("issue2-cpu-rss-n32768", "SupCon fwd+bwd N=32768: chunked peak RSS growth (MiB)", 1024.0, False, rss)
+        ("cpu-supcon-rss-n32768", "SupCon fwd+bwd N=32768: chunked peak RSS growth (MiB)", 1024.0, False, rss)
     )
 
     def runs(measure):
@@ -98,7 +98,7 @@ def cpu_targets(quick: bool):
     dense = benchlib.predicted_bytes(supcon("reference", "reference", 65536))
     targets.append(
         (
-            "issue2-cpu-runs-n65536",
+            "cpu-supcon-runs-n65536",
             f"SupCon fwd+bwd N=65536: chunked runs (peak RSS growth MiB; dense reference predicted "
             f"{dense / 1e9:.0f} GB)",
             None,
@@ -119,7 +119,7 @@ def gpu_targets(quick: bool):
 
     targets.append(
         (
-            "issue6-gpu-roofline-n65536",
+            "gpu-supcon-roofline-n65536",
             "SupCon bf16 D=128 fwd+bwd N=65536: fraction of the roofline",
             0.5,
             True,
@@ -135,7 +135,13 @@ def gpu_targets(quick: bool):
         return theirs["median_s"] / ours["median_s"], [ours, theirs]
 
     targets.append(
-        ("issue6-gpu-vs-infcl-n65536", "InfoNCE bf16 D=128 fwd+bwd N=65536: speedup over Inf-CL", 2.0, True, vs_infcl)
+        (
+            "gpu-infonce-speedup-vs-infcl-n65536",
+            "InfoNCE bf16 D=128 fwd+bwd N=65536: speedup over Inf-CL",
+            2.0,
+            True,
+            vs_infcl,
+        )
     )
 
     def vs_reference(measure):
@@ -147,7 +153,7 @@ def gpu_targets(quick: bool):
 
     targets.append(
         (
-            "issue6-gpu-vs-reference-n16384",
+            "gpu-supcon-speedup-vs-reference-n16384",
             "SupCon bf16 D=128 fwd+bwd N=16384: speedup over the reference",
             10.0,
             True,
@@ -163,7 +169,7 @@ def gpu_targets(quick: bool):
 
     targets.append(
         (
-            "issue6-gpu-runs-n1m",
+            "gpu-supcon-runs-n1m",
             "SupCon bf16 D=128 fwd+bwd N=1,048,576 runs (s; fixed config, no autotune)",
             None,
             False,

@@ -22,7 +22,7 @@ def test_sweep_is_small_first_and_quick_is_small():
     assert {p[0] for p in quick} == set(benchlib.LOSSES)
     assert {p[1] for p in quick} == set(benchlib.MODES)
     assert max(p[2] for p in quick) <= 2048
-    assert {64, 128, 256, 512} <= {p[2] for p in quick if p[1] == "fwd+bwd"}  # the small sizes of issue 13
+    assert {64, 128, 256, 512} <= {p[2] for p in quick if p[1] == "fwd+bwd"}  # the small sizes (per-call cost)
     ns = [p[2] for p in benchlib.sweep("cpu", quick=False)]
     assert max(ns) == 65536
 

@@ -1,4 +1,4 @@
-"""The performance targets of issue 2 (CPU) and issue 6 (GPU), as named benchmarks (marker ``targets``).
+"""The CPU and GPU performance targets (speed, memory, largest N that runs), as named benchmarks (marker ``targets``).
 
     pytest benches/test_targets.py --benchmark-only                      # all targets of this device
     FASTCL_BENCH_ENFORCE_TARGETS=1 pytest benches/test_targets.py --benchmark-only   # fail on a missed speed target
@@ -8,11 +8,11 @@ Every test records ``target``, ``target_value``, ``target_threshold`` and ``targ
 ``FASTCL_BENCH_ENFORCE_TARGETS=1``, because a shared CI machine's timings are noisy. ``python benches/targets.py``
 measures the same targets without pytest-benchmark, one fresh process per case.
 
-CPU (issue 2), SupCon with labels, two views, D = 128, fp32, fwd+bwd:
+CPU, SupCon with labels, two views, D = 128, fp32, fwd+bwd:
   * N = 8192: the chunked backend at least 3x faster than the dense reference on the same inputs (medians);
   * N = 32768: the chunked backend's peak RSS growth under 1 GiB;
   * N = 65536: the chunked backend runs (the dense reference would need > 100 GB).
-GPU (issue 6), bf16, D = 128, fwd+bwd:
+GPU, bf16, D = 128, fwd+bwd:
   * SupCon N = 65536 within 2x of the roofline (benchlib.gpu_roofline);
   * InfoNCE N = 65536 at least 2x faster than Inf-CL's cal_flash_loss on the same work;
   * SupCon N = 16384 at least 10x faster than the dense reference;
@@ -29,8 +29,8 @@ from harness import DEVICE, ENFORCE_TARGETS, QUICK, bench_case, check_deadline, 
 
 pytestmark = pytest.mark.targets
 
-cpu_only = pytest.mark.skipif(DEVICE != "cpu", reason="a CPU target (issue 2); this run benchmarks CUDA")
-gpu_only = pytest.mark.skipif(DEVICE != "cuda", reason="a GPU target (issue 6): needs a CUDA device")
+cpu_only = pytest.mark.skipif(DEVICE != "cpu", reason="a CPU target; this run benchmarks CUDA")
+gpu_only = pytest.mark.skipif(DEVICE != "cuda", reason="a GPU target: needs a CUDA device")
 not_quick = pytest.mark.skipif(QUICK, reason="large-N target, not part of FASTCL_BENCH_QUICK=1")
 
 
@@ -68,19 +68,19 @@ def _speed_target(
 
 
 # ------------------------------------------------------------------------------------------------------------
-# CPU: issue 2
+# CPU: SupCon with labels, D = 128, fp32, chunked backend
 # ------------------------------------------------------------------------------------------------------------
 
 
 @cpu_only
-def test_issue2_speedup_n8192(benchmark, memserver):
+def test_cpu_speedup_n8192(benchmark, memserver):
     """Chunked fwd+bwd at N = 8192 (bsz 4096 x 2 views) >= 3x faster than the dense reference (medians)."""
     _speed_target(
         benchmark,
         memserver,
         _supcon("fastcl", "chunked", 8192),
         _supcon("reference", "reference", 8192),
-        "issue2-cpu-speedup-n8192",
+        "cpu-supcon-speedup-vs-reference-n8192",
         3.0,
         rounds=5,
         their_rounds=3,
@@ -89,27 +89,27 @@ def test_issue2_speedup_n8192(benchmark, memserver):
 
 @cpu_only
 @not_quick
-def test_issue2_rss_n32768(benchmark, memserver):
+def test_cpu_rss_n32768(benchmark, memserver):
     """Chunked fwd+bwd at N = 32768: peak RSS growth (fresh process) under 1 GiB."""
     case = _supcon("fastcl", "chunked", 32768)
     info = bench_case(benchmark, case, memserver, rounds=1)
     peak_mb = info["peak_mem_mb"]
     benchmark.extra_info.update(
-        target_info("issue2-cpu-rss-n32768", "peak RSS growth (MiB)", peak_mb, 1024.0, higher_is_better=False)
+        target_info("cpu-supcon-rss-n32768", "peak RSS growth (MiB)", peak_mb, 1024.0, higher_is_better=False)
     )
     assert peak_mb is not None and peak_mb < 1024.0, f"peak RSS growth {peak_mb} MiB >= 1 GiB"
 
 
 @cpu_only
 @not_quick
-def test_issue2_runs_n65536(benchmark, memserver):
+def test_cpu_runs_n65536(benchmark, memserver):
     """Chunked fwd+bwd at N = 65536 runs (the dense reference would need the predicted bytes below)."""
     case = _supcon("fastcl", "chunked", 65536)
     dense = benchlib.predicted_bytes(_supcon("reference", "reference", 65536))
     info = bench_case(benchmark, case, memserver, rounds=1)
     benchmark.extra_info.update(
         target_info(
-            "issue2-cpu-runs-n65536",
+            "cpu-supcon-runs-n65536",
             "runs (peak RSS growth MiB)",
             info["peak_mem_mb"],
             1.0,
@@ -120,7 +120,7 @@ def test_issue2_runs_n65536(benchmark, memserver):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# GPU: issue 6
+# GPU: Triton backend, bf16, D = 128
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -130,7 +130,7 @@ def test_gpu_roofline_n65536(benchmark):
     case = _supcon("fastcl", "triton", 65536, "bf16", "cuda")
     info = bench_case(benchmark, case, rounds=10)
     fraction = info.get("roofline_fraction")
-    benchmark.extra_info.update(target_info("issue6-gpu-roofline-n65536", "fraction of roofline", fraction, 0.5))
+    benchmark.extra_info.update(target_info("gpu-supcon-roofline-n65536", "fraction of roofline", fraction, 0.5))
     if ENFORCE_TARGETS:
         assert fraction is not None and fraction >= 0.5
 
@@ -140,7 +140,7 @@ def test_gpu_vs_infcl_n65536(benchmark):
     """Triton InfoNCE (symmetric) bf16 fwd+bwd at N = 65536 >= 2x faster than Inf-CL's cal_flash_loss."""
     ours = Case("fastcl", "triton", "infonce", "fwd+bwd", 65536, 128, "bf16", "cuda")
     theirs = Case("inf-cl", "cal_flash_loss", "infonce", "fwd+bwd", 65536, 128, "bf16", "cuda")
-    _speed_target(benchmark, None, ours, theirs, "issue6-gpu-vs-infcl-n65536", 2.0, rounds=10, their_rounds=5)
+    _speed_target(benchmark, None, ours, theirs, "gpu-infonce-speedup-vs-infcl-n65536", 2.0, rounds=10, their_rounds=5)
 
 
 @gpu_only
@@ -151,7 +151,7 @@ def test_gpu_vs_reference_n16384(benchmark):
         None,
         _supcon("fastcl", "triton", 16384, "bf16", "cuda"),
         _supcon("reference", "reference", 16384, "bf16", "cuda"),
-        "issue6-gpu-vs-reference-n16384",
+        "gpu-supcon-speedup-vs-reference-n16384",
         10.0,
         rounds=20,
         their_rounds=10,
@@ -176,7 +176,7 @@ def test_gpu_runs_n1m(benchmark):
     info = bench_case(benchmark, case, rounds=1)
     benchmark.extra_info.update(
         target_info(
-            "issue6-gpu-runs-n1m",
+            "gpu-supcon-runs-n1m",
             "runs (median s)",
             benchmark.stats.stats.median if benchmark.stats else None,
             0.0,
