@@ -111,7 +111,11 @@ def test_wheel_is_pure_python_and_carries_the_sources(dists):
         "fastcl/_csrc/ops.cpp",
         "fastcl/_csrc/segments.h",
         "fastcl/_csrc/cuda/segments.cu",
-        "fastcl/kernels/contrastive.py",
+        "fastcl/kernels/jit.py",
+        "fastcl/kernels/launch.py",
+        "fastcl/kernels/tiling.py",
+        "fastcl/ops/dispatch.py",
+        "fastcl/ops/chunked/passes.py",
         "fastcl/_extension.py",
     ):
         assert needed in names, needed
@@ -125,7 +129,8 @@ def test_sdist_is_complete(dists):
     sdist, _, _ = dists
     names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
     for needed in ("csrc/ops.cpp", "csrc/segments.h", "csrc/cuda/segments.cu", "csrc/check_cuda_build.py",
-                   "kernels/contrastive.py", "setup.py", "pyproject.toml", "README.md"):  # fmt: skip
+                   "kernels/jit.py", "kernels/launch.py", "kernels/tiling.py", "setup.py", "pyproject.toml",
+                   "README.md"):  # fmt: skip
         assert needed in names, needed
 
 
