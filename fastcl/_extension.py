@@ -323,6 +323,7 @@ def repeat_segments(values: torch.Tensor, counts: Sequence[int], repeats: int) -
 # Fake functions and autograd formulas of the compiled ops
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _register_python_parts() -> None:
     """Fake (shape) functions and autograd formulas of the compiled ops, once they are loaded."""
 

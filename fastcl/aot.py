@@ -244,11 +244,13 @@ def compile_one(job: dict) -> dict:
         usage = _resource_usage(compiled.asm["cubin"])
         record["shared_bytes"] = compiled.metadata.shared
         record["shared_limit"] = tiling.SHARED_MEMORY_LIMITS[job["arch"]]
-        record["shared_estimate"] = tiling.shared_memory_estimate(
-            triton.Config({"BLOCK_M": job["block_m"], "BLOCK_N": job["block_n"]}, num_warps=job["num_warps"],
-                          num_stages=job["num_stages"]),
-            job["dim"], DTYPES[job["dtype"]][1], job["kernel"],
-        )  # fmt: skip
+        config = triton.Config(
+            {"BLOCK_M": job["block_m"], "BLOCK_N": job["block_n"]},
+            num_warps=job["num_warps"],
+            num_stages=job["num_stages"],
+        )
+        element_size = DTYPES[job["dtype"]][1]
+        record["shared_estimate"] = tiling.shared_memory_estimate(config, job["dim"], element_size, job["kernel"])
         record["registers"] = usage.get("reg", -1)
         record["spill_bytes"] = max(usage.get("stack", 0), usage.get("local", 0))
         ptx = compiled.asm["ptx"]

@@ -229,8 +229,15 @@ def _launch(name, grid_of, leading, args: _LaunchArgs, scalars, constexprs):
         if config is not None:
             meta = dict(config.kwargs)
             launch = kernel[grid_of(meta)]
-            launch(*leading, *args.tensors, *scalars, **constexprs, **meta, num_warps=config.num_warps,
-                   num_stages=config.num_stages)
+            launch(
+                *leading,
+                *args.tensors,
+                *scalars,
+                **constexprs,
+                **meta,
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
+            )
         else:
             kernel[grid_of](*leading, *args.tensors, *scalars, **constexprs)
 

@@ -37,6 +37,7 @@ MAX_OUTPUT_D_TILE = 512
 MAX_OUTPUT_D_TILE_FP32 = 256
 MAX_OUTPUT_D_TILE_FP32_TWO_WAY = 128
 
+
 def block_d_for(dim: int, element_size: int = 2) -> tuple[int, bool]:
     """``(BLOCK_D, SINGLE_D_TILE)``: the whole feature dim in one tile when it fits (up to 256, 16 for fp32),
     else the logits loop over tiles of :data:`LOOPED_D_TILE` (fp32: :data:`D_TILE_FP32`)."""
@@ -93,7 +94,6 @@ def dense_backward_flops(n_anchor: int, n_contrast: int, dim: int) -> int:
     return 6 * n_anchor * n_contrast * dim
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Configs: autotuned, fixed (FASTCL_TRITON_AUTOTUNE=0), deterministic, fallback; every one passes keep_config
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,17 +124,15 @@ LOOPED_FIXED_PREFERENCE = (
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=1),
 )
-# Opt-in shared memory per block (bytes) of the archs fastcl is lowered for (``cudaDevAttrMaxSharedMemoryPerBlockOptin``).
+# Opt-in shared memory per block (bytes) of the archs fastcl is lowered for
+# (``cudaDevAttrMaxSharedMemoryPerBlockOptin``).
 SHARED_MEMORY_LIMITS = {80: 166_912, 90: 232_448}
 SHARED_MEMORY_BUDGET = min(SHARED_MEMORY_LIMITS.values())
 # The variants a launch compiles: the backward kernels with and without the reverse direction fused in.
 KERNEL_VARIANTS = ("fwd", "bwd_anchor", "bwd_anchor[two_way]", "bwd_contrast", "bwd_contrast[two_way]")
 REGISTER_BUDGET = 48  # fp32 tile values per thread the kernels may hold without spilling (see keep_config)
-# The backward at looped feature dims: the [resident, BLOCK_D_OUT] accumulator dominates (bf16, D = 1024, sm_80 and
-# sm_90: 68-74 values per thread (32 x 512 accumulator) lowered to 168-216 registers without spills with labels,
-# 206-231 with a mask; the two-way 32 x 64 tiles (80-84 values) reached 248-255 with a mask, 128-144 values spilled
-# on one arch or the other); a second pipeline stage of the logits loop spilled even the 32 x 32 tile, so these
-# configs run one stage.
+# The backward at looped feature dims: the [resident, BLOCK_D_OUT] accumulator dominates, and a second pipeline stage
+# of the logits loop spills, so these configs run one stage (docs/triton-configs.md).
 LOOPED_REGISTER_BUDGET = 76
 
 
@@ -143,19 +141,9 @@ def _cfg(block_m, block_n, warps, stages):
 
 
 # fp32 inputs (tf32x3, and tf32 with allow_tf32): the configs that lower without spilling on sm_80 and sm_90, per
-# kernel variant and feature tiling (one tile, D <= 16, or looped tiles of 32), found by sweeping tiles, warps,
-# stages and feature tiles with ``python -m fastcl.aot`` (which fails on any kept config that spills). Preferred
-# first: the first is the fixed config. ptxas settles between 74 and 255 registers per thread for these.
-# One feature tile, not kept, for instance: two-way 64x32 tiles on sm_80 (8-40 B), 64x64 two-way tiles (144-440 B),
-# any two-way tile with one tile of 32 (8-608 B); bwd_contrast 32x32 (tf32, sm_90, 8 B at 128 registers), two-way
-# bwd_contrast 32x64 with a mask (64 B, sm_80), one-way bwd_anchor 64x32 / 2 stages (tf32, sm_80, 8 B) and 32x64
-# (16 B, sm_90). Looped feature tiles, with the backward's output tiles of up to 256 columns (two-way: 128,
-# output_block_d_for; the [resident, BLOCK_D_OUT] accumulator and the [streamed, BLOCK_D_OUT] operand): the
-# one-way kernels keep a resident side of 32 (at 256 columns 64x32 bwd_anchor spilled 8-32 B, 32x64 bwd_contrast
-# 24-224 B, 32x64 bwd_anchor 96-208 B); two-way at 128 columns: bwd_anchor 64x32 / 1 stage spilled 8 B (sm_80), 32x64
-# 8-16 B, 32x32 16-56 B, 4 warps up to 296 B; two-way at 256 columns every config tried spilled (32x32: 8-72 B, 64x32
-# / 32x64: 24-320 B), hence MAX_OUTPUT_D_TILE_FP32_TWO_WAY = 128. Both positive sources (labels, ``--mask``) and both
-# precisions are lowered for these (D = 32, 64, 128, 256, 1024: every output-tile width).
+# kernel variant and feature tiling (one tile, D <= 16, or looped tiles of 32), preferred first (the first is the
+# fixed config). What was swept and what spilled: docs/triton-configs.md; ``python -m fastcl.aot`` fails on any
+# kept config that spills.
 FP32_CONFIGS = {
     ("fwd", True): (_cfg(64, 32, 8, 2), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2)),
     ("fwd", False): (_cfg(64, 32, 8, 2), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2)),
@@ -168,9 +156,8 @@ FP32_CONFIGS = {
     ("bwd_contrast[two_way]", True): (_cfg(64, 32, 8, 1), _cfg(32, 32, 8, 2)),
     ("bwd_contrast[two_way]", False): (_cfg(32, 64, 8, 1),),
 }
-# Per output-tile width (BLOCK_D_OUT, output_block_d_for) where the variant's looped configs above spill: two-way
-# bwd_contrast 32x64 / 1 stage spilled 8 B at 64-wide output tiles (D = 64, mask, tf32x3, sm_80), 2 stages do not
-# (and spilled 8 B at 128-wide ones).
+# Per output-tile width (BLOCK_D_OUT, output_block_d_for) where the variant's looped configs above spill
+# (docs/triton-configs.md).
 FP32_CONFIGS_BY_OUTPUT_TILE = {
     ("bwd_contrast[two_way]", 64): (_cfg(32, 64, 8, 2),),
 }

@@ -486,7 +486,11 @@ def _single_block(problem: Problem, want_grad: bool, fold_roles: bool = False):
     0``): ``dA`` is that input's whole gradient and ``dC`` None.
     """
     inv_temperature, scale, two_way, mask, self_offset = (
-        problem.inv_temperature, problem.scale, problem.two_way, problem.mask, problem.self_offset
+        problem.inv_temperature,
+        problem.scale,
+        problem.two_way,
+        problem.mask,
+        problem.self_offset,
     )
     dtype = compute_dtype(problem.contrast)
     a_all, c_all = in_dtype(problem.anchor_rows, dtype), in_dtype(problem.contrast, dtype)
