@@ -12,8 +12,6 @@ from typing import Optional, Sequence
 
 import torch
 
-from fastcl import _extension
-
 
 def view_major(features: torch.Tensor) -> torch.Tensor:
     """``[n_views * bsz, dim]`` from ``features [bsz, n_views, dim]``: row ``v * bsz + i`` is view v of sample i
@@ -32,4 +30,6 @@ def view_major_labels(sample_ids: torch.Tensor, n_views: int, counts: Optional[S
     rank, the ids of all ranks in rank order) each rank's block of views is repeated in place."""
     if counts is None:
         return sample_ids.repeat(n_views)
+    from fastcl import _extension  # (the gather extension's loader: only the distributed losses need it)
+
     return _extension.repeat_segments(sample_ids, counts, n_views)

@@ -71,7 +71,9 @@ def _fused_chunked(anchor, contrast, problem: Problem, normalize: bool):
         contrast, contrast_denom, contrast_live = _normalize_rows(contrast)
         if anchor is not None:
             anchor, anchor_denom, anchor_live = _normalize_rows(anchor)
-    loss, grad_anchor, grad_contrast = passes.chunked_forward(problem._replace(anchor=anchor, contrast=contrast), True)
+    if anchor is not problem.anchor or contrast is not problem.contrast:  # (as a torch.func transform hands them)
+        problem = problem._replace(anchor=anchor, contrast=contrast)
+    loss, grad_anchor, grad_contrast = passes.chunked_forward(problem, True)
     if normalize:
         if anchor is None:
             grad_anchor = _normalize_backward(grad_anchor, contrast, contrast_denom, contrast_live)
