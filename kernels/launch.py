@@ -154,9 +154,9 @@ class _LaunchArgs:
         anchor, contrast, mask, self_offset = problem.anchor_rows, problem.contrast, problem.mask, problem.self_offset
         anchor_labels, contrast_labels = problem.anchor_labels, problem.contrast_labels
         _check_embeddings(anchor, contrast)
-        same = contrast is anchor
+        one_tensor = contrast is anchor  # (one contiguous copy serves both roles)
         self.anchor = anchor if anchor.stride(1) == 1 else anchor.contiguous()
-        self.contrast = self.anchor if same else (contrast if contrast.stride(1) == 1 else contrast.contiguous())
+        self.contrast = self.anchor if one_tensor else (contrast if contrast.stride(1) == 1 else contrast.contiguous())
         self.device = anchor.device
         self.has_mask = mask is not None
         if self.has_mask:
@@ -314,7 +314,7 @@ def contrastive_backward(
     contrast set: then ``dA`` is the whole gradient and ``dC`` is None.
     """
     two_way = col_stats is not None
-    self_symmetric = col_stats is row_stats
+    anchors_are_contrast = col_stats is row_stats
     stats = (*row_stats, *(col_stats if two_way else row_stats))
     constexprs = dict(
         args.constexprs,
@@ -344,7 +344,7 @@ def contrastive_backward(
             constexprs,
         )
         grad_anchor = _reduce_splits(grad_anchor, args.anchor.dtype)
-    if need_contrast and not self_symmetric:
+    if need_contrast and not anchors_are_contrast:
         splits = split_count(triton.cdiv(args.n_contrast, NOMINAL_BLOCK) * d_tiles, args.n_anchor, args.device)
         grad_contrast = _gradient_buffer(args.contrast, splits)
         _launch(

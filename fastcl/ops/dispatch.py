@@ -102,5 +102,5 @@ def _normalized(problem: Problem) -> Problem:
     """The problem with L2-normalised rows (``F.normalize(x, dim=-1)``), the anchors once when they are the
     contrast rows."""
     contrast = torch.nn.functional.normalize(problem.contrast, dim=-1)
-    anchor = None if problem.anchor is None else torch.nn.functional.normalize(problem.anchor, dim=-1)
+    anchor = None if problem.anchors_are_contrast else torch.nn.functional.normalize(problem.anchor, dim=-1)
     return problem._replace(anchor=anchor, contrast=contrast)

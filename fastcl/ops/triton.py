@@ -66,18 +66,16 @@ def unit_column_stride(problem: Problem, route: str) -> Problem:
     contrast = problem.contrast if problem.contrast.stride(1) == 1 else problem.contrast.contiguous()
     if route == ANCHORS_ARE_CONTRAST:
         return problem._replace(anchor=None, contrast=contrast)
-    anchor = problem.anchor_rows
-    if problem.anchor is not None and anchor.stride(1) != 1:
-        anchor = anchor.contiguous()
-    elif problem.anchor is None:
-        anchor = contrast
+    if problem.anchors_are_contrast:  # other labels or an offset: the same rows in both roles, passed twice
+        return problem._replace(anchor=contrast, contrast=contrast)
+    anchor = problem.anchor if problem.anchor.stride(1) == 1 else problem.anchor.contiguous()
     return problem._replace(anchor=anchor, contrast=contrast)
 
 
 def _launcher_problem(problem: Problem) -> Problem:
     """The launcher's view: the anchors' labels default to the contrast labels when the anchors are the contrast
     rows and none were passed for them."""
-    if problem.anchor is None and problem.anchor_labels is None:
+    if problem.anchors_are_contrast and problem.anchor_labels is None:
         return problem._replace(anchor_labels=problem.contrast_labels)
     return problem
 

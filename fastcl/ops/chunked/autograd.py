@@ -69,13 +69,13 @@ def _fused_chunked(anchor, contrast, problem: Problem, normalize: bool):
     rows, normalised here, and the gradients are those of the raw rows."""
     if normalize:
         contrast, contrast_denom, contrast_live = _normalize_rows(contrast)
-        if anchor is not None:
+        if not problem.anchors_are_contrast:
             anchor, anchor_denom, anchor_live = _normalize_rows(anchor)
     if anchor is not problem.anchor or contrast is not problem.contrast:  # (as a torch.func transform hands them)
         problem = problem._replace(anchor=anchor, contrast=contrast)
     loss, grad_anchor, grad_contrast = passes.chunked_forward(problem, True)
     if normalize:
-        if anchor is None:
+        if problem.anchors_are_contrast:
             grad_anchor = _normalize_backward(grad_anchor, contrast, contrast_denom, contrast_live)
         else:
             grad_anchor = _normalize_backward(grad_anchor, anchor, anchor_denom, anchor_live)
@@ -141,7 +141,7 @@ def _one_positive(problem: Problem):
     """Where each anchor's only positive is (``_paired_by_index``) for a one-way problem with distinct anchors, no
     mask, no excluded pair, and one block; else None. (For the two-way loss chunked's own single-block route,
     gradients formed in the forward, measured faster.)"""
-    if problem.two_way or problem.anchor is None or problem.mask is not None or problem.self_offset is not None:
+    if problem.two_way or problem.anchors_are_contrast or problem.mask is not None or problem.self_offset is not None:
         return None
     if not 0 < problem.anchor.shape[0] * problem.contrast.shape[0] <= passes._SINGLE_BLOCK_PAIRS:
         return None
