@@ -330,33 +330,32 @@ def contrastive_backward(
         mask_t_ptr=args.mask_t, stride_mask_t_row=args.mask_t_strides[0], stride_mask_t_col=args.mask_t_strides[1]
     )
     d_tiles = backward_output_tiles(args.dim, args.element_size, two_way)
-    scalars = (*args.sizes,)
+    args = _with_stats(args, stats)
+    common = (d_tiles, grad_output, args, (inv_temperature * LOG2E, grad_scale), constexprs)
     grad_anchor = grad_contrast = None
     if need_anchor:
-        splits = split_count(triton.cdiv(args.n_anchor, NOMINAL_BLOCK) * d_tiles, args.n_contrast, args.device)
-        grad_anchor = _gradient_buffer(args.anchor, splits)
-        _launch(
-            "bwd_anchor",
-            lambda meta: (triton.cdiv(args.n_anchor, meta["BLOCK_M"]), d_tiles, splits),
-            (grad_anchor, grad_output),
-            _with_stats(args, stats),
-            (*scalars, grad_anchor.stride(-2), inv_temperature * LOG2E, grad_scale),
-            constexprs,
-        )
-        grad_anchor = _reduce_splits(grad_anchor, args.anchor.dtype)
+        grad_anchor = _backward_kernel("bwd_anchor", args.anchor, args.n_contrast, "BLOCK_M", *common)
     if need_contrast and not anchors_are_contrast:
-        splits = split_count(triton.cdiv(args.n_contrast, NOMINAL_BLOCK) * d_tiles, args.n_anchor, args.device)
-        grad_contrast = _gradient_buffer(args.contrast, splits)
-        _launch(
-            "bwd_contrast",
-            lambda meta: (triton.cdiv(args.n_contrast, meta["BLOCK_N"]), d_tiles, splits),
-            (grad_contrast, grad_output),
-            _with_stats(args, stats),
-            (*scalars, grad_contrast.stride(-2), inv_temperature * LOG2E, grad_scale),
-            constexprs,
-        )
-        grad_contrast = _reduce_splits(grad_contrast, args.contrast.dtype)
+        grad_contrast = _backward_kernel("bwd_contrast", args.contrast, args.n_anchor, "BLOCK_N", *common)
     return grad_anchor, grad_contrast
+
+
+def _backward_kernel(name, rows, n_reduced, block, d_tiles, grad_output, args, tail, constexprs):
+    """Launch backward kernel ``name``, which accumulates the gradient of ``rows`` (``[N, D]``, blocks of
+    ``meta[block]`` rows, ``d_tiles`` output feature tiles) over ``n_reduced`` rows or columns, split over a third
+    grid axis when the outputs alone leave SMs idle; the gradient in ``rows``' dtype."""
+    n_rows = rows.shape[0]
+    splits = split_count(triton.cdiv(n_rows, NOMINAL_BLOCK) * d_tiles, n_reduced, args.device)
+    grad = _gradient_buffer(rows, splits)
+    _launch(
+        name,
+        lambda meta: (triton.cdiv(n_rows, meta[block]), d_tiles, splits),
+        (grad, grad_output),
+        args,
+        (*args.sizes, grad.stride(-2), *tail),
+        constexprs,
+    )
+    return _reduce_splits(grad, rows.dtype)
 
 
 def _gradient_buffer(x: torch.Tensor, splits: int) -> torch.Tensor:

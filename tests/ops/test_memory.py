@@ -39,9 +39,9 @@ def _largest_tensor(backend, n_views=2, bsz=300, dim=8, use_mask=False, normaliz
 
 
 @pytest.mark.parametrize("use_mask", [False, True])
-@pytest.mark.parametrize("normalized", [False, True], ids=["row-blocks", "symmetric"])
+@pytest.mark.parametrize("normalized", [False, True], ids=["row-blocks", "half-matrix"])
 def test_chunked_allocates_at_most_block_rows_by_n(monkeypatch, use_mask, normalized):
-    """Raw features at t = 0.07 take the row-block pass (|s| unbounded), normalised ones the symmetric route."""
+    """Raw features at t = 0.07 take the row-block pass (|s| unbounded), normalised ones the half-matrix route."""
     block_rows = 32
     monkeypatch.setattr(chunked_passes, "_BLOCK_BYTES", block_rows * 4 * 600)
     monkeypatch.setattr(chunked_passes, "_MIN_BLOCK_ROWS", 8)
@@ -50,7 +50,7 @@ def test_chunked_allocates_at_most_block_rows_by_n(monkeypatch, use_mask, normal
 
     def recorded(*args):
         result = route(*args)
-        taken.append(result is not None)  # (the symmetric route returns None when it does not apply)
+        taken.append(result is not None)  # (the half-matrix route returns None when it does not apply)
         return result
 
     monkeypatch.setattr(chunked_passes, route.__name__, recorded)
