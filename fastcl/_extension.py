@@ -29,7 +29,6 @@ import glob
 import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 import warnings
 from typing import List, Optional, Sequence

@@ -82,7 +82,6 @@ RECORD_KEYS = (
 def selection(dtypes, dims, archs, full: bool, has_mask: bool = False, kernels=None) -> list:
     """The lowering jobs: one dict per kernel variant / config / arch / dtype / precision / dim (``full=False``: the
     CI subset's configs and precisions; ``kernels``: only these variant labels, default all)."""
-    import torch
 
     from fastcl.kernels import tiling
 
@@ -102,13 +101,13 @@ def selection(dtypes, dims, archs, full: bool, has_mask: bool = False, kernels=N
                     configs = tiling.launchable_configs(base, dim, element_size)
                 else:
                     biggest = max(autotuned, key=lambda c: tiling.shared_memory_estimate(c, dim, element_size, base))
-                    extra = dim == 256 and tiling._config_key(biggest) != tiling._config_key(fixed)
+                    extra = dim == 256 and tiling.config_key(biggest) != tiling.config_key(fixed)
                     configs = [fixed] + ([biggest] if extra else [])
                 for config in configs:
                     roles = []
-                    if any(tiling._config_key(c) == tiling._config_key(config) for c in autotuned):
+                    if any(tiling.config_key(c) == tiling.config_key(config) for c in autotuned):
                         roles.append("autotuned")
-                    if tiling._config_key(config) == tiling._config_key(fixed):
+                    if tiling.config_key(config) == tiling.config_key(fixed):
                         roles.append("fixed")
                     for precision in precisions:
                         for arch in archs:
@@ -237,9 +236,7 @@ def compile_one(job: dict) -> dict:
         bound, specialization, options = binder(*args, **kwargs)
         options, signature, constants, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
         start = time.perf_counter()
-        compiled = triton.compile(
-            ASTSource(fn, signature, constants, attrs), target=target, options=options.__dict__
-        )
+        compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=target, options=options.__dict__)
         record["seconds"] = round(time.perf_counter() - start, 2)
         usage = _resource_usage(compiled.asm["cubin"])
         record["shared_bytes"] = compiled.metadata.shared

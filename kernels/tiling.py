@@ -249,7 +249,7 @@ def keep_config(
     if shared_memory_estimate(config, dim, element_size, kernel) > shared_limit:
         return False
     if element_size == 4:
-        return _config_key(config) in {_config_key(c) for c in _fp32_configs(kernel, dim)}
+        return config_key(config) in {config_key(c) for c in _fp32_configs(kernel, dim)}
     if kernel.endswith("[two_way]") and min(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) >= 64:
         return False  # the exp reuse keeps p_ij live next to dS: 64x64 two-way tiles spilled 16-472 B (D = 16, 64)
     budget = REGISTER_BUDGET
@@ -295,7 +295,7 @@ def autotune_configs(kernel: str, dim: int, element_size: int, configs=None) -> 
     kept = [
         c
         for c in configs
-        if keep_config(c, dim, element_size, kernel) and (element_size == 4 or _config_key(c) not in _FP32_ONLY)
+        if keep_config(c, dim, element_size, kernel) and (element_size == 4 or config_key(c) not in _FP32_ONLY)
     ]
     return kept or [fixed_config(kernel, dim, element_size)]
 
@@ -305,8 +305,8 @@ def launchable_configs(kernel: str, dim: int, element_size: int) -> list:
     fixed (also deterministic and fallback) config. ``python -m fastcl.aot`` lowers exactly these."""
     configs = autotune_configs(kernel, dim, element_size)
     fixed = fixed_config(kernel, dim, element_size)
-    return configs + [fixed] if all(_config_key(fixed) != _config_key(c) for c in configs) else configs
+    return configs + [fixed] if all(config_key(fixed) != config_key(c) for c in configs) else configs
 
 
-def _config_key(config: triton.Config) -> tuple:
+def config_key(config: triton.Config) -> tuple:
     return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)

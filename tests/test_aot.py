@@ -83,9 +83,9 @@ def test_selection_covers_every_launchable_config():
                     for j in full
                     if j["kernel"] == variant and j["dtype"] == dtype and j["dim"] == dim and j["arch"] == 90
                 }
-                launchable = {tiling._config_key(c) for c in tiling.launchable_configs(variant, dim, element_size)}
+                launchable = {tiling.config_key(c) for c in tiling.launchable_configs(variant, dim, element_size)}
                 assert lowered == launchable
-                assert tiling._config_key(tiling.fixed_config(variant, dim, element_size)) in lowered
+                assert tiling.config_key(tiling.fixed_config(variant, dim, element_size)) in lowered
     ci = aot.selection(sorted(aot.CI_PRECISIONS), aot.CI_DIMS, aot.ARCHS, full=False)
     assert 0 < len(ci) < 100 and all("fixed" in j["roles"] or j["dim"] == 256 for j in ci)
 

@@ -95,14 +95,14 @@ def test_every_launchable_config_passes_the_filter_for_every_arch(kernel, dim, e
     configs = tiling.launchable_configs(kernel, dim, element_size)
     assert configs
     fixed = tiling.fixed_config(kernel, dim, element_size)
-    assert any(tiling._config_key(c) == tiling._config_key(fixed) for c in configs)
+    assert any(tiling.config_key(c) == tiling.config_key(fixed) for c in configs)
     for config in configs:
         for arch, limit in ARCH_LIMITS:
             assert tiling.keep_config(config, dim, element_size, kernel, shared_limit=limit), (arch, config)
     # the prune fallback (nothing kept from a hopeless candidate list) is the fixed config, not configs[:1]
     huge = [triton.Config({"BLOCK_M": 512, "BLOCK_N": 512}, num_warps=1, num_stages=4)]
-    assert [tiling._config_key(c) for c in tiling.autotune_configs(kernel, dim, element_size, huge)] == [
-        tiling._config_key(fixed)
+    assert [tiling.config_key(c) for c in tiling.autotune_configs(kernel, dim, element_size, huge)] == [
+        tiling.config_key(fixed)
     ]
 
 
@@ -115,21 +115,21 @@ def test_fp32_keeps_only_the_spill_free_configs(dim):
     assert (block_d, single) == ((16, True) if dim <= 16 else (32, False))
     assert tiling.block_d_for(dim, 2)[0] >= min(128, max(16, dim))  # half precision keeps its wide feature tiles
     for kernel in tiling.KERNEL_VARIANTS:
-        allowed = [tiling._config_key(c) for c in tiling._fp32_configs(kernel, dim)]
+        allowed = [tiling.config_key(c) for c in tiling._fp32_configs(kernel, dim)]
         by_width = (kernel, tiling.output_block_d_for(dim, 4, kernel.endswith("[two_way]")))
         if single or by_width not in tiling.FP32_CONFIGS_BY_OUTPUT_TILE:
-            assert allowed == [tiling._config_key(c) for c in tiling.FP32_CONFIGS[(kernel, single)]]
-        launchable = [tiling._config_key(c) for c in tiling.launchable_configs(kernel, dim, 4)]
+            assert allowed == [tiling.config_key(c) for c in tiling.FP32_CONFIGS[(kernel, single)]]
+        launchable = [tiling.config_key(c) for c in tiling.launchable_configs(kernel, dim, 4)]
         assert launchable and set(launchable) <= set(allowed)
-        assert tiling._config_key(tiling.fixed_config(kernel, dim, 4)) == allowed[0]
-        assert tiling._config_key(tiling.fixed_config(kernel, dim, 4, list(tiling.FIXED_PREFERENCE))) == allowed[0]
+        assert tiling.config_key(tiling.fixed_config(kernel, dim, 4)) == allowed[0]
+        assert tiling.config_key(tiling.fixed_config(kernel, dim, 4, list(tiling.FIXED_PREFERENCE))) == allowed[0]
     # the fp32-only candidates (appended to the autotune list) are never autotuned for half precision
     for kernel in tiling.KERNEL_VARIANTS:
-        tuned = {tiling._config_key(c) for c in tiling.autotune_configs(kernel, dim, 2)}
-        tuned.discard(tiling._config_key(tiling.fixed_config(kernel, dim, 2)))  # the prune fallback (FIXED_PREFERENCE)
+        tuned = {tiling.config_key(c) for c in tiling.autotune_configs(kernel, dim, 2)}
+        tuned.discard(tiling.config_key(tiling.fixed_config(kernel, dim, 2)))  # the prune fallback (FIXED_PREFERENCE)
         assert not tuned & set(tiling._FP32_ONLY)
-    assert tiling._config_key(tiling.FP32_CONFIGS[("bwd_contrast[two_way]", False)][0]) == (32, 64, 8, 1)
-    two_way_dc = tiling._config_key(tiling.fixed_config("bwd_contrast[two_way]", dim, 4))
+    assert tiling.config_key(tiling.FP32_CONFIGS[("bwd_contrast[two_way]", False)][0]) == (32, 64, 8, 1)
+    two_way_dc = tiling.config_key(tiling.fixed_config("bwd_contrast[two_way]", dim, 4))
     assert two_way_dc == ((32, 64, 8, 2) if 32 < dim <= 64 else (32, 64, 8, 1) if dim > 16 else two_way_dc)
     # the logits loop over tiles of 32, but each backward program owns an output tile of up to 256 columns (128
     # for the two-way kernels): D = 128 recomputes the logits once, D = 1024 four times (two-way: eight)
@@ -187,7 +187,7 @@ def test_fixed_config_without_autotuning(monkeypatch, how):
     for (variant, dim, element_size), (kernel, config) in used:
         assert config is not None and kernel in launch.RAW_KERNELS.values()
         expected = tiling.fixed_config(variant, dim, element_size, list(tiling.FIXED_PREFERENCE) + candidates)
-        assert tiling._config_key(config) == tiling._config_key(expected)
+        assert tiling.config_key(config) == tiling.config_key(expected)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
