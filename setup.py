@@ -4,7 +4,7 @@ Packages ``fastcl``, maps the top-level ``kernels/`` folder to ``fastcl.kernels`
 no generic ``kernels`` name to users' environments) and ships the C++/CUDA sources of the gather ops (``csrc/``) as
 package data of ``fastcl._csrc``. Nothing here imports torch or needs a compiler: the wheel installs wherever torch
 is installed, under build isolation, and is never tied to one torch ABI. The gather ops are compiled on first use,
-for the running torch, by :mod:`fastcl._ops` (``torch.utils.cpp_extension.load``, cached).
+for the running torch, by :mod:`fastcl._extension` (``torch.utils.cpp_extension.load``, cached).
 
 Ahead-of-time build (opt-in, for clusters that forbid compiling at run time)::
 

@@ -191,7 +191,7 @@ def unavailable(case: Case) -> Optional[str]:
     if case.impl == IMPL_FASTCL and case.backend == "triton":
         if case.device != "cuda":
             return "fastcl backend='triton' needs a CUDA device (the CPU interpreter is for debugging, not timing)"
-        from fastcl._core import triton_available
+        from fastcl.ops.dispatch import triton_available
 
         if not triton_available():
             return "triton not installed"
@@ -254,7 +254,7 @@ def predicted_bytes(case: Case) -> int:
     if case.impl == IMPL_INFCL:
         return int(16 * n * d * 4 + 64 * n)
     if case.backend == "chunked":
-        from fastcl import chunked
+        from fastcl.ops.chunked import passes as chunked
 
         block_bytes = chunked.block_bytes(case.device)
         return int(10 * n * d * 4 + 4 * block_bytes + 64 * n)

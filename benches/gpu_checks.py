@@ -129,7 +129,7 @@ def check_device_guard(n, d, device):
 
 
 def check_deterministic(n, d, device):
-    import fastcl.kernels.contrastive as K
+    import fastcl.kernels.launch as K
 
     g = torch.Generator().manual_seed(4)
     feats = F.normalize(torch.randn(n // 2, 2, d, generator=g), dim=-1).to(device, torch.bfloat16 if device == "cuda" else torch.float32)

@@ -101,7 +101,7 @@ install() {
         "$PY" -m pip install --no-index --no-deps --no-build-isolation "$wheels"/*.whl
     fi
     "$PY" -m pip install --no-deps --no-build-isolation -e .
-    "$PY" -c "import fastcl, fastcl.kernels.contrastive; print('fastcl', fastcl.__version__, 'from', fastcl.__file__)"
+    "$PY" -c "import fastcl, fastcl.kernels.launch; print('fastcl', fastcl.__version__, 'from', fastcl.__file__)"
     "$PY" -c "import pytest_benchmark" || { echo "pytest-benchmark is required (carry its wheel in FASTCL_WHEELS)"; exit 1; }
     for mod in matplotlib pytorch_metric_learning inf_cl; do
         if "$PY" -c "import $mod" 2>/dev/null; then echo "have $mod"; else echo "missing $mod (optional)"; fi

@@ -67,7 +67,7 @@ def _child(case_json: str, write_fd: int):
 
 
 def serve():
-    import fastcl.chunked
+    import fastcl.ops.chunked.passes
     import fastcl.functional  # noqa: F401  (imported before forking: children share it)
 
     print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)

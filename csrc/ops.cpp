@@ -1,7 +1,7 @@
 // fastcl._C: the data movement of the cross-rank gather, as torch ops (namespace `fastcl`).
 //
 // Declared here once; CPU kernels here, CUDA kernels in cuda/segments.cu (built when torch has CUDA and nvcc is
-// found). fastcl/_ops.py adds the fake (shape) functions and the autograd formulas, and falls back to the same
+// found). fastcl/_extension.py adds the fake (shape) functions and the autograd formulas, and falls back to the same
 // math in plain PyTorch when this library is not built. Collectives are not here: they go through
 // torch.distributed.
 #include <Python.h>
@@ -67,7 +67,7 @@ at::Tensor repeat_segments_cpu(const at::Tensor& values, c10::IntArrayRef counts
 }  // namespace
 
 TORCH_LIBRARY(fastcl, m) {
-  m.set_python_module("fastcl._ops");  // where the fake functions and autograd formulas live
+  m.set_python_module("fastcl._extension");  // where the fake functions and autograd formulas live
   // padded [W * M, ...] (segment r in rows r*M .. r*M + counts[r]) -> [sum(counts), ...]
   m.def("compact_segments(Tensor padded, SymInt[] counts) -> Tensor");
   // rows [sum(counts), ...] -> [W * padded_rows, ...], each segment zero-padded to padded_rows rows

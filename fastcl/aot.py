@@ -59,7 +59,7 @@ CI_PRECISIONS = {"bf16": ("ieee",), "fp32": ("tf32x3",)}
 ARCHS = (80, 90)
 # Input precisions whose spills are printed and recorded (``spill_bytes``) without failing the run: none. fp32 via
 # tf32x3 spilled with every tile it used to keep; its configs are now those that lower spill-free
-# (``FP32_CONFIGS`` in fastcl.kernels.contrastive).
+# (``FP32_CONFIGS`` in fastcl.kernels.tiling).
 SPILLS_REPORTED_ONLY = ()
 RECORD_KEYS = (
     "kernel",
@@ -82,9 +82,8 @@ RECORD_KEYS = (
 def selection(dtypes, dims, archs, full: bool, has_mask: bool = False, kernels=None) -> list:
     """The lowering jobs: one dict per kernel variant / config / arch / dtype / precision / dim (``full=False``: the
     CI subset's configs and precisions; ``kernels``: only these variant labels, default all)."""
-    import torch
 
-    from fastcl.kernels import contrastive as K
+    from fastcl.kernels import tiling
 
     jobs = []
     for dtype in dtypes:
@@ -96,19 +95,19 @@ def selection(dtypes, dims, archs, full: bool, has_mask: bool = False, kernels=N
                 if kernels and label not in kernels:
                     continue
                 base = label  # configs are chosen per variant (two-way tiles hold twice the fp32 values)
-                fixed = K.fixed_config(base, dim, element_size)
-                autotuned = K.autotune_configs(base, dim, element_size)
+                fixed = tiling.fixed_config(base, dim, element_size)
+                autotuned = tiling.autotune_configs(base, dim, element_size)
                 if full:
-                    configs = K.launchable_configs(base, dim, element_size)
+                    configs = tiling.launchable_configs(base, dim, element_size)
                 else:
-                    biggest = max(autotuned, key=lambda c: K.shared_memory_estimate(c, dim, element_size, base))
-                    extra = dim == 256 and K._config_key(biggest) != K._config_key(fixed)
+                    biggest = max(autotuned, key=lambda c: tiling.shared_memory_estimate(c, dim, element_size, base))
+                    extra = dim == 256 and tiling.config_key(biggest) != tiling.config_key(fixed)
                     configs = [fixed] + ([biggest] if extra else [])
                 for config in configs:
                     roles = []
-                    if any(K._config_key(c) == K._config_key(config) for c in autotuned):
+                    if any(tiling.config_key(c) == tiling.config_key(config) for c in autotuned):
                         roles.append("autotuned")
-                    if K._config_key(config) == K._config_key(fixed):
+                    if tiling.config_key(config) == tiling.config_key(fixed):
                         roles.append("fixed")
                     for precision in precisions:
                         for arch in archs:
@@ -138,10 +137,10 @@ def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
     import torch
     from triton.runtime.jit import MockTensor
 
-    from fastcl.kernels import contrastive as K
+    from fastcl.kernels import launch, tiling
 
     dim, torch_dtype = job["dim"], getattr(torch, job["torch_dtype"])
-    block_d, single = K.block_d_for(dim, DTYPES[job["dtype"]][1])
+    block_d, single = tiling.block_d_for(dim, DTYPES[job["dtype"]][1])
     bsz = n // 2
     values = dict(
         n_anchor=n,
@@ -174,9 +173,9 @@ def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
         **job["variant"],
     )
     if "TWO_WAY" in constexprs:
-        constexprs["RECOMPUTE_TRANSPOSED"] = constexprs["TWO_WAY"] and K.recompute_transposed(torch_dtype)
-        constexprs["BLOCK_D_OUT"] = K.output_block_d_for(dim, DTYPES[job["dtype"]][1], constexprs["TWO_WAY"])
-        constexprs["EXP_REUSE"] = constexprs["TWO_WAY"] and K.reuse_transposed_exp(torch_dtype)
+        constexprs["RECOMPUTE_TRANSPOSED"] = constexprs["TWO_WAY"] and launch.recompute_transposed(torch_dtype)
+        constexprs["BLOCK_D_OUT"] = tiling.output_block_d_for(dim, DTYPES[job["dtype"]][1], constexprs["TWO_WAY"])
+        constexprs["EXP_REUSE"] = constexprs["TWO_WAY"] and launch.reuse_transposed_exp(torch_dtype)
     args = []
     for name in fn.arg_names:
         if name in constexprs:
@@ -218,9 +217,9 @@ def compile_one(job: dict) -> dict:
         from triton.compiler import ASTSource, make_backend
         from triton.runtime.jit import create_function_from_signature
 
-        from fastcl.kernels import contrastive as K
+        from fastcl.kernels import jit, tiling
 
-        fn = getattr(K, job["kernel_name"])
+        fn = getattr(jit, job["kernel_name"])
         target = GPUTarget("cuda", job["arch"], 32)
         backend = make_backend(target)
         binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -237,18 +236,18 @@ def compile_one(job: dict) -> dict:
         bound, specialization, options = binder(*args, **kwargs)
         options, signature, constants, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
         start = time.perf_counter()
-        compiled = triton.compile(
-            ASTSource(fn, signature, constants, attrs), target=target, options=options.__dict__
-        )
+        compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=target, options=options.__dict__)
         record["seconds"] = round(time.perf_counter() - start, 2)
         usage = _resource_usage(compiled.asm["cubin"])
         record["shared_bytes"] = compiled.metadata.shared
-        record["shared_limit"] = K.SHARED_MEMORY_LIMITS[job["arch"]]
-        record["shared_estimate"] = K.shared_memory_estimate(
-            triton.Config({"BLOCK_M": job["block_m"], "BLOCK_N": job["block_n"]}, num_warps=job["num_warps"],
-                          num_stages=job["num_stages"]),
-            job["dim"], DTYPES[job["dtype"]][1], job["kernel"],
-        )  # fmt: skip
+        record["shared_limit"] = tiling.SHARED_MEMORY_LIMITS[job["arch"]]
+        config = triton.Config(
+            {"BLOCK_M": job["block_m"], "BLOCK_N": job["block_n"]},
+            num_warps=job["num_warps"],
+            num_stages=job["num_stages"],
+        )
+        element_size = DTYPES[job["dtype"]][1]
+        record["shared_estimate"] = tiling.shared_memory_estimate(config, job["dim"], element_size, job["kernel"])
         record["registers"] = usage.get("reg", -1)
         record["spill_bytes"] = max(usage.get("stack", 0), usage.get("local", 0))
         ptx = compiled.asm["ptx"]
@@ -309,7 +308,7 @@ def violations(record: dict) -> list:
     return out
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastcl.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="default: all")
     parser.add_argument("--dim", type=int, action="append", help="feature dim(s) D; default: the subset's")
@@ -324,7 +323,33 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--table", action="store_true", help="finish with the fixed configs' rows as markdown (README, GPU resources)"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _print_record(record) -> bool:
+    """Print one lowering's row; whether it breaks an invariant (:func:`violations`)."""
+    prefix = (
+        f"{record['kernel']:22s} {record['arch']:6s} {record['dtype']:5s} {record['input_precision']:6s} "
+        f"{record['dim']:5d} {record['block_m']:4d} {record['block_n']:4d} {record['num_warps']:3d} "
+        f"{record['num_stages']:3d}"
+    )
+    problems = violations(record)
+    if "error" in record:
+        print(f"{prefix} FAILED {record['error']}")
+        return bool(problems)
+    if not problems and record["spill_bytes"] > 0:
+        problems_note = "  (spills reported only)"
+    else:
+        problems_note = f"  <- {'; '.join(problems)}" if problems else ""
+    print(
+        f"{prefix} {record['registers']:4d} {record['spill_bytes']:5d} {record['shared_bytes']:7d} "
+        f"{record['shared_estimate']:7d} {record['mma']:>5s} {record['seconds']:5.1f}{problems_note}"
+    )
+    return bool(problems)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     os.environ.pop("TRITON_INTERPRET", None)
 
@@ -344,24 +369,7 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for record in pool.map(compile_one, todo):
             records.append(record)
-            prefix = (
-                f"{record['kernel']:22s} {record['arch']:6s} {record['dtype']:5s} {record['input_precision']:6s} "
-                f"{record['dim']:5d} {record['block_m']:4d} {record['block_n']:4d} {record['num_warps']:3d} "
-                f"{record['num_stages']:3d}"
-            )
-            problems = violations(record)
-            bad += bool(problems)
-            if "error" in record:
-                print(f"{prefix} FAILED {record['error']}")
-                continue
-            if not problems and record["spill_bytes"] > 0:
-                problems_note = "  (spills reported only)"
-            else:
-                problems_note = f"  <- {'; '.join(problems)}" if problems else ""
-            print(
-                f"{prefix} {record['registers']:4d} {record['spill_bytes']:5d} {record['shared_bytes']:7d} "
-                f"{record['shared_estimate']:7d} {record['mma']:>5s} {record['seconds']:5.1f}{problems_note}"
-            )
+            bad += _print_record(record)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)

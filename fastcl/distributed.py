@@ -19,7 +19,7 @@ gradients over the W ranks they equal the single-process gradients, for uneven s
 returns a zero that stays connected to the gathered tensor, so it still takes part in the backward reduce-scatter.
 
 Communication per training step (W ranks, element size s bytes, M = the most rows any rank sends; shards are
-padded to M rows for the collectives and compacted by :mod:`fastcl._ops`):
+padded to M rows for the collectives and compacted by :mod:`fastcl._extension`):
 
 * forward: one all-gather of a ``[24]`` int64 vector per rank (row counts, dtype, shape, flags: every rank checks
   that the others agree, and raises the same clear error otherwise, before any large transfer); one all-gather of
@@ -36,15 +36,15 @@ For SupCon ``M = V * max_r b_r``; symmetric InfoNCE gathers query and key togeth
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fastcl import _ops
+from fastcl import _extension, _layout
 from fastcl import _validation as V
-from fastcl._core import contrastive_loss
+from fastcl.ops.dispatch import contrastive_loss
 
 __all__ = ["all_gather_with_grad", "supcon_loss_distributed", "nt_xent_loss_distributed", "info_nce_loss_distributed"]
 
@@ -176,6 +176,39 @@ def _checked(check: Callable[[], object]):
         return None, err
 
 
+class _Agreement(NamedTuple):
+    """What every rank must agree on in a :func:`_handshake`: the metadata ``fields`` (their defaults when the local
+    check failed) and, of those, the ``keys`` that must be equal on all ranks; ``rule`` and ``describe`` (one rank's
+    row in words) make the error message."""
+
+    fields: Dict[str, int]
+    keys: Sequence[str]
+    rule: str
+    describe: Callable[[Dict[str, int]], str]
+
+
+def _handshake(
+    check: Callable[[], object],
+    fields_of: Callable[[object], Dict[str, int]],
+    agreement: _Agreement,
+    what: str,
+    group,
+    world: int,
+):
+    """Check -> exchange -> agree, before any large transfer: run the local ``check``, all-gather every rank's
+    metadata (``fields_of`` its result), and raise the same error on every rank if any check failed or the ranks
+    disagree. ``(checked, rows)``: the local result and one metadata dict per rank (just this rank's with one)."""
+    checked, error = _checked(check)
+    if world == 1 and error is not None:
+        raise error
+    fields = dict(agreement.fields)
+    if error is None:
+        fields.update(fields_of(checked))
+    rows = [fields] if world == 1 else _exchange(fields, error, what, group, world)
+    _require_agreement(rows, agreement.keys, what, agreement.rule, agreement.describe)
+    return checked, rows
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The differentiable gather of rows with known per-rank counts
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,10 +219,10 @@ def _gather_rows(x: torch.Tensor, counts: Sequence[int], group) -> torch.Tensor:
     world, padded_rows = len(counts), max(counts)
     if padded_rows == 0:
         return x.new_empty((0, *x.shape[1:]))
-    local = _ops.pack_rows(x.contiguous(), padded_rows)
+    local = _extension.pack_rows(x.contiguous(), padded_rows)
     gathered = x.new_empty((world * padded_rows, *x.shape[1:]))
     _all_gather_flat(gathered, local, group)
-    return _ops.compact_segments(gathered, counts)
+    return _extension.compact_segments(gathered, counts)
 
 
 class _AllGatherRows(torch.autograd.Function):
@@ -207,7 +240,7 @@ class _AllGatherRows(torch.autograd.Function):
         padded_rows = max(counts)
         if padded_rows == 0:
             return grad.new_zeros((0, *grad.shape[1:])), None, None, None
-        padded = _ops.pad_segments(grad.contiguous(), counts, padded_rows)
+        padded = _extension.pad_segments(grad.contiguous(), counts, padded_rows)
         mine = grad.new_empty((padded_rows, *grad.shape[1:]))
         _reduce_scatter_flat(mine, padded, ctx.group)
         return mine.narrow(0, 0, counts[rank]), None, None, None
@@ -245,28 +278,27 @@ def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
             raise ValueError(f"x must have 1 to {1 + _MAX_TRAILING_DIMS} dimensions, got shape {tuple(x.shape)}")
         _check_device("x", x, group)
 
-    _, error = _checked(check)
-    fields = {"op": _OP_GATHER, "dtype": -1, "ndim": -1, **{f"d{i}": -1 for i in range(_MAX_TRAILING_DIMS)}}
-    fields["rows"] = -1
-    if error is None:
-        fields.update(dtype=_dtype_code(x.dtype), ndim=x.dim(), rows=x.shape[0])
-        fields.update({f"d{i}": size for i, size in enumerate(x.shape[1:])})
-    rows = _exchange(fields, error, "all_gather_with_grad", group, world)
+    def fields_of(_):
+        dims = {f"d{i}": size for i, size in enumerate(x.shape[1:])}
+        return dict(dtype=_dtype_code(x.dtype), ndim=x.dim(), rows=x.shape[0], **dims)
 
-    def describe(row):
-        if row["op"] != _OP_GATHER:
-            return "a different fastcl collective"
-        dims = [row["rows"]] + [row[f"d{i}"] for i in range(row["ndim"] - 1)]
-        return f"x {dims} {_dtype_name(row['dtype'])}"
-
-    _require_agreement(
-        rows,
-        ["op", "dtype", "ndim"] + [f"d{i}" for i in range(_MAX_TRAILING_DIMS)],
-        "all_gather_with_grad",
-        "every rank must pass x of shape [n_r, *same dims] with the same dtype (n_r may differ, 0 included)",
-        describe,
-    )
+    _, rows = _handshake(check, fields_of, _GATHER_AGREEMENT, "all_gather_with_grad", group, world)
     return _gather_with_grad(x, [row["rows"] for row in rows], rank, group)
+
+
+def _describe_gather(row):
+    if row["op"] != _OP_GATHER:
+        return "a different fastcl collective"
+    dims = [row["rows"]] + [row[f"d{i}"] for i in range(row["ndim"] - 1)]
+    return f"x {dims} {_dtype_name(row['dtype'])}"
+
+
+_GATHER_AGREEMENT = _Agreement(
+    {"op": _OP_GATHER, "dtype": -1, "ndim": -1, **{f"d{i}": -1 for i in range(_MAX_TRAILING_DIMS)}, "rows": -1},
+    ["op", "dtype", "ndim"] + [f"d{i}" for i in range(_MAX_TRAILING_DIMS)],
+    "every rank must pass x of shape [n_r, *same dims] with the same dtype (n_r may differ, 0 included)",
+    _describe_gather,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,60 +369,30 @@ def supcon_loss_distributed(
         lab = None if labels is None else V.check_labels("labels", labels, feats.shape[0], feats.device)
         return feats, lab
 
-    checked, error = _checked(check)
-    if world == 1 and error is not None:
-        raise error
-    fields = {"op": _OP_SUPCON, "dtype": -1, "views": -1, "dim": -1, "labels": -1, "mode": -1, "bsz": -1}
-    if error is None:
+    def fields_of(checked):
         feats, lab = checked
-        fields.update(
-            dtype=_dtype_code(feats.dtype),
-            views=feats.shape[1],
-            dim=feats.shape[2],
-            labels=int(lab is not None),
-            mode=int(contrast_mode == "one"),
-            bsz=feats.shape[0],
-        )
-    rows = [fields] if world == 1 else _exchange(fields, error, _what, group, world)
+        bsz, views, dim = feats.shape[0], feats.shape[1], feats.shape[2]
+        fields = dict(dtype=_dtype_code(feats.dtype), views=views, dim=dim, labels=int(lab is not None))
+        return dict(fields, mode=int(contrast_mode == "one"), bsz=bsz)
 
-    def describe(row):
-        if row["op"] != _OP_SUPCON:
-            return "a different fastcl loss"
-        return (
-            f"features [{row['bsz']}, {row['views']}, {row['dim']}] {_dtype_name(row['dtype'])}, "
-            f"labels={'given' if row['labels'] else 'None'}, contrast_mode={'one' if row['mode'] else 'all'!r}"
-        )
-
-    _require_agreement(
-        rows,
-        ["op", "dtype", "views", "dim", "labels", "mode"],
-        _what,
-        "every rank must pass features [b_r, n_views, dim] with the same n_views, dim and dtype (b_r may differ, "
-        "0 included), labels on all ranks or on none, and the same contrast_mode",
-        describe,
-    )
-
+    (feats, lab), rows = _handshake(check, fields_of, _SUPCON_AGREEMENT, _what, group, world)
     counts = [row["bsz"] for row in rows]  # samples per rank
-    n_views, dim, bsz = feats.shape[1], feats.shape[2], feats.shape[0]
-    total, sample_offset = sum(counts), sum(counts[:rank])
+    n_views, bsz = feats.shape[1], feats.shape[0]
     if normalize:
         feats = F.normalize(feats, dim=-1)
-    local = feats.transpose(0, 1).reshape(n_views * bsz, dim)  # view-major: row v * b_r + i is view v of sample i
+    local = _layout.view_major(feats)  # row v * b_r + i is view v of sample i
     contrast = _gather_with_grad(local, [n_views * c for c in counts], rank, group)
     if lab is not None:
         sample_ids = lab if world == 1 else _gather_rows(lab, counts, group)
     else:  # SimCLR: the global sample index
-        sample_ids = torch.arange(total, device=local.device)
-    contrast_labels = _ops.repeat_segments(sample_ids, counts, n_views)
-
-    n_anchor = bsz if contrast_mode == "one" else n_views * bsz
-    n_anchor_total = total if contrast_mode == "one" else n_views * total
+        sample_ids = torch.arange(sum(counts), device=local.device)
+    contrast_labels = _layout.view_major_labels(sample_ids, n_views, counts)
+    n_anchor = _layout.anchor_count(contrast_mode, bsz, n_views)
     if n_anchor == 0:
         return _connected_zero(contrast)
-    row_offset = n_views * sample_offset  # this rank's block in the contrast set; anchor i is row row_offset + i
-    anchor = local.narrow(0, 0, n_anchor)
+    row_offset = n_views * sum(counts[:rank])  # this rank's block in the contrast set; anchor i is row offset + i
     loss = contrastive_loss(
-        anchor,
+        local.narrow(0, 0, n_anchor),
         contrast,
         contrast_labels.narrow(0, row_offset, n_anchor),
         contrast_labels,
@@ -400,7 +402,25 @@ def supcon_loss_distributed(
         scale=temperature / base_temperature,
         backend=backend,
     )
-    return _rank_share(loss, world, n_anchor, n_anchor_total)
+    return _rank_share(loss, world, n_anchor, _layout.anchor_count(contrast_mode, sum(counts), n_views))
+
+
+def _describe_supcon(row):
+    if row["op"] != _OP_SUPCON:
+        return "a different fastcl loss"
+    return (
+        f"features [{row['bsz']}, {row['views']}, {row['dim']}] {_dtype_name(row['dtype'])}, "
+        f"labels={'given' if row['labels'] else 'None'}, contrast_mode={'one' if row['mode'] else 'all'!r}"
+    )
+
+
+_SUPCON_AGREEMENT = _Agreement(
+    {"op": _OP_SUPCON, "dtype": -1, "views": -1, "dim": -1, "labels": -1, "mode": -1, "bsz": -1},
+    ["op", "dtype", "views", "dim", "labels", "mode"],
+    "every rank must pass features [b_r, n_views, dim] with the same n_views, dim and dtype (b_r may differ, "
+    "0 included), labels on all ranks or on none, and the same contrast_mode",
+    _describe_supcon,
+)
 
 
 def nt_xent_loss_distributed(
@@ -460,62 +480,16 @@ def info_nce_loss_distributed(
     what = "info_nce_loss(gather_distributed=True)"
 
     def check():
-        V.check_embeddings("query", query, allow_empty=True)
-        V.check_embeddings("key", key, allow_empty=True)
-        V.check_same_kind("query", query, "key", key)
-        V.check_positive("temperature", temperature)
-        V.check_backend(backend)
-        _check_no_reference(backend)
-        if world > 1:
-            _check_device("query", query, group)
-        n_query, n_key = query.shape[0], key.shape[0]
-        if symmetric and (n_key != n_query or labels is not None):
-            raise ValueError(
-                "symmetric=True needs as many keys as queries on every rank and the default pairing (labels=None), "
-                f"got query {tuple(query.shape)}, key {tuple(key.shape)}, labels "
-                f"{'given' if labels is not None else 'None'}; pass symmetric=False for a one-directional loss"
-            )
-        if labels is None and n_key < n_query:
-            raise ValueError(
-                f"the default pairing (local query i <-> local key i) needs key [m_r, D] with m_r >= b_r, got "
-                f"b_r={n_query}, m_r={n_key}; pass labels [b_r] indexing the global key set"
-            )
-        return None if labels is None else V.check_labels("labels", labels, n_query, query.device)
+        return _checked_info_nce_inputs(query, key, labels, temperature, symmetric, backend, group, world)
 
-    lab, error = _checked(check)
-    if world == 1 and error is not None:
-        raise error
-    fields = {"op": _OP_INFONCE, "dtype": -1, "dim": -1, "symmetric": -1, "labels": -1, "queries": -1, "keys": -1}
-    fields.update(label_min=0, label_max=-1)
-    if error is None:
-        fields.update(
-            dtype=_dtype_code(query.dtype),
-            dim=query.shape[1],
-            symmetric=int(symmetric),
-            labels=int(lab is not None),
-            queries=query.shape[0],
-            keys=key.shape[0],
-        )
+    def fields_of(lab):
+        fields = dict(dtype=_dtype_code(query.dtype), dim=query.shape[1], symmetric=int(symmetric))
+        fields.update(labels=int(lab is not None), queries=query.shape[0], keys=key.shape[0])
         if lab is not None and lab.numel():
             fields.update(label_min=int(lab.min()), label_max=int(lab.max()))
-    rows = [fields] if world == 1 else _exchange(fields, error, what, group, world)
+        return fields
 
-    def describe(row):
-        if row["op"] != _OP_INFONCE:
-            return "a different fastcl loss"
-        return (
-            f"query [{row['queries']}, {row['dim']}], key [{row['keys']}, {row['dim']}] {_dtype_name(row['dtype'])}, "
-            f"labels={'given' if row['labels'] else 'None'}, symmetric={bool(row['symmetric'])}"
-        )
-
-    _require_agreement(
-        rows,
-        ["op", "dtype", "dim", "symmetric", "labels"],
-        what,
-        "every rank must pass query and key with the same dim and dtype (row counts may differ, 0 included), "
-        "labels on all ranks or on none, and the same symmetric flag",
-        describe,
-    )
+    lab, rows = _handshake(check, fields_of, _INFONCE_AGREEMENT, what, group, world)
     query_counts, key_counts = [row["queries"] for row in rows], [row["keys"] for row in rows]
     n_keys = sum(key_counts)
     out_of_range = [r for r, row in enumerate(rows) if row["label_max"] >= n_keys or row["label_min"] < 0]
@@ -556,3 +530,47 @@ def info_nce_loss_distributed(
         key_labels = torch.arange(key_offset, key_offset + n_query, device=device)
         loss = 0.5 * (loss + one_direction(key, all_queries, key_labels, torch.arange(n_query_total, device=device)))
     return _rank_share(loss, world, n_query, n_query_total)
+
+
+def _checked_info_nce_inputs(query, key, labels, temperature, symmetric, backend, group, world):
+    """This rank's checked ``labels`` of :func:`info_nce_loss_distributed` (None: the default pairing); raises
+    TypeError / ValueError on invalid local input."""
+    V.check_embeddings("query", query, allow_empty=True)
+    V.check_embeddings("key", key, allow_empty=True)
+    V.check_same_kind("query", query, "key", key)
+    V.check_positive("temperature", temperature)
+    V.check_backend(backend)
+    _check_no_reference(backend)
+    if world > 1:
+        _check_device("query", query, group)
+    n_query, n_key = query.shape[0], key.shape[0]
+    if symmetric and (n_key != n_query or labels is not None):
+        raise ValueError(
+            "symmetric=True needs as many keys as queries on every rank and the default pairing (labels=None), "
+            f"got query {tuple(query.shape)}, key {tuple(key.shape)}, labels "
+            f"{'given' if labels is not None else 'None'}; pass symmetric=False for a one-directional loss"
+        )
+    if labels is None and n_key < n_query:
+        raise ValueError(
+            f"the default pairing (local query i <-> local key i) needs key [m_r, D] with m_r >= b_r, got "
+            f"b_r={n_query}, m_r={n_key}; pass labels [b_r] indexing the global key set"
+        )
+    return None if labels is None else V.check_labels("labels", labels, n_query, query.device)
+
+
+def _describe_info_nce(row):
+    if row["op"] != _OP_INFONCE:
+        return "a different fastcl loss"
+    return (
+        f"query [{row['queries']}, {row['dim']}], key [{row['keys']}, {row['dim']}] {_dtype_name(row['dtype'])}, "
+        f"labels={'given' if row['labels'] else 'None'}, symmetric={bool(row['symmetric'])}"
+    )
+
+
+_INFONCE_AGREEMENT = _Agreement(
+    dict(op=_OP_INFONCE, dtype=-1, dim=-1, symmetric=-1, labels=-1, queries=-1, keys=-1, label_min=0, label_max=-1),
+    ["op", "dtype", "dim", "symmetric", "labels"],
+    "every rank must pass query and key with the same dim and dtype (row counts may differ, 0 included), "
+    "labels on all ranks or on none, and the same symmetric flag",
+    _describe_info_nce,
+)

@@ -1,7 +1,8 @@
 """Functional forms of the fastcl losses.
 
 Each validates its inputs, lays the embeddings out as anchors and a contrast set, and hands them to the one fused
-op in :mod:`fastcl._core` (or to the dense reference for ``backend='reference'``). All return an fp32 scalar
+op of :mod:`fastcl.ops` (:func:`fastcl.ops.dispatch.contrastive_loss`; or to the dense reference of
+:mod:`fastcl.ops.reference` for ``backend='reference'``). All return an fp32 scalar
 (float64 for float64 inputs); the fused backends never allocate anything ``N x N``.
 """
 
@@ -12,9 +13,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastcl import _layout
 from fastcl import _validation as V
-from fastcl._core import contrastive_loss, index_range
-from fastcl.reference import info_nce_loss_reference, supcon_loss_reference
+from fastcl.ops.dispatch import contrastive_loss
+from fastcl.ops.problem import index_range
+from fastcl.ops.reference import info_nce_loss_reference, supcon_loss_reference
 
 __all__ = ["supcon_loss", "nt_xent_loss", "info_nce_loss"]
 
@@ -79,27 +82,19 @@ def supcon_loss(
         )
     temperature = V.check_positive("temperature", temperature)
     base_temperature = V.check_positive("base_temperature", base_temperature)
-    V.check_contrast_mode(contrast_mode)
-    V.check_backend(backend)
-    features = V.check_features(features)
+    features, labels, mask = _checked_supcon_inputs(features, labels, mask, contrast_mode, backend)
     bsz, n_views = features.shape[0], features.shape[1]
-    if labels is not None and mask is not None:
-        raise ValueError("Cannot define both `labels` and `mask`: pass one of them (or neither for SimCLR)")
-    if labels is not None:
-        labels = V.check_labels("labels", labels, bsz, features.device, allow_float=True)
-    if mask is not None:
-        mask = V.check_mask(mask, bsz, features.device)
     if backend == "reference":
         features = F.normalize(features, dim=-1) if normalize else features
         return supcon_loss_reference(features, labels, mask, temperature, contrast_mode, base_temperature)
 
-    contrast = features.transpose(0, 1).reshape(n_views * bsz, -1)  # view-major, as torch.cat(torch.unbind(f, 1))
+    contrast = _layout.view_major(features)
     anchor = contrast[:bsz] if contrast_mode == "one" else contrast
     anchor_labels = contrast_labels = None
     if mask is None:
         sample_ids = labels if labels is not None else index_range(bsz, features.device)
-        contrast_labels = sample_ids.repeat(n_views)
-        # 'all': the same label object on both sides (the anchors are the contrast set; see _core._route)
+        contrast_labels = _layout.view_major_labels(sample_ids, n_views)
+        # 'all': the same label object on both sides (the anchors are the contrast rows; see fastcl.ops.triton.route)
         anchor_labels = contrast_labels if contrast_mode == "all" else contrast_labels[:bsz]
     return contrastive_loss(
         anchor,
@@ -113,6 +108,21 @@ def supcon_loss(
         backend=backend,
         normalize=normalize,  # (the fused backends fold it in where they can)
     )
+
+
+def _checked_supcon_inputs(features, labels, mask, contrast_mode, backend):
+    """``(features, labels, mask)`` of :func:`supcon_loss` checked (raises on invalid input)."""
+    V.check_contrast_mode(contrast_mode)
+    V.check_backend(backend)
+    features = V.check_features(features)
+    bsz = features.shape[0]
+    if labels is not None and mask is not None:
+        raise ValueError("Cannot define both `labels` and `mask`: pass one of them (or neither for SimCLR)")
+    if labels is not None:
+        labels = V.check_labels("labels", labels, bsz, features.device, allow_float=True)
+    if mask is not None:
+        mask = V.check_mask(mask, bsz, features.device)
+    return features, labels, mask
 
 
 def nt_xent_loss(
@@ -194,27 +204,8 @@ def info_nce_loss(
             backend=backend,
             group=group,
         )
-    V.check_embeddings("query", query)
-    V.check_embeddings("key", key)
-    V.check_same_kind("query", query, "key", key)
-    temperature = V.check_positive("temperature", temperature)
-    V.check_backend(backend)
+    labels, temperature = _checked_info_nce_inputs(query, key, labels, temperature, symmetric, backend)
     n_query, n_key = query.shape[0], key.shape[0]
-    if symmetric:
-        if n_key != n_query:
-            raise ValueError(
-                f"symmetric=True needs as many keys as queries (key [M, D] with M == B), got B={n_query}, M={n_key}; "
-                "pass symmetric=False for a one-directional loss"
-            )
-        if labels is not None:
-            raise ValueError("symmetric=True uses the default pairing (query i <-> key i): pass labels=None")
-    if labels is not None:
-        labels = V.check_label_indices(labels, n_query, n_key, query.device)
-    elif n_key < n_query:
-        raise ValueError(
-            f"the default pairing (query i <-> key i) needs key [M, D] with M >= B, got B={n_query}, M={n_key}; "
-            "pass labels [B] with each query's key index"
-        )
     if backend == "reference":
         if normalize:
             query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
@@ -236,3 +227,29 @@ def info_nce_loss(
         two_way=symmetric,  # key -> query as well, from the same similarity tiles
         normalize=normalize,
     )
+
+
+def _checked_info_nce_inputs(query, key, labels, temperature, symmetric, backend):
+    """``(labels, temperature)`` of :func:`info_nce_loss` checked, with its other inputs (raises on invalid input)."""
+    V.check_embeddings("query", query)
+    V.check_embeddings("key", key)
+    V.check_same_kind("query", query, "key", key)
+    temperature = V.check_positive("temperature", temperature)
+    V.check_backend(backend)
+    n_query, n_key = query.shape[0], key.shape[0]
+    if symmetric:
+        if n_key != n_query:
+            raise ValueError(
+                f"symmetric=True needs as many keys as queries (key [M, D] with M == B), got B={n_query}, M={n_key}; "
+                "pass symmetric=False for a one-directional loss"
+            )
+        if labels is not None:
+            raise ValueError("symmetric=True uses the default pairing (query i <-> key i): pass labels=None")
+    if labels is not None:
+        return V.check_label_indices(labels, n_query, n_key, query.device), temperature
+    if n_key < n_query:
+        raise ValueError(
+            f"the default pairing (query i <-> key i) needs key [M, D] with M >= B, got B={n_query}, M={n_key}; "
+            "pass labels [B] with each query's key index"
+        )
+    return None, temperature

@@ -13,7 +13,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import pytest
 import torch
 
-from fastcl._core import triton_available
+from fastcl.ops.dispatch import triton_available
 
 TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not TRITON_ON_CPU else "cpu"

@@ -52,9 +52,9 @@ def test_one_kernel_lowers_to_sm90_cubin_with_launch_specialization():
 
 def test_compiled_kernels_carry_the_do_not_specialize_lists():
     flags = _in_subprocess(
-        "import fastcl.kernels.contrastive as K; "
+        "from fastcl.kernels import jit; "
         "print(repr({p.name: (p.do_not_specialize, p.do_not_specialize_on_alignment) "
-        "for p in K._contrastive_bwd_anchor_kernel.params}))"
+        "for p in jit._contrastive_bwd_anchor_kernel.params}))"
     )
     assert flags["n_anchor"][0] and flags["self_offset"][0] and flags["mask_period"][0]
     assert not flags["dim"][0] and not flags["stride_anchor"][0]
@@ -63,10 +63,10 @@ def test_compiled_kernels_carry_the_do_not_specialize_lists():
 
 
 def test_selection_covers_every_launchable_config():
-    import fastcl.kernels.contrastive as K
+    from fastcl.kernels import tiling
 
     full = aot.selection(sorted(aot.DTYPES), aot.DIMS, aot.ARCHS, full=True)
-    assert {j["kernel"] for j in full} == set(K.KERNEL_VARIANTS)
+    assert {j["kernel"] for j in full} == set(tiling.KERNEL_VARIANTS)
     assert {j["arch"] for j in full} == {80, 90}
     assert {(j["dtype"], j["input_precision"]) for j in full} == {
         ("bf16", "ieee"),
@@ -77,15 +77,15 @@ def test_selection_covers_every_launchable_config():
     assert {j["dim"] for j in full} == {16, 64, 128, 256, 512, 1024}
     for dtype, element_size in (("bf16", 2), ("fp32", 4)):
         for dim in aot.DIMS:
-            for variant in K.KERNEL_VARIANTS:
+            for variant in tiling.KERNEL_VARIANTS:
                 lowered = {
                     (j["block_m"], j["block_n"], j["num_warps"], j["num_stages"])
                     for j in full
                     if j["kernel"] == variant and j["dtype"] == dtype and j["dim"] == dim and j["arch"] == 90
                 }
-                launchable = {K._config_key(c) for c in K.launchable_configs(variant, dim, element_size)}
+                launchable = {tiling.config_key(c) for c in tiling.launchable_configs(variant, dim, element_size)}
                 assert lowered == launchable
-                assert K._config_key(K.fixed_config(variant, dim, element_size)) in lowered
+                assert tiling.config_key(tiling.fixed_config(variant, dim, element_size)) in lowered
     ci = aot.selection(sorted(aot.CI_PRECISIONS), aot.CI_DIMS, aot.ARCHS, full=False)
     assert 0 < len(ci) < 100 and all("fixed" in j["roles"] or j["dim"] == 256 for j in ci)
 
@@ -175,9 +175,9 @@ def test_table_prints_the_readme_rows_of_the_fixed_configs(monkeypatch, capsys):
         ("bwd_anchor[two_way]", "fp32 / tf32x3", "1024"),
         ("fwd", "fp32 / tf32x3", "1024"),
     ]
-    import fastcl.kernels.contrastive as K
+    from fastcl.kernels import tiling
 
-    fixed = K.fixed_config("bwd_anchor[two_way]", 1024, 4)
+    fixed = tiling.fixed_config("bwd_anchor[two_way]", 1024, 4)
     m, n = fixed.kwargs["BLOCK_M"], fixed.kwargs["BLOCK_N"]
     assert rows[6][3:] == [f"{m}x{n}, {fixed.num_warps}, {fixed.num_stages}", "201", "0", "33,536", "wgmma"]
 

@@ -147,7 +147,7 @@ def test_opcheck_triton(case):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args = [x.to(device).detach().requires_grad_(x.requires_grad) if torch.is_tensor(x) else x
             for x in _op_samples(torch.float32)[case]]  # fmt: skip
-    route = {"self_labels": "self", "self_mask": "self", "offset": "one_way", "two_way": "two_way"}[case]
+    route = {"offset": "one_way", "two_way": "two_way"}.get(case, "anchors_are_contrast")
     torch.library.opcheck(torch.ops.fastcl.contrastive_triton, (*args, route))
 
 

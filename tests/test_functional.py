@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from float64_reference import info_nce_float64, supcon_float64
 
-import fastcl.chunked
+import fastcl.ops.chunked.passes as chunked_passes
 from fastcl import functional as FF
 
 CPU_BACKENDS = ["chunked", "reference"]
@@ -28,8 +28,8 @@ def _value_and_grad(fn, x, grad_output=1.0):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Force several row blocks even at test sizes (blocks of 8 rows)."""
-    monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", 1)
-    monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 8)
+    monkeypatch.setattr(chunked_passes, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(chunked_passes, "_MIN_BLOCK_ROWS", 8)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -158,8 +158,8 @@ def test_chunked_block_size_does_not_change_result(monkeypatch):
     features, labels = _features(50, 2, 16), torch.randint(0, 6, (50,))
     results = []
     for block_bytes in (1, 4 * 100 * 17, 1 << 30):
-        monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", block_bytes)
-        monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 8)
+        monkeypatch.setattr(chunked_passes, "_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(chunked_passes, "_MIN_BLOCK_ROWS", 8)
         results.append(_value_and_grad(lambda x: FF.supcon_loss(x, labels, backend="chunked"), features))
     for loss, grad in results[1:]:
         torch.testing.assert_close(loss, results[0][0], rtol=1e-12, atol=0)
@@ -229,8 +229,8 @@ def test_forward_without_grad_matches():
 
 def test_auto_backend_on_cpu_is_chunked(monkeypatch):
     calls = []
-    original = fastcl.chunked.chunked_forward
-    monkeypatch.setattr(fastcl.chunked, "chunked_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = chunked_passes.chunked_forward
+    monkeypatch.setattr(chunked_passes, "chunked_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     FF.supcon_loss(_features(4, 2, 3), backend="auto")
     assert calls == [1]
 
@@ -247,12 +247,12 @@ def test_every_mode_combination_agrees_between_backends():
 def test_block_rows_stay_wide_enough_at_large_n():
     """The byte budget alone would give 16-row blocks at N = 65536; GEMMs keep at least 64 rows."""
     cpu = torch.device("cpu")
-    assert fastcl.chunked._block_rows(65536, 65536, cpu) == 64
+    assert chunked_passes._block_rows(65536, 65536, cpu) == 64
     threads = torch.get_num_threads()
     try:  # 8 MiB of fp32 logits per intra-op thread (up to 4)
         for count, rows in ((1, 256), (2, 512), (8, 1024)):
             torch.set_num_threads(count)
-            assert fastcl.chunked._block_rows(8192, 8192, cpu) == rows
+            assert chunked_passes._block_rows(8192, 8192, cpu) == rows
     finally:
         torch.set_num_threads(threads)
-    assert fastcl.chunked._block_rows(10, 8192, cpu) == 10
+    assert chunked_passes._block_rows(10, 8192, cpu) == 10

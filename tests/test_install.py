@@ -37,24 +37,24 @@ PROBE = r"""
 import json, os, sys, warnings
 import torch
 import fastcl
-from fastcl import _ops
+from fastcl import _extension
 torch.manual_seed(0)
 features = torch.nn.functional.normalize(torch.randn(6, 2, 8), dim=-1).requires_grad_()
 loss = fastcl.SupConLoss(temperature=0.1)(features, torch.tensor([0, 1, 0, 1, 2, 2]))
 loss.backward()
 with warnings.catch_warnings(record=True) as seen:
     warnings.simplefilter("always")
-    available = _ops.load_extension()
-    gathered = _ops.compact_segments(torch.arange(9.0), [2, 0, 3])
+    available = _extension.load_extension()
+    gathered = _extension.compact_segments(torch.arange(9.0), [2, 0, 3])
 print(json.dumps({
     "fastcl": fastcl.__file__,
     "loss": loss.item(),
     "grad_finite": bool(features.grad.isfinite().all()),
     "available": available,
-    "error": _ops._LOAD_ERROR,
+    "error": _extension._LOAD_ERROR,
     "gathered": gathered.tolist(),
     "warnings": [str(w.message) for w in seen],
-    "cache": _ops.cache_dir(),
+    "cache": _extension.cache_dir(),
 }))
 """
 
@@ -111,8 +111,12 @@ def test_wheel_is_pure_python_and_carries_the_sources(dists):
         "fastcl/_csrc/ops.cpp",
         "fastcl/_csrc/segments.h",
         "fastcl/_csrc/cuda/segments.cu",
-        "fastcl/kernels/contrastive.py",
-        "fastcl/_ops.py",
+        "fastcl/kernels/jit.py",
+        "fastcl/kernels/launch.py",
+        "fastcl/kernels/tiling.py",
+        "fastcl/ops/dispatch.py",
+        "fastcl/ops/chunked/passes.py",
+        "fastcl/_extension.py",
     ):
         assert needed in names, needed
     assert not [n for n in names if n.endswith((".so", ".pyd"))]
@@ -125,7 +129,8 @@ def test_sdist_is_complete(dists):
     sdist, _, _ = dists
     names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
     for needed in ("csrc/ops.cpp", "csrc/segments.h", "csrc/cuda/segments.cu", "csrc/check_cuda_build.py",
-                   "kernels/contrastive.py", "setup.py", "pyproject.toml", "README.md"):  # fmt: skip
+                   "kernels/jit.py", "kernels/launch.py", "kernels/tiling.py", "setup.py", "pyproject.toml",
+                   "README.md"):  # fmt: skip
         assert needed in names, needed
 
 

@@ -8,7 +8,7 @@ from float64_reference import supcon_float64
 import fastcl
 from fastcl import InfoNCELoss, NTXentLoss, SupConLoss
 from fastcl import functional as FF
-from fastcl.reference import supcon_loss_reference
+from fastcl.ops.reference import supcon_loss_reference
 
 
 def test_public_api():

@@ -178,7 +178,7 @@ def test_dense_label_ids_and_nan_labels():
 
 def test_chunked_label_positives_take_float_and_bool_labels_directly():
     """The backend itself (no functional layer): float labels, int labels and dense ids give the same numbers."""
-    from fastcl._core import contrastive_loss
+    from fastcl.ops.dispatch import contrastive_loss
 
     contrast = torch.nn.functional.normalize(torch.randn(12, 4, dtype=torch.float64), dim=1)
     int_labels = torch.tensor([5, 9, 5, 0, 9, 9, 1, 1, 5, 0, 7, 5])

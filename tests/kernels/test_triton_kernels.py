@@ -116,21 +116,21 @@ def test_gpu_sized_tiles_in_the_interpreter(monkeypatch, block_m, block_n):
     """The tile sizes GPUs use (not only the interpreter's 16 x 16), with N and D off the tile grid."""
     import triton
 
-    import fastcl.kernels.contrastive as K
+    from fastcl.kernels import launch
 
-    monkeypatch.setattr(K, "INTERPRETER_CONFIG", triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}))
-    monkeypatch.setattr(K, "_tuned", {})
+    monkeypatch.setattr(launch, "INTERPRETER_CONFIG", triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}))
+    monkeypatch.setattr(launch, "_tuned", {})
     _check_supcon(75, 2, 130, "all", "labels")  # N = 150, D = 130 -> BLOCK_D = 256
     _check_supcon(40, 3, 300, "one", "mask")  # D = 300: looped feature tiles
 
 
 def test_shared_tiles_routes(monkeypatch):
     """SupCon 'all': one backward kernel; 'one': two; symmetric InfoNCE: both directions from the same tiles."""
-    import fastcl.kernels.contrastive as K
+    from fastcl.kernels import launch
 
     launched = []
-    original = K._launch
-    monkeypatch.setattr(K, "_launch", lambda name, *args: launched.append(name) or original(name, *args))
+    original = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda name, *args: launched.append(name) or original(name, *args))
     features = F.normalize(torch.randn(9, 2, 8, device=DEVICE), dim=-1).requires_grad_()
     labels = torch.randint(0, 3, (9,), device=DEVICE)
     FF.supcon_loss(features, labels, backend="triton").backward()
@@ -154,7 +154,7 @@ def test_autotuned_launch_path_with_pruning(monkeypatch):
 
     import triton
 
-    import fastcl.kernels.contrastive as K
+    from fastcl.kernels import launch, tiling
 
     def host_timer(fn, quantiles=None):
         start = time.perf_counter()
@@ -167,19 +167,19 @@ def test_autotuned_launch_path_with_pruning(monkeypatch):
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_M": 512, "BLOCK_N": 512}, num_warps=1, num_stages=4),  # pruned: cannot fit
     ]
-    assert not K.keep_config(configs[2], 16, 4)
-    monkeypatch.setattr(K, "tuning_configs", lambda: configs)
-    monkeypatch.setattr(K, "AUTOTUNE_DO_BENCH", host_timer)
-    monkeypatch.setattr(K, "_tuned", {})
+    assert not tiling.keep_config(configs[2], 16, 4)
+    monkeypatch.setattr(launch, "tuning_configs", lambda: configs)
+    monkeypatch.setattr(launch, "AUTOTUNE_DO_BENCH", host_timer)
+    monkeypatch.setattr(launch, "_tuned", {})
     # fp16: fp32 inputs keep only the spill-free FP32_CONFIGS (GPU-sized tiles), so its pruning would drop both
     _check_supcon(21, 2, 8, "one", "labels", dtype=torch.float16)
-    assert set(K._tuned) == {"fwd", "bwd_anchor", "bwd_contrast"}
-    for kernel in K._tuned.values():
+    assert set(launch._tuned) == {"fwd", "bwd_anchor", "bwd_contrast"}
+    for kernel in launch._tuned.values():
         assert kernel.best_config in configs[:2]
 
 
 def _max_rel(grad, ref):
-    """max |grad - ref| / max |ref| (the issue's measure: one bad entry is not averaged away)."""
+    """max |grad - ref| / max |ref| (one bad entry is not averaged away)."""
     return ((grad.double() - ref).abs().max() / ref.abs().max()).item()
 
 
@@ -273,19 +273,21 @@ def test_fp16_gradients_with_a_loss_scale(loss_name, grad_scale):
 
 
 def test_route_is_decided_before_copies(monkeypatch):
-    """A non-contiguous tensor passed as both anchor and contrast keeps the one-kernel route (the old code made a
-    contiguous copy of contrast first, so ``anchor is contrast`` failed)."""
-    import fastcl.kernels.contrastive as K
+    """A non-contiguous tensor passed as both anchor and contrast keeps the one-kernel route: the route is decided
+    before the contiguous copy (after it, ``anchor is contrast`` would no longer hold)."""
+    from fastcl.kernels import launch
+    from fastcl.ops.dispatch import contrastive_loss
+    from fastcl.ops.problem import Problem
 
     launched = []
-    original = K._launch
-    monkeypatch.setattr(K, "_launch", lambda name, *args: launched.append(name) or original(name, *args))
+    original = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda name, *args: launched.append(name) or original(name, *args))
     base = F.normalize(torch.randn(11, 14), dim=-1).T.contiguous()  # [14, 11]
     x = base.T.to(DEVICE).requires_grad_()  # [11, 14], column-major
     labels = torch.randint(0, 3, (11,), device=DEVICE)
     assert not x.is_contiguous()
-    assert K.triton_route(x, x, labels, labels, None, 0, False) == "self"
-    loss = K.triton_contrastive_loss(x, x, labels, labels, None, 0, 1 / 0.2, 1.0)
+    assert launch.triton_route(Problem(None, x, labels, labels, None, 0, 1 / 0.2, 1.0)) == launch.ANCHORS_ARE_CONTRAST
+    loss = contrastive_loss(x, x, labels, labels, None, self_offset=0, temperature=0.2, scale=1.0, backend="triton")
     loss.backward()
     assert launched == ["fwd", "bwd_anchor"]
     ref_x = x.detach().cpu().double().requires_grad_()
@@ -301,12 +303,12 @@ SMALL_D_TILES = dict(MAX_SINGLE_D_TILE=32, MAX_SINGLE_D_TILE_FP32=32, LOOPED_D_T
                      MAX_OUTPUT_D_TILE_FP32=128, MAX_OUTPUT_D_TILE_FP32_TWO_WAY=128)  # fmt: skip
 
 
-def _record_launched_tiles(monkeypatch, K) -> list:
-    """Patch ``K._launch`` to record ``(kernel name, programs along the feature axis)`` of every launch it makes."""
+def _record_launched_tiles(monkeypatch, launch) -> list:
+    """Patch ``launch._launch`` to record ``(kernel name, programs along the feature axis)`` of every launch it makes."""
     tiles = []
-    original = K._launch
+    original = launch._launch
     monkeypatch.setattr(
-        K, "_launch", lambda name, grid_of, *a: tiles.append((name, grid_of({"BLOCK_M": 16, "BLOCK_N": 16})[1]))
+        launch, "_launch", lambda name, grid_of, *a: tiles.append((name, grid_of({"BLOCK_M": 16, "BLOCK_N": 16})[1]))
         or original(name, grid_of, *a),
     )  # fmt: skip
     return tiles
@@ -330,13 +332,13 @@ def test_several_output_feature_tiles_match_float64(monkeypatch, route, dim, dty
     recompute the logits over the whole looped dim: every route against float64 at odd N and D."""
     import triton
 
-    import fastcl.kernels.contrastive as K
+    from fastcl.kernels import launch, tiling
 
     for name, value in SMALL_D_TILES.items():
-        monkeypatch.setattr(K, name, value)
-    tiles = _record_launched_tiles(monkeypatch, K)
+        monkeypatch.setattr(tiling, name, value)
+    tiles = _record_launched_tiles(monkeypatch, launch)
     expected_tiles = triton.cdiv(dim, 128)
-    assert K.backward_output_tiles(dim, torch.tensor([], dtype=dtype).element_size()) == expected_tiles >= 3
+    assert tiling.backward_output_tiles(dim, torch.tensor([], dtype=dtype).element_size()) == expected_tiles >= 3
     tol = TOLERANCE[dtype]
     torch.manual_seed(11)
     if route.startswith("supcon") or route == "nt_xent":
@@ -394,18 +396,18 @@ def test_looped_dim_fixed_configs_in_the_interpreter(monkeypatch, route, dim, dt
     128-wide ones (the last one partial; one-way fp32 kernels would have three 256-wide ones)."""
     import triton
 
-    import fastcl.kernels.contrastive as K
+    from fastcl.kernels import launch, tiling
 
-    monkeypatch.setattr(K, "INTERPRETER_CONFIG", triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}))
-    monkeypatch.setattr(K, "_tuned", {})
+    monkeypatch.setattr(launch, "INTERPRETER_CONFIG", triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}))
+    monkeypatch.setattr(launch, "_tuned", {})
     element_size = torch.tensor([], dtype=dtype).element_size()
     for two_way in (False, True):
-        width = K.output_block_d_for(dim, element_size, two_way)
-        assert K.backward_output_tiles(dim, element_size, two_way) == triton.cdiv(dim, width)
-    assert K.backward_output_tiles(dim, element_size, two_way=True) == (2 if dim == 1024 else 5)
-    assert K.backward_output_tiles(dim, element_size) == (2 if dim == 1024 else 3)
-    assert not K.block_d_for(dim, element_size)[1]
-    tiles = _record_launched_tiles(monkeypatch, K)
+        width = tiling.output_block_d_for(dim, element_size, two_way)
+        assert tiling.backward_output_tiles(dim, element_size, two_way) == triton.cdiv(dim, width)
+    assert tiling.backward_output_tiles(dim, element_size, two_way=True) == (2 if dim == 1024 else 5)
+    assert tiling.backward_output_tiles(dim, element_size) == (2 if dim == 1024 else 3)
+    assert not tiling.block_d_for(dim, element_size)[1]
+    tiles = _record_launched_tiles(monkeypatch, launch)
     if route == "supcon_all":
         _check_supcon(37, 2, dim, "all", "labels", dtype=dtype, temperature=0.5, base=0.5)
         return
@@ -442,12 +444,12 @@ def _lse_span_log2(logits):
 
 
 def _two_way_grads(monkeypatch, reuse, query, key, temperature, labels=None):
-    """Gradients of symmetric InfoNCE (route 'two_way') or, with ``labels``, SupCon 'all' (route 'self'), with the
+    """Gradients of symmetric InfoNCE (route 'two_way') or, with ``labels``, SupCon 'all' (route 'anchors_are_contrast'), with the
     transposed dots reused (not recomputed) and the exp reuse on or off."""
-    import fastcl.kernels.contrastive as K
+    from fastcl.kernels import launch
 
-    monkeypatch.setattr(K, "recompute_transposed", lambda dtype: False)
-    monkeypatch.setattr(K, "TRANSPOSED_EXP_REUSE", reuse)
+    monkeypatch.setattr(launch, "recompute_transposed", lambda dtype: False)
+    monkeypatch.setattr(launch, "TRANSPOSED_EXP_REUSE", reuse)
     if labels is None:
         q, k = query.to(DEVICE, copy=True).requires_grad_(), key.to(DEVICE, copy=True).requires_grad_()
         FF.info_nce_loss(q, k, temperature=temperature, normalize=False, backend="triton").backward()
@@ -458,7 +460,7 @@ def _two_way_grads(monkeypatch, reuse, query, key, temperature, labels=None):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="forces the interpreter's transposed-dots choice")
-@pytest.mark.parametrize("route", ["two_way", "self"])
+@pytest.mark.parametrize("route", ["two_way", "anchors_are_contrast"])
 @pytest.mark.parametrize(
     "regime,step,temperature",
     [("moderate", 0.25, 1.0), ("large_factors", 0.25, 0.1), ("extreme", 4.0, 0.01)],
@@ -467,12 +469,12 @@ def test_two_way_exp_reuse_against_float64(monkeypatch, route, regime, step, tem
     """p'_ji = p_ij * r_i * q_j where the tile's log-sum-exps are within EXP_REUSE_MAX_SPAN (log2 units) of each
     other, the direct exp elsewhere. 'extreme' (|logits| ~ 1e4, spread in the thousands): the factors would overflow
     and p_ij underflows to 0 where p'_ji ~ 1, so every tile must fall back, giving bitwise the direct result."""
-    import fastcl.kernels.contrastive as K
+    from fastcl.kernels import jit
 
     gen = torch.Generator().manual_seed(7)
     n, dim = 13, 16
     query, key = _exact_embeddings(n, dim, step, gen), _exact_embeddings(n, dim, step, gen)
-    labels = torch.randint(0, 3, (n,), generator=gen) if route == "self" else None
+    labels = torch.randint(0, 3, (n,), generator=gen) if route == "anchors_are_contrast" else None
     rq, rk = query.double().requires_grad_(), key.double().requires_grad_()
     if route == "two_way":
         logits = rq @ rk.T / temperature
@@ -485,14 +487,14 @@ def test_two_way_exp_reuse_against_float64(monkeypatch, route, regime, step, tem
         supcon_float64(x, labels, temperature=temperature, base_temperature=temperature).backward()
         expected = (torch.stack([rq.grad, rk.grad], 1),)
     span = _lse_span_log2(logits.detach())
-    limit = K.EXP_REUSE_MAX_SPAN.value
+    limit = jit.EXP_REUSE_MAX_SPAN.value
     assert (span > limit) if regime == "extreme" else (span < limit), span  # the regime the case is meant to test
     if regime == "large_factors":
         assert span > limit / 4, span  # factors far from 1 (up to 2**(span / 2))
 
     reused = _two_way_grads(monkeypatch, True, query, key, temperature, labels)
     direct = _two_way_grads(monkeypatch, False, query, key, temperature, labels)
-    # extreme 'self': ties between small-integer logits ~ 1e4 leave both paths at the fp32 LSE's resolution
+    # extreme 'anchors_are_contrast': ties between small-integer logits ~ 1e4 leave both paths at the fp32 LSE's resolution
     # (logit_scale * ulp(lse_raw) ~ 1e-4), identically
     tolerance = 2e-3 if regime == "extreme" else 1e-5
     for got, plain, ref in zip(reused, direct, expected):
@@ -544,7 +546,7 @@ def test_two_way_mask_reads_the_transposed_copy():
     """Route 'two_way' with a non-symmetric mask whose period divides N: the reverse direction's weights are
     ``mask[j % B, i % B]``, read from ``mask_t = mask.T.contiguous()`` at ``[i % B, j % B]``; equals float64 and the
     chunked backend."""
-    from fastcl._core import contrastive_loss
+    from fastcl.ops.dispatch import contrastive_loss
 
     gen = torch.Generator().manual_seed(5)
     bsz, n, dim = 5, 15, 12
@@ -572,32 +574,32 @@ def test_two_way_mask_reads_the_transposed_copy():
     assert _rel(grad_a, results["chunked"][1]) < 1e-4 and _rel(grad_c, results["chunked"][2]) < 1e-4
 
 
-@pytest.mark.parametrize("route", ["two_way", "self", "one_way"])
+@pytest.mark.parametrize("route", ["two_way", "anchors_are_contrast", "one_way"])
 def test_two_way_backward_reads_its_weights_from_mask_t(monkeypatch, route):
     """The reverse weights come from ``_LaunchArgs.mask_t`` and nowhere else: poisoned with NaN there, the two-way
-    and self routes' gradients turn NaN while the forward (which never reads it) and one-way gradients stay finite.
+    and anchors-are-contrast routes' gradients turn NaN while the forward (which never reads it) and one-way gradients stay finite.
     The copy itself is the contiguous transpose, made only for backward launches that add the reverse direction."""
-    import fastcl.kernels.contrastive as K
+    from fastcl.kernels import launch
 
     prepared = []
-    original = K._LaunchArgs.__init__
+    original = launch._LaunchArgs.__init__
 
     def poisoned(self, *args, **kwargs):
         original(self, *args, **kwargs)
         if self.has_mask:
-            prepared.append((args[4], self.mask_t, self.mask_t_strides))
-            if self.mask_t is not args[4]:
+            prepared.append((args[0].mask, self.mask_t, self.mask_t_strides))
+            if self.mask_t is not args[0].mask:
                 self.mask_t = torch.full_like(self.mask_t, float("nan"))
 
-    monkeypatch.setattr(K._LaunchArgs, "__init__", poisoned)
+    monkeypatch.setattr(launch._LaunchArgs, "__init__", poisoned)
     gen = torch.Generator().manual_seed(2)
     bsz = 6
     mask = (torch.rand(bsz, bsz, generator=gen) < 0.5).float().T  # non-contiguous, not symmetric
     x = F.normalize(torch.randn(bsz, 2, 8, generator=gen), dim=-1).to(DEVICE).requires_grad_()
-    if route == "self":
+    if route == "anchors_are_contrast":
         loss = FF.supcon_loss(x, mask=mask.to(DEVICE), backend="triton")
     else:
-        from fastcl._core import contrastive_loss
+        from fastcl.ops.dispatch import contrastive_loss
 
         flat = x.transpose(0, 1).reshape(2 * bsz, 8)
         loss = contrastive_loss(

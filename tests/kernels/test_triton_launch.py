@@ -10,8 +10,10 @@ import torch.nn.functional as F
 import triton
 from conftest import DEVICE
 
-import fastcl.kernels.contrastive as K
 from fastcl import functional as FF
+from fastcl.kernels import jit, launch, tiling
+from fastcl.ops.dispatch import contrastive_loss
+from fastcl.ops.problem import Problem
 
 pytestmark = pytest.mark.triton
 
@@ -42,10 +44,10 @@ def test_device_guard_enters_the_tensors_cuda_device(monkeypatch):
         yield
 
     monkeypatch.setattr(torch.cuda, "device", fake_device)
-    with K._device_guard(torch.device("cuda", 1)):
+    with launch._device_guard(torch.device("cuda", 1)):
         pass
     assert entered == [torch.device("cuda", 1)]
-    with K._device_guard(torch.device("cpu")):
+    with launch._device_guard(torch.device("cpu")):
         pass
     assert entered == [torch.device("cuda", 1)]  # no CUDA guard for CPU (interpreter) tensors
 
@@ -74,33 +76,33 @@ def test_every_launch_runs_inside_the_device_guard(monkeypatch):
 
             return launch
 
-    original = K._kernel_and_config
-    monkeypatch.setattr(K, "_device_guard", recording_guard)
+    original = launch._kernel_and_config
+    monkeypatch.setattr(launch, "_device_guard", recording_guard)
     monkeypatch.setattr(
-        K, "_kernel_and_config", lambda *a: (lambda kc: (CheckedKernel(kc[0]), kc[1]))(original(*a))
+        launch, "_kernel_and_config", lambda *a: (lambda kc: (CheckedKernel(kc[0]), kc[1]))(original(*a))
     )
     _supcon(mode="one")
     assert seen == [torch.device(DEVICE)] * 3  # fwd, bwd_anchor, bwd_contrast
 
 
-ARCH_LIMITS = sorted(K.SHARED_MEMORY_LIMITS.items())
+ARCH_LIMITS = sorted(tiling.SHARED_MEMORY_LIMITS.items())
 
 
 @pytest.mark.parametrize("element_size", [2, 4])
 @pytest.mark.parametrize("dim", [16, 64, 100, 128, 256, 512, 1024])
-@pytest.mark.parametrize("kernel", K.KERNEL_VARIANTS)
+@pytest.mark.parametrize("kernel", tiling.KERNEL_VARIANTS)
 def test_every_launchable_config_passes_the_filter_for_every_arch(kernel, dim, element_size):
-    configs = K.launchable_configs(kernel, dim, element_size)
+    configs = tiling.launchable_configs(kernel, dim, element_size)
     assert configs
-    fixed = K.fixed_config(kernel, dim, element_size)
-    assert any(K._config_key(c) == K._config_key(fixed) for c in configs)
+    fixed = tiling.fixed_config(kernel, dim, element_size)
+    assert any(tiling.config_key(c) == tiling.config_key(fixed) for c in configs)
     for config in configs:
         for arch, limit in ARCH_LIMITS:
-            assert K.keep_config(config, dim, element_size, kernel, shared_limit=limit), (arch, config)
+            assert tiling.keep_config(config, dim, element_size, kernel, shared_limit=limit), (arch, config)
     # the prune fallback (nothing kept from a hopeless candidate list) is the fixed config, not configs[:1]
     huge = [triton.Config({"BLOCK_M": 512, "BLOCK_N": 512}, num_warps=1, num_stages=4)]
-    assert [K._config_key(c) for c in K.autotune_configs(kernel, dim, element_size, huge)] == [
-        K._config_key(fixed)
+    assert [tiling.config_key(c) for c in tiling.autotune_configs(kernel, dim, element_size, huge)] == [
+        tiling.config_key(fixed)
     ]
 
 
@@ -108,50 +110,50 @@ def test_every_launchable_config_passes_the_filter_for_every_arch(kernel, dim, e
 def test_fp32_keeps_only_the_spill_free_configs(dim):
     """fp32 (tf32x3 / tf32) launches only configs of FP32_CONFIGS, which lowered without spills on sm_80 and sm_90
     (``python -m fastcl.aot`` fails otherwise), with one feature tile up to D = 16 and looped tiles of 32 beyond;
-    the old fixed configs (32x32 two-way tiles, 64x32 / 8 warps forward with 128-wide feature tiles) are gone."""
-    block_d, single = K.block_d_for(dim, 4)
+    configs that spilled (32x32 two-way tiles, 64x32 / 8 warps forward with 128-wide feature tiles) are never used."""
+    block_d, single = tiling.block_d_for(dim, 4)
     assert (block_d, single) == ((16, True) if dim <= 16 else (32, False))
-    assert K.block_d_for(dim, 2)[0] >= min(128, max(16, dim))  # half precision keeps its wide feature tiles
-    for kernel in K.KERNEL_VARIANTS:
-        allowed = [K._config_key(c) for c in K._fp32_configs(kernel, dim)]
-        by_width = (kernel, K.output_block_d_for(dim, 4, kernel.endswith("[two_way]")))
-        if single or by_width not in K.FP32_CONFIGS_BY_OUTPUT_TILE:
-            assert allowed == [K._config_key(c) for c in K.FP32_CONFIGS[(kernel, single)]]
-        launchable = [K._config_key(c) for c in K.launchable_configs(kernel, dim, 4)]
+    assert tiling.block_d_for(dim, 2)[0] >= min(128, max(16, dim))  # half precision keeps its wide feature tiles
+    for kernel in tiling.KERNEL_VARIANTS:
+        allowed = [tiling.config_key(c) for c in tiling._fp32_configs(kernel, dim)]
+        by_width = (kernel, tiling.output_block_d_for(dim, 4, kernel.endswith("[two_way]")))
+        if single or by_width not in tiling.FP32_CONFIGS_BY_OUTPUT_TILE:
+            assert allowed == [tiling.config_key(c) for c in tiling.FP32_CONFIGS[(kernel, single)]]
+        launchable = [tiling.config_key(c) for c in tiling.launchable_configs(kernel, dim, 4)]
         assert launchable and set(launchable) <= set(allowed)
-        assert K._config_key(K.fixed_config(kernel, dim, 4)) == allowed[0]
-        assert K._config_key(K.fixed_config(kernel, dim, 4, list(K.FIXED_PREFERENCE))) == allowed[0]
+        assert tiling.config_key(tiling.fixed_config(kernel, dim, 4)) == allowed[0]
+        assert tiling.config_key(tiling.fixed_config(kernel, dim, 4, list(tiling.FIXED_PREFERENCE))) == allowed[0]
     # the fp32-only candidates (appended to the autotune list) are never autotuned for half precision
-    for kernel in K.KERNEL_VARIANTS:
-        tuned = {K._config_key(c) for c in K.autotune_configs(kernel, dim, 2)}
-        tuned.discard(K._config_key(K.fixed_config(kernel, dim, 2)))  # the prune fallback (FIXED_PREFERENCE)
-        assert not tuned & set(K._FP32_ONLY)
-    assert K._config_key(K.FP32_CONFIGS[("bwd_contrast[two_way]", False)][0]) == (32, 64, 8, 1)
-    two_way_dc = K._config_key(K.fixed_config("bwd_contrast[two_way]", dim, 4))
+    for kernel in tiling.KERNEL_VARIANTS:
+        tuned = {tiling.config_key(c) for c in tiling.autotune_configs(kernel, dim, 2)}
+        tuned.discard(tiling.config_key(tiling.fixed_config(kernel, dim, 2)))  # the prune fallback (FIXED_PREFERENCE)
+        assert not tuned & set(tiling._FP32_ONLY)
+    assert tiling.config_key(tiling.FP32_CONFIGS[("bwd_contrast[two_way]", False)][0]) == (32, 64, 8, 1)
+    two_way_dc = tiling.config_key(tiling.fixed_config("bwd_contrast[two_way]", dim, 4))
     assert two_way_dc == ((32, 64, 8, 2) if 32 < dim <= 64 else (32, 64, 8, 1) if dim > 16 else two_way_dc)
     # the logits loop over tiles of 32, but each backward program owns an output tile of up to 256 columns (128
     # for the two-way kernels): D = 128 recomputes the logits once, D = 1024 four times (two-way: eight)
     for two_way, widest in ((False, 256), (True, 128)):
-        width = K.output_block_d_for(dim, 4, two_way)
+        width = tiling.output_block_d_for(dim, 4, two_way)
         assert width == (16 if dim <= 16 else min(widest, triton.next_power_of_2(dim)))
-        assert K.backward_output_tiles(dim, 4, two_way) == triton.cdiv(dim, width)
-    assert K.backward_output_tiles(128, 4, True) == 1 and K.backward_output_tiles(1024, 4, True) == 8
-    assert K.backward_output_tiles(1024, 4) == 4
+        assert tiling.backward_output_tiles(dim, 4, two_way) == triton.cdiv(dim, width)
+    assert tiling.backward_output_tiles(128, 4, True) == 1 and tiling.backward_output_tiles(1024, 4, True) == 8
+    assert tiling.backward_output_tiles(1024, 4) == 4
 
 
 def test_filter_rejects_the_configs_that_overflowed_shared_memory(monkeypatch):
-    """The issue's numbers: fp32, D in 129..256, the old fixed 128x64 / 8 warps / 2 stages needed 262,656 B (fwd),
-    263,424 B and 330,240 B (backward, two-way): over sm_90's 232,448 B (with one [*, 256] fp32 feature tile, as
-    then; fp32 now loops feature tiles of 32)."""
-    old_fixed = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)
-    for kernel in K.KERNEL_VARIANTS:
-        assert not K.keep_config(old_fixed, 256, 4, kernel, shared_limit=K.SHARED_MEMORY_LIMITS[90])
-    monkeypatch.setattr(K, "MAX_SINGLE_D_TILE_FP32", 256)
-    for kernel in K.KERNEL_VARIANTS:
-        assert not K.keep_config(old_fixed, 256, 4, kernel, shared_limit=K.SHARED_MEMORY_LIMITS[90])
-    assert K.shared_memory_estimate(old_fixed, 256, 4, "fwd") >= 262_656
-    assert K.shared_memory_estimate(old_fixed, 256, 4, "bwd_anchor") >= 263_424
-    assert K.shared_memory_estimate(old_fixed, 256, 4, "bwd_contrast") >= 330_240
+    """fp32 with one [*, 256] feature tile (D in 129..256) in a 128x64 / 8 warps / 2 stages config needs 262,656 B
+    (fwd), 263,424 B and 330,240 B (backward, two-way): over sm_90's 232,448 B, so keep_config rejects it (fp32
+    loops feature tiles of 32 instead)."""
+    overflowing = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)
+    for kernel in tiling.KERNEL_VARIANTS:
+        assert not tiling.keep_config(overflowing, 256, 4, kernel, shared_limit=tiling.SHARED_MEMORY_LIMITS[90])
+    monkeypatch.setattr(tiling, "MAX_SINGLE_D_TILE_FP32", 256)
+    for kernel in tiling.KERNEL_VARIANTS:
+        assert not tiling.keep_config(overflowing, 256, 4, kernel, shared_limit=tiling.SHARED_MEMORY_LIMITS[90])
+    assert tiling.shared_memory_estimate(overflowing, 256, 4, "fwd") >= 262_656
+    assert tiling.shared_memory_estimate(overflowing, 256, 4, "bwd_anchor") >= 263_424
+    assert tiling.shared_memory_estimate(overflowing, 256, 4, "bwd_contrast") >= 330_240
 
 
 @INTERPRETER_ONLY
@@ -163,12 +165,12 @@ def test_fixed_config_without_autotuning(monkeypatch, how):
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
     ]
-    monkeypatch.setattr(K, "tuning_configs", lambda: candidates)
-    monkeypatch.setattr(K, "AUTOTUNE_DO_BENCH", _host_timer)
-    monkeypatch.setattr(K, "_tuned", {})
+    monkeypatch.setattr(launch, "tuning_configs", lambda: candidates)
+    monkeypatch.setattr(launch, "AUTOTUNE_DO_BENCH", _host_timer)
+    monkeypatch.setattr(launch, "_tuned", {})
     used = []
-    original = K._kernel_and_config
-    monkeypatch.setattr(K, "_kernel_and_config", lambda *a: used.append((a, original(*a))) or used[-1][1])
+    original = launch._kernel_and_config
+    monkeypatch.setattr(launch, "_kernel_and_config", lambda *a: used.append((a, original(*a))) or used[-1][1])
     if how == "deterministic":
         previous = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -180,12 +182,12 @@ def test_fixed_config_without_autotuning(monkeypatch, how):
     finally:
         if how == "deterministic":
             torch.use_deterministic_algorithms(previous)
-    assert K._tuned == {}
+    assert launch._tuned == {}
     assert {a[0] for a, _ in used} == {"fwd", "bwd_anchor[two_way]"}  # SupCon 'all': the one-kernel route
     for (variant, dim, element_size), (kernel, config) in used:
-        assert config is not None and kernel in K.RAW_KERNELS.values()
-        expected = K.fixed_config(variant, dim, element_size, list(K.FIXED_PREFERENCE) + candidates)
-        assert K._config_key(config) == K._config_key(expected)
+        assert config is not None and kernel in launch.RAW_KERNELS.values()
+        expected = tiling.fixed_config(variant, dim, element_size, list(tiling.FIXED_PREFERENCE) + candidates)
+        assert tiling.config_key(config) == tiling.config_key(expected)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
@@ -196,79 +198,82 @@ def test_autotune_key_buckets_the_sizes(monkeypatch):
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
     ]
-    monkeypatch.setattr(K, "tuning_configs", lambda: candidates)
-    monkeypatch.setattr(K, "AUTOTUNE_DO_BENCH", _host_timer)
-    monkeypatch.setattr(K, "_tuned", {})
+    monkeypatch.setattr(launch, "tuning_configs", lambda: candidates)
+    monkeypatch.setattr(launch, "AUTOTUNE_DO_BENCH", _host_timer)
+    monkeypatch.setattr(launch, "_tuned", {})
     _supcon(n=10)  # 2N = 20 -> bucket 32
     _supcon(n=13)  # 26 -> 32
-    assert len(K._tuned["fwd"].cache) == 1
+    assert len(launch._tuned["fwd"].cache) == 1
     _supcon(n=17)  # 34 -> 64
-    assert len(K._tuned["fwd"].cache) == 2
+    assert len(launch._tuned["fwd"].cache) == 2
 
 
 def test_sizes_and_offsets_are_not_specialized():
     """Batch sizes, offsets, the mask period and label/mask strides never trigger a recompile; embedding pointers,
     row strides and the feature dim keep Triton's 16-divisibility specialization (vectorized, pipelined loads)."""
-    every_name = set().union(*(kernel.arg_names for kernel in K.RAW_KERNELS.values()))
-    assert set(K.NOT_SPECIALIZED) <= every_name and set(K.NOT_ALIGNMENT_SPECIALIZED) <= every_name  # no stale names
+    every_name = set().union(*(kernel.arg_names for kernel in launch.RAW_KERNELS.values()))
+    assert set(jit.NOT_SPECIALIZED) <= every_name and set(jit.NOT_ALIGNMENT_SPECIALIZED) <= every_name  # no stale names
     backward_only = {"stride_mask_t_row", "stride_mask_t_col", "mask_t_ptr"}  # the transposed mask of TWO_WAY
-    for name, kernel in K.RAW_KERNELS.items():
+    for name, kernel in launch.RAW_KERNELS.items():
         names = set(kernel.arg_names)
         assert (backward_only <= names) == (name != "fwd")
-        not_specialized = set(K.NOT_SPECIALIZED)  # applied by @triton.jit; tests/test_aot.py checks the params
+        not_specialized = set(jit.NOT_SPECIALIZED)  # applied by @triton.jit; tests/test_aot.py checks the params
         assert {"n_anchor", "n_contrast", "self_offset", "mask_period", "n_anchor_bucket"} <= not_specialized
         assert not_specialized - backward_only <= names
         assert not {"dim", "stride_anchor", "stride_contrast"} & not_specialized
-        not_aligned = set(K.NOT_ALIGNMENT_SPECIALIZED)
+        not_aligned = set(jit.NOT_ALIGNMENT_SPECIALIZED)
         assert {"anchor_label_ptr", "contrast_label_ptr", "mask_ptr"} <= not_aligned & names
         assert not {"anchor_ptr", "contrast_ptr"} & not_aligned
 
 
 def test_fp32_uses_tensor_core_precisions(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert K.input_precision_for(torch.float32) == "tf32x3"
+    assert launch.input_precision_for(torch.float32) == "tf32x3"
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert K.input_precision_for(torch.float32) == "tf32"
-    assert K.input_precision_for(torch.bfloat16) == "ieee"
+    assert launch.input_precision_for(torch.float32) == "tf32"
+    assert launch.input_precision_for(torch.bfloat16) == "ieee"
 
 
 def test_bad_arguments_name_the_argument():
     x = torch.randn(5, 4, device=DEVICE)
     labels = torch.arange(5, device=DEVICE)
     with pytest.raises(TypeError, match="anchor"):
-        K.triton_forward(x.double(), x.double(), labels, labels, None, 0, 1.0, 1.0, "self")
+        launch.triton_forward(Problem(None, x.double(), labels, labels, None, 0, 1.0, 1.0), "anchors_are_contrast")
     with pytest.raises(ValueError, match="contrast_labels"):
-        K.triton_forward(x, x, labels, labels[:3], None, 0, 1.0, 1.0, "one_way")
+        launch.triton_forward(Problem(x, x, labels, labels[:3], None, 0, 1.0, 1.0), "one_way")
     with pytest.raises(ValueError, match="mask"):
-        K.triton_forward(x, x, None, None, torch.ones(2, 3, device=DEVICE), 0, 1.0, 1.0, "one_way")
+        launch.triton_forward(Problem(x, x, None, None, torch.ones(2, 3, device=DEVICE), 0, 1.0, 1.0), "one_way")
 
 
-@pytest.mark.parametrize("route", ["self", "one_way", "two_way"])
+@pytest.mark.parametrize("route", ["anchors_are_contrast", "one_way", "two_way"])
 def test_entry_points_called_directly_as_the_custom_op_does(route):
     """triton_forward / triton_backward with a 0-dim device grad_output, as a torch.library op calls them: residuals
     are four fp32 vectors of the documented shapes and the gradients equal the autograd path's."""
     torch.manual_seed(5)
     n_a, n_c = (14, 14) if route != "one_way" else (9, 14)
     a = F.normalize(torch.randn(n_a, 12, device=DEVICE), dim=-1)
-    c = a if route == "self" else F.normalize(torch.randn(n_c, 12, device=DEVICE), dim=-1)
+    c = a if route == "anchors_are_contrast" else F.normalize(torch.randn(n_c, 12, device=DEVICE), dim=-1)
     la = torch.randint(0, 4, (n_a,), device=DEVICE)
-    lc = la if route == "self" else torch.randint(0, 4, (n_c,), device=DEVICE)
-    offset = 0 if route == "self" else None
-    assert K.triton_route(a, c, la, lc, None, offset, route == "two_way") == route
-    loss, residuals = K.triton_forward(a, c, la, lc, None, offset, 1 / 0.3, 0.8, route)
+    lc = la if route == "anchors_are_contrast" else torch.randint(0, 4, (n_c,), device=DEVICE)
+    offset = 0 if route == "anchors_are_contrast" else None
+    problem = Problem(None if route == "anchors_are_contrast" else a, c, la, lc, None, offset, 1 / 0.3, 0.8, route == "two_way")
+    assert launch.triton_route(problem) == route
+    loss, residuals = launch.triton_forward(problem, route)
     assert len(residuals) == 4 and all(r.dtype == torch.float32 and r.dim() == 1 for r in residuals)
     expected_cols = n_c if route == "two_way" else 0
     assert [r.shape[0] for r in residuals] == [n_a, n_a, expected_cols, expected_cols]
     grad_output = torch.tensor(1.7, device=DEVICE)
-    grad_a, grad_c = K.triton_backward(grad_output, a, c, la, lc, None, residuals, offset, 1 / 0.3, 0.8, route)
+    grad_a, grad_c = launch.triton_backward(grad_output, problem, residuals, route)
 
     leaf_a = a.clone().requires_grad_()
-    leaf_c = leaf_a if route == "self" else c.clone().requires_grad_()
-    ref = K.triton_contrastive_loss(leaf_a, leaf_c, la, lc, None, offset, 1 / 0.3, 0.8, route == "two_way")
+    leaf_c = leaf_a if route == "anchors_are_contrast" else c.clone().requires_grad_()
+    two_way = route == "two_way"
+    settings = dict(self_offset=offset, temperature=0.3, scale=0.8, backend="triton", two_way=two_way)
+    ref = contrastive_loss(leaf_a, leaf_c, la, lc, None, **settings)
     (ref * 1.7).backward()
     assert torch.allclose(loss, ref.detach())
     assert torch.allclose(grad_a, leaf_a.grad, rtol=1e-5, atol=1e-7)
-    if route == "self":
+    if route == "anchors_are_contrast":
         assert grad_c is None
     else:
         assert torch.allclose(grad_c, leaf_c.grad, rtol=1e-5, atol=1e-7)
@@ -277,15 +282,15 @@ def test_entry_points_called_directly_as_the_custom_op_does(route):
 def test_split_count_fills_the_gpu_at_everyday_batch_sizes():
     """N >= 1024 on 132 SMs: at least 2 x SMs programs per launch (output blocks x splits); large N: no split."""
     device = torch.device("cuda", 0)
-    K._sm_counts[0] = 132
+    launch._sm_counts[0] = 132
     try:
         for n in (1024, 2048, 4096, 8192):
-            blocks = triton.cdiv(n, K.NOMINAL_BLOCK)
-            assert blocks * K.split_count(blocks, n, device) >= 2 * 132, n
-        assert K.split_count(triton.cdiv(65536, K.NOMINAL_BLOCK), 65536, device) == 1
-        assert K.split_count(1, 40, device) == 1  # too short a range to share
+            blocks = triton.cdiv(n, launch.NOMINAL_BLOCK)
+            assert blocks * launch.split_count(blocks, n, device) >= 2 * 132, n
+        assert launch.split_count(triton.cdiv(65536, launch.NOMINAL_BLOCK), 65536, device) == 1
+        assert launch.split_count(1, 40, device) == 1  # too short a range to share
     finally:
-        del K._sm_counts[0]
+        del launch._sm_counts[0]
 
 
 @INTERPRETER_ONLY
@@ -297,12 +302,12 @@ def test_split_reduction_matches_float64(monkeypatch, case):
     combine: float64 agreement at odd sizes, splits really taken, and bitwise-equal reruns."""
     from float64_reference import info_nce_float64, supcon_float64
 
-    monkeypatch.setattr(K, "INTERPRETER_SMS", 8)
-    monkeypatch.setattr(K, "MIN_SPLIT_LENGTH", 16)
+    monkeypatch.setattr(launch, "INTERPRETER_SMS", 8)
+    monkeypatch.setattr(launch, "MIN_SPLIT_LENGTH", 16)
     grids = []
-    original = K._launch
+    original = launch._launch
     monkeypatch.setattr(
-        K, "_launch", lambda name, grid_of, *a: grids.append(grid_of({"BLOCK_M": 16, "BLOCK_N": 16})) or original(
+        launch, "_launch", lambda name, grid_of, *a: grids.append(grid_of({"BLOCK_M": 16, "BLOCK_N": 16})) or original(
             name, grid_of, *a
         )
     )
@@ -351,24 +356,24 @@ def _launched_backward_flops(monkeypatch, route, n, dim, dtype):
     ``(row blocks, feature tiles, splits)`` multiplies every column block of its share, recomputing the logits over
     ``cdiv(D, BLOCK_D)`` feature tiles (twice when RECOMPUTE_TRANSPOSED) and accumulating ``BLOCK_D_OUT`` columns."""
     launches = []
-    monkeypatch.setattr(K, "_launch", lambda name, grid_of, leading, args, scalars, constexprs: launches.append(
+    monkeypatch.setattr(launch, "_launch", lambda name, grid_of, leading, args, scalars, constexprs: launches.append(
         (name, grid_of, constexprs)))  # fmt: skip
     # as on a GPU: bf16 / fp16 tensor-core dots are exact, so two-way tiles reuse x_ij for x_ji
-    monkeypatch.setattr(K, "recompute_transposed", lambda dt: dt == torch.float32)
+    monkeypatch.setattr(launch, "recompute_transposed", lambda dt: dt == torch.float32)
     x = torch.randn(n, dim, dtype=dtype)
     labels = torch.arange(n) % 7
-    args = K._LaunchArgs(x, x if route == "self" else x.clone(), labels, labels, None, 0)
+    args = launch._LaunchArgs(Problem(None if route == "anchors_are_contrast" else x.clone(), x, labels, labels, None, 0, 1.0, 1.0))
     stats = tuple(torch.zeros(n) for _ in range(3))
-    col_stats = {"self": stats, "one_way": None, "two_way": tuple(torch.zeros(n) for _ in range(3))}[route]
-    K.contrastive_backward(args, torch.ones(1), 1.0, stats, col_stats)
+    col_stats = {"anchors_are_contrast": stats, "one_way": None, "two_way": tuple(torch.zeros(n) for _ in range(3))}[route]
+    launch.contrastive_backward(args, torch.ones(1), 1.0, stats, col_stats)
     total = 0
     for name, grid_of, constexprs in launches:
-        variant = K.variant_name(name, constexprs["TWO_WAY"])
-        config = K.fixed_config(variant, dim, x.element_size())
+        variant = tiling.variant_name(name, constexprs["TWO_WAY"])
+        config = tiling.fixed_config(variant, dim, x.element_size())
         block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
         programs, feature_tiles, _ = grid_of(dict(config.kwargs))
         block_d = constexprs["BLOCK_D"]
-        block_d_out = constexprs.get("BLOCK_D_OUT", block_d)  # main: each program's output tile was BLOCK_D wide
+        block_d_out = constexprs.get("BLOCK_D_OUT", block_d)  # (no BLOCK_D_OUT: the output tile is BLOCK_D wide)
         reduced_blocks = triton.cdiv(n, block_n if name == "bwd_anchor" else block_m)  # over all splits
         logits = triton.cdiv(dim, block_d) * block_d * (2 if constexprs["RECOMPUTE_TRANSPOSED"] else 1)
         total += programs * feature_tiles * reduced_blocks * 2 * block_m * block_n * (logits + block_d_out)
@@ -376,50 +381,51 @@ def _launched_backward_flops(monkeypatch, route, n, dim, dtype):
 
 
 @pytest.mark.parametrize("dim", [512, 1024])
-@pytest.mark.parametrize("route", ["self", "one_way", "two_way"])
+@pytest.mark.parametrize("route", ["anchors_are_contrast", "one_way", "two_way"])
 def test_backward_flops_at_looped_feature_dims(monkeypatch, route, dim):
-    """Issue 9 item 13: each backward program recomputes the whole logits product for the output feature tile it
-    owns; with 128-wide output tiles the self route (SupCon 'all' / NT-Xent) did 3.0x the dense formulation's
-    FLOPs at D = 1024 (9 tile products per 128 output columns where dense needs 2). Wide output tiles: <= 1.5x.
-    The model (K.backward_flops) is checked against the launches the launcher really makes."""
+    """Each backward program recomputes the whole logits product for the output feature tile it owns; with
+    128-wide output tiles the anchors-are-contrast route (SupCon 'all' / NT-Xent) would do 3.0x the dense
+    formulation's FLOPs at D = 1024 (9 tile products per 128 output columns where dense needs 2); with the wide
+    output tiles it does <= 1.5x.
+    The model (tiling.backward_flops) is checked against the launches the launcher really makes."""
     n = 4096
-    dense = K.dense_backward_flops(n, n, dim)
+    dense = tiling.dense_backward_flops(n, n, dim)
     with monkeypatch.context() as m:
         launched = _launched_backward_flops(m, route, n, dim, torch.bfloat16)
-    assert launched == K.backward_flops(route, n, n, dim, 2)
-    if route == "self":
+    assert launched == tiling.backward_flops(route, n, n, dim, 2)
+    if route == "anchors_are_contrast":
         assert launched <= 1.5 * dense
-    with monkeypatch.context() as m:  # the structure before: 128-wide output tiles
-        m.setattr(K, "MAX_OUTPUT_D_TILE", 128)
-        old = _launched_backward_flops(m, route, n, dim, torch.bfloat16)
-        assert old == K.backward_flops(route, n, n, dim, 2)
+    with monkeypatch.context() as m:  # 128-wide output tiles
+        m.setattr(tiling, "MAX_OUTPUT_D_TILE", 128)
+        narrow = _launched_backward_flops(m, route, n, dim, torch.bfloat16)
+        assert narrow == tiling.backward_flops(route, n, n, dim, 2)
     tiles = dim // 128
-    assert old == (1 if route == "self" else 2) * 2 * n * n * tiles * (dim + 128)
-    if route == "self":
-        assert old > 1.5 * dense
+    assert narrow == (1 if route == "anchors_are_contrast" else 2) * 2 * n * n * tiles * (dim + 128)
+    if route == "anchors_are_contrast":
+        assert narrow > 1.5 * dense
     # D = 512: one output tile (no recomputation at all); D = 1024: two instead of eight
-    assert launched / old == pytest.approx((2 * dim if dim == 512 else 3 * dim) / (tiles * (dim + 128)))
+    assert launched / narrow == pytest.approx((2 * dim if dim == 512 else 3 * dim) / (tiles * (dim + 128)))
 
 
 @pytest.mark.parametrize("dim", [128, 1024])
-@pytest.mark.parametrize("route", ["self", "one_way", "two_way"])
+@pytest.mark.parametrize("route", ["anchors_are_contrast", "one_way", "two_way"])
 def test_fp32_backward_flops_with_wide_output_tiles(monkeypatch, route, dim):
     """fp32 loops the logits over feature tiles of 32 but accumulates output tiles of up to 256 columns (two-way:
     128), so D = 128 recomputes the logits once instead of four times (32-wide output tiles, the structure the
     spill-free FP32_CONFIGS were first swept with). The model is checked against the launches (two-way tiles
     recompute the transposed dots in fp32)."""
     n = 4096
-    dense = K.dense_backward_flops(n, n, dim)
+    dense = tiling.dense_backward_flops(n, n, dim)
     with monkeypatch.context() as m:
         launched = _launched_backward_flops(m, route, n, dim, torch.float32)
-    assert launched == K.backward_flops(route, n, n, dim, 4, recompute=True)
-    with monkeypatch.context() as m:  # the structure before: 32-wide output tiles
-        m.setattr(K, "MAX_OUTPUT_D_TILE_FP32", 32)
-        m.setattr(K, "MAX_OUTPUT_D_TILE_FP32_TWO_WAY", 32)
-        old = _launched_backward_flops(m, route, n, dim, torch.float32)
-        assert old == K.backward_flops(route, n, n, dim, 4, recompute=True)
-    # in units of the dense backward: (self / one-way / two-way) 1.00 / 1.33 / 2.00 at D = 128 (was 3.00 / 3.33 /
-    # 6.00), 5.67 / 3.33 / 11.33 at D = 1024 (was 21.67 / 22.00 / 43.33)
-    expected = {128: {"self": (3.0, 1.0), "one_way": (10 / 3, 4 / 3), "two_way": (6.0, 2.0)},
-                1024: {"self": (65 / 3, 17 / 3), "one_way": (22.0, 10 / 3), "two_way": (130 / 3, 34 / 3)}}  # fmt: skip
-    assert (old / dense, launched / dense) == pytest.approx(expected[dim][route])
+    assert launched == tiling.backward_flops(route, n, n, dim, 4, recompute=True)
+    with monkeypatch.context() as m:  # 32-wide output tiles
+        m.setattr(tiling, "MAX_OUTPUT_D_TILE_FP32", 32)
+        m.setattr(tiling, "MAX_OUTPUT_D_TILE_FP32_TWO_WAY", 32)
+        narrow = _launched_backward_flops(m, route, n, dim, torch.float32)
+        assert narrow == tiling.backward_flops(route, n, n, dim, 4, recompute=True)
+    # in units of the dense backward: (anchors-are-contrast / one-way / two-way) 1.00 / 1.33 / 2.00 at D = 128
+    # (32-wide output tiles: 3.00 / 3.33 / 6.00), 5.67 / 3.33 / 11.33 at D = 1024 (32-wide: 21.67 / 22.00 / 43.33)
+    expected = {128: {"anchors_are_contrast": (3.0, 1.0), "one_way": (10 / 3, 4 / 3), "two_way": (6.0, 2.0)},
+                1024: {"anchors_are_contrast": (65 / 3, 17 / 3), "one_way": (22.0, 10 / 3), "two_way": (130 / 3, 34 / 3)}}  # fmt: skip
+    assert (narrow / dense, launched / dense) == pytest.approx(expected[dim][route])

@@ -1,16 +1,20 @@
-"""Blockwise PyTorch backend: the contrastive op of :mod:`fastcl._core` on any device, O(N*D + block*N) memory.
+"""The chunked backend's passes: the contrastive op of :mod:`fastcl.ops` on any device, O(N*D + block*N) memory.
 
 Anchors are processed in blocks of rows, each block's logits formed by one matrix product (stored transposed,
 ``[Nc, rows]``: on MKL the products then run unstrided) and reduced to the row log-sum-exp (self pair excluded), in
 place, then freed. When a gradient is needed the same pass turns the block into the softmax part of ``dL/ds`` and
 accumulates ``dA`` and ``dC`` (three matrix products per block, as many as the dense form), so backward only scales
 the stored ``[N, D]`` gradients by ``grad_output``: nothing ``N x N`` is kept and nothing is recomputed. Three
-routes do better than that: one input (SupCon 'all', NT-Xent, SimCLR) forms only the half of its symmetric
-similarity matrix on and right of the diagonal (:func:`_symmetric_pass`, two thirds of the dense FLOPs); both
+routes do better than that: when the anchors are the contrast rows (SupCon 'all', NT-Xent, SimCLR) only the half of
+the symmetric similarity matrix on and right of the diagonal is formed (:func:`_half_matrix_pass`, two thirds of the
+dense FLOPs); both
 directions of a symmetric loss share each block (:func:`_two_way_pass`); and one block holding the whole problem takes
 the dense single-block routes. The positives never touch a block: with labels (and SimCLR) they come from per-class
 sums of embeddings in ``O(N * D)``, with a ``[B, B]`` mask from ``B x B x D`` products with it.
 Half-precision inputs are computed in fp32; float64 stays float64 (``gradcheck``).
+
+:func:`chunked_forward` takes a :class:`~fastcl.ops.problem.Problem` and picks the route; its autograd lives in
+:mod:`fastcl.ops.chunked.autograd` (eagerly) and :mod:`fastcl.ops.custom_ops` (the custom op).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 
 import torch
 
-from fastcl._core import grad_coefficients, in_dtype, index_range, row_losses
+from fastcl.ops.problem import Problem, compute_dtype, grad_coefficients, in_dtype, index_range, row_losses
 
 # Bytes of logits per block (``FASTCL_CHUNK_BYTES``; default: 8 MiB per intra-op thread, up to 4 threads). Measured
 # at N = 8192, D = 128 on a 2-core EPYC (512 KiB L2 per core, 8 MiB L3): 256 rows per thread beat 64 and 128 (the
@@ -29,7 +33,7 @@ _BLOCK_BYTES = int(os.environ["FASTCL_CHUNK_BYTES"]) if os.environ.get("FASTCL_C
 _BLOCK_BYTES_PER_THREAD = 8 * 1024 * 1024
 _SINGLE_BLOCK_PAIRS = 512 * 512  # up to this many pairs: the dense single-block route (_single_block)
 _MIN_BLOCK_ROWS = 64  # at very large N the byte budget alone would give GEMMs too thin to run fast
-_SYMMETRIC_PANELS = 8  # the symmetric route's fewest panels (_symmetric_pass)
+_HALF_MATRIX_PANELS = 8  # the half-matrix route's fewest panels (_half_matrix_pass)
 
 
 def block_bytes(device_type: str = "cpu") -> int:
@@ -158,20 +162,22 @@ def _positives(a_all, c_all, anchor_labels, contrast_labels, mask, self_offset):
     return _Positives(a_all, c_all, anchor_ids, contrast_ids, bsz, mask.to(c_all.dtype), self_offset)
 
 
-def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, want_grad):
-    """Row statistics for every anchor and, with ``want_grad``, ``dL/dA`` and ``dL/dC`` for grad_output = 1."""
-    compute_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
-    a_all = anchor.to(compute_dtype) * inv_temperature  # s = a_all @ c_all.T
-    c_all = contrast.to(compute_dtype)
+def _fused_pass(problem: Problem, want_grad: bool):
+    """Row statistics for every anchor (one direction) and, with ``want_grad``, ``dL/dA`` and ``dL/dC`` for
+    grad_output = 1."""
+    inv_temperature, self_offset = problem.inv_temperature, problem.self_offset
+    dtype = compute_dtype(problem.contrast)
+    a_all = problem.anchor_rows.to(dtype) * inv_temperature  # s = a_all @ c_all.T
+    c_all = problem.contrast.to(dtype)
     n_anchor, n_contrast = a_all.shape[0], c_all.shape[0]
     device = a_all.device
 
-    lse = torch.empty(n_anchor, dtype=compute_dtype, device=device)
-    positives = _positives(a_all, c_all, anchor_labels, contrast_labels, mask, self_offset)
+    lse = torch.empty(n_anchor, dtype=dtype, device=device)
+    positives = _positives(a_all, c_all, problem.anchor_labels, problem.contrast_labels, problem.mask, self_offset)
     if want_grad:
         grad_anchor = torch.empty_like(a_all)
         grad_contrast = torch.zeros_like(c_all)
-        coef_softmax, coef_pos = grad_coefficients(positives.pos_weight, scale / n_anchor)
+        coef_softmax, coef_pos = grad_coefficients(positives.pos_weight, problem.scale / n_anchor)
 
     shift_free = _shift_free(a_all, c_all)
     block = _block_rows(n_anchor, n_contrast, device)
@@ -207,7 +213,7 @@ def _fused_pass(anchor, contrast, anchor_labels, contrast_labels, mask, self_off
     return stats, grad_anchor.mul_(inv_temperature), grad_contrast
 
 
-def _symmetric_pass(features, labels, mask, inv_temperature, scale, want_grad):
+def _half_matrix_pass(problem: Problem, want_grad: bool):
     """SupCon 'all' / NT-Xent / SimCLR, the anchors being the contrast rows (self pairs excluded) and every ``|s|``
     bounded (:func:`_shift_free`): ``(stats, whole gradient or None)``, or None when the bound does not hold (the
     caller takes the row-block pass).
@@ -224,17 +230,18 @@ def _symmetric_pass(features, labels, mask, inv_temperature, scale, want_grad):
     (``[N - p0, rows]``, contiguous): the products ``x[p0:] a_R^T`` and ``M^T`` times ``x[R]`` (K = rows) then run
     unstrided, 7-16% faster fwd+bwd at N = 4096-8192 than the row layout on a 2-core CPU (MKL, 1 and 2 threads).
     """
-    compute_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-    x = features.to(compute_dtype)
+    inv_temperature, labels = problem.inv_temperature, problem.contrast_labels
+    dtype = compute_dtype(problem.contrast)
+    x = problem.contrast.to(dtype)
     a_all = x * inv_temperature  # s = a_all @ x.T
     if not _shift_free(a_all, x):
         return None
     n = x.shape[0]
-    positives = _positives(a_all, x, labels, labels, mask, 0)
-    # at least _SYMMETRIC_PANELS panels: P panels form (1 + 1/P) / 2 of the pairs (one panel would form them all)
-    block = min(_block_rows(n, n, x.device), max(_MIN_BLOCK_ROWS, -(-n // _SYMMETRIC_PANELS)))
+    positives = _positives(a_all, x, labels, labels, problem.mask, 0)
+    # at least _HALF_MATRIX_PANELS panels: P panels form (1 + 1/P) / 2 of the pairs (one panel would form them all)
+    block = min(_block_rows(n, n, x.device), max(_MIN_BLOCK_ROWS, -(-n // _HALF_MATRIX_PANELS)))
     buffer = x.new_empty(block * n)  # panels stored transposed, [N - p0, rows], each one contiguous
-    row_sum = torch.zeros(n, dtype=compute_dtype, device=x.device)
+    row_sum = torch.zeros(n, dtype=dtype, device=x.device)
 
     def panel_exps(start, stop):
         """``exp(s)`` of rows ``[start, stop)`` against columns ``[start, N)``, self pairs 0."""
@@ -253,7 +260,7 @@ def _symmetric_pass(features, labels, mask, inv_temperature, scale, want_grad):
     if not want_grad:
         return stats, None
 
-    coef_softmax, coef_pos = grad_coefficients(positives.pos_weight, scale / n)
+    coef_softmax, coef_pos = grad_coefficients(positives.pos_weight, problem.scale / n)
     factor = torch.where(row_sum > 0, coef_softmax / row_sum, torch.zeros_like(row_sum))
     grad = torch.zeros_like(x)  # (G + G^T) x, then the anchors' positive part; / t below
     grad_contrast = torch.zeros_like(x)  # the contrast role's positive part (already / t: it multiplies a_all)
@@ -270,7 +277,37 @@ def _symmetric_pass(features, labels, mask, inv_temperature, scale, want_grad):
     return stats, grad.mul_(inv_temperature).add_(grad_contrast)
 
 
-def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, want_grad):
+class _TwoWayBlocks:
+    """The row blocks :func:`_two_way_pass` forms twice (statistics, then gradients): the scaled inputs, the block
+    size, and one or two flat buffers. Blocks are stored transposed, ``[Nc, rows]`` and contiguous (the products
+    then run unstrided, as in :func:`_half_matrix_pass`)."""
+
+    def __init__(self, problem: Problem):
+        dtype = compute_dtype(problem.contrast)
+        self.self_offset = problem.self_offset
+        self.a_all = problem.anchor_rows.to(dtype) * problem.inv_temperature  # s = a_all @ c_all.T
+        self.c_all = problem.contrast.to(dtype)
+        self.n_anchor, self.n_contrast = self.a_all.shape[0], self.c_all.shape[0]
+        self.shift_free = _shift_free(self.a_all, self.c_all)
+        self.block = _block_rows(self.n_anchor, self.n_contrast, self.a_all.device)
+        self.single_block = self.block >= self.n_anchor
+        rows = min(self.block, self.n_anchor)
+        self.buffers = [self.a_all.new_empty(rows * self.n_contrast) for _ in range(1 if self.single_block else 2)]
+
+    def starts(self):
+        """``(start, stop)`` of every row block."""
+        return ((start, min(start + self.block, self.n_anchor)) for start in range(0, self.n_anchor, self.block))
+
+    def logits(self, start, stop):
+        """``s^T`` of anchors ``[start, stop)``: ``[Nc, rows]``, self pairs ``-inf``."""
+        out = _block_view(self.buffers[0], self.n_contrast, stop - start)
+        logits = torch.mm(self.c_all, self.a_all[start:stop].T, out=out)
+        if self.self_offset is not None:
+            _self_diagonal(logits, start, self.self_offset).fill_(float("-inf"))
+        return logits
+
+
+def _two_way_pass(problem: Problem, want_grad: bool):
     """Both directions of a label-defined loss from the same similarity blocks: ``(loss, dA, dC)``.
 
     Pass 1 forms each row block ``s = a c^T`` once and reduces it to the row log-sum-exp (this direction) and, online
@@ -282,39 +319,48 @@ def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset,
     per-class sums (:class:`_Positives`), never from the block. Only ``self_offset`` None or 0 (the same pairs
     excluded in both directions).
     """
-    compute_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
-    a_all = anchor.to(compute_dtype) * inv_temperature  # s = a_all @ c_all.T
-    c_all = contrast.to(compute_dtype)
-    n_anchor, n_contrast = a_all.shape[0], c_all.shape[0]
-    device = a_all.device
-    forward_pos = _label_positives(a_all, c_all, anchor_labels, contrast_labels, self_offset)
-    reverse_pos = _label_positives(c_all, a_all, contrast_labels, anchor_labels, self_offset)
+    blocks = _TwoWayBlocks(problem)
+    a_all, c_all = blocks.a_all, blocks.c_all
+    forward_pos = _label_positives(a_all, c_all, problem.anchor_labels, problem.contrast_labels, problem.self_offset)
+    reverse_pos = _label_positives(c_all, a_all, problem.contrast_labels, problem.anchor_labels, problem.self_offset)
+    row_lse, col_lse, kept = _two_way_statistics(blocks)
+    scale = problem.scale
+    forward_loss = row_losses(forward_pos.pos_logit_sum, forward_pos.pos_weight, row_lse, scale).mean()
+    reverse_loss = row_losses(reverse_pos.pos_logit_sum, reverse_pos.pos_weight, col_lse, scale).mean()
+    loss = 0.5 * (forward_loss + reverse_loss)
+    if not want_grad:
+        return loss, None, None
 
-    row_lse = torch.empty(n_anchor, dtype=compute_dtype, device=device)
-    col_max = torch.full((n_contrast,), float("-inf"), dtype=compute_dtype, device=device)
-    col_sum = torch.zeros(n_contrast, dtype=compute_dtype, device=device)
-    shift_free = _shift_free(a_all, c_all)
-    block = _block_rows(n_anchor, n_contrast, device)
-    single_block = block >= n_anchor
+    # dL/ds_ij = 1/2 [cf_i exp(s_ij - lse_i) + cr_j exp(s_ij - lse'_j) - cpf_i w_ij - cpr_j w_ij]; positives below
+    forward_softmax, forward_coef_pos = grad_coefficients(forward_pos.pos_weight, 0.5 * scale / blocks.n_anchor)
+    reverse_softmax, reverse_coef_pos = grad_coefficients(reverse_pos.pos_weight, 0.5 * scale / blocks.n_contrast)
+    forward_softmax = torch.where(row_lse == float("-inf"), torch.zeros_like(row_lse), forward_softmax)
+    reverse_softmax = torch.where(col_lse == float("-inf"), torch.zeros_like(col_lse), reverse_softmax)
+    row_lse = torch.where(row_lse == float("-inf"), torch.zeros_like(row_lse), row_lse)
+    col_lse = torch.where(col_lse == float("-inf"), torch.zeros_like(col_lse), col_lse)
+    grad_anchor, grad_contrast = _two_way_softmax_gradients(
+        blocks, kept, (row_lse, forward_softmax), (col_lse, reverse_softmax)
+    )
+    forward_pos.subtract_gradients(grad_anchor, grad_contrast, a_all, c_all, forward_coef_pos)
+    reverse_pos.subtract_gradients(grad_contrast, grad_anchor, c_all, a_all, reverse_coef_pos)
+    return loss, grad_anchor.mul_(problem.inv_temperature), grad_contrast
+
+
+def _two_way_statistics(blocks: _TwoWayBlocks):
+    """Pass 1: ``(row_lse [Na], col_lse [Nc], kept)``, the column statistics online across row blocks; ``kept`` is
+    the single block's logits (shift-free: its exps) for pass 2, else None."""
+    n_contrast, dtype, device = blocks.n_contrast, blocks.a_all.dtype, blocks.a_all.device
+    row_lse = torch.empty(blocks.n_anchor, dtype=dtype, device=device)
+    col_max = torch.full((n_contrast,), float("-inf"), dtype=dtype, device=device)
+    col_sum = torch.zeros(n_contrast, dtype=dtype, device=device)
     kept = None
-    # blocks stored transposed, [Nc, rows] and contiguous (the products then run unstrided, as in _symmetric_pass)
-    buffers = [a_all.new_empty(min(block, n_anchor) * n_contrast) for _ in range(1 if single_block else 2)]
-
-    def block_logits(start, stop):
-        """``s^T`` of anchors ``[start, stop)``: ``[Nc, rows]``, self pairs ``-inf``."""
-        logits = torch.mm(c_all, a_all[start:stop].T, out=_block_view(buffers[0], n_contrast, stop - start))
-        if self_offset is not None:
-            _self_diagonal(logits, start, self_offset).fill_(float("-inf"))
-        return logits
-
-    for start in range(0, n_anchor, block):
-        stop = min(start + block, n_anchor)
-        logits = block_logits(start, stop)
-        if shift_free:  # |s| is bounded: exp(s) as it is, the column sums need no rescaling (3 passes in all)
+    for start, stop in blocks.starts():
+        logits = blocks.logits(start, stop)
+        if blocks.shift_free:  # |s| is bounded: exp(s) as it is, the column sums need no rescaling (3 passes in all)
             exps = logits.exp_()
             row_lse[start:stop] = torch.log(exps.sum(dim=0))
             col_sum.add_(exps.sum(dim=1))
-            kept = exps if single_block else None  # pass 2 needs exactly these
+            kept = exps if blocks.single_block else None  # pass 2 needs exactly these
             del logits, exps
             continue
         # columns: online log-sum-exp across row blocks (rescale the running sum to the new running max)
@@ -325,46 +371,40 @@ def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset,
         # rows: complete within the block
         row_max = logits.amax(dim=0)
         row_shift = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
-        exps = torch.sub(logits, row_shift) if single_block else logits.sub_(row_shift)
+        exps = torch.sub(logits, row_shift) if blocks.single_block else logits.sub_(row_shift)
         row_lse[start:stop] = row_shift + torch.log(exps.exp_().sum(dim=0))
-        if single_block:
+        if blocks.single_block:
             kept = logits
         del logits, exps
-    if shift_free:
-        col_lse = torch.log(col_sum)
-    else:
-        col_shift = torch.where(col_max == float("-inf"), torch.zeros_like(col_max), col_max)
-        col_lse = col_shift + torch.log(col_sum)
+    if blocks.shift_free:
+        return row_lse, torch.log(col_sum), kept
+    col_shift = torch.where(col_max == float("-inf"), torch.zeros_like(col_max), col_max)
+    return row_lse, col_shift + torch.log(col_sum), kept
 
-    forward_loss = row_losses(forward_pos.pos_logit_sum, forward_pos.pos_weight, row_lse, scale).mean()
-    reverse_loss = row_losses(reverse_pos.pos_logit_sum, reverse_pos.pos_weight, col_lse, scale).mean()
-    loss = 0.5 * (forward_loss + reverse_loss)
-    if not want_grad:
-        return loss, None, None
 
-    # dL/ds_ij = 1/2 [cf_i exp(s_ij - lse_i) + cr_j exp(s_ij - lse'_j) - cpf_i w_ij - cpr_j w_ij]; positives below
-    forward_softmax, forward_coef_pos = grad_coefficients(forward_pos.pos_weight, 0.5 * scale / n_anchor)
-    reverse_softmax, reverse_coef_pos = grad_coefficients(reverse_pos.pos_weight, 0.5 * scale / n_contrast)
-    forward_softmax = torch.where(row_lse == float("-inf"), torch.zeros_like(row_lse), forward_softmax)
-    reverse_softmax = torch.where(col_lse == float("-inf"), torch.zeros_like(col_lse), reverse_softmax)
-    row_lse = torch.where(row_lse == float("-inf"), torch.zeros_like(row_lse), row_lse)
-    col_lse = torch.where(col_lse == float("-inf"), torch.zeros_like(col_lse), col_lse)
-    if shift_free:  # dL/ds_ij (softmax part) = exp(s_ij) (f_i + g_j)
+def _two_way_softmax_gradients(blocks: _TwoWayBlocks, kept, forward, reverse):
+    """Pass 2: ``(dA, dC)`` of both directions' softmax parts (``forward = (row_lse, row coefficients)``,
+    ``reverse`` the columns'), each block re-formed (or the ``kept`` single block) and turned into the combined
+    ``dL/ds`` before its two gradient products."""
+    (row_lse, forward_softmax), (col_lse, reverse_softmax) = forward, reverse
+    if blocks.shift_free:  # dL/ds_ij (softmax part) = exp(s_ij) (f_i + g_j)
         row_factor = forward_softmax.mul_(torch.exp(-row_lse))
         col_factor = reverse_softmax.mul_(torch.exp(-col_lse))
-
+    a_all, c_all, n_contrast = blocks.a_all, blocks.c_all, blocks.n_contrast
     grad_anchor = torch.empty_like(a_all)
     grad_contrast = torch.zeros_like(c_all)
-    for start in range(0, n_anchor, block):
-        stop = min(start + block, n_anchor)
-        if shift_free:
-            exps = kept if single_block else block_logits(start, stop).exp_()
+    for start, stop in blocks.starts():
+        if blocks.shift_free:
+            exps = kept if blocks.single_block else blocks.logits(start, stop).exp_()
             kept = None
-            dlogits = _block_view(buffers[-1], n_contrast, stop - start) if not single_block else torch.empty_like(exps)
+            if blocks.single_block:
+                dlogits = torch.empty_like(exps)
+            else:
+                dlogits = _block_view(blocks.buffers[-1], n_contrast, stop - start)
             dlogits = torch.mul(exps, col_factor[:, None], out=dlogits).addcmul_(exps, row_factor[start:stop])
             del exps
         else:
-            logits = kept if single_block else block_logits(start, stop)
+            logits = kept if blocks.single_block else blocks.logits(start, stop)
             kept = None
             reverse_part = torch.sub(logits, col_lse[:, None]).exp_().mul_(reverse_softmax[:, None])
             dlogits = logits.sub_(row_lse[start:stop]).exp_().mul_(forward_softmax[start:stop])
@@ -373,9 +413,7 @@ def _two_way_pass(anchor, contrast, anchor_labels, contrast_labels, self_offset,
         torch.mm(dlogits.T, c_all, out=grad_anchor[start:stop])
         grad_contrast.addmm_(dlogits, a_all[start:stop])
         del dlogits
-    forward_pos.subtract_gradients(grad_anchor, grad_contrast, a_all, c_all, forward_coef_pos)
-    reverse_pos.subtract_gradients(grad_contrast, grad_anchor, c_all, a_all, reverse_coef_pos)
-    return loss, grad_anchor.mul_(inv_temperature), grad_contrast
+    return grad_anchor, grad_contrast
 
 
 def _paired_by_index(anchor_labels, contrast_labels, self_offset, two_way):
@@ -403,13 +441,14 @@ def _paired_by_index(anchor_labels, contrast_labels, self_offset, two_way):
     return anchor_labels if 0 <= int(low) and int(high) < n_contrast else None
 
 
-def _single_block_paired(anchor, contrast, inv_temperature, scale, two_way, want_grad, positive="diagonal"):
+def _single_block_paired(problem: Problem, want_grad: bool, positive="diagonal"):
     """:func:`_single_block` when each anchor has exactly one positive (``W = P = 1``): anchor i pairs with contrast
     i (``positive='diagonal'``; both directions when ``two_way``, Na == Nc) or with contrast ``positive[i]``
     (one-way). The loss is the mean of the positives' log-softmax and ``dL/ds = k (softmax - onehot)``: no weight
     matrix at all."""
-    compute_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
-    a_all, c_all = in_dtype(anchor, compute_dtype), in_dtype(contrast, compute_dtype)
+    inv_temperature, scale, two_way = problem.inv_temperature, problem.scale, problem.two_way
+    dtype = compute_dtype(problem.contrast)
+    a_all, c_all = in_dtype(problem.anchor_rows, dtype), in_dtype(problem.contrast, dtype)
     n_anchor = a_all.shape[0]
     logits = torch.mm(a_all, c_all.T).mul_(inv_temperature)
     half = 0.5 if two_way else 1.0
@@ -436,27 +475,28 @@ def _single_block_paired(anchor, contrast, inv_temperature, scale, two_way, want
     return loss, torch.mm(dlogits, c_all), torch.mm(dlogits.T, a_all)
 
 
-def _single_block(anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, two_way,
-                  want_grad, mask=None, fold_same=False):  # fmt: skip
-    """Label-defined loss (one or both directions) when one block holds the whole ``[Na, Nc]`` problem.
+def _single_block(problem: Problem, want_grad: bool, fold_roles: bool = False):
+    """Label- or mask-defined loss (one or both directions) when one block holds the whole ``[Na, Nc]`` problem.
 
     The cheapest exact route at small N, where each PyTorch op costs more than its arithmetic: three GEMMs and about
     twenty whole-matrix ops, positive weights from a label comparison (no sort, scatter or gather), the self pairs
     written through a diagonal view, ``1 / t`` and the mean folded into the per-row gradient coefficients. Needs at
     least one column per row once the self pair is out (``Nc >= 2`` with ``self_offset``; :func:`chunked_forward`
-    routes the single-column case elsewhere).
+    routes the single-column case elsewhere). ``fold_roles`` (the anchors are the contrast rows, ``self_offset ==
+    0``): ``dA`` is that input's whole gradient and ``dC`` None.
     """
-    compute_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
-    a_all, c_all = in_dtype(anchor, compute_dtype), in_dtype(contrast, compute_dtype)
+    inv_temperature, scale, two_way, mask, self_offset = (
+        problem.inv_temperature,
+        problem.scale,
+        problem.two_way,
+        problem.mask,
+        problem.self_offset,
+    )
+    dtype = compute_dtype(problem.contrast)
+    a_all, c_all = in_dtype(problem.anchor_rows, dtype), in_dtype(problem.contrast, dtype)
     n_anchor, n_contrast = a_all.shape[0], c_all.shape[0]
     logits = torch.mm(a_all, c_all.T).mul_(inv_temperature)
-    if mask is None:
-        w = torch.eq(anchor_labels[:, None], contrast_labels[None, :]).to(compute_dtype)
-    elif n_anchor % mask.shape[0] == 0 and n_contrast % mask.shape[0] == 0:  # views stacked: mask tiles
-        w = mask.to(compute_dtype).repeat(n_anchor // mask.shape[0], n_contrast // mask.shape[0])
-    else:
-        rows = torch.arange(n_anchor, device=a_all.device)
-        w = _mask_weights(rows, mask, torch.arange(n_contrast, device=a_all.device) % mask.shape[0], compute_dtype)
+    w = _single_block_weights(problem, n_anchor, n_contrast, dtype)
     if self_offset is not None:
         w.diagonal(self_offset).zero_()
         logits.diagonal(self_offset).fill_(float("-inf"))
@@ -490,70 +530,66 @@ def _single_block(anchor, contrast, anchor_labels, contrast_labels, self_offset,
     if two_way:
         col_coef = col_inverse.mul_(half * scale * inv_temperature / n_contrast)
         dlogits.addcmul_(col_prob.mul_(col_weight).sub_(w), col_coef)
-    if fold_same:  # anchors are the contrast rows: dX = dS X + dS^T X = (dS + dS^T) X, one product instead of two
+    if fold_roles:  # anchors are the contrast rows: dX = dS X + dS^T X = (dS + dS^T) X, one product instead of two
         return loss, torch.mm(dlogits + dlogits.T, c_all), None
     return loss, torch.mm(dlogits, c_all), torch.mm(dlogits.T, a_all)
 
 
-def chunked_forward(
-    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way, want_grad,
-    fold_same=False,
-):  # fmt: skip
-    """``(loss, grad_anchor, grad_contrast)``: the loss (fp32, float64 for float64 inputs) and, with ``want_grad``,
-    its gradients for ``grad_output = 1`` in the compute dtype (else None). ``two_way`` averages both directions.
+def _single_block_weights(problem: Problem, n_anchor: int, n_contrast: int, dtype) -> torch.Tensor:
+    """``w [Na, Nc]`` of the single-block routes: a label comparison, or the ``[B, B]`` mask read at
+    ``[i % B, j % B]`` (tiled when both counts are multiples of B, as for stacked views)."""
+    mask, device = problem.mask, problem.contrast.device
+    if mask is None:
+        return torch.eq(problem.anchor_labels[:, None], problem.contrast_labels[None, :]).to(dtype)
+    if n_anchor % mask.shape[0] == 0 and n_contrast % mask.shape[0] == 0:  # views stacked: mask tiles
+        return mask.to(dtype).repeat(n_anchor // mask.shape[0], n_contrast // mask.shape[0])
+    rows = torch.arange(n_anchor, device=device)
+    return _mask_weights(rows, mask, torch.arange(n_contrast, device=device) % mask.shape[0], dtype)
 
-    ``fold_same=True`` with ``anchor is contrast``: ``grad_contrast`` is None and ``grad_anchor`` the whole gradient
-    of the one input (the single-block route then needs one gradient product instead of two, and with
-    ``self_offset == 0`` the symmetric route forms only half the similarity panels)."""
-    same = fold_same and anchor is contrast
-    loss, grad_anchor, grad_contrast = _routes(
-        anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way,
-        want_grad, same,
-    )  # fmt: skip
-    if same and grad_contrast is not None:
+
+def chunked_forward(problem: Problem, want_grad: bool):
+    """``(loss, grad_anchor, grad_contrast)``: the loss (fp32, float64 for float64 inputs) and, with ``want_grad``,
+    its gradients for ``grad_output = 1`` in the compute dtype (else None). ``problem.two_way`` averages both
+    directions.
+
+    When :attr:`~fastcl.ops.problem.Problem.anchors_are_contrast`, ``grad_contrast`` is None and ``grad_anchor`` the
+    whole gradient of the one input (the single-block route then needs one gradient product instead of two, and
+    with ``self_offset == 0`` the half-matrix route forms only half the similarity panels)."""
+    loss, grad_anchor, grad_contrast = _routes(problem, want_grad)
+    if problem.anchors_are_contrast and grad_contrast is not None:
         grad_anchor, grad_contrast = grad_anchor.add_(grad_contrast), None
     return loss, grad_anchor, grad_contrast
 
 
-def _routes(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way,
-            want_grad, same):  # fmt: skip
-    """:func:`chunked_forward`'s choice of route (``same``: anchors are the contrast rows, one gradient wanted)."""
+def _routes(problem: Problem, want_grad: bool):
+    """:func:`chunked_forward`'s choice of route."""
     # below ~512 x 512 pairs the per-class positives' fixed costs (sort, scatter, gather) outweigh a dense
     # label comparison; above it the blockwise route is faster even when one block would hold everything
-    n_anchor, n_contrast = anchor.shape[0], contrast.shape[0]
+    self_offset, mask, two_way = problem.self_offset, problem.mask, problem.two_way
+    n_anchor, n_contrast = problem.anchor_rows.shape[0], problem.contrast.shape[0]
     single = 0 < n_anchor * n_contrast <= _SINGLE_BLOCK_PAIRS
     no_empty_row = self_offset is None or (n_contrast >= 2 and (not two_way or n_anchor >= 2))
+    fold_roles = problem.anchors_are_contrast and self_offset == 0
     if mask is None and single and no_empty_row and (not two_way or self_offset in (None, 0)):
-        positive = _paired_by_index(anchor_labels, contrast_labels, self_offset, two_way)
+        positive = _paired_by_index(problem.anchor_labels, problem.contrast_labels, self_offset, two_way)
         if positive is not None:
-            return _single_block_paired(anchor, contrast, inv_temperature, scale, two_way, want_grad, positive)
-        return _single_block(
-            anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, two_way, want_grad,
-            fold_same=same and self_offset == 0,
-        )  # fmt: skip
+            return _single_block_paired(problem, want_grad, positive)
+        return _single_block(problem, want_grad, fold_roles=fold_roles)
     if mask is not None and single and no_empty_row and not two_way:  # (two-way reads the mask transposed)
-        return _single_block(
-            anchor, contrast, None, None, self_offset, inv_temperature, scale, False, want_grad, mask=mask,
-            fold_same=same and self_offset == 0,
-        )  # fmt: skip
+        return _single_block(problem, want_grad, fold_roles=fold_roles)
     if two_way and mask is None and self_offset in (None, 0):
-        return _two_way_pass(
-            anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale, want_grad
-        )
-    if same and self_offset == 0 and not two_way:
-        symmetric = _symmetric_pass(anchor, anchor_labels, mask, inv_temperature, scale, want_grad)
-        if symmetric is not None:
-            stats, grad = symmetric
-            return row_losses(*stats, scale).mean(), grad, None
-    stats, grad_anchor, grad_contrast = _fused_pass(
-        anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, want_grad
-    )
-    loss = row_losses(*stats, scale).mean()
+        return _two_way_pass(problem, want_grad)
+    if fold_roles and not two_way:
+        half_matrix = _half_matrix_pass(problem, want_grad)
+        if half_matrix is not None:
+            stats, grad = half_matrix
+            return row_losses(*stats, problem.scale).mean(), grad, None
+    one_way = problem._replace(anchor=problem.anchor_rows, two_way=False)
+    stats, grad_anchor, grad_contrast = _fused_pass(one_way, want_grad)
+    loss = row_losses(*stats, problem.scale).mean()
     if two_way:
-        reverse_stats, reverse_grad_contrast, reverse_grad_anchor = _fused_pass(
-            contrast, anchor, contrast_labels, anchor_labels, mask, self_offset, inv_temperature, scale, want_grad
-        )
-        loss = 0.5 * (loss + row_losses(*reverse_stats, scale).mean())
+        reverse_stats, reverse_grad_contrast, reverse_grad_anchor = _fused_pass(one_way.reversed, want_grad)
+        loss = 0.5 * (loss + row_losses(*reverse_stats, problem.scale).mean())
         if want_grad:
             grad_anchor = grad_anchor.add_(reverse_grad_anchor).mul_(0.5)
             grad_contrast = grad_contrast.add_(reverse_grad_contrast).mul_(0.5)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import fastcl.chunked
+import fastcl.ops.chunked.passes as chunked_passes
 from fastcl import functional as FF
 
 
@@ -39,21 +39,21 @@ def _largest_tensor(backend, n_views=2, bsz=300, dim=8, use_mask=False, normaliz
 
 
 @pytest.mark.parametrize("use_mask", [False, True])
-@pytest.mark.parametrize("normalized", [False, True], ids=["row-blocks", "symmetric"])
+@pytest.mark.parametrize("normalized", [False, True], ids=["row-blocks", "half-matrix"])
 def test_chunked_allocates_at_most_block_rows_by_n(monkeypatch, use_mask, normalized):
-    """Raw features at t = 0.07 take the row-block pass (|s| unbounded), normalised ones the symmetric route."""
+    """Raw features at t = 0.07 take the row-block pass (|s| unbounded), normalised ones the half-matrix route."""
     block_rows = 32
-    monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", block_rows * 4 * 600)
-    monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 8)
-    route = fastcl.chunked._symmetric_pass if normalized else fastcl.chunked._fused_pass
+    monkeypatch.setattr(chunked_passes, "_BLOCK_BYTES", block_rows * 4 * 600)
+    monkeypatch.setattr(chunked_passes, "_MIN_BLOCK_ROWS", 8)
+    route = chunked_passes._half_matrix_pass if normalized else chunked_passes._fused_pass
     taken = []
 
     def recorded(*args):
         result = route(*args)
-        taken.append(result is not None)  # (the symmetric route returns None when it does not apply)
+        taken.append(result is not None)  # (the half-matrix route returns None when it does not apply)
         return result
 
-    monkeypatch.setattr(fastcl.chunked, route.__name__, recorded)
+    monkeypatch.setattr(chunked_passes, route.__name__, recorded)
     largest, n = _largest_tensor("chunked", use_mask=use_mask, normalized=normalized)
     assert taken and all(taken)  # the route named in the id ran
     assert largest <= block_rows * n  # 32 x 600 = 19,200 elements, vs N x N = 360,000

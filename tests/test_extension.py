@@ -1,4 +1,4 @@
-"""The gather ops of fastcl._C (torch.ops.fastcl.*) against their pure-PyTorch statement in fastcl._ops."""
+"""The gather ops of fastcl._C (torch.ops.fastcl.*) against their pure-PyTorch statement in fastcl._extension."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 
-from fastcl import _ops
+from fastcl import _extension
 
-needs_extension = pytest.mark.skipif(not _ops.extension_available(), reason="fastcl._C is not built")
+needs_extension = pytest.mark.skipif(not _extension.extension_available(), reason="fastcl._C is not built")
 
 
 def _cuda_kernels() -> bool:
     return (
-        _ops.extension_available()
+        _extension.extension_available()
         and torch.cuda.is_available()
         and torch._C._dispatch_has_kernel_for_dispatch_key("fastcl::compact_segments", "CUDA")
     )
@@ -54,31 +54,31 @@ def _values(n, trailing, dtype):
 def test_compiled_ops_equal_the_pytorch_statement(counts, padded_rows, trailing, dtype, device):
     rows = _values(sum(counts), trailing, dtype).to(device)
     padded = torch.ops.fastcl.pad_segments(rows, counts, padded_rows)
-    assert torch.equal(padded, _ops.pad_segments_torch(rows, counts, padded_rows))
+    assert torch.equal(padded, _extension.pad_segments_torch(rows, counts, padded_rows))
     assert padded.shape == (len(counts) * padded_rows, *trailing)
     back = torch.ops.fastcl.compact_segments(padded, counts)
     assert torch.equal(back, rows)  # compact inverts pad
     garbage = _values(len(counts) * padded_rows, trailing, dtype).to(device)  # padding rows hold anything
-    assert torch.equal(torch.ops.fastcl.compact_segments(garbage, counts), _ops.compact_segments_torch(garbage, counts))
+    assert torch.equal(torch.ops.fastcl.compact_segments(garbage, counts), _extension.compact_segments_torch(garbage, counts))
     for repeats in (1, 3):
         ours = torch.ops.fastcl.repeat_segments(rows, counts, repeats)
-        assert torch.equal(ours, _ops.repeat_segments_torch(rows, counts, repeats))
+        assert torch.equal(ours, _extension.repeat_segments_torch(rows, counts, repeats))
 
 
 def test_pytorch_statement_by_hand():
     rows = torch.arange(5)
-    assert _ops.pad_segments_torch(rows, [2, 0, 3], 3).tolist() == [0, 1, 0, 0, 0, 0, 2, 3, 4]
-    assert _ops.compact_segments_torch(torch.arange(9), [2, 0, 3]).tolist() == [0, 1, 6, 7, 8]
-    assert _ops.repeat_segments_torch(rows, [2, 0, 3], 2).tolist() == [0, 1, 0, 1, 2, 3, 4, 2, 3, 4]
+    assert _extension.pad_segments_torch(rows, [2, 0, 3], 3).tolist() == [0, 1, 0, 0, 0, 0, 2, 3, 4]
+    assert _extension.compact_segments_torch(torch.arange(9), [2, 0, 3]).tolist() == [0, 1, 6, 7, 8]
+    assert _extension.repeat_segments_torch(rows, [2, 0, 3], 2).tolist() == [0, 1, 0, 1, 2, 3, 4, 2, 3, 4]
 
 
 @needs_extension
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_and_offset_input(device):
     padded = torch.randn(4, 6, device=device)[:, ::2]  # [4, 3], strided
-    assert torch.equal(torch.ops.fastcl.compact_segments(padded, [1, 2]), _ops.compact_segments_torch(padded, [1, 2]))
+    assert torch.equal(torch.ops.fastcl.compact_segments(padded, [1, 2]), _extension.compact_segments_torch(padded, [1, 2]))
     padded = torch.randn(9, 4, device=device)[1:]  # a storage offset of 16 bytes: narrower copy words
-    assert torch.equal(torch.ops.fastcl.compact_segments(padded, [1, 2]), _ops.compact_segments_torch(padded, [1, 2]))
+    assert torch.equal(torch.ops.fastcl.compact_segments(padded, [1, 2]), _extension.compact_segments_torch(padded, [1, 2]))
 
 
 @needs_extension
@@ -100,23 +100,23 @@ def test_opcheck(op, args, device):
 
 @pytest.mark.parametrize("use_extension", [True, False], ids=["compiled", "fallback"])
 def test_gradients(use_extension, monkeypatch):
-    if use_extension and not _ops.extension_available():
+    if use_extension and not _extension.extension_available():
         pytest.skip("fastcl._C is not built")
     if not use_extension:
-        monkeypatch.setattr(_ops, "_LOAD_ERROR", "forced by the test")
-        monkeypatch.setattr(_ops, "_WARNED", True)
+        monkeypatch.setattr(_extension, "_LOAD_ERROR", "forced by the test")
+        monkeypatch.setattr(_extension, "_WARNED", True)
     x = torch.randn(9, 2, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda t: _ops.compact_segments(t, [2, 0, 3]), (x,))
+    torch.autograd.gradcheck(lambda t: _extension.compact_segments(t, [2, 0, 3]), (x,))
     y = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda t: _ops.pad_segments(t, [2, 0, 3], 4), (y,))
-    torch.autograd.gradcheck(lambda t: _ops.repeat_segments(t, [2, 0, 3], 3), (y,))
+    torch.autograd.gradcheck(lambda t: _extension.pad_segments(t, [2, 0, 3], 4), (y,))
+    torch.autograd.gradcheck(lambda t: _extension.repeat_segments(t, [2, 0, 3], 3), (y,))
 
 
 @needs_extension
 def test_torch_compile_traces_the_ops():
     def step(x):
-        padded = _ops.pad_segments(x * 2, [2, 0, 3], 4)
-        return _ops.compact_segments(padded, [2, 0, 3]).sum() + _ops.repeat_segments(x, [2, 0, 3], 2).sum()
+        padded = _extension.pad_segments(x * 2, [2, 0, 3], 4)
+        return _extension.compact_segments(padded, [2, 0, 3]).sum() + _extension.repeat_segments(x, [2, 0, 3], 2).sum()
 
     x = torch.randn(5, 3, requires_grad=True)
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
@@ -139,12 +139,12 @@ def test_errors_name_the_shapes():
 def test_missing_library_warns_once_and_falls_back():
     code = (
         "import sys, warnings, torch; sys.modules['fastcl._C'] = None\n"  # makes `from fastcl import _C` fail
-        "from fastcl import _ops\n"
+        "from fastcl import _extension\n"
         "with warnings.catch_warnings(record=True) as seen:\n"
         "    warnings.simplefilter('always')\n"
-        "    a = _ops.compact_segments(torch.arange(9.), [2, 0, 3])\n"
-        "    b = _ops.pad_segments(a, [2, 0, 3], 3)\n"
-        "print(_ops.extension_available(), a.tolist(), len(seen))\n"
+        "    a = _extension.compact_segments(torch.arange(9.), [2, 0, 3])\n"
+        "    b = _extension.pad_segments(a, [2, 0, 3], 3)\n"
+        "print(_extension.extension_available(), a.tolist(), len(seen))\n"
         "print(seen[0].message)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

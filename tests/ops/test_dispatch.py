@@ -1,10 +1,10 @@
-"""The shared op of fastcl._core directly: rank-local anchors against a larger contrast set (self_offset)."""
+"""The one dispatch point of fastcl.ops directly: rank-local anchors against a larger contrast set (self_offset)."""
 
 import pytest
 import torch
 from conftest import triton_usable
 
-from fastcl._core import contrastive_loss
+from fastcl.ops.dispatch import contrastive_loss
 
 
 def _float64_rows(anchor, contrast, anchor_labels, contrast_labels, self_offset, temperature, scale):
@@ -58,8 +58,9 @@ def test_local_anchors_against_global_contrast(backend, self_offset):
 
 def _folded_cases():
     """``(name, fastcl call, float64 reference on F.normalize'd inputs, input shapes)`` for every chunked route."""
-    import fastcl.functional as FF
     from float64_reference import info_nce_float64, supcon_float64
+
+    import fastcl.functional as FF
 
     F = torch.nn.functional
     labels = torch.tensor([0, 2, 1, 0, 2, 2, 1])
@@ -158,7 +159,7 @@ def test_half_inputs_normalise_as_before():
 
 
 def test_index_range_is_cached_eagerly():
-    from fastcl._core import index_range
+    from fastcl.ops.problem import index_range
 
     first = index_range(5, torch.device("cpu"))
     assert first is index_range(5, torch.device("cpu"))
@@ -168,10 +169,10 @@ def test_index_range_is_cached_eagerly():
 def test_training_after_inference_mode_evaluation():
     """An evaluation under torch.inference_mode first (the cached default-pairing ids are created there), training
     afterwards: the ids must be normal tensors, which autograd can save (the one-way route's cross-entropy target)."""
-    import fastcl._core
     import fastcl.functional as FF
+    import fastcl.ops.problem
 
-    fastcl._core._cached_index_range.cache_clear()  # (else an earlier test may have created the ids)
+    fastcl.ops.problem._cached_index_range.cache_clear()  # (else an earlier test may have created the ids)
     gen = torch.Generator().manual_seed(14)
     query, key = torch.randn(11, 4, generator=gen), torch.randn(11, 4, generator=gen)
     with torch.inference_mode():

@@ -1,4 +1,4 @@
-"""Dense PyTorch references: the ground truth that the fused backends are tested and benchmarked against.
+"""The dense reference backend: the ground truth that the fused backends are tested and benchmarked against.
 
 They follow the widely used formulations step by step (SupContrast's ``SupConLoss`` and CLIP's symmetric
 cross-entropy) and materialise the full ``N x N`` similarity matrix, so they are readable but take O(N^2) memory.
@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-import torch.nn.functional as F
 
 
 def supcon_loss_reference(

@@ -29,7 +29,6 @@ import glob
 import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 import warnings
 from typing import List, Optional, Sequence
@@ -163,16 +162,14 @@ def _load() -> Optional[str]:
 def _own_ahead_of_time_build() -> bool:
     """Whether ``fastcl._C`` resolves to a library in this package's own folder (an ahead-of-time build of this
     install), not to one that another installation's import hook would supply."""
-    import fastcl
-
     try:
         spec = importlib.util.find_spec("fastcl._C")
     except (ImportError, ValueError):
         return False
     if spec is None or not spec.origin:
         return False
-    folders = {os.path.realpath(p) for p in fastcl.__path__}
-    return os.path.dirname(os.path.realpath(spec.origin)) in folders
+    package_folder = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))  # fastcl/, where _C is built
+    return os.path.dirname(os.path.realpath(spec.origin)) == package_folder
 
 
 def _first_lines(text: str, n: int = 6) -> str:
@@ -324,6 +321,7 @@ def repeat_segments(values: torch.Tensor, counts: Sequence[int], repeats: int) -
 # ----------------------------------------------------------------------------------------------------------------
 # Fake functions and autograd formulas of the compiled ops
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _register_python_parts() -> None:
     """Fake (shape) functions and autograd formulas of the compiled ops, once they are loaded."""

@@ -1,10 +1,20 @@
-"""The chunked backend's symmetric (two-way) route against an independent dense float64 formula."""
+"""The chunked backend's routes (two-way, half-matrix, row blocks, single block) against independent dense float64
+formulas."""
 
 import pytest
 import torch
 
-import fastcl.chunked
-from fastcl.chunked import chunked_forward
+import fastcl.ops.chunked.passes as chunked_passes
+from fastcl.ops.chunked.passes import chunked_forward
+from fastcl.ops.problem import Problem
+
+
+def _forward(
+    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way, want_grad
+):
+    """:func:`chunked_forward` on the problem these describe (``anchor`` None: the anchors are the contrast rows)."""
+    settings = (mask, self_offset, inv_temperature, scale, two_way)
+    return chunked_forward(Problem(anchor, contrast, anchor_labels, contrast_labels, *settings), want_grad)
 
 
 def _dense_two_way(anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_temperature, scale):
@@ -34,8 +44,8 @@ def _dense_two_way(anchor, contrast, anchor_labels, contrast_labels, self_offset
 )
 def test_two_way_matches_dense_float64(monkeypatch, blocks, n_anchor, n_contrast, self_offset, n_classes):
     if blocks == "many":
-        monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", 1)
-        monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 4)
+        monkeypatch.setattr(chunked_passes, "_BLOCK_BYTES", 1)
+        monkeypatch.setattr(chunked_passes, "_MIN_BLOCK_ROWS", 4)
     gen = torch.Generator().manual_seed(n_anchor * 100 + n_contrast)
     anchor = torch.randn(n_anchor, 7, generator=gen, dtype=torch.float64, requires_grad=True)
     contrast = torch.randn(n_contrast, 7, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -46,7 +56,7 @@ def test_two_way_matches_dense_float64(monkeypatch, blocks, n_anchor, n_contrast
         contrast_labels = anchor_labels.clone() if self_offset == 0 else torch.randint(n_classes, (n_contrast,), generator=gen)
     inv_t, scale = 1 / 0.3, 0.7
 
-    loss, grad_anchor, grad_contrast = chunked_forward(
+    loss, grad_anchor, grad_contrast = _forward(
         anchor.detach(), contrast.detach(), anchor_labels, contrast_labels, None, self_offset, inv_t, scale, True, True
     )
     ref = _dense_two_way(anchor, contrast, anchor_labels, contrast_labels, self_offset, inv_t, scale)
@@ -57,14 +67,14 @@ def test_two_way_matches_dense_float64(monkeypatch, blocks, n_anchor, n_contrast
     torch.testing.assert_close(grad_contrast, ref_grad_contrast, rtol=1e-9, atol=1e-12)
 
     # the blockwise two-pass route directly (chunked_forward takes the dense single-block route when one block fits)
-    loss2, grad_anchor2, grad_contrast2 = fastcl.chunked._two_way_pass(
-        anchor.detach(), contrast.detach(), anchor_labels, contrast_labels, self_offset, inv_t, scale, True
-    )
+    problem = Problem(anchor.detach(), contrast.detach(), anchor_labels, contrast_labels, None, self_offset, inv_t, scale)
+    problem = problem._replace(two_way=True)
+    loss2, grad_anchor2, grad_contrast2 = chunked_passes._two_way_pass(problem, True)
     torch.testing.assert_close(loss2, ref.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad_anchor2, ref_grad_anchor, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(grad_contrast2, ref_grad_contrast, rtol=1e-9, atol=1e-12)
 
-    loss_only, none_a, none_c = chunked_forward(
+    loss_only, none_a, none_c = _forward(
         anchor.detach(), contrast.detach(), anchor_labels, contrast_labels, None, self_offset, inv_t, scale, True, False
     )
     assert none_a is None and none_c is None
@@ -77,13 +87,13 @@ def test_two_way_large_logits_stay_finite():
     anchor = (torch.randn(40, 16, generator=gen, dtype=torch.float64) * 6).requires_grad_()
     contrast = (torch.randn(40, 16, generator=gen, dtype=torch.float64) * 6).requires_grad_()
     labels = torch.arange(40)
-    fastcl.chunked._BLOCK_BYTES, saved = 1, fastcl.chunked._BLOCK_BYTES
+    chunked_passes._BLOCK_BYTES, saved = 1, chunked_passes._BLOCK_BYTES
     try:
-        loss, grad_anchor, _ = chunked_forward(
+        loss, grad_anchor, _ = _forward(
             anchor.detach(), contrast.detach(), labels, labels, None, None, 1 / 0.05, 1.0, True, True
         )
     finally:
-        fastcl.chunked._BLOCK_BYTES = saved
+        chunked_passes._BLOCK_BYTES = saved
     ref = _dense_two_way(anchor, contrast, labels, labels, None, 1 / 0.05, 1.0)
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=0)
     torch.testing.assert_close(grad_anchor, torch.autograd.grad(ref, anchor)[0], rtol=1e-9, atol=1e-12)
@@ -93,7 +103,7 @@ def test_two_way_nan_propagates():
     anchor = torch.randn(6, 4, dtype=torch.float64)
     anchor[2, 1] = float("nan")
     labels = torch.arange(6)
-    loss, grad_anchor, grad_contrast = chunked_forward(
+    loss, grad_anchor, grad_contrast = _forward(
         anchor, torch.randn(6, 4, dtype=torch.float64), labels, labels, None, None, 2.0, 1.0, True, True
     )
     assert torch.isnan(loss) and torch.isnan(grad_anchor).any() and torch.isnan(grad_contrast).any()
@@ -119,11 +129,11 @@ def _dense_one_way(anchor, contrast, weights, self_offset, inv_temperature, scal
 @pytest.mark.parametrize("blocks", ["one", "many"])
 def test_routes_match_dense_float64(monkeypatch, shift_free, route, blocks):
     """Every route (single block, blockwise, identity pairing) with and without the shift-free exponentials."""
-    monkeypatch.setattr(fastcl.chunked, "_SHIFT_FREE_BOUND", {d: (1e9 if shift_free else -1.0) for d in (torch.float32, torch.float64)})
+    monkeypatch.setattr(chunked_passes, "_SHIFT_FREE_BOUND", {d: (1e9 if shift_free else -1.0) for d in (torch.float32, torch.float64)})
     if blocks == "many":
-        monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", 1)
-        monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 4)
-        monkeypatch.setattr(fastcl.chunked, "_SINGLE_BLOCK_PAIRS", 0)
+        monkeypatch.setattr(chunked_passes, "_BLOCK_BYTES", 1)
+        monkeypatch.setattr(chunked_passes, "_MIN_BLOCK_ROWS", 4)
+        monkeypatch.setattr(chunked_passes, "_SINGLE_BLOCK_PAIRS", 0)
     gen = torch.Generator().manual_seed(11)
     n, bsz = 19, 19 if route.startswith("paired") else 10
     contrast = torch.randn(2 * bsz, 5, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -148,7 +158,7 @@ def test_routes_match_dense_float64(monkeypatch, shift_free, route, blocks):
     if route in ("labels", "mask"):
         ref = _dense_one_way(anchor, contrast, weights, self_offset, inv_t, scale)
         grad_ref = torch.autograd.grad(ref, contrast)[0]
-        loss, ga, gc = chunked_forward(anchor.detach(), contrast.detach(), labels, labels, mask, 0, inv_t, scale, False, True)
+        loss, ga, gc = _forward(anchor.detach(), contrast.detach(), labels, labels, mask, 0, inv_t, scale, False, True)
         torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(ga + gc, grad_ref, rtol=1e-9, atol=1e-12)
         return
@@ -157,7 +167,7 @@ def test_routes_match_dense_float64(monkeypatch, shift_free, route, blocks):
     else:
         ref = _dense_one_way(anchor, contrast, weights, None, inv_t, scale)
     ref_a, ref_c = torch.autograd.grad(ref, (anchor, contrast))
-    loss, ga, gc = chunked_forward(anchor.detach(), contrast.detach(), labels_a, labels_c, None, None, inv_t, scale, two_way, True)
+    loss, ga, gc = _forward(anchor.detach(), contrast.detach(), labels_a, labels_c, None, None, inv_t, scale, two_way, True)
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ga, ref_a, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(gc, ref_c, rtol=1e-9, atol=1e-12)
@@ -165,7 +175,7 @@ def test_routes_match_dense_float64(monkeypatch, shift_free, route, blocks):
 
 def test_paired_by_index_detects_only_one_positive_per_row():
     ids = torch.arange(6)
-    paired = fastcl.chunked._paired_by_index
+    paired = chunked_passes._paired_by_index
     assert paired(ids[:4], ids, None, False) == "diagonal"
     assert paired(torch.arange(6), ids, None, True) == "diagonal"
     assert paired(ids[:4], ids, None, True) is None  # two-way needs Na == Nc
@@ -187,7 +197,7 @@ def test_single_positive_per_row_route_matches_dense_float64():
     weights = (labels[:, None] == torch.arange(14)[None, :]).to(torch.float64)
     ref = _dense_one_way(query, key, weights, None, 1 / 0.2, 1.0)
     ref_q, ref_k = torch.autograd.grad(ref, (query, key))
-    loss, gq, gk = chunked_forward(query.detach(), key.detach(), labels, torch.arange(14), None, None, 5.0, 1.0, False, True)
+    loss, gq, gk = _forward(query.detach(), key.detach(), labels, torch.arange(14), None, None, 5.0, 1.0, False, True)
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gq, ref_q, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(gk, ref_k, rtol=1e-9, atol=1e-12)
@@ -195,22 +205,22 @@ def test_single_positive_per_row_route_matches_dense_float64():
 
 def test_shift_free_bound():
     small = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
-    assert fastcl.chunked._shift_free(small * 20, small)  # |s| <= 20
-    assert not fastcl.chunked._shift_free(small * 61, small)
-    assert not fastcl.chunked._shift_free(small * float("nan"), small)
-    assert fastcl.chunked._shift_free(small.double() * 500, small.double())
+    assert chunked_passes._shift_free(small * 20, small)  # |s| <= 20
+    assert not chunked_passes._shift_free(small * 61, small)
+    assert not chunked_passes._shift_free(small * float("nan"), small)
+    assert chunked_passes._shift_free(small.double() * 500, small.double())
 
 
 @pytest.mark.parametrize("use_mask", [False, True])
-def test_fold_same_gives_the_one_inputs_whole_gradient(use_mask):
+def test_anchors_are_contrast_gives_the_one_inputs_whole_gradient(use_mask):
     """Anchors that are the contrast rows: (dS + dS^T) X in one product equals dA + dC of the unfolded route."""
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(14, 5, generator=gen, dtype=torch.float64)
     labels = torch.randint(3, (7,), generator=gen).repeat(2)
     mask = torch.rand(7, 7, generator=gen) if use_mask else None
     args = (x, x, None if use_mask else labels, None if use_mask else labels, mask, 0, 1 / 0.3, 0.8, False, True)
-    loss, ga, gc = chunked_forward(*args)
-    folded_loss, whole, none = chunked_forward(*args, fold_same=True)
+    loss, ga, gc = _forward(*args)
+    folded_loss, whole, none = _forward(None, *args[1:])
     assert none is None
     torch.testing.assert_close(folded_loss, loss, rtol=1e-12, atol=0)
     torch.testing.assert_close(whole, ga + gc, rtol=1e-10, atol=1e-13)
@@ -267,15 +277,15 @@ def test_one_way_infonce_cross_entropy_route_matches_dense_float64(labels):
 
 @pytest.mark.parametrize("n,block_rows", [(37, 4), (38, 9), (40, 40), (23, 64)])
 @pytest.mark.parametrize("positives", ["labels", "sample_ids", "mask"])
-def test_symmetric_route_matches_dense_float64(monkeypatch, n, block_rows, positives):
+def test_half_matrix_route_matches_dense_float64(monkeypatch, n, block_rows, positives):
     """SupCon 'all' / SimCLR with one input: half the similarity panels (rows [p0, p1) x columns [p0, N)), row sums
     completed by symmetry, the gradient (G + G^T) x / t; panels of 4 / 9 rows (last one partial), one panel, and a
     block larger than N; positives from labels, from sample ids (SimCLR) and from a mask. The row-block pass must not
     run."""
-    monkeypatch.setattr(fastcl.chunked, "_SINGLE_BLOCK_PAIRS", 0)
-    monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", 4 * n * block_rows)
-    monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 1)
-    monkeypatch.setattr(fastcl.chunked, "_fused_pass", None)  # calling it would raise TypeError
+    monkeypatch.setattr(chunked_passes, "_SINGLE_BLOCK_PAIRS", 0)
+    monkeypatch.setattr(chunked_passes, "_BLOCK_BYTES", 4 * n * block_rows)
+    monkeypatch.setattr(chunked_passes, "_MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(chunked_passes, "_fused_pass", None)  # calling it would raise TypeError
     gen = torch.Generator().manual_seed(n + block_rows)
     x = torch.randn(n, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(4, (n,), generator=gen) if positives == "labels" else torch.arange(n) % (n // 2)
@@ -283,8 +293,8 @@ def test_symmetric_route_matches_dense_float64(monkeypatch, n, block_rows, posit
     if positives == "mask":  # [B, B] weights read at [i % B, j % B], B not dividing N when n is odd
         labels, mask = None, torch.rand(n // 2, n // 2, generator=gen, dtype=torch.float64)
     inv_t, scale = 1 / 0.35, 0.8
-    xd = x.detach()  # (the same object twice: the one-input routes key on identity)
-    loss, grad, none = chunked_forward(xd, xd, labels, labels, mask, 0, inv_t, scale, False, True, fold_same=True)
+    xd = x.detach()  # (anchor None: the anchors are the contrast rows)
+    loss, grad, none = _forward(None, xd, labels, labels, mask, 0, inv_t, scale, False, True)
     assert none is None
     if mask is None:
         weights = (labels[:, None] == labels[None, :]).double()
@@ -293,38 +303,38 @@ def test_symmetric_route_matches_dense_float64(monkeypatch, n, block_rows, posit
     ref = _dense_one_way(x, x, weights, 0, inv_t, scale)
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, torch.autograd.grad(ref, x)[0], rtol=1e-9, atol=1e-12)
-    forward_only = chunked_forward(xd, xd, labels, labels, mask, 0, inv_t, scale, False, False, fold_same=True)
+    forward_only = _forward(None, xd, labels, labels, mask, 0, inv_t, scale, False, False)
     torch.testing.assert_close(forward_only[0], loss, rtol=1e-12, atol=0)
     assert forward_only[1] is None and forward_only[2] is None
 
 
-def test_symmetric_route_falls_back_when_logits_are_unbounded(monkeypatch):
+def test_half_matrix_route_falls_back_when_logits_are_unbounded(monkeypatch):
     """Logits that may leave the shift-free range take the row-block pass (max-shifted exponentials), same numbers;
     NaN in gives NaN out."""
-    monkeypatch.setattr(fastcl.chunked, "_SINGLE_BLOCK_PAIRS", 0)
+    monkeypatch.setattr(chunked_passes, "_SINGLE_BLOCK_PAIRS", 0)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(30, 4, generator=gen, dtype=torch.float64) * 30.0  # |s| up to ~1e4 at t = 0.3
     labels = torch.randint(3, (30,), generator=gen)
-    assert fastcl.chunked._symmetric_pass(x, labels, None, 1 / 0.3, 1.0, True) is None
+    assert chunked_passes._half_matrix_pass(Problem(None, x, labels, labels, None, 0, 1 / 0.3, 1.0), True) is None
     x_grad = x.clone().requires_grad_()
     ref = _dense_one_way(x_grad, x_grad, (labels[:, None] == labels[None, :]).double(), 0, 1 / 0.3, 1.0)
-    loss, grad, _ = chunked_forward(x, x, labels, labels, None, 0, 1 / 0.3, 1.0, False, True, fold_same=True)
+    loss, grad, _ = _forward(None, x, labels, labels, None, 0, 1 / 0.3, 1.0, False, True)
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, torch.autograd.grad(ref, x_grad)[0], rtol=1e-9, atol=1e-12)
     poisoned = x.clone() / 30.0
     poisoned[5, 1] = float("nan")
-    loss, grad, _ = chunked_forward(poisoned, poisoned, labels, labels, None, 0, 1 / 0.3, 1.0, False, True, fold_same=True)
+    loss, grad, _ = _forward(None, poisoned, labels, labels, None, 0, 1 / 0.3, 1.0, False, True)
     assert torch.isnan(loss) and torch.isnan(grad).any()
 
 
-def test_symmetric_route_float32_supcon(monkeypatch):
+def test_half_matrix_route_float32_supcon(monkeypatch):
     """The route through fastcl.functional in fp32 (normalised features, t = 0.07) against the float64 reference."""
     import fastcl.functional as FF
 
-    monkeypatch.setattr(fastcl.chunked, "_SINGLE_BLOCK_PAIRS", 0)
-    monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", 4 * 64 * 10)
-    monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 1)
-    monkeypatch.setattr(fastcl.chunked, "_fused_pass", None)  # the symmetric route must take it
+    monkeypatch.setattr(chunked_passes, "_SINGLE_BLOCK_PAIRS", 0)
+    monkeypatch.setattr(chunked_passes, "_BLOCK_BYTES", 4 * 64 * 10)
+    monkeypatch.setattr(chunked_passes, "_MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(chunked_passes, "_fused_pass", None)  # the half-matrix route must take it
     gen = torch.Generator().manual_seed(9)
     features = torch.nn.functional.normalize(torch.randn(32, 2, 16, generator=gen), dim=-1).requires_grad_()
     labels = torch.randint(5, (32,), generator=gen)
@@ -340,9 +350,9 @@ def test_symmetric_route_float32_supcon(monkeypatch):
 def test_mask_positives_row_blocks_match_dense_float64(monkeypatch, self_offset):
     """Anchors that are a slice of the contrast rows (SupCon 'one', a rank's rows) with a mask: the positives from
     the mask's products (no weight blocks) over many row blocks, against the dense weights."""
-    monkeypatch.setattr(fastcl.chunked, "_SINGLE_BLOCK_PAIRS", 0)
-    monkeypatch.setattr(fastcl.chunked, "_BLOCK_BYTES", 1)
-    monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 3)
+    monkeypatch.setattr(chunked_passes, "_SINGLE_BLOCK_PAIRS", 0)
+    monkeypatch.setattr(chunked_passes, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(chunked_passes, "_MIN_BLOCK_ROWS", 3)
     gen = torch.Generator().manual_seed(21)
     contrast = torch.randn(27, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     start = 0 if self_offset is None else self_offset
@@ -351,7 +361,7 @@ def test_mask_positives_row_blocks_match_dense_float64(monkeypatch, self_offset)
     mask[2] = 0.0  # anchors of sample 2 have no positive
     rows, cols = torch.arange(13)[:, None] % 9, torch.arange(27)[None, :] % 9
     ref = _dense_one_way(anchor, contrast, mask[rows, cols], self_offset, 1 / 0.3, 0.6)
-    loss, ga, gc = chunked_forward(anchor.detach(), contrast.detach(), None, None, mask, self_offset, 1 / 0.3, 0.6,
+    loss, ga, gc = _forward(anchor.detach(), contrast.detach(), None, None, mask, self_offset, 1 / 0.3, 0.6,
                                    False, True)  # fmt: skip
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
     ref_a, ref_c = torch.autograd.grad(ref, (anchor, contrast))
@@ -359,13 +369,13 @@ def test_mask_positives_row_blocks_match_dense_float64(monkeypatch, self_offset)
     torch.testing.assert_close(gc, ref_c, rtol=1e-9, atol=1e-12)
 
 
-def test_forward_only_takes_the_symmetric_route(monkeypatch):
+def test_forward_only_takes_the_half_matrix_route(monkeypatch):
     """Evaluation (no gradient) of SupCon 'all' forms half the panels as well, same loss as with gradients."""
     import fastcl.functional as FF
 
-    monkeypatch.setattr(fastcl.chunked, "_SINGLE_BLOCK_PAIRS", 0)
-    monkeypatch.setattr(fastcl.chunked, "_MIN_BLOCK_ROWS", 1)
-    monkeypatch.setattr(fastcl.chunked, "_fused_pass", None)  # calling it would raise TypeError
+    monkeypatch.setattr(chunked_passes, "_SINGLE_BLOCK_PAIRS", 0)
+    monkeypatch.setattr(chunked_passes, "_MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(chunked_passes, "_fused_pass", None)  # calling it would raise TypeError
     gen = torch.Generator().manual_seed(10)
     features = torch.nn.functional.normalize(torch.randn(20, 2, 6, generator=gen, dtype=torch.float64), dim=-1)
     labels = torch.randint(4, (20,), generator=gen)

@@ -1,0 +1,215 @@
+"""Every ``torch.library`` custom op of fastcl, with its fake (shape) function and its autograd: one node each for
+``torch.compile``.
+
+``torch.library.custom_op`` rather than ``triton_op``: the Triton launchers pick autotuned configs and block sizes
+in Python and also run under TRITON_INTERPRET on CPU tensors, and the chunked backend is plain PyTorch with a
+Python loop over row blocks; an opaque op with a fake function serves both, keeps every kernel launch exactly as in
+eager mode, and makes the graph independent of N (no recompile per batch size).
+
+This is the one place where a :class:`~fastcl.ops.problem.Problem` is flattened to plain arguments (a schema takes
+nothing else). An ``anchor`` of None means the anchors are the contrast rows, so no tensor is passed twice. The op
+names and schemas stay exactly as they are: Inductor's graph cache keys a compiled graph on the schema.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from fastcl.ops import triton as triton_backend
+from fastcl.ops.chunked import passes
+from fastcl.ops.chunked.autograd import input_gradients, save_gradients
+from fastcl.ops.problem import Problem, compute_dtype
+
+Tensor = torch.Tensor
+
+
+def chunked(problem: Problem, want_grad: bool) -> Tensor:
+    """The loss of ``fastcl::contrastive_chunked`` on ``problem`` (its gradients, with ``want_grad``, kept for the
+    op's backward)."""
+    loss, _, _ = torch.ops.fastcl.contrastive_chunked(*problem, want_grad)
+    return loss
+
+
+def triton(problem: Problem, route: str) -> Tensor:
+    """The loss of ``fastcl::contrastive_triton`` on ``problem`` (``anchor`` None exactly for the route
+    ``ANCHORS_ARE_CONTRAST``; ``problem.two_way`` is carried by the route)."""
+    return torch.ops.fastcl.contrastive_triton(*problem[:-1], route)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fastcl::contrastive_chunked
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastcl::contrastive_chunked", mutates_args=())
+def _contrastive_chunked(
+    anchor: Optional[Tensor],
+    contrast: Tensor,
+    anchor_labels: Optional[Tensor],
+    contrast_labels: Optional[Tensor],
+    mask: Optional[Tensor],
+    self_offset: Optional[int],
+    inv_temperature: float,
+    scale: float,
+    two_way: bool,
+    want_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(loss, dL/dA, dL/dC)`` for grad_output = 1 in the compute dtype (empty ``[0]`` without ``want_grad``). When
+    the anchors are the contrast rows (``anchor`` None) the sum of the two is the one input's gradient, and a route
+    that forms only that sum returns it as ``dL/dA`` with zeros as ``dL/dC``: the output shapes stay those of
+    earlier releases, which matters because Inductor's graph cache keys a compiled graph on the op's schema, not on
+    its fake function."""
+    problem = Problem(
+        anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way
+    )
+    loss, grad_anchor, grad_contrast = passes.chunked_forward(problem, want_grad)
+    dtype = compute_dtype(contrast)
+    loss = loss.to(dtype)
+    if want_grad and grad_contrast is None:  # one input, its whole gradient in grad_anchor (docstring)
+        grad_contrast = torch.zeros_like(grad_anchor)
+    if not want_grad:
+        grad_anchor = grad_contrast = None
+    empty = contrast.new_empty(0, dtype=dtype)
+    grad_anchor = empty.clone() if grad_anchor is None else grad_anchor
+    return loss, grad_anchor, empty if grad_contrast is None else grad_contrast
+
+
+@_contrastive_chunked.register_fake
+def _contrastive_chunked_fake(anchor, contrast, *_settings_and_want_grad):
+    want_grad = _settings_and_want_grad[-1]
+    dtype = compute_dtype(contrast)
+    rows = contrast if anchor is None else anchor
+    if not want_grad:
+        empty = contrast.new_empty(0, dtype=dtype)
+        return contrast.new_empty((), dtype=dtype), empty, empty.clone()
+    return (
+        contrast.new_empty((), dtype=dtype),
+        rows.new_empty(rows.shape, dtype=dtype),
+        contrast.new_empty(contrast.shape, dtype=dtype),
+    )
+
+
+def _chunked_setup(ctx, inputs, output):
+    save_gradients(ctx, inputs[0], inputs[1], output)
+
+
+def _chunked_backward(ctx, grad_loss, _grad_a, _grad_c):
+    grad_anchor, grad_contrast = ctx.saved_tensors
+    if grad_contrast.dim() != 2:
+        raise RuntimeError("fastcl::contrastive_chunked was called with want_grad=False, so it has no gradient")
+    return *input_gradients(ctx, grad_loss, grad_anchor, grad_contrast), *([None] * 8)
+
+
+_contrastive_chunked.register_autograd(_chunked_backward, setup_context=_chunked_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fastcl::contrastive_triton and fastcl::contrastive_triton_backward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastcl::contrastive_triton", mutates_args=())
+def _contrastive_triton(
+    anchor: Optional[Tensor],
+    contrast: Tensor,
+    anchor_labels: Optional[Tensor],
+    contrast_labels: Optional[Tensor],
+    mask: Optional[Tensor],
+    self_offset: Optional[int],
+    inv_temperature: float,
+    scale: float,
+    route: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, pos_weight [Na], lse [Na], col_pos_weight [Nc] or [0], col_lse [Nc] or [0])`` (``triton_forward``)."""
+    problem = Problem(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale)
+    return triton_backend.forward(problem, route)
+
+
+@_contrastive_triton.register_fake
+def _contrastive_triton_fake(anchor, contrast, *_settings_and_route):
+    route = _settings_and_route[-1]
+    n_anchor = contrast.shape[0] if anchor is None else anchor.shape[0]
+    n_col = contrast.shape[0] if route == triton_backend.TWO_WAY else 0
+    f32 = torch.float32
+    return (
+        contrast.new_empty((), dtype=f32),
+        contrast.new_empty(n_anchor, dtype=f32),
+        contrast.new_empty(n_anchor, dtype=f32),
+        contrast.new_empty(n_col, dtype=f32),
+        contrast.new_empty(n_col, dtype=f32),
+    )
+
+
+@torch.library.custom_op("fastcl::contrastive_triton_backward", mutates_args=())
+def _contrastive_triton_backward(
+    grad_output: Tensor,
+    anchor: Optional[Tensor],
+    contrast: Tensor,
+    anchor_labels: Optional[Tensor],
+    contrast_labels: Optional[Tensor],
+    mask: Optional[Tensor],
+    pos_weight: Tensor,
+    lse: Tensor,
+    col_pos_weight: Tensor,
+    col_lse: Tensor,
+    self_offset: Optional[int],
+    inv_temperature: float,
+    scale: float,
+    route: str,
+    need_anchor: bool,
+    need_contrast: bool,
+) -> Tuple[Tensor, Tensor]:
+    """``(dA, dC)`` in the input dtypes (empty ``[0]`` where not needed; with ``anchor`` None the whole gradient
+    is ``dC``)."""
+    problem = Problem(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale)
+    residuals = (pos_weight, lse, col_pos_weight, col_lse)
+    return triton_backend.backward(grad_output, problem, residuals, route, need_anchor, need_contrast)
+
+
+@_contrastive_triton_backward.register_fake
+def _contrastive_triton_backward_fake(grad_output, anchor, contrast, *_rest):
+    need_anchor, need_contrast = _rest[-2], _rest[-1]
+    if anchor is None:
+        return contrast.new_empty(0), contrast.new_empty(contrast.shape)
+    return (
+        anchor.new_empty(anchor.shape) if need_anchor else contrast.new_empty(0),
+        contrast.new_empty(contrast.shape) if need_contrast else contrast.new_empty(0),
+    )
+
+
+def _triton_setup(ctx, inputs, output):
+    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, route = inputs
+    ctx.save_for_backward(anchor, contrast, anchor_labels, contrast_labels, mask, *output[1:])
+    ctx.settings = (self_offset, inv_temperature, scale, route, anchor is None)
+
+
+def _triton_backward(ctx, grad_loss, *_grad_residuals):
+    anchor, contrast, anchor_labels, contrast_labels, mask, *residuals = ctx.saved_tensors
+    self_offset, inv_temperature, scale, route, anchors_are_contrast = ctx.settings
+    need_anchor = not anchors_are_contrast and ctx.needs_input_grad[0]
+    need_contrast = ctx.needs_input_grad[1] or anchors_are_contrast
+    grad_anchor, grad_contrast = torch.ops.fastcl.contrastive_triton_backward(
+        grad_loss,
+        None if anchors_are_contrast else anchor,
+        contrast,
+        anchor_labels,
+        contrast_labels,
+        mask,
+        *residuals,
+        self_offset,
+        inv_temperature,
+        scale,
+        route,
+        need_anchor,
+        need_contrast,
+    )
+    return (
+        grad_anchor if need_anchor else None,
+        grad_contrast if ctx.needs_input_grad[1] else None,
+        *([None] * 7),
+    )
+
+
+_contrastive_triton.register_autograd(_triton_backward, setup_context=_triton_setup)

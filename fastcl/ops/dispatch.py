@@ -1,0 +1,106 @@
+"""The one dispatch point of the contrastive op: backend resolution, ``normalize``, and the route to a backend.
+
+The public API (:mod:`fastcl.functional`, :mod:`fastcl.losses`, :mod:`fastcl.distributed`) calls
+:func:`contrastive_loss`; it builds the :class:`~fastcl.ops.problem.Problem` and hands it to the chunked backend
+(eagerly :mod:`fastcl.ops.chunked.autograd`, else its custom op) or to the Triton backend (:mod:`fastcl.ops.triton`
+through its custom op), both in :mod:`fastcl.ops.custom_ops`. The dense reference is called by the public API
+itself (``backend='reference'``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastcl.ops import custom_ops
+from fastcl.ops import triton as triton_backend
+from fastcl.ops.chunked.autograd import FOLDED_NORMALIZE_DTYPES, chunked_loss
+from fastcl.ops.problem import TRITON_DTYPES, Problem
+
+
+def triton_available() -> bool:
+    """Whether the triton package is importable."""
+    return triton_backend.available()
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """``'auto'`` -> ``'triton'`` on CUDA tensors when Triton is importable, else ``'chunked'``."""
+    if backend != "auto":
+        return backend
+    if x.is_cuda and x.dtype in TRITON_DTYPES and triton_backend.available():
+        return "triton"
+    return "chunked"
+
+
+def contrastive_loss(
+    anchor: torch.Tensor,
+    contrast: torch.Tensor,
+    anchor_labels: Optional[torch.Tensor],
+    contrast_labels: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    *,
+    self_offset: Optional[int],
+    temperature: float,
+    scale: float,
+    backend: str,
+    two_way: bool = False,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Mean over anchors of ``loss_i`` (:mod:`fastcl.ops`) as an fp32 scalar; never allocates ``Na x Nc``.
+
+    ``two_way=True`` returns the average of this direction and the reverse one (contrast rows anchoring over the
+    anchor rows, labels swapped; CLIP's symmetric loss), sharing the similarity tiles where the backend can.
+
+    Args:
+        anchor: ``[Na, D]``; with ``self_offset = k`` anchor i is contrast row ``i + k`` (0 <= k <= Nc - Na). The
+            same tensor object as ``contrast`` means the anchors are the contrast rows (one input: the gradients of
+            both roles add up in it).
+        contrast: ``[Nc, D]``, same dtype and device.
+        anchor_labels, contrast_labels: int64 ``[Na]``, ``[Nc]``; or both None when ``mask`` is given.
+        mask: float32 ``[B, B]`` positive weights, read at ``[i % B, j % B]``.
+        scale: multiplies every anchor's loss (``temperature / base_temperature`` for SupCon).
+        backend: ``'triton'`` or ``'chunked'`` (``'auto'`` resolved by :func:`resolve_backend`).
+        normalize: L2-normalise the rows of ``anchor`` and ``contrast`` first (``F.normalize(x, dim=-1)``). The eager
+            chunked backend folds it into its autograd node for fp32 / float64 inputs (its Jacobian applied to the
+            gradients formed in the forward: no autograd graph of its own); elsewhere ``F.normalize`` runs first.
+
+    Both backends run as one ``torch.ops.fastcl`` custom op while compiling (:mod:`fastcl.ops.custom_ops`), so
+    ``torch.compile(fullgraph=True)`` traces the loss as a single node with symbolic sizes.
+    """
+    backend = resolve_backend(backend, contrast)
+    if backend not in ("triton", "chunked"):
+        raise ValueError(f"backend {backend!r} has no fused implementation here")
+    problem = Problem(
+        None if anchor is contrast else anchor,  # SupCon 'all' / NT-Xent: the anchors are the contrast rows
+        contrast,
+        anchor_labels,
+        contrast_labels,
+        mask,
+        self_offset,
+        1.0 / temperature,
+        scale,
+        two_way,
+    )
+    want_grad = torch.is_grad_enabled() and (anchor.requires_grad or contrast.requires_grad)
+    eager_chunked = backend == "chunked" and not torch.compiler.is_compiling()
+    fold_normalize = normalize and eager_chunked and want_grad and contrast.dtype in FOLDED_NORMALIZE_DTYPES
+    if normalize and not fold_normalize:
+        problem = _normalized(problem)
+    if backend == "triton":
+        triton_backend.check_inputs(problem.contrast)
+        route = triton_backend.route(problem)
+        return custom_ops.triton(triton_backend.unit_column_stride(problem, route), route)
+    if eager_chunked:
+        # Eagerly the same computation without the custom op's dispatch (schema binding, the op's autograd
+        # wrapper, output aliasing checks): ~0.5 ms a call on a 2-core CPU, as much as the whole loss at N = 64.
+        return chunked_loss(problem, want_grad, fold_normalize)
+    return custom_ops.chunked(problem, want_grad)
+
+
+def _normalized(problem: Problem) -> Problem:
+    """The problem with L2-normalised rows (``F.normalize(x, dim=-1)``), the anchors once when they are the
+    contrast rows."""
+    contrast = torch.nn.functional.normalize(problem.contrast, dim=-1)
+    anchor = None if problem.anchors_are_contrast else torch.nn.functional.normalize(problem.anchor, dim=-1)
+    return problem._replace(anchor=anchor, contrast=contrast)

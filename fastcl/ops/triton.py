@@ -1,0 +1,108 @@
+"""The Triton backend: input checks, the route, and the launcher calls behind ``fastcl::contrastive_triton``.
+
+:func:`fastcl.ops.dispatch.contrastive_loss` checks the inputs (:func:`check_inputs`) and picks the route
+(:func:`route`); the custom ops of :mod:`fastcl.ops.custom_ops` (one node for ``torch.compile``, with their
+autograd) call :func:`forward` / :func:`backward`, which run the launcher of :mod:`fastcl.kernels.launch`.
+At that boundary ``anchor`` None means the route :data:`ANCHORS_ARE_CONTRAST` (one backward kernel for both roles).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastcl.ops.problem import ANCHORS_ARE_CONTRAST, ONE_WAY, TRITON_DTYPES, TWO_WAY, Problem
+
+
+def available() -> bool:
+    """Whether the triton package is importable."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_inputs(contrast: torch.Tensor) -> None:
+    """Raise a clear error when the Triton backend cannot take these embeddings."""
+    if not available():
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    if contrast.dtype not in TRITON_DTYPES:
+        raise TypeError(
+            f"backend='triton' takes float32, float16 or bfloat16 embeddings, got {contrast.dtype}; "
+            "use backend='chunked' (float64 is computed in float64 there)"
+        )
+    if not contrast.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import for CPU debugging); "
+            f"got tensors on {contrast.device}. Use backend='chunked' or 'auto'."
+        )
+
+
+def route(problem: Problem) -> str:
+    """The route (``ANCHORS_ARE_CONTRAST | TWO_WAY | ONE_WAY``, see :func:`fastcl.kernels.launch.triton_route`).
+
+    Eagerly this is ``triton_route`` itself. While compiling, tensors have no storage to compare, so
+    :data:`ANCHORS_ARE_CONTRAST` is decided from the call's structure: the anchors are the contrast rows,
+    ``self_offset == 0``, and a mask or the same label object on both sides (as :mod:`fastcl.functional` passes
+    them).
+    """
+    if not torch.compiler.is_compiling():
+        from fastcl.kernels.launch import triton_route
+
+        return triton_route(problem)
+    if problem.two_way:
+        return TWO_WAY
+    same_labels = problem.mask is not None or problem.anchor_labels is problem.contrast_labels
+    if problem.anchors_are_contrast and problem.self_offset == 0 and same_labels:
+        return ANCHORS_ARE_CONTRAST
+    return ONE_WAY
+
+
+def unit_column_stride(problem: Problem, route: str) -> Problem:
+    """The problem with embeddings of unit column stride (after the route: a copy is no longer the same rows);
+    ``anchor`` None exactly for :data:`ANCHORS_ARE_CONTRAST`, as the custom op takes it."""
+    contrast = problem.contrast if problem.contrast.stride(1) == 1 else problem.contrast.contiguous()
+    if route == ANCHORS_ARE_CONTRAST:
+        return problem._replace(anchor=None, contrast=contrast)
+    if problem.anchors_are_contrast:  # other labels or an offset: the same rows in both roles, passed twice
+        return problem._replace(anchor=contrast, contrast=contrast)
+    anchor = problem.anchor if problem.anchor.stride(1) == 1 else problem.anchor.contiguous()
+    return problem._replace(anchor=anchor, contrast=contrast)
+
+
+def _launcher_problem(problem: Problem) -> Problem:
+    """The launcher's view: the anchors' labels default to the contrast labels when the anchors are the contrast
+    rows and none were passed for them."""
+    if problem.anchors_are_contrast and problem.anchor_labels is None:
+        return problem._replace(anchor_labels=problem.contrast_labels)
+    return problem
+
+
+def forward(problem: Problem, route: str):
+    """``(loss, pos_weight [Na], lse [Na], col_pos_weight [Nc] or [0], col_lse [Nc] or [0])``, distinct tensors."""
+    from fastcl.kernels.launch import triton_forward
+
+    loss, residuals = triton_forward(_launcher_problem(problem), route)
+    pos_weight, lse, col_pos_weight, col_lse = residuals
+    if route != TWO_WAY:  # fresh, distinct outputs (a custom op's outputs may not alias each other)
+        col_pos_weight, col_lse = lse.new_empty(0), lse.new_empty(0)
+    return loss, pos_weight, lse, col_pos_weight, col_lse
+
+
+def backward(grad_output, problem: Problem, residuals, route: str, need_anchor: bool, need_contrast: bool):
+    """``(dA, dC)`` in the input dtypes (empty ``[0]`` where not needed; when the anchors are the contrast rows the
+    whole gradient is ``dC``)."""
+    from fastcl.kernels.launch import triton_backward
+
+    grad_anchor, grad_contrast = triton_backward(
+        grad_output, _launcher_problem(problem), residuals, route, need_anchor=need_anchor, need_contrast=need_contrast
+    )
+    if problem.anchors_are_contrast:  # the whole gradient is grad_anchor, and it belongs to the one input
+        grad_anchor, grad_contrast = None, grad_anchor
+    empty = problem.contrast.new_empty(0)
+    return (
+        empty.clone() if grad_anchor is None else grad_anchor,
+        empty if grad_contrast is None else grad_contrast,
+    )

@@ -1,0 +1,454 @@
+"""The launcher of the Triton kernels: argument preparation, config choice, launches, and the row statistics.
+
+Called by the Triton backend :mod:`fastcl.ops.triton` (through the ``fastcl::contrastive_triton`` custom ops of
+:mod:`fastcl.ops.custom_ops`); it launches the kernels of :mod:`fastcl.kernels.jit` in configs chosen from
+:mod:`fastcl.kernels.tiling` and assembles the loss from the shared row math of :mod:`fastcl.ops.problem`.
+
+Layout: config choice (autotuned, fixed or deterministic; every choice passes ``keep_config``) -> :class:`_LaunchArgs`
+(the kernels' view of one call, prepared once) -> ``contrastive_forward`` / ``contrastive_backward`` (launches under
+the tensors' CUDA device, split reductions combined in a fixed order) -> ``triton_route`` / ``triton_forward`` /
+``triton_backward`` on a :class:`~fastcl.ops.problem.Problem`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+
+from fastcl.kernels.jit import _contrastive_bwd_anchor_kernel, _contrastive_bwd_contrast_kernel, _contrastive_fwd_kernel
+from fastcl.kernels.tiling import (
+    CONFIGS,
+    autotune_configs,
+    backward_output_tiles,
+    block_d_for,
+    fixed_config,
+    fixed_preference,
+    output_block_d_for,
+    variant_name,
+)
+from fastcl.ops.problem import (
+    ANCHORS_ARE_CONTRAST,
+    ONE_WAY,
+    TRITON_DTYPES,
+    TWO_WAY,
+    Problem,
+    grad_coefficients,
+    row_losses,
+)
+
+LOG2E = 1.4426950408889634
+# The interpreter runs numpy per program: small tiles keep multi-tile loops exercised on small test shapes.
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tuning_configs():
+    """The autotune candidates: one config under the interpreter, else :data:`CONFIGS`."""
+    if _interpreting():
+        return [INTERPRETER_CONFIG]
+    return CONFIGS
+
+
+def autotuning_enabled() -> bool:
+    """False under ``torch.use_deterministic_algorithms(True)`` (the timing-driven choice could differ between
+    processes and with it the summation order) and with ``FASTCL_TRITON_AUTOTUNE=0``."""
+    return os.environ.get("FASTCL_TRITON_AUTOTUNE", "1") != "0" and not torch.are_deterministic_algorithms_enabled()
+
+
+# Timing function for the autotuner; None is Triton's GPU benchmarker. Tests set a host timer to drive the
+# autotuned launch path through the interpreter.
+AUTOTUNE_DO_BENCH = None
+RAW_KERNELS = {
+    "fwd": _contrastive_fwd_kernel,
+    "bwd_anchor": _contrastive_bwd_anchor_kernel,
+    "bwd_contrast": _contrastive_bwd_contrast_kernel,
+}
+_AUTOTUNE_KEY = ["n_anchor_bucket", "n_contrast_bucket", "dim", "HAS_MASK", "EXCLUDE_SELF", "INPUT_PRECISION"]
+
+
+def _autotuned(name, configs):
+    def prune(configs, named_args, **kwargs):
+        dim = named_args["dim"]
+        two_way = kwargs.get("TWO_WAY", named_args.get("TWO_WAY", False))
+        element_size = named_args["anchor_ptr"].element_size()
+        return autotune_configs(variant_name(name, two_way), dim, element_size, configs)
+
+    return triton.autotune(
+        configs=configs,
+        key=_AUTOTUNE_KEY + ([] if name == "fwd" else ["TWO_WAY"]),
+        prune_configs_by={"early_config_prune": prune},
+        do_bench=AUTOTUNE_DO_BENCH,
+    )(RAW_KERNELS[name])
+
+
+_tuned = {}
+
+
+def _kernel_and_config(variant, dim, element_size):
+    """``(kernel, config)`` for a :data:`KERNEL_VARIANTS` name: the raw kernel and its one config, or the autotuned
+    kernel and None."""
+    name = variant.split("[")[0]
+    configs = tuning_configs()
+    if len(configs) == 1:
+        return RAW_KERNELS[name], configs[0]
+    if not autotuning_enabled():
+        candidates = list(fixed_preference(variant, dim, element_size)) + configs
+        return RAW_KERNELS[name], fixed_config(variant, dim, element_size, candidates)
+    if name not in _tuned:  # built on first use so importing fastcl compiles nothing
+        _tuned[name] = _autotuned(name, configs)
+    return _tuned[name], None
+
+
+def input_precision_for(dtype: torch.dtype) -> str:
+    """fp32 dots run on tensor cores: ``'tf32'`` when ``torch.backends.cuda.matmul.allow_tf32`` is set, else
+    ``'tf32x3'`` (three TF32 products with split operands: fp32-level accuracy, PyTorch's default)."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    return "ieee"
+
+
+def recompute_transposed(dtype: torch.dtype) -> bool:
+    """Whether TWO_WAY tiles recompute the transposed dots ``x_ji`` instead of reusing ``x_ij``.
+
+    The reverse direction's statistics come from a forward pass that formed ``x_ji`` with ``c_j`` as the left
+    operand; the backward must see bitwise the same value, or at |logits| ~ 1e5 one ulp of the dot moves a
+    saturated softmax probability by percents. Tensor-core products of fp16/bf16 (and tf32) operands are exact
+    and summed in k order, so ``x_ij == x_ji`` and the tile is reused; fp32 via tf32x3 sums its two cross terms in
+    operand order, and the interpreter's numpy matmul is not symmetric either: there the transposed tile is
+    recomputed (one more tile product).
+    """
+    return _interpreting() or dtype == torch.float32
+
+
+# TWO_WAY tiles that reuse x_ij as x_ji (see recompute_transposed) also reuse its exp: p'_ji = p_ij * r_i * q_j
+# (EXP_REUSE_MAX_SPAN). Tests force it on in the interpreter, with dots that are exact and hence symmetric.
+TRANSPOSED_EXP_REUSE = True
+
+
+def reuse_transposed_exp(dtype: torch.dtype) -> bool:
+    """Whether TWO_WAY tiles rescale ``p_ij`` into the reverse direction's ``p'_ji`` (one exp per pair, not two):
+    only where the dots tile is reused bitwise (not :func:`recompute_transposed`)."""
+    return TRANSPOSED_EXP_REUSE and not recompute_transposed(dtype)
+
+
+def _device_guard(device: torch.device):
+    """Launch on the tensors' device: Triton launches on the current CUDA device and stream."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+class _LaunchArgs:
+    """The kernels' view of one call, prepared once: unit column stride for the embeddings (row strides passed),
+    labels and mask passed with their strides, placeholders for what the variant does not read. ``two_way`` (a
+    backward that adds the reverse direction) with a mask also prepares ``mask_t``, a contiguous copy of
+    ``mask.T``, so the reverse weights ``mask[j % B, i % B]`` are read along rows (``mask_t_strides``)."""
+
+    def __init__(self, problem: Problem, two_way: bool = False):
+        anchor, contrast, mask, self_offset = problem.anchor_rows, problem.contrast, problem.mask, problem.self_offset
+        anchor_labels, contrast_labels = problem.anchor_labels, problem.contrast_labels
+        _check_embeddings(anchor, contrast)
+        one_tensor = contrast is anchor  # (one contiguous copy serves both roles)
+        self.anchor = anchor if anchor.stride(1) == 1 else anchor.contiguous()
+        self.contrast = self.anchor if one_tensor else (contrast if contrast.stride(1) == 1 else contrast.contiguous())
+        self.device = anchor.device
+        self.has_mask = mask is not None
+        if self.has_mask:
+            if mask.dim() != 2 or mask.shape[0] != mask.shape[1] or mask.device != anchor.device:
+                raise ValueError(f"mask must be a square [B, B] tensor on {anchor.device}, got {tuple(mask.shape)}")
+            mask = mask if mask.dtype == torch.float32 else mask.to(torch.float32)
+            placeholder = torch.zeros(1, dtype=torch.int64, device=self.device)
+            anchor_labels = contrast_labels = placeholder
+        else:
+            _check_labels(anchor, contrast, anchor_labels, contrast_labels)
+            mask = torch.zeros(1, dtype=torch.float32, device=self.device)
+        self.n_anchor, self.n_contrast, self.dim = anchor.shape[0], contrast.shape[0], anchor.shape[1]
+        self.block_d, single = block_d_for(self.dim, anchor.element_size())
+        self.element_size = anchor.element_size()
+        self.tensors = (self.anchor, self.contrast, anchor_labels, contrast_labels, mask)
+        self.mask_t = mask.t().contiguous() if self.has_mask and two_way else mask  # no host sync
+        self.mask_t_strides = (self.mask_t.stride(0), self.mask_t.stride(1)) if self.has_mask else (1, 1)
+        self.sizes = (
+            self.n_anchor,
+            self.n_contrast,
+            self.dim,
+            mask.shape[0] if self.has_mask else 1,
+            self.anchor.stride(0),
+            self.contrast.stride(0),
+            anchor_labels.stride(0),
+            contrast_labels.stride(0),
+            mask.stride(0) if self.has_mask else 1,
+            mask.stride(1) if self.has_mask else 1,
+            0 if self_offset is None else int(self_offset),
+            triton.next_power_of_2(max(self.n_anchor, 1)),
+            triton.next_power_of_2(max(self.n_contrast, 1)),
+        )
+        self.constexprs = dict(
+            HAS_MASK=self.has_mask,
+            EXCLUDE_SELF=self_offset is not None,
+            INPUT_PRECISION=input_precision_for(anchor.dtype),
+            SINGLE_D_TILE=single,
+            BLOCK_D=self.block_d,
+        )
+
+
+def _check_embeddings(anchor: torch.Tensor, contrast: torch.Tensor) -> None:
+    for name, x in (("anchor", anchor), ("contrast", contrast)):
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be [N, D], got shape {tuple(x.shape)}")
+        if x.dtype not in TRITON_DTYPES:
+            raise TypeError(f"the Triton kernels take float32, float16 or bfloat16 {name}, got {x.dtype}")
+    if contrast.dtype != anchor.dtype or contrast.device != anchor.device or contrast.shape[1] != anchor.shape[1]:
+        raise ValueError(
+            f"anchor {tuple(anchor.shape)} {anchor.dtype} on {anchor.device} and contrast {tuple(contrast.shape)} "
+            f"{contrast.dtype} on {contrast.device} must share dtype, device and feature dim"
+        )
+
+
+def _check_labels(anchor, contrast, anchor_labels, contrast_labels) -> None:
+    for name, labels, n in (
+        ("anchor_labels", anchor_labels, anchor.shape[0]),
+        ("contrast_labels", contrast_labels, contrast.shape[0]),
+    ):
+        if labels is None or labels.shape != (n,) or labels.device != anchor.device:
+            raise ValueError(f"{name} must be a [{n}] integer tensor on {anchor.device} (or pass a mask)")
+        if labels.is_floating_point() or labels.is_complex():
+            raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
+
+
+def _launch(name, grid_of, leading, args: _LaunchArgs, scalars, constexprs):
+    variant = variant_name(name, constexprs.get("TWO_WAY", False))
+    kernel, config = _kernel_and_config(variant, args.dim, args.element_size)
+    with _device_guard(args.device):
+        if config is not None:
+            meta = dict(config.kwargs)
+            launch = kernel[grid_of(meta)]
+            launch(
+                *leading,
+                *args.tensors,
+                *scalars,
+                **constexprs,
+                **meta,
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
+            )
+        else:
+            kernel[grid_of](*leading, *args.tensors, *scalars, **constexprs)
+
+
+# Small batches: split the reduction range (columns in the forward and bwd_anchor, rows in bwd_contrast) over one
+# more grid axis when the output blocks alone would leave SMs idle, aiming at SPLIT_PROGRAMS_PER_SM programs per SM;
+# each share streams at least MIN_SPLIT_LENGTH rows / columns. The partial results are combined in a fixed order
+# (deterministic). INTERPRETER_SMS stands in for the SM count off-GPU.
+SPLIT_PROGRAMS_PER_SM = 2
+MIN_SPLIT_LENGTH = 32
+NOMINAL_BLOCK = 64
+INTERPRETER_SMS = 1
+_sm_counts = {}
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
+def split_count(output_programs: int, reduce_length: int, device: torch.device) -> int:
+    """How many shares the reduction range is split into (1: no split), from the programs the outputs give (counted
+    with blocks of :data:`NOMINAL_BLOCK`), the range's length and the device's SM count."""
+    wanted = SPLIT_PROGRAMS_PER_SM * sm_count(device)
+    if output_programs >= wanted:
+        return 1
+    return max(1, min(triton.cdiv(wanted, max(output_programs, 1)), reduce_length // MIN_SPLIT_LENGTH))
+
+
+def contrastive_forward(args: _LaunchArgs, inv_temperature):
+    """Row statistics ``(lse_raw, pos_logit_sum, pos_weight)``, each fp32 ``[Na]`` (``lse_raw / t`` is the natural
+    log-sum-exp of the logits). With the columns split over ``S`` programs per anchor block, the kernel writes
+    ``[S, Na]`` partial (max, scaled sum, positive-logit sum, positive weight) and they are combined here in a
+    fixed order; ``S == 1`` gives exactly the single-pass statistics."""
+    splits = split_count(triton.cdiv(args.n_anchor, NOMINAL_BLOCK), args.n_contrast, args.device)
+    parts = [torch.empty(splits, args.n_anchor, dtype=torch.float32, device=args.device) for _ in range(4)]
+    _launch(
+        "fwd",
+        lambda meta: (triton.cdiv(args.n_anchor, meta["BLOCK_M"]), splits),
+        parts,
+        args,
+        (*args.sizes, inv_temperature * LOG2E),
+        args.constexprs,
+    )
+    run_max, run_sum, pos_logit_sum, pos_weight = parts
+    scale_log2 = inv_temperature * LOG2E
+    top = run_max.max(dim=0).values
+    shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    total = (run_sum * torch.exp2(scale_log2 * (run_max - shift))).sum(dim=0)
+    lse_raw = shift + torch.log2(total) / scale_log2  # -inf for an empty denominator; exact when one term rules
+    return lse_raw, pos_logit_sum.sum(dim=0), pos_weight.sum(dim=0)
+
+
+def contrastive_backward(
+    args: _LaunchArgs,
+    grad_output,
+    inv_temperature,
+    row_stats,
+    col_stats=None,
+    grad_scale=1.0,
+    need_anchor=True,
+    need_contrast=True,
+):
+    """``(dA, dC)`` in the input dtypes.
+
+    ``row_stats = (lse_raw, coef_softmax, coef_pos)`` fp32 ``[Na]`` give ``dS_ij = coef_softmax_i p_ij - coef_pos_i
+    w_ij``, and ``grad_output * grad_scale`` (``grad_output`` a one-element fp32 device tensor) multiplies the fp32
+    accumulators of ``dS @ C`` and ``dS^T @ A``. With ``col_stats`` (``[Nc]``, the reverse direction: contrast rows
+    as anchors), ``dS'^T`` is added from the same tiles. ``col_stats is row_stats`` means the anchors are the
+    contrast set: then ``dA`` is the whole gradient and ``dC`` is None.
+    """
+    two_way = col_stats is not None
+    anchors_are_contrast = col_stats is row_stats
+    stats = (*row_stats, *(col_stats if two_way else row_stats))
+    constexprs = dict(
+        args.constexprs,
+        TWO_WAY=two_way,
+        RECOMPUTE_TRANSPOSED=two_way and recompute_transposed(args.anchor.dtype),
+        BLOCK_D_OUT=output_block_d_for(args.dim, args.element_size, two_way),
+        EXP_REUSE=two_way and reuse_transposed_exp(args.anchor.dtype),
+    )
+    if two_way and args.has_mask and args.mask_t is args.tensors[4]:
+        raise ValueError("a two-way masked backward needs _LaunchArgs(..., two_way=True) (the transposed mask)")
+    # passed by keyword (the kernels' last runtime arguments): the transposed mask of TWO_WAY and its strides
+    constexprs.update(
+        mask_t_ptr=args.mask_t, stride_mask_t_row=args.mask_t_strides[0], stride_mask_t_col=args.mask_t_strides[1]
+    )
+    d_tiles = backward_output_tiles(args.dim, args.element_size, two_way)
+    args = _with_stats(args, stats)
+    common = (d_tiles, grad_output, args, (inv_temperature * LOG2E, grad_scale), constexprs)
+    grad_anchor = grad_contrast = None
+    if need_anchor:
+        grad_anchor = _backward_kernel("bwd_anchor", args.anchor, args.n_contrast, "BLOCK_M", *common)
+    if need_contrast and not anchors_are_contrast:
+        grad_contrast = _backward_kernel("bwd_contrast", args.contrast, args.n_anchor, "BLOCK_N", *common)
+    return grad_anchor, grad_contrast
+
+
+def _backward_kernel(name, rows, n_reduced, block, d_tiles, grad_output, args, tail, constexprs):
+    """Launch backward kernel ``name``, which accumulates the gradient of ``rows`` (``[N, D]``, blocks of
+    ``meta[block]`` rows, ``d_tiles`` output feature tiles) over ``n_reduced`` rows or columns, split over a third
+    grid axis when the outputs alone leave SMs idle; the gradient in ``rows``' dtype."""
+    n_rows = rows.shape[0]
+    splits = split_count(triton.cdiv(n_rows, NOMINAL_BLOCK) * d_tiles, n_reduced, args.device)
+    grad = _gradient_buffer(rows, splits)
+    _launch(
+        name,
+        lambda meta: (triton.cdiv(n_rows, meta[block]), d_tiles, splits),
+        (grad, grad_output),
+        args,
+        (*args.sizes, grad.stride(-2), *tail),
+        constexprs,
+    )
+    return _reduce_splits(grad, rows.dtype)
+
+
+def _gradient_buffer(x: torch.Tensor, splits: int) -> torch.Tensor:
+    """The gradient itself (``splits == 1``), else fp32 partial sums ``[splits, N, D]``."""
+    if splits == 1:
+        return torch.empty_like(x)
+    return torch.empty(splits, *x.shape, dtype=torch.float32, device=x.device)
+
+
+def _reduce_splits(buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sum the partial gradients over the split axis in a fixed order (deterministic), in fp32."""
+    return buffer if buffer.dim() == 2 else buffer.sum(dim=0).to(dtype)
+
+
+def _with_stats(args: _LaunchArgs, stats) -> _LaunchArgs:
+    """A shallow copy of ``args`` whose tensor list also carries the backward's six statistics vectors."""
+    out = object.__new__(_LaunchArgs)
+    out.__dict__.update(args.__dict__)
+    out.tensors = (*args.tensors, *stats)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points on a Problem (called by fastcl.ops.triton)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def triton_route(problem: Problem) -> str:
+    """:data:`ANCHORS_ARE_CONTRAST` when the anchors are the contrast rows (``problem.anchor`` None) with the same
+    labels (or a mask) and ``self_offset == 0`` (SupCon's 'all' mode: one backward kernel), :data:`TWO_WAY` for the
+    mean of both directions, else :data:`ONE_WAY`. Decided from the tensors as passed, before any copy."""
+    if problem.two_way:
+        return TWO_WAY
+    if (
+        problem.anchors_are_contrast
+        and problem.self_offset == 0
+        and _same_labels(problem.anchor_labels, problem.contrast_labels, problem.mask)
+    ):
+        return ANCHORS_ARE_CONTRAST
+    return ONE_WAY
+
+
+def triton_forward(problem: Problem, route: str):
+    """``(loss, residuals)``: the fp32 scalar loss and the fp32 row statistics the backward needs,
+    ``residuals = (pos_weight [Na], lse_raw [Na], col_pos_weight [Nc], col_lse_raw [Nc])`` (the ``col_*`` pair is
+    empty unless ``route == TWO_WAY``; ``lse_raw`` is the log-sum-exp in dot-product units, ``lse_raw / t`` the
+    natural one)."""
+    inv_temperature, scale = problem.inv_temperature, problem.scale
+    args = _LaunchArgs(problem)
+    lse, pos_logit_sum, pos_weight = contrastive_forward(args, inv_temperature)
+    loss = row_losses(pos_logit_sum, pos_weight, lse * inv_temperature, scale).mean()
+    col_pos_weight = col_lse = pos_weight.new_empty(0)
+    if route == TWO_WAY:
+        reverse = _LaunchArgs(problem.reversed)
+        col_lse, col_pos_logit_sum, col_pos_weight = contrastive_forward(reverse, inv_temperature)
+        loss = 0.5 * (loss + row_losses(col_pos_logit_sum, col_pos_weight, col_lse * inv_temperature, scale).mean())
+    return loss, (pos_weight, lse, col_pos_weight, col_lse)
+
+
+def triton_backward(grad_output, problem: Problem, residuals, route: str, need_anchor=True, need_contrast=True):
+    """``(grad_anchor, grad_contrast)`` of ``grad_output * loss`` (either None when not needed; with
+    ``route == ANCHORS_ARE_CONTRAST`` the whole gradient is ``grad_anchor`` and ``grad_contrast`` is None).
+    ``grad_output`` is read on the device (no host sync) and applied to the fp32 accumulators, never to the
+    half-precision dS."""
+    args = _LaunchArgs(problem, two_way=route != ONE_WAY)
+    if not torch.is_tensor(grad_output):
+        grad_output = torch.tensor(float(grad_output), device=args.device)
+    grad_output = grad_output.detach().to(device=args.device, dtype=torch.float32).reshape(1)
+    pos_weight, lse, col_pos_weight, col_lse = residuals
+    row_stats = (lse, *grad_coefficients(pos_weight, problem.scale))
+    col_stats = row_stats if route == ANCHORS_ARE_CONTRAST else None
+    grad_scale = problem.inv_temperature / args.n_anchor
+    if route == TWO_WAY:  # both directions average over Na == Nc anchors; the loss is their mean
+        col_stats = (col_lse, *grad_coefficients(col_pos_weight, problem.scale))
+        grad_scale *= 0.5
+    return contrastive_backward(
+        args,
+        grad_output,
+        problem.inv_temperature,
+        row_stats,
+        col_stats,
+        grad_scale=grad_scale,
+        need_anchor=need_anchor or route == ANCHORS_ARE_CONTRAST,
+        need_contrast=need_contrast,
+    )
+
+
+def _same_labels(anchor_labels, contrast_labels, mask) -> bool:
+    """The same label tensor on both sides (checked without a device sync), or a mask."""
+    return mask is not None or (
+        anchor_labels is not None
+        and contrast_labels is not None
+        and anchor_labels.shape == contrast_labels.shape
+        and anchor_labels.stride() == contrast_labels.stride()
+        and anchor_labels.data_ptr() == contrast_labels.data_ptr()
+    )
