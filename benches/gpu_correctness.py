@@ -5,7 +5,7 @@
 For each loss (SupCon with labels, NT-Xent, symmetric InfoNCE) and dtype, the inputs are quantised to the dtype
 once; the float64 truth is the loss and gradients of *those* quantised inputs computed in float64 by the chunked
 backend on the same GPU (exact formulas, blockwise, so N = 16384 costs milliseconds and no N x N buffer). The float64
-chunked path is itself tied to the dense reference (fastcl.reference, float64) at ``--n-dense`` (default 4096).
+chunked path is itself tied to the dense reference (fastcl.ops.reference, float64) at ``--n-dense`` (default 4096).
 Errors are norm-relative: ``|loss - ref| / |ref|`` and ``||grad - ref|| / ||ref||``. Where installed, the peers are
 checked to compute the same quantities as the benchmarks assume (Inf-CL InfoNCE, PML SupConLoss / NTXentLoss).
 
