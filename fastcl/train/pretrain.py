@@ -71,11 +71,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import fastcl
-from fastcl import encoders as E
-from fastcl import heads as H
-from fastcl.eval import group_balanced_linear_probe, group_ids, linear_probe, multi_shortcut_metrics
+from fastcl.evaluation.probes import group_balanced_linear_probe, linear_probe
+from fastcl.evaluation.shortcut_metrics import group_ids, multi_shortcut_metrics
 from fastcl.losses import NTXentLoss, SupConLoss
-from fastcl.models import ContrastiveModel
+from fastcl.models import encoders as E
+from fastcl.models import heads as H
+from fastcl.models.contrastive import ContrastiveModel
 from fastcl.train.augment import AugmentConfig, BatchAugment
 from fastcl.train.data import DATASETS, DatasetNotFoundError, DatasetSplits, MissingDependencyError, load_dataset
 from fastcl.train.gradcache import cached_backward, micro_batches

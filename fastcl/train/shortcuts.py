@@ -14,23 +14,22 @@ ICLR 2024), gives these last-layer methods the most to work with.
 
 It takes a ``fastcl-pretrain`` checkpoint of the ``spurious-cues`` data (without ``--checkpoint`` it first trains the
 default job with the watermark cue on, ``--watermark 0.9``, into ``OUT/pretrain``, or reuses a finished one there),
-freezes it and regenerates the
-data with the generator's layers. Four shifts of the training set are built with
+freezes it and regenerates the data with the generator's layers. Four shifts of the training set are built with
 :mod:`fastcl.train.shortcut_augment`: the original images, background swapped, co-object swapped (or removed) and
 watermarked. The swaps draw the new cue uniformly over all classes (``p = (K - 1) / K`` of the samples get another
 class), so in a swapped set the cue is independent of the label; the watermark goes on every image. On ``h`` and on
-``z`` it fits (deterministic full-batch L-BFGS on standardised features, :func:`fastcl.eval.linear_probe`):
+``z`` it fits (deterministic full-batch L-BFGS on standardised features, :func:`fastcl.evaluation.linear_probe`):
 
 * ``erm``: a linear head on the original data;
 * ``bg_aug``, ``coobj_aug``, ``wm_aug``: a linear head on one shifted set (the single-shortcut baselines);
 * ``mixed``: one linear head on all four sets together;
-* ``lle``: :func:`fastcl.eval.fit_last_layer_ensemble` on the same four sets (one head per shift and the shift
-  classifier, each sample's class loss through its own shift's head).
+* ``lle``: :func:`fastcl.evaluation.fit_last_layer_ensemble` on the same four sets (one head per shift and the
+  shift classifier, each sample's class loss through its own shift's head).
 
-Each is scored on the cue-balanced test set with the UrbanCars metrics (:func:`fastcl.eval.multi_shortcut_metrics`:
-I.D. accuracy, BG / CoObj / BG+CoObj gaps, worst-group accuracy) and on the same test set with the watermark on every
-image (:func:`fastcl.eval.watermark_metrics`: accuracy gap and the share of predictions moved to the watermark's
-class). ``OUT/`` gets ``summary.json``, ``metrics.jsonl`` (one record per method and representation),
+Each is scored on the cue-balanced test set with the UrbanCars metrics
+(:func:`fastcl.evaluation.multi_shortcut_metrics`: I.D. accuracy, BG / CoObj / BG+CoObj gaps, worst-group accuracy) and on the same test set with the watermark on every
+image (:func:`fastcl.evaluation.watermark_metrics`: accuracy gap and the share of predictions moved to the
+watermark's class). ``OUT/`` gets ``summary.json``, ``metrics.jsonl`` (one record per method and representation),
 ``gaps.svg`` (gaps per method, h next to z) and ``table.md``.
 """
 
@@ -52,7 +51,9 @@ import torch
 from torch import Tensor
 
 import fastcl
-from fastcl.eval import fit_last_layer_ensemble, linear_probe, multi_shortcut_metrics, watermark_metrics
+from fastcl.evaluation.lle import fit_last_layer_ensemble
+from fastcl.evaluation.probes import linear_probe
+from fastcl.evaluation.shortcut_metrics import multi_shortcut_metrics, watermark_metrics
 from fastcl.train.augment import BatchAugment
 from fastcl.train.data import CueLayers, ImageSet, make_spurious_cues
 from fastcl.train.shortcut_augment import (

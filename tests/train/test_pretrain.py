@@ -249,7 +249,7 @@ def test_torchrun_two_processes_equal_one_process_without_batchnorm(tmp_path, lo
 
 
 def test_library_and_application_are_apart_and_the_documented_entry_points_work():
-    code = ("import sys, fastcl, fastcl.encoders, fastcl.heads, fastcl.eval, fastcl.models\n"
+    code = ("import sys, fastcl, fastcl.models, fastcl.evaluation\n"
             "from fastcl import SupConLoss\n"
             "assert not [m for m in sys.modules if m.startswith('fastcl.train')], 'the library imports the app'\n"
             "import fastcl.pretrain, fastcl.train.pretrain\n"
