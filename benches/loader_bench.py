@@ -140,7 +140,7 @@ def measure(mode: str, root: str, image_size: int, batch: int, workers: int) -> 
 
     torch.set_num_threads(1)
     from fastcl.train.data import load_dataset
-    from fastcl.train.loader import EpochBatchSampler, InMemoryBatches, StreamingBatches, load_streaming
+    from fastcl.train.data.loader import EpochBatchSampler, InMemoryBatches, StreamingBatches, load_streaming
 
     cpu = torch.device("cpu")
     with PeakMemory() as mem:

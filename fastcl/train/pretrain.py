@@ -80,7 +80,7 @@ from fastcl.models.contrastive import ContrastiveModel
 from fastcl.train.augment import AugmentConfig, BatchAugment
 from fastcl.train.data import DATASETS, DatasetNotFoundError, DatasetSplits, MissingDependencyError, load_dataset
 from fastcl.train.gradcache import cached_backward, micro_batches
-from fastcl.train.loader import (
+from fastcl.train.data.loader import (
     STREAMING_DATASETS,
     EpochBatchSampler,
     InMemoryBatches,

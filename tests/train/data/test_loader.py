@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 import fastcl
 from fastcl.train.data import ImageSet
-from fastcl.train.loader import (
+from fastcl.train.data.loader import (
     EpochBatchSampler,
     InMemoryBatches,
     StreamingBatches,
