@@ -7,7 +7,7 @@ Not a test (not collected by pytest). Each measurement runs in a fresh process (
 
 * ``in-memory``: ``load_dataset("folder")`` decodes the whole split into one ``uint8`` tensor (Pillow, resized to
   a square), then one epoch of batches is indexed out of it. Time includes the decode (it happens once per run).
-* ``stream wK``: :class:`fastcl.train.loader.StreamingBatches` with K ``DataLoader`` workers (K = 0: decoded in
+* ``stream wK``: :class:`fastcl.train.data.loader.StreamingBatches` with K ``DataLoader`` workers (K = 0: decoded in
   the main process), one epoch of batches: paths only in memory, aspect-preserving resize + random crop.
 
 Memory is the peak, sampled every 50 ms, of the summed proportional set size (PSS, ``/proc/PID/smaps_rollup``)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastcl
-from fastcl.train import pretrain
+from fastcl.train import evaluate, pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(fastcl.__file__)))
 TINY = ["--train-samples", "64", "--val-samples", "32", "--test-samples", "32", "--image-size", "16",
@@ -31,7 +31,7 @@ def env():
 
 
 def cli(*args, preexec_fn=None):
-    return subprocess.run([sys.executable, "-m", "fastcl.pretrain", *args], env=env(), capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fastcl.train.pretrain", *args], env=env(), capture_output=True, text=True,
                           timeout=300, preexec_fn=preexec_fn)
 
 
@@ -230,7 +230,7 @@ def test_evaluation_failure_keeps_checkpoint_and_partial_summary(tmp_path, monke
     def broken(*a, **k):
         raise ValueError("train_feats contains NaN or infinite values")
 
-    monkeypatch.setattr(pretrain, "group_balanced_linear_probe", broken)
+    monkeypatch.setattr(evaluate, "group_balanced_linear_probe", broken)
     out = str(tmp_path / "run")
     assert pretrain.main([*TINY, "--epochs", "1", "--out", out]) == 1
     err = capsys.readouterr().err
