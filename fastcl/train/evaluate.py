@@ -7,7 +7,6 @@ also serves ``fastcl-shortcuts``, :func:`quick_probe` the probes during training
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -22,7 +21,7 @@ from fastcl.evaluation.probes import group_balanced_linear_probe, linear_probe
 from fastcl.evaluation.shortcut_metrics import group_ids, multi_shortcut_metrics
 from fastcl.models.contrastive import ContrastiveModel
 from fastcl.train.augment import BatchAugment
-from fastcl.train.checkpoint import CHECKPOINT, METRICS, SUMMARY, atomic_write, read_metrics
+from fastcl.train.checkpoint import CHECKPOINT, METRICS, SUMMARY, atomic_json, read_metrics
 from fastcl.train.data import DatasetSplits
 from fastcl.train.data.loader import iter_image_batches
 from fastcl.train.runtime import autocast, device_name, peak_memory_mb, torch_threads
@@ -197,11 +196,12 @@ def report(run: Run, results: dict[str, Any], training_error: str | None = None)
                 plots.plot_probe(records, summary, run.path("probe.png"), title=title)
         except Exception as e:
             summary["not_evaluated"].append({"what": "plots", "why": describe_error(e)})
-    atomic_write(run.path(SUMMARY), lambda f: f.write(json.dumps(summary, indent=2, default=list).encode()))
+    atomic_json(run.path(SUMMARY), summary)
     print_summary(summary, run.out_dir)
 
 
 def print_summary(summary: dict[str, Any], out_dir: str) -> None:
+    """The probe results of ``summary`` and what was not evaluated, on stdout."""
     lp = summary.get("linear_probe", {})
     if lp:
         print("linear probe accuracy: " + ", ".join(

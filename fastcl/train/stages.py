@@ -37,6 +37,7 @@ from fastcl.train.checkpoint import (
     CONFIG,
     METRICS,
     SUMMARY,
+    atomic_json,
     atomic_write,
     load_checkpoint,
     read_metrics,
@@ -257,8 +258,7 @@ def restore_checkpoint(run: Run) -> None:
                 if run.resumed and r.get("type") in ("step", "epoch", "probe")
                 and r.get("step", 1e18) <= run.global_step]
         atomic_write(run.path(METRICS), lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
-        atomic_write(run.path(CONFIG), lambda f: f.write(
-            json.dumps(vars(args) | {"world_size": d.world_size}, indent=2, default=list).encode()))
+        atomic_json(run.path(CONFIG), vars(args) | {"world_size": d.world_size})
         for name in (SUMMARY, "loss.png", "probe.png"):  # they described the run before this one's end
             with contextlib.suppress(FileNotFoundError):
                 os.remove(run.path(name))

@@ -9,16 +9,6 @@ from torch import nn
 from fastcl.evaluation.lle import LastLayerEnsemble, fit_last_layer_ensemble, last_layer_ensemble_loss
 from fastcl.evaluation.probes import linear_probe
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny full-batch problems: thread hand-offs cost more than they save on a shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -------------------- Last Layer Ensemble
 
 

@@ -24,7 +24,6 @@ from fastcl.train.data.files import (
 )
 from fastcl.train.data.splits import (
     DATASETS,
-    IMAGE_EXTENSIONS,
     DatasetNotFoundError,
     DatasetSplits,
     ImageSet,
@@ -46,7 +45,6 @@ from fastcl.train.data.spurious_cues import (
 __all__ = [
     "CORE_SHAPES",
     "DATASETS",
-    "IMAGE_EXTENSIONS",
     "MAX_CUE_CLASSES",
     "CueLayers",
     "DatasetNotFoundError",
