@@ -242,8 +242,9 @@ def test_torchrun_two_processes_equal_one_process_without_batchnorm(tmp_path, lo
     base = [*TINY, "--epochs", "1", "--no-batchnorm", "--loss", loss, "--probe-every", "0", "--device", "cpu"]
     run_cli([*base, "--out", str(tmp_path / "single")])
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastcl.train.pretrain",
-         *base, "--out", str(tmp_path / "ddp")], env=env(), capture_output=True, text=True, timeout=300)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+         "fastcl.train.pretrain", *base, "--out", str(tmp_path / "ddp")],
+        env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single, s1 = load(str(tmp_path / "single"))
     ddp, s2 = load(str(tmp_path / "ddp"))
