@@ -41,6 +41,7 @@ CHECKPOINT_VERSION = 2
 
 
 def run_files(out: str) -> list[str]:
+    """The files of a run (:data:`RUN_FILES`) present in ``out``."""
     if not os.path.isdir(out):
         return []
     return [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
@@ -196,6 +197,7 @@ def load_checkpoint(out_dir: str) -> tuple[dict[str, Any], str] | None:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` (none when it is missing; a line cut by a kill is skipped)."""
     if not os.path.exists(path):
         return []
     out = []
@@ -209,6 +211,7 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 def rng_snapshot(device: torch.device, generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """The random states a checkpoint holds: torch, Python, CUDA (on GPU) and the named generators."""
     snap: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if device.type == "cuda":
         snap["cuda"] = torch.cuda.get_rng_state(device)
@@ -218,6 +221,7 @@ def rng_snapshot(device: torch.device, generators: dict[str, torch.Generator]) -
 
 
 def rng_restore(snap: dict[str, Any], device: torch.device, generators: dict[str, torch.Generator]) -> None:
+    """Set the random states of :func:`rng_snapshot` back."""
     torch.set_rng_state(snap["torch"])
     random.setstate(snap["python"])
     if device.type == "cuda" and "cuda" in snap:

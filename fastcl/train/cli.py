@@ -46,6 +46,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fastcl-pretrain`` parser (its defaults also complete a checkpoint's config in ``fastcl-shortcuts``)."""
     p = _Parser(
         prog="fastcl-pretrain",
         description="Contrastive pretraining (SupCon / SimCLR) with fastcl's fused losses; probes h and z at the end.",
@@ -225,5 +226,7 @@ def _check_out(args: argparse.Namespace) -> None:
 
 
 def training_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments that define the training trajectory (all but :data:`NOT_TRAINING`), as a checkpoint stores
+    them: a resumed run must repeat them."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(args).items())
             if k not in NOT_TRAINING}

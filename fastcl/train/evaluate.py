@@ -70,6 +70,7 @@ def _cap(n: int, limit: int, seed: int) -> Tensor:
 
 
 def describe_error(e: BaseException) -> str:
+    """``'Type: first line of the message'``, as ``not_evaluated`` records a failure."""
     text = str(e).splitlines()[0] if str(e) else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 

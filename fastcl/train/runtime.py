@@ -18,6 +18,8 @@ __all__ = ["Dist", "autocast", "device_name", "gather_objects", "peak_memory_mb"
 
 @dataclass
 class Dist:
+    """This process's place in the job: rank, number of processes, local rank and device."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -40,6 +42,8 @@ class Dist:
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
+    """The device named by ``--device`` (``'auto'``: CUDA when available); a bare ``'cuda'`` becomes this local
+    rank's GPU, which is made current."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -71,6 +75,7 @@ def setup_distributed(device_name: str, threads: int = 0) -> Dist:
 
 
 def gather_objects(obj: Any, d: Dist) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` in a single process)."""
     if not d.enabled:
         return [obj]
     out: list[Any] = [None] * d.world_size
@@ -79,6 +84,7 @@ def gather_objects(obj: Any, d: Dist) -> list[Any]:
 
 
 def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when ``enabled``; nothing on CPU."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -86,8 +92,8 @@ def autocast(device: torch.device, enabled: bool):
 
 @contextlib.contextmanager
 def torch_threads(n: int):
-    """Run the (small, full-batch) probe fits on ``n`` threads: on a shared CPU the hand-offs of more threads
-    cost more than they save."""
+    """Run the block on ``n`` torch threads, then restore the count. Small full-batch fits (the probes) run on one:
+    on a shared CPU the hand-offs of more threads cost more than they save."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -97,12 +103,14 @@ def torch_threads(n: int):
 
 
 def device_name(device: torch.device) -> str:
+    """The device as the summary records it: the GPU's name, or the CPU and its thread count."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} ({device})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak host RSS and, on CUDA, peak allocated / reserved device memory, in MiB."""
     out = {"host_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)}
     if device.type == "cuda":
         out["cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
