@@ -7,7 +7,7 @@ Not a test (not collected by pytest). Each measurement runs in a fresh process (
 
 * ``in-memory``: ``load_dataset("folder")`` decodes the whole split into one ``uint8`` tensor (Pillow, resized to
   a square), then one epoch of batches is indexed out of it. Time includes the decode (it happens once per run).
-* ``stream wK``: :class:`fastcl.train.loader.StreamingBatches` with K ``DataLoader`` workers (K = 0: decoded in
+* ``stream wK``: :class:`fastcl.train.data.loader.StreamingBatches` with K ``DataLoader`` workers (K = 0: decoded in
   the main process), one epoch of batches: paths only in memory, aspect-preserving resize + random crop.
 
 Memory is the peak, sampled every 50 ms, of the summed proportional set size (PSS, ``/proc/PID/smaps_rollup``)
@@ -140,7 +140,7 @@ def measure(mode: str, root: str, image_size: int, batch: int, workers: int) -> 
 
     torch.set_num_threads(1)
     from fastcl.train.data import load_dataset
-    from fastcl.train.loader import EpochBatchSampler, InMemoryBatches, StreamingBatches, load_streaming
+    from fastcl.train.data.loader import EpochBatchSampler, InMemoryBatches, StreamingBatches, load_streaming
 
     cpu = torch.device("cpu")
     with PeakMemory() as mem:

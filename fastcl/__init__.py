@@ -4,9 +4,9 @@
 >>> loss = SupConLoss(temperature=0.1)(features, labels)   # features [bsz, n_views, dim]
 """
 
-from fastcl import encoders, functional, heads
+from fastcl import functional
 from fastcl.losses import InfoNCELoss, NTXentLoss, SupConLoss
-from fastcl.models import ContrastiveModel, collect_representations
+from fastcl.models import ContrastiveModel, collect_representations, encoders, heads
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """Demo: train a small encoder with the fused ``SupConLoss`` on generated data; print loss, accuracy and memory.
 
-    python -m fastcl.demo                      # CPU, under a minute on 2 cores
-    python -m fastcl.demo --batch-size 8192 --device cuda
+    python -m fastcl.train.demo                # CPU, under a minute on 2 cores
+    python -m fastcl.train.demo --batch-size 8192 --device cuda
 
 The data are generated from a seed (no downloads): ``classes`` Gaussian clusters in a low-dimensional latent
 space, pushed through a fixed random nonlinear map, next to loud nuisance features. Each training view drops
@@ -65,7 +65,7 @@ def nearest_mean_accuracy(train_h, train_y, test_h, test_y, classes: int) -> flo
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastcl.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fastcl-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=16384)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--input-dim", type=int, default=64)

@@ -14,30 +14,28 @@ ICLR 2024), gives these last-layer methods the most to work with.
 
 It takes a ``fastcl-pretrain`` checkpoint of the ``spurious-cues`` data (without ``--checkpoint`` it first trains the
 default job with the watermark cue on, ``--watermark 0.9``, into ``OUT/pretrain``, or reuses a finished one there),
-freezes it and regenerates the
-data with the generator's layers. Four shifts of the training set are built with
+freezes it and regenerates the data with the generator's layers. Four shifts of the training set are built with
 :mod:`fastcl.train.shortcut_augment`: the original images, background swapped, co-object swapped (or removed) and
 watermarked. The swaps draw the new cue uniformly over all classes (``p = (K - 1) / K`` of the samples get another
 class), so in a swapped set the cue is independent of the label; the watermark goes on every image. On ``h`` and on
-``z`` it fits (deterministic full-batch L-BFGS on standardised features, :func:`fastcl.eval.linear_probe`):
+``z`` it fits (deterministic full-batch L-BFGS on standardised features, :func:`fastcl.evaluation.linear_probe`):
 
 * ``erm``: a linear head on the original data;
 * ``bg_aug``, ``coobj_aug``, ``wm_aug``: a linear head on one shifted set (the single-shortcut baselines);
 * ``mixed``: one linear head on all four sets together;
-* ``lle``: :func:`fastcl.eval.fit_last_layer_ensemble` on the same four sets (one head per shift and the shift
-  classifier, each sample's class loss through its own shift's head).
+* ``lle``: :func:`fastcl.evaluation.fit_last_layer_ensemble` on the same four sets (one head per shift and the
+  shift classifier, each sample's class loss through its own shift's head).
 
-Each is scored on the cue-balanced test set with the UrbanCars metrics (:func:`fastcl.eval.multi_shortcut_metrics`:
-I.D. accuracy, BG / CoObj / BG+CoObj gaps, worst-group accuracy) and on the same test set with the watermark on every
-image (:func:`fastcl.eval.watermark_metrics`: accuracy gap and the share of predictions moved to the watermark's
-class). ``OUT/`` gets ``summary.json``, ``metrics.jsonl`` (one record per method and representation),
-``gaps.svg`` (gaps per method, h next to z) and ``table.md``.
+Each is scored on the cue-balanced test set with the UrbanCars metrics
+(:func:`fastcl.evaluation.multi_shortcut_metrics`: I.D. accuracy, BG / CoObj / BG+CoObj gaps, worst-group accuracy)
+and on the same test set with the watermark on every image (:func:`fastcl.evaluation.watermark_metrics`: accuracy
+gap and the share of predictions moved to the watermark's class). ``OUT/`` gets ``summary.json``, ``metrics.jsonl``
+(one record per method and representation), ``gaps.svg`` (gaps per method, h next to z) and ``table.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -52,9 +50,17 @@ import torch
 from torch import Tensor
 
 import fastcl
-from fastcl.eval import fit_last_layer_ensemble, linear_probe, multi_shortcut_metrics, watermark_metrics
+from fastcl.evaluation.lle import fit_last_layer_ensemble
+from fastcl.evaluation.probes import linear_probe
+from fastcl.evaluation.shortcut_metrics import multi_shortcut_metrics, watermark_metrics
 from fastcl.train.augment import BatchAugment
+from fastcl.train.checkpoint import CHECKPOINT, SUMMARY, CheckpointError, atomic_json, read_checkpoint
+from fastcl.train.cli import build_parser as build_pretrain_parser
 from fastcl.train.data import CueLayers, ImageSet, make_spurious_cues
+from fastcl.train.evaluate import embed
+from fastcl.train.factory import build_model
+from fastcl.train.pretrain import main as pretrain_main
+from fastcl.train.runtime import resolve_device, torch_threads
 from fastcl.train.shortcut_augment import (
     insert_watermark,
     remove_coobj,
@@ -151,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         summary = run_study(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"fastcl-shortcuts: error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -167,11 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> str:
-    from fastcl.train import pretrain
-
     out = os.path.join(args.out, "pretrain")
-    ckpt = os.path.join(out, pretrain.CHECKPOINT)
-    if os.path.isfile(os.path.join(out, "summary.json")) and os.path.isfile(ckpt):
+    ckpt = os.path.join(out, CHECKPOINT)
+    if os.path.isfile(os.path.join(out, SUMMARY)) and os.path.isfile(ckpt):
         _log(args, f"fastcl-shortcuts: reusing the finished pretraining in {out} (delete it to train again)")
         return ckpt
     argv = ["--watermark", "0.9", "--seed", str(args.seed), "--out", out, "--no-plots", "--device", args.device]
@@ -179,29 +183,24 @@ def _pretrain(args: argparse.Namespace) -> str:
     if args.quiet:
         argv.append("--quiet")
     _log(args, f"fastcl-shortcuts: no --checkpoint, pretraining first: fastcl-pretrain {shlex.join(argv)}")
-    rc = pretrain.main(argv)
+    rc = pretrain_main(argv)
     if rc:
         raise ValueError(f"the pretraining failed (exit status {rc})")
     return ckpt
 
 
-def load_checkpoint(path: str, device: torch.device) -> tuple[torch.nn.Module, argparse.Namespace]:
+def load_frozen_model(path: str, device: torch.device) -> tuple[torch.nn.Module, argparse.Namespace]:
     """The frozen model (eval mode, no gradients) and the pretraining arguments of a ``fastcl-pretrain``
-    checkpoint."""
-    from fastcl.train import pretrain
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--checkpoint {path!r} does not exist (a fastcl-pretrain OUT/checkpoint.pt)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path!r} is not a fastcl-pretrain checkpoint (no 'model' and 'config' entries)")
-    cfg = pretrain.build_parser().parse_args([])
+    checkpoint (read with :func:`fastcl.train.checkpoint.read_checkpoint`: a file it cannot use raises
+    :class:`~fastcl.train.checkpoint.CheckpointError`)."""
+    ckpt = read_checkpoint(path)
+    cfg = build_pretrain_parser().parse_args([])
     for k, v in ckpt["config"].items():
         setattr(cfg, k, tuple(v) if isinstance(v, list) else v)
     if cfg.dataset != "spurious-cues":
         raise ValueError(f"the study needs the spurious-cues data (its generator's layers make the shortcut "
                          f"augmentations exact); {path!r} was trained on {cfg.dataset!r}")
-    model = pretrain.build_model(cfg, 3)
+    model = build_model(cfg, 3)
     model.load_state_dict(ckpt["model"])
     model.to(device).eval().requires_grad_(False)
     return model, cfg
@@ -220,17 +219,6 @@ def _shifted_sets(train: ImageSet, layers: CueLayers, classes: int, coobj_aug: s
     return {"original": train, "bg": bg, "coobj": co, "wm": wm}
 
 
-@torch.no_grad()
-def _embed(model: torch.nn.Module, images: Tensor, aug: BatchAugment, device: torch.device,
-           batch_size: int) -> tuple[Tensor, Tensor]:
-    hs, zs = [], []
-    for s in range(0, images.shape[0], batch_size):
-        h, z = model(aug.eval_transform(images[s:s + batch_size].to(device)))
-        hs.append(h.float().cpu())
-        zs.append(z.float().cpu())
-    return torch.cat(hs), torch.cat(zs)
-
-
 def _score(logits_clean: Tensor, logits_marked: Tensor, test: ImageSet, train_ratio: float,
            watermark_class: int) -> dict[str, float]:
     m = multi_shortcut_metrics(logits_clean, test.labels, test.bg_aligned, test.coobj_aligned, train_ratio)
@@ -240,17 +228,6 @@ def _score(logits_clean: Tensor, logits_marked: Tensor, test: ImageSet, train_ra
     return out
 
 
-@contextlib.contextmanager
-def _single_thread():
-    """Small full-batch fits: on a shared CPU more threads cost more than they save."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def fit_and_score(feats: dict[str, Tensor], labels: dict[str, Tensor], test_clean: Tensor, test_marked: Tensor,
                   test: ImageSet, num_classes: int, train_ratio: float, watermark_class: int,
                   weight_decay: float, max_iter: int) -> dict[str, dict[str, Any]]:
@@ -258,7 +235,7 @@ def fit_and_score(feats: dict[str, Tensor], labels: dict[str, Tensor], test_clea
     ``labels[shift] [N_s]``) and score them on the clean and watermarked test features."""
     out: dict[str, dict[str, Any]] = {}
     kw = dict(num_classes=num_classes, weight_decay=weight_decay, max_iter=max_iter)
-    with _single_thread():
+    with torch_threads(1):  # small full-batch fits: on a shared CPU more threads cost more than they save
         for method in METHODS:
             t0 = time.perf_counter()
             if method == "lle":
@@ -290,10 +267,9 @@ def fit_and_score(feats: dict[str, Tensor], labels: dict[str, Tensor], test_clea
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
     """Run the study of the module docstring; returns (and writes) the summary."""
     start = time.perf_counter()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device, 0)
     ckpt_path = args.checkpoint or _pretrain(args)
-    model, cfg = load_checkpoint(ckpt_path, device)
+    model, cfg = load_frozen_model(ckpt_path, device)
     t_data = time.perf_counter()
     wm_cfg = dict(watermark=getattr(cfg, "watermark", 0.0),
                   watermark_elsewhere=getattr(cfg, "watermark_elsewhere", 0.02),
@@ -311,9 +287,9 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     aug = BatchAugment(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))  # spurious-cues' normalisation
     _log(args, f"fastcl-shortcuts: {len(train)} training images x {len(SHIFTS)} shifts, {len(test)} test images; "
                f"embedding with {ckpt_path} ...")
-    emb = {s: _embed(model, sets[s].images, aug, device, args.eval_batch_size) for s in SHIFTS}
-    emb_test = _embed(model, test.images, aug, device, args.eval_batch_size)
-    emb_marked = _embed(model, test_marked.images, aug, device, args.eval_batch_size)
+    emb = {s: embed(model, sets[s].images, aug, device, args.eval_batch_size) for s in SHIFTS}
+    emb_test = embed(model, test.images, aug, device, args.eval_batch_size)
+    emb_marked = embed(model, test_marked.images, aug, device, args.eval_batch_size)
     data_time = time.perf_counter() - t_data
     t_fit = time.perf_counter()
     results: dict[str, dict[str, Any]] = {m: {} for m in METHODS}
@@ -356,16 +332,9 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _atomic_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
 def _write_outputs(out_dir: str, summary: dict[str, Any], records: list[dict[str, Any]], title: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_json(os.path.join(out_dir, "summary.json"), summary)
+    atomic_json(os.path.join(out_dir, SUMMARY), summary)
     if records:
         with open(os.path.join(out_dir, "metrics.jsonl"), "w") as f:
             f.write("".join(json.dumps(r, default=str) + "\n" for r in records))

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import fastcl
-from fastcl.train import pretrain
+from fastcl.train import evaluate, pretrain
+from fastcl.train.stages import CRASH_AFTER_STEPS_ENV
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(fastcl.__file__)))
 TINY = ["--train-samples", "64", "--val-samples", "32", "--test-samples", "32", "--image-size", "16",
@@ -31,8 +32,8 @@ def env():
 
 
 def cli(*args, preexec_fn=None):
-    return subprocess.run([sys.executable, "-m", "fastcl.pretrain", *args], env=env(), capture_output=True, text=True,
-                          timeout=300, preexec_fn=preexec_fn)
+    return subprocess.run([sys.executable, "-m", "fastcl.train.pretrain", *args], env=env(), capture_output=True,
+                          text=True, timeout=300, preexec_fn=preexec_fn)
 
 
 def ok(proc):
@@ -188,6 +189,16 @@ def test_configuration_errors_are_one_line_before_training(tmp_path, args, messa
     assert not os.path.exists(os.path.join(out, "metrics.jsonl"))  # nothing trained, nothing written
 
 
+def test_crash_test_hook_is_an_environment_variable_not_an_option(tmp_path, monkeypatch, capsys):
+    """FASTCL_TEST_CRASH_AFTER_STEPS is the crash hook of the resume tests; --crash-after-steps is no option."""
+    with pytest.raises(SystemExit):
+        pretrain.main([*TINY, "--out", str(tmp_path / "o"), "--crash-after-steps", "1"])
+    assert "unrecognized arguments: --crash-after-steps" in capsys.readouterr().err
+    monkeypatch.setenv(CRASH_AFTER_STEPS_ENV, "soon")
+    assert pretrain.main([*TINY, "--epochs", "1", "--out", str(tmp_path / "o")]) == 2
+    assert f"{CRASH_AFTER_STEPS_ENV} must be a whole number >= 0, got 'soon'" in capsys.readouterr().err
+
+
 def test_out_that_is_a_file_or_not_writable(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")
@@ -230,7 +241,7 @@ def test_evaluation_failure_keeps_checkpoint_and_partial_summary(tmp_path, monke
     def broken(*a, **k):
         raise ValueError("train_feats contains NaN or infinite values")
 
-    monkeypatch.setattr(pretrain, "group_balanced_linear_probe", broken)
+    monkeypatch.setattr(evaluate, "group_balanced_linear_probe", broken)
     out = str(tmp_path / "run")
     assert pretrain.main([*TINY, "--epochs", "1", "--out", out]) == 1
     err = capsys.readouterr().err

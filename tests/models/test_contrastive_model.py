@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastcl.encoders import ConvNet, MLPEncoder
-from fastcl.heads import FixedReweightingHead, IdentityHead, LinearHead, MLPHead
-from fastcl.models import ContrastiveModel, LayerTaps, collect_representations
+from fastcl.models.contrastive import ContrastiveModel, LayerTaps, collect_representations
+from fastcl.models.encoders import ConvNet, MLPEncoder
+from fastcl.models.heads import FixedReweightingHead, IdentityHead, LinearHead, MLPHead
 
 
 def small_model() -> ContrastiveModel:

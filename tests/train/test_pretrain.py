@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import fastcl
-from fastcl.train import pretrain
+from fastcl.train import cli, factory, pretrain
+from fastcl.train.progress import ProgressBar
+from fastcl.train.stages import CRASH_AFTER_STEPS_ENV
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(fastcl.__file__)))
 TINY = ["--train-samples", "128", "--val-samples", "64", "--test-samples", "64", "--image-size", "16",
@@ -30,8 +32,13 @@ def env():
     return e
 
 
-def run_cli(args, check=True, **kw):
-    proc = subprocess.run([sys.executable, "-m", "fastcl.pretrain", *args], env=env(), capture_output=True,
+def run_cli(args, check=True, crash_after_steps=0, **kw):
+    """``python -m fastcl.train.pretrain ARGS``; ``crash_after_steps=N`` sets the test hook that kills the run after
+    step N (exit status 137)."""
+    e = env()
+    if crash_after_steps:
+        e[CRASH_AFTER_STEPS_ENV] = str(crash_after_steps)
+    proc = subprocess.run([sys.executable, "-m", "fastcl.train.pretrain", *args], env=e, capture_output=True,
                           text=True, timeout=300, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -108,7 +115,7 @@ def assert_same_result(out, ref):
 
 def test_crash_mid_epoch_then_resume_reaches_the_same_result(tmp_path, reference_run):
     out = str(tmp_path / "run")
-    crashed = run_cli([*TINY, "--epochs", "3", "--out", out, "--crash-after-steps", "6"], check=False)
+    crashed = run_cli([*TINY, "--epochs", "3", "--out", out], check=False, crash_after_steps=6)
     assert crashed.returncode == 137  # died in epoch 2 without any cleanup
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["step"] == 4
@@ -121,8 +128,8 @@ def test_crash_mid_epoch_then_resume_reaches_the_same_result(tmp_path, reference
 def test_mid_epoch_checkpoint_then_resume_reaches_the_same_result(tmp_path, reference_run):
     """--checkpoint-every 2: a crash after step 6 (2 steps into epoch 2) resumes from step 6, not from step 4."""
     out = str(tmp_path / "run")
-    crashed = run_cli([*TINY, "--epochs", "3", "--out", out, "--checkpoint-every", "2", "--crash-after-steps", "6"],
-                      check=False)
+    crashed = run_cli([*TINY, "--epochs", "3", "--out", out, "--checkpoint-every", "2"], check=False,
+                      crash_after_steps=6)
     assert crashed.returncode == 137
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
     assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (1, 2, 6)
@@ -134,7 +141,7 @@ def test_mid_epoch_checkpoint_then_resume_reaches_the_same_result(tmp_path, refe
 def test_sigkill_then_resume_reaches_the_same_result(tmp_path, reference_run):
     """A real kill -9 as soon as the first checkpoint exists (wherever the run is by then)."""
     out = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, "-m", "fastcl.pretrain", *TINY, "--epochs", "3", "--out", out],
+    proc = subprocess.Popen([sys.executable, "-m", "fastcl.train.pretrain", *TINY, "--epochs", "3", "--out", out],
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt_path = os.path.join(out, "checkpoint.pt")
     deadline = time.monotonic() + 240
@@ -199,18 +206,18 @@ def test_bad_arguments_are_rejected(tmp_path, capsys):
 
 
 def test_criterion_needs_gather_distributed_for_more_than_one_process():
-    args = pretrain.build_parser().parse_args([])
-    assert isinstance(pretrain.build_criterion(args, 1), fastcl.SupConLoss)
+    args = cli.build_parser().parse_args([])
+    assert isinstance(factory.build_criterion(args, 1), fastcl.SupConLoss)
     if "gather_distributed" in inspect.signature(fastcl.SupConLoss).parameters:
-        pretrain.build_criterion(args, 2)
+        factory.build_criterion(args, 2)
     else:
         with pytest.raises(RuntimeError, match="gather_distributed"):
-            pretrain.build_criterion(args, 2)
+            factory.build_criterion(args, 2)
 
 
 def test_progress_bar_lines_when_not_a_terminal():
     stream = io.StringIO()
-    bar = pretrain.ProgressBar(3, stream=stream, line_interval=0.0)
+    bar = ProgressBar(3, stream=stream, line_interval=0.0)
     for _ in range(3):
         bar.update(64, "epoch 1/1", loss=1.5)
     lines = stream.getvalue().splitlines()
@@ -222,7 +229,7 @@ def test_progress_bar_lines_when_not_a_terminal():
             return True
 
     tty = Tty()
-    bar = pretrain.ProgressBar(2, stream=tty)
+    bar = ProgressBar(2, stream=tty)
     bar.update(8)
     bar.update(8)
     assert tty.getvalue().startswith("\r") and tty.getvalue().endswith("\n")
@@ -235,8 +242,9 @@ def test_torchrun_two_processes_equal_one_process_without_batchnorm(tmp_path, lo
     base = [*TINY, "--epochs", "1", "--no-batchnorm", "--loss", loss, "--probe-every", "0", "--device", "cpu"]
     run_cli([*base, "--out", str(tmp_path / "single")])
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastcl.pretrain",
-         *base, "--out", str(tmp_path / "ddp")], env=env(), capture_output=True, text=True, timeout=300)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+         "fastcl.train.pretrain", *base, "--out", str(tmp_path / "ddp")],
+        env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single, s1 = load(str(tmp_path / "single"))
     ddp, s2 = load(str(tmp_path / "ddp"))
@@ -249,14 +257,16 @@ def test_torchrun_two_processes_equal_one_process_without_batchnorm(tmp_path, lo
 
 
 def test_library_and_application_are_apart_and_the_documented_entry_points_work():
-    code = ("import sys, fastcl, fastcl.encoders, fastcl.heads, fastcl.eval, fastcl.models\n"
+    code = ("import sys, fastcl, fastcl.models, fastcl.evaluation\n"
             "from fastcl import SupConLoss\n"
             "assert not [m for m in sys.modules if m.startswith('fastcl.train')], 'the library imports the app'\n"
-            "import fastcl.pretrain, fastcl.train.pretrain\n"
-            "assert fastcl.pretrain.main is fastcl.train.pretrain.main\n")
+            "import os, fastcl.train.pretrain, fastcl.train.shortcuts\n"
+            "root = os.path.dirname(fastcl.__file__)\n"
+            "assert not [f for f in ('pretrain.py', 'demo.py') if os.path.exists(os.path.join(root, f))], 'a shim'\n")
     proc = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     help_text = run_cli(["--help"]).stdout
     assert help_text.startswith("usage: fastcl-pretrain") and "--stream" in help_text and "--overwrite" in help_text
+    assert "crash" not in help_text  # the crash test hook is an environment variable, not an option
     with open(os.path.join(REPO, "pyproject.toml")) as f:
         assert 'fastcl-pretrain = "fastcl.train.pretrain:main"' in f.read()

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 import fastcl
 from fastcl.train.data import ImageSet
-from fastcl.train.loader import (
+from fastcl.train.data.loader import (
     EpochBatchSampler,
     InMemoryBatches,
     StreamingBatches,
@@ -24,6 +24,7 @@ from fastcl.train.loader import (
     iter_image_batches,
     load_streaming,
 )
+from fastcl.train.stages import CRASH_AFTER_STEPS_ENV
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(fastcl.__file__)))
 Image = pytest.importorskip("PIL.Image", reason="the streaming path decodes with Pillow here (pip install pillow)")
@@ -239,8 +240,11 @@ def _env():
     return e
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "fastcl.pretrain", *args], env=_env(), capture_output=True,
+def _cli(*args, crash_after_steps=0):
+    env = _env()
+    if crash_after_steps:
+        env[CRASH_AFTER_STEPS_ENV] = str(crash_after_steps)  # the test hook: exit status 137 after that step
+    return subprocess.run([sys.executable, "-m", "fastcl.train.pretrain", *args], env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -252,7 +256,7 @@ def test_pretrain_streaming_kill_and_resume_mid_epoch_equals_uninterrupted(tmp_p
     ref = _cli(*base, "--out", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     assert "streamed by 1 worker(s)" in ref.stderr
-    crashed = _cli(*base, "--out", str(tmp_path / "run"), "--crash-after-steps", "6")
+    crashed = _cli(*base, "--out", str(tmp_path / "run"), crash_after_steps=6)
     assert crashed.returncode == 137
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (1, 2, 6)  # 4 steps per epoch

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 from torch import Tensor, nn
 
-from fastcl.heads import IdentityHead
+from fastcl.models.heads import IdentityHead
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -32,8 +32,8 @@ class ContrastiveModel(nn.Module):
 
     Args:
         encoder: maps ``x`` to ``h [B, rep_dim]``; any ``nn.Module`` (see
-            :func:`fastcl.encoders.as_encoder` for backbones that return feature maps).
-        head: maps ``h`` to ``z [B, out_dim]``; ``None`` means :class:`~fastcl.heads.IdentityHead`.
+            :func:`fastcl.models.encoders.as_encoder` for backbones that return feature maps).
+        head: maps ``h`` to ``z [B, out_dim]``; ``None`` means :class:`~fastcl.models.heads.IdentityHead`.
 
     Attributes:
         rep_dim: ``encoder.out_dim`` if the encoder defines it, else ``None``.

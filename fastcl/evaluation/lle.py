@@ -1,14 +1,9 @@
-"""Projection heads and the Last Layer Ensemble classifier.
+"""Last Layer Ensemble (LLE) of Li et al., "A Whac-A-Mole Dilemma: Shortcuts Come in Multiples Where Mitigating One
+Amplifies Others" (CVPR 2023): one linear head per distribution shift and a shift classifier, on frozen features.
 
-Projection heads map a representation ``h [B, in_dim]`` to the embedding ``z [B, out_dim]`` that the
-contrastive loss sees; after training the head is discarded and ``h`` is used downstream.
-
-* :class:`LinearHead`, :class:`MLPHead` (SimCLR / SupCon style), :class:`IdentityHead` (no head).
-* :class:`FixedReweightingHead`: the fixed, parameter-free alternative of Xue et al., "Investigating
-  the Benefits of Projection Head for Representation Learning" (ICLR 2024).
-* :class:`LastLayerEnsemble` and :func:`last_layer_ensemble_loss`: Last Layer Ensemble of Li et al.,
-  "A Whac-A-Mole Dilemma: Shortcuts Come in Multiples Where Mitigating One Amplifies Others"
-  (CVPR 2023).
+* :class:`LastLayerEnsemble`: the head (per-shift logits and shift logits, or their weighted sum);
+* :func:`last_layer_ensemble_loss`: its training loss;
+* :func:`fit_last_layer_ensemble`: a deterministic full-batch fit on frozen features.
 """
 
 from __future__ import annotations
@@ -20,120 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl._validation import check_positive_int as _check_positive_int
+from fastcl.evaluation._inputs import _features, _labels, _positive_int
+from fastcl.evaluation.probes import _check_probe_args, _standardizer
+from fastcl.models.heads import _check_features
 
-__all__ = [
-    "FixedReweightingHead",
-    "IdentityHead",
-    "LastLayerEnsemble",
-    "LinearHead",
-    "MLPHead",
-    "last_layer_ensemble_loss",
-]
-
-
-def _check_features(x: object, dim: int, name: str = "x") -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim < 1 or x.shape[-1] != dim:
-        raise ValueError(f"{name} must have shape [..., {dim}], got {tuple(x.shape)}")
-
-
-class LinearHead(nn.Module):
-    """Linear projection ``z = h W^T + b``. Shapes: ``h [..., in_dim] -> z [..., out_dim]``."""
-
-    def __init__(self, in_dim: int, out_dim: int, bias: bool = True) -> None:
-        super().__init__()
-        self.in_dim = _check_positive_int(in_dim, "in_dim")
-        self.out_dim = _check_positive_int(out_dim, "out_dim")
-        self.linear = nn.Linear(in_dim, out_dim, bias=bias)
-
-    def forward(self, h: Tensor) -> Tensor:
-        _check_features(h, self.in_dim, "h")
-        return self.linear(h)
-
-
-class MLPHead(nn.Module):
-    """MLP projection head as in SimCLR / SupCon.
-
-    ``num_layers - 1`` hidden blocks ``Linear(bias=not batchnorm) -> [BatchNorm1d] -> ReLU`` of width
-    ``hidden_dim``, then a final ``Linear(hidden_dim, out_dim)`` with bias. ``num_layers=1`` is a
-    single linear layer (``hidden_dim`` unused). Shapes: ``h [B, in_dim] -> z [B, out_dim]``
-    (``[..., in_dim]`` is also accepted when there is no BatchNorm).
-    """
-
-    def __init__(
-        self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, batchnorm: bool = True
-    ) -> None:
-        super().__init__()
-        self.in_dim = _check_positive_int(in_dim, "in_dim")
-        self.hidden_dim = _check_positive_int(hidden_dim, "hidden_dim")
-        self.out_dim = _check_positive_int(out_dim, "out_dim")
-        self.num_layers = _check_positive_int(num_layers, "num_layers")
-        self.batchnorm = bool(batchnorm)
-        layers: list[nn.Module] = []
-        prev = in_dim
-        for _ in range(num_layers - 1):
-            layers.append(nn.Linear(prev, hidden_dim, bias=not batchnorm))
-            if batchnorm:
-                layers.append(nn.BatchNorm1d(hidden_dim))
-            layers.append(nn.ReLU(inplace=True))
-            prev = hidden_dim
-        layers.append(nn.Linear(prev, out_dim))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, h: Tensor) -> Tensor:
-        _check_features(h, self.in_dim, "h")
-        if self.batchnorm and self.num_layers > 1 and h.ndim != 2:
-            raise ValueError(f"h must have shape [B, {self.in_dim}] (BatchNorm1d), got {tuple(h.shape)}")
-        return self.net(h)
-
-
-class FixedReweightingHead(nn.Module):
-    """Fixed reweighting head of Xue et al. (ICLR 2024): ``z_i = h_i * kappa**(-i)``.
-
-    Coordinate ``i`` (0-based, so ``z_0 = h_0``) is scaled by ``kappa**-i``; the scales are a fixed
-    buffer (``scales``, shape ``[dim]``) and the head has no trainable parameters. ``kappa > 1``
-    makes later coordinates progressively less weighted in the loss, mimicking what a trained
-    projection head does, so the pre-head ``h`` keeps features more evenly weighted.
-    ``kappa == 1`` is the identity. (A 1-based convention only rescales ``z`` by ``1/kappa``, which a
-    normalised contrastive loss ignores.) Very large ``kappa**dim`` underflows the last scales to 0.
-
-    Shapes: ``h [..., dim] -> z [..., dim]``.
-    """
-
-    scales: Tensor
-
-    def __init__(self, dim: int, kappa: float) -> None:
-        super().__init__()
-        self.in_dim = self.out_dim = self.dim = _check_positive_int(dim, "dim")
-        if isinstance(kappa, bool) or not isinstance(kappa, (int, float)):
-            raise TypeError(f"kappa must be a real number, got {type(kappa).__name__}")
-        if not math.isfinite(kappa) or kappa <= 0:
-            raise ValueError(f"kappa must be positive and finite, got {kappa}")
-        self.kappa = float(kappa)
-        exponents = -torch.arange(dim, dtype=torch.float64)
-        self.register_buffer("scales", torch.pow(torch.tensor(self.kappa, dtype=torch.float64), exponents)
-                             .to(torch.get_default_dtype()))
-
-    def forward(self, h: Tensor) -> Tensor:
-        _check_features(h, self.dim, "h")
-        return h * self.scales.to(h.dtype)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, kappa={self.kappa}"
-
-
-class IdentityHead(nn.Module):
-    """No projection: ``z = h``. ``dim`` is optional and only sets ``in_dim`` / ``out_dim``."""
-
-    def __init__(self, dim: int | None = None) -> None:
-        super().__init__()
-        self.in_dim = self.out_dim = None if dim is None else _check_positive_int(dim, "dim")
-
-    def forward(self, h: Tensor) -> Tensor:
-        if self.in_dim is not None:
-            _check_features(h, self.in_dim, "h")
-        return h
+__all__ = ["LastLayerEnsemble", "fit_last_layer_ensemble", "last_layer_ensemble_loss"]
 
 
 class LastLayerEnsemble(nn.Module):
@@ -244,3 +130,92 @@ def last_layer_ensemble_loss(
                          f"[{int(shifts.min())}, {int(shifts.max())}]")
     own = logits[torch.arange(b, device=logits.device), shifts.to(logits.device)]  # [B, C]
     return F.cross_entropy(own, targets) + shift_weight * F.cross_entropy(shift_logits, shifts)
+
+
+def fit_last_layer_ensemble(
+    feats: Tensor,
+    y: Tensor,
+    shifts: Tensor,
+    num_shifts: int,
+    *,
+    num_classes: int | None = None,
+    weight_decay: float = 1e-4,
+    shift_weight: float = 1.0,
+    standardize: bool = True,
+    max_iter: int = 1000,
+    tol: float = 1e-7,
+    dtype: torch.dtype = torch.float64,
+) -> LastLayerEnsemble:
+    """Fit a :class:`LastLayerEnsemble` on frozen features, deterministically.
+
+    Minimises the ensemble's training loss (:func:`last_layer_ensemble_loss`: each sample's class
+    cross-entropy through the head of its own shift, plus ``shift_weight`` times the cross-entropy of the shift
+    predictor on the shift index) plus ``weight_decay / 2`` times the squared norm of all weights (biases not
+    penalised), with full-batch L-BFGS from zero on standardised features, as :func:`.linear_probe`. The problem is
+    convex, so the result does not depend on an initialisation. The standardisation is folded into the returned
+    module, which takes raw features.
+
+    Args:
+        feats: ``[N, D]`` frozen features of the samples of every shift.
+        y: ``[N]`` class labels.
+        shifts: ``[N]`` shift index of each sample in ``[0, num_shifts)`` (e.g. 0 original data, 1 background
+            augmented, ...).
+        num_shifts: number of shifts ``K`` (heads).
+        num_classes: number of classes; default ``max label + 1``.
+        weight_decay, standardize, max_iter, tol, dtype: as in :func:`.linear_probe`.
+        shift_weight: weight of the shift-prediction term.
+
+    Returns:
+        A :class:`LastLayerEnsemble` in eval mode (``module(x)`` gives the shift-weighted logits),
+        with parameters in ``feats.dtype`` (float32 for integer features).
+    """
+    _check_probe_args(weight_decay, max_iter, tol, dtype)
+    _positive_int(num_shifts, "num_shifts")
+    x = _features(feats, "feats")
+    n, d = x.shape
+    if n == 0:
+        raise ValueError("feats must contain at least one sample")
+    y = _labels(y, n, "y").to(x.device)
+    s = _labels(shifts, n, "shifts").to(x.device)
+    if int(s.max()) >= num_shifts:
+        raise ValueError(f"shifts must lie in [0, {num_shifts}), got max {int(s.max())}")
+    seen = int(y.max()) + 1
+    if num_classes is None:
+        num_classes = seen
+    else:
+        _positive_int(num_classes, "num_classes")
+        if seen > num_classes:
+            raise ValueError(f"labels go up to {seen - 1} but num_classes={num_classes}")
+    if not isinstance(shift_weight, (int, float)) or isinstance(shift_weight, bool) or not shift_weight >= 0:
+        raise ValueError(f"shift_weight must be a number >= 0, got {shift_weight!r}")
+    out_dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+    xd = x.to(dtype)
+    mean, std = _standardizer(xd, standardize)
+    xs = (xd - mean) / std
+    k, c = num_shifts, num_classes
+    w = torch.zeros(k, c, d, dtype=dtype, device=x.device, requires_grad=True)
+    b = torch.zeros(k, c, dtype=dtype, device=x.device, requires_grad=True)
+    v = torch.zeros(k, d, dtype=dtype, device=x.device, requires_grad=True)
+    a = torch.zeros(k, dtype=dtype, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b, v, a], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=tol,
+                            tolerance_change=tol * 1e-3, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        own = torch.einsum("nd,ncd->nc", xs, w[s]) + b[s]  # each sample through its own shift's head
+        loss = F.cross_entropy(own, y) + shift_weight * F.cross_entropy(xs @ v.T + a, s)
+        loss = loss + 0.5 * float(weight_decay) * ((w * w).sum() + (v * v).sum())
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    module = LastLayerEnsemble(d, c, k).to(device=x.device, dtype=out_dtype)
+    with torch.no_grad():
+        wf = w.detach() / std  # fold the standardisation: ((x - m) / s) W^T + b = x (W / s)^T + (b - (W / s) m)
+        vf = v.detach() / std
+        module.weight.copy_(wf)
+        module.bias.copy_(b.detach() - wf @ mean)
+        module.shift_predictor.weight.copy_(vf)
+        module.shift_predictor.bias.copy_(a.detach() - vf @ mean)
+    return module.eval()

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastcl.encoders import (
+from fastcl.models.encoders import (
     BasicBlock,
     Bottleneck,
     ConvNet,

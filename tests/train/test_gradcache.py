@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from fastcl import NTXentLoss, SupConLoss
+from fastcl.models.contrastive import ContrastiveModel
+from fastcl.models.encoders import ConvNet
+from fastcl.models.heads import MLPHead
 from fastcl.train.augment import AugmentConfig, BatchAugment
-from fastcl.encoders import ConvNet
 from fastcl.train.gradcache import cached_backward, micro_batches
-from fastcl.heads import MLPHead
-from fastcl.models import ContrastiveModel
 
 
 @pytest.fixture(autouse=True)

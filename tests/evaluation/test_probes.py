@@ -1,19 +1,15 @@
-import math
-import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcl.eval import (
+from fastcl.evaluation.probes import (
     LinearProbeResult,
     group_balanced_linear_probe,
-    group_ids,
     linear_probe,
     linear_probe_layers,
-    multi_shortcut_metrics,
 )
+from fastcl.evaluation.shortcut_metrics import group_ids
 
 
 @pytest.fixture(autouse=True)
@@ -190,111 +186,3 @@ def test_group_balanced_probe_on_balanced_groups_equals_plain_probe():
     torch.testing.assert_close(bal.weight, plain.weight, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="train_groups must have shape"):
         group_balanced_linear_probe(x, y, y[:5], x, y)
-
-
-def test_group_ids():
-    y = torch.tensor([1, 0, 1, 0, 1])
-    bg = torch.tensor([True, True, False, True, False])
-    # present (y, bg) pairs in lexicographic order: (0, 1) -> 0, (1, 0) -> 1, (1, 1) -> 2
-    assert group_ids(y, bg).tolist() == [2, 0, 1, 0, 1]
-    with pytest.raises(ValueError, match=r"attributes\[1\]"):
-        group_ids(y, bg[:3])
-
-
-# -------------------- UrbanCars metrics
-
-# (bg aligned, coobj aligned) -> {class: (n samples, n correct)}
-CELLS = {
-    (1, 1): {0: (10, 10), 1: (10, 10)},  # 1.0
-    (0, 1): {0: (10, 9), 1: (30, 15)},  # class-balanced 0.7, pooled 24/40 = 0.6
-    (1, 0): {0: (10, 8), 1: (10, 8)},  # 0.8
-    (0, 0): {0: (10, 6), 1: (10, 2)},  # 0.4, worst class cell 0.2
-}
-
-
-def build_predictions():
-    pred, y, bg, co = [], [], [], []
-    for (b, c), per_class in CELLS.items():
-        for cls, (n, n_correct) in per_class.items():
-            y += [cls] * n
-            pred += [cls] * n_correct + [1 - cls] * (n - n_correct)
-            bg += [b] * n
-            co += [c] * n
-    return torch.tensor(pred), torch.tensor(y), torch.tensor(bg, dtype=torch.bool), torch.tensor(co)
-
-
-def test_multi_shortcut_metrics_against_hand_computation():
-    pred, y, bg, co = build_predictions()
-    m = multi_shortcut_metrics(pred, y, bg, co, train_ratio=0.95)
-    id_acc = 0.95 * 0.95 * 1.0 + 0.05 * 0.95 * 0.7 + 0.95 * 0.05 * 0.8 + 0.05 * 0.05 * 0.4
-    assert id_acc == pytest.approx(0.97475)
-    assert m["id_acc"] == pytest.approx(id_acc)
-    assert m["bg_gap"] == pytest.approx(0.7 - id_acc)
-    assert m["coobj_gap"] == pytest.approx(0.8 - id_acc)
-    assert m["both_gap"] == pytest.approx(0.4 - id_acc)
-    assert m["worst_group_acc"] == pytest.approx(0.2)
-    assert (m["acc_aligned"], m["acc_bg_conflict"], m["acc_coobj_conflict"], m["acc_both_conflict"]) == \
-        pytest.approx((1.0, 0.7, 0.8, 0.4))
-    assert m["bg_gap"] < 0 and m["both_gap"] < m["bg_gap"]
-
-
-def test_multi_shortcut_metrics_options_and_input_forms():
-    pred, y, bg, co = build_predictions()
-    pooled = multi_shortcut_metrics(pred, y, bg, co, class_balanced=False)
-    assert pooled["acc_bg_conflict"] == pytest.approx(0.6)
-    uniform = multi_shortcut_metrics(pred, y, bg, co, train_ratio=0.5)
-    assert uniform["id_acc"] == pytest.approx((1.0 + 0.7 + 0.8 + 0.4) / 4)
-    logits = F.one_hot(pred, 2).float() * 3.0 - 1.0  # [N, C] logits: argmax == pred
-    from_logits = multi_shortcut_metrics(logits, y, bg.long(), co, train_ratio=0.95)
-    ref = multi_shortcut_metrics(pred, y, bg, co)
-    assert from_logits == pytest.approx(ref)
-    from_numpy = multi_shortcut_metrics(pred.numpy(), y.numpy(), bg.numpy(), co.numpy().astype(np.int64))
-    assert from_numpy == pytest.approx(ref)
-
-
-def test_perfect_and_shortcut_models():
-    _, y, bg, co = build_predictions()
-    perfect = multi_shortcut_metrics(y.clone(), y, bg, co)
-    assert perfect["id_acc"] == pytest.approx(1.0)
-    assert perfect["bg_gap"] == perfect["coobj_gap"] == perfect["both_gap"] == pytest.approx(0.0)
-    # a model that only reads the background cue: right iff the background is aligned
-    bg_only = torch.where(bg, y, 1 - y)
-    m = multi_shortcut_metrics(bg_only, y, bg, co)
-    assert m["id_acc"] == pytest.approx(0.95)
-    assert m["bg_gap"] == pytest.approx(-0.95) and m["both_gap"] == pytest.approx(-0.95)
-    assert m["coobj_gap"] == pytest.approx(0.05)
-    assert m["worst_group_acc"] == 0.0
-
-
-def test_empty_group_gives_nan_with_warning():
-    pred, y, bg, co = build_predictions()
-    keep = ~(~bg & ~co.bool())  # drop the (conflict, conflict) group
-    with pytest.warns(RuntimeWarning, match="bg_aligned=False, coobj_aligned=False"):
-        m = multi_shortcut_metrics(pred[keep], y[keep], bg[keep], co[keep])
-    assert math.isnan(m["acc_both_conflict"]) and math.isnan(m["id_acc"])
-    assert math.isnan(m["bg_gap"]) and math.isnan(m["worst_group_acc"])
-    assert m["acc_bg_conflict"] == pytest.approx(0.7)
-    # with train_ratio=1 only the aligned group has prior mass, so I.D. accuracy is still defined
-    aligned = bg & co.bool()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        m1 = multi_shortcut_metrics(pred[aligned], y[aligned], bg[aligned], co[aligned], train_ratio=1.0)
-    assert m1["id_acc"] == pytest.approx(1.0)
-
-
-def test_multi_shortcut_metrics_bad_inputs():
-    pred, y, bg, co = build_predictions()
-    with pytest.raises(ValueError, match="bg_aligned must have shape"):
-        multi_shortcut_metrics(pred, y, bg[:-1], co)
-    with pytest.raises(ValueError, match="y must have shape"):
-        multi_shortcut_metrics(pred, y[:-1], bg, co)
-    with pytest.raises(ValueError, match="coobj_aligned must contain only 0 and 1"):
-        multi_shortcut_metrics(pred, y, bg, co * 2)
-    with pytest.raises(TypeError, match="coobj_aligned must be a bool"):
-        multi_shortcut_metrics(pred, y, bg, co.float())
-    with pytest.raises(TypeError, match="pred labels must be an integer"):
-        multi_shortcut_metrics(pred.float(), y, bg, co)
-    with pytest.raises(ValueError, match="train_ratio"):
-        multi_shortcut_metrics(pred, y, bg, co, train_ratio=1.5)
-    with pytest.raises(ValueError, match="pred must have shape"):
-        multi_shortcut_metrics(pred.reshape(1, 1, -1), y, bg, co)

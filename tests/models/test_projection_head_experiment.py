@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from fastcl.functional import nt_xent_loss
-from fastcl.heads import LinearHead
-from fastcl.models import ContrastiveModel
+from fastcl.models.contrastive import ContrastiveModel
+from fastcl.models.heads import LinearHead
 
 K, D_IN, D_HID, D_OUT = 6, 12, 12, 12
 DROP = torch.linspace(0.0, 0.8, K)  # per-feature probability that augmentation re-draws it

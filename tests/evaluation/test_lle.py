@@ -1,117 +1,13 @@
+"""Last Layer Ensemble: the head (train and eval outputs), its loss, and its deterministic fit on frozen features."""
+
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from fastcl.heads import (
-    FixedReweightingHead,
-    IdentityHead,
-    LastLayerEnsemble,
-    LinearHead,
-    MLPHead,
-    last_layer_ensemble_loss,
-)
-
-
-def n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-# -------------------- projection heads
-
-
-def test_linear_head():
-    head = LinearHead(8, 3)
-    assert n_params(head) == 8 * 3 + 3
-    h = torch.randn(5, 8)
-    torch.testing.assert_close(head(h), h @ head.linear.weight.T + head.linear.bias)
-    assert n_params(LinearHead(8, 3, bias=False)) == 24
-    with pytest.raises(ValueError, match="h must have shape"):
-        head(torch.randn(5, 7))
-
-
-@pytest.mark.parametrize(
-    "num_layers, batchnorm, expected",
-    [
-        (2, True, 8 * 16 + 2 * 16 + 16 * 4 + 4),  # hidden Linear has no bias before BN
-        (2, False, 8 * 16 + 16 + 16 * 4 + 4),
-        (3, True, 8 * 16 + 2 * 16 + 16 * 16 + 2 * 16 + 16 * 4 + 4),
-        (1, True, 8 * 4 + 4),
-    ],
-)
-def test_mlp_head_structure(num_layers, batchnorm, expected):
-    head = MLPHead(8, 16, 4, num_layers=num_layers, batchnorm=batchnorm)
-    assert n_params(head) == expected
-    assert sum(isinstance(m, nn.Linear) for m in head.modules()) == num_layers
-    assert sum(isinstance(m, nn.BatchNorm1d) for m in head.modules()) == (num_layers - 1) * batchnorm
-    assert head(torch.randn(6, 8)).shape == (6, 4)
-
-
-def test_mlp_head_matches_manual_computation():
-    head = MLPHead(3, 5, 2, batchnorm=False)
-    h = torch.randn(4, 3)
-    l1, l2 = head.net[0], head.net[2]
-    torch.testing.assert_close(head(h), torch.relu(h @ l1.weight.T + l1.bias) @ l2.weight.T + l2.bias)
-    assert head(torch.randn(2, 4, 3)).shape == (2, 4, 2)  # no BN: any leading dims
-    with pytest.raises(ValueError, match="BatchNorm1d"):
-        MLPHead(3, 5, 2)(torch.randn(2, 4, 3))
-    with pytest.raises(ValueError, match="num_layers"):
-        MLPHead(3, 5, 2, num_layers=0)
-
-
-def test_fixed_reweighting_head_numerics():
-    head = FixedReweightingHead(4, kappa=2.0)
-    h = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 4.0, 8.0, 16.0], [-3.0, 0.0, 3.0, 0.5]])
-    expected = torch.tensor([[1.0, 0.5, 0.25, 0.125], [2.0, 2.0, 2.0, 2.0], [-3.0, 0.0, 0.75, 0.0625]])
-    torch.testing.assert_close(head(h), expected, rtol=0, atol=0)
-    torch.testing.assert_close(FixedReweightingHead(3, kappa=10)(torch.ones(1, 3)),
-                               torch.tensor([[1.0, 0.1, 0.01]]))
-    # any leading dims, dtype preserved
-    z = head(torch.ones(2, 3, 4, dtype=torch.float64))
-    assert z.dtype == torch.float64 and z.shape == (2, 3, 4)
-    torch.testing.assert_close(z[1, 2], torch.tensor([1.0, 0.5, 0.25, 0.125], dtype=torch.float64))
-
-
-def test_fixed_reweighting_head_has_nothing_trainable():
-    head = FixedReweightingHead(5, kappa=3.0)
-    assert list(head.parameters()) == []
-    assert not head.scales.requires_grad
-    assert "scales" in head.state_dict()
-    h = torch.randn(2, 5, requires_grad=True)
-    head(h).sum().backward()  # gradient flows to the encoder, scaled per coordinate
-    torch.testing.assert_close(h.grad, (3.0 ** -torch.arange(5.0)).expand(2, 5))
-    loaded = FixedReweightingHead(5, kappa=3.0)
-    loaded.load_state_dict(head.state_dict())
-    assert torch.equal(loaded.scales, head.scales)
-
-
-def test_fixed_reweighting_head_kappa_one_is_identity():
-    h = torch.randn(7, 6)
-    assert torch.equal(FixedReweightingHead(6, kappa=1.0)(h), h)
-
-
-@pytest.mark.parametrize("kappa, err", [(0.0, ValueError), (-2.0, ValueError), (float("inf"), ValueError),
-                                        (float("nan"), ValueError), ("2", TypeError), (True, TypeError)])
-def test_fixed_reweighting_head_rejects_bad_kappa(kappa, err):
-    with pytest.raises(err, match="kappa"):
-        FixedReweightingHead(4, kappa)
-
-
-def test_fixed_reweighting_head_rejects_bad_dim():
-    with pytest.raises(ValueError, match="dim"):
-        FixedReweightingHead(0, 2.0)
-    with pytest.raises(ValueError, match=r"h must have shape \[\.\.\., 4\]"):
-        FixedReweightingHead(4, 2.0)(torch.randn(3, 5))
-
-
-def test_identity_head():
-    h = torch.randn(3, 4)
-    assert IdentityHead()(h) is h
-    assert IdentityHead(4).out_dim == 4
-    with pytest.raises(ValueError, match="h must have shape"):
-        IdentityHead(5)(h)
-
+from fastcl.evaluation.lle import LastLayerEnsemble, fit_last_layer_ensemble, last_layer_ensemble_loss
+from fastcl.evaluation.probes import linear_probe
 
 # -------------------- Last Layer Ensemble
 
@@ -125,6 +21,10 @@ def make_lle() -> LastLayerEnsemble:
         lle.shift_predictor.weight.copy_(torch.eye(2))
         lle.shift_predictor.bias.zero_()
     return lle
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
 
 
 X = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
@@ -227,3 +127,67 @@ def test_lle_bad_inputs():
         lle(torch.randn(2, 3))
     with pytest.raises(ValueError, match="num_shifts"):
         LastLayerEnsemble(2, 2, 0)
+
+
+def _shift_data(n_per=400, seed=0):
+    """Three shifts with 4 features: feature 3 tells the shift (its mean is -4, 0 or +4); the class is the sign of
+    feature k in shift k (the other two features are noise there)."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys, ss = [], [], []
+    for k in range(3):
+        x = torch.randn(n_per, 4, generator=g, dtype=torch.float64)
+        x[:, 3] = 4.0 * (k - 1) + 0.5 * torch.randn(n_per, generator=g, dtype=torch.float64)
+        xs.append(x)
+        ys.append((x[:, k] > 0).long())
+        ss.append(torch.full((n_per,), k))
+    return torch.cat(xs), torch.cat(ys), torch.cat(ss)
+
+
+def test_lle_recovers_each_shift_head_and_the_shift_classifier():
+    x, y, s = _shift_data()
+    ens = fit_last_layer_ensemble(x, y, s, 3, weight_decay=1e-2)
+    assert isinstance(ens, LastLayerEnsemble) and not ens.training and ens.weight.dtype == torch.float64
+    logits, shift_logits = ens.forward_all(x)
+    assert (shift_logits.argmax(1) == s).double().mean() > 0.99
+    for k in range(3):
+        own = logits[s == k, k].argmax(1)
+        assert (own == y[s == k]).double().mean() > 0.97  # head k solves shift k ...
+        direction = ens.weight[k, 1] - ens.weight[k, 0]
+        assert direction[k].abs() > 4 * direction[[j for j in range(3) if j != k]].abs().max()  # ... with feature k
+    # eval mode: the shift-probability-weighted combination of the heads
+    manual = torch.einsum("bk,bkc->bc", shift_logits.softmax(1), logits)
+    assert torch.allclose(ens(x), manual, rtol=0, atol=1e-12)
+    assert (ens(x).argmax(1) == y).double().mean() > 0.95
+    # one head on everything cannot: the class feature depends on the shift
+    single = linear_probe(x, y, x, y, weight_decay=1e-2)
+    assert single.test_acc < 0.85
+
+
+def test_lle_fit_equals_independent_per_shift_problems():
+    # Without standardisation the objective splits: head k is a logistic regression on shift k alone with the
+    # weight decay scaled by N / N_k, the shift predictor one on the shift index with weight decay / shift_weight.
+    x, y, s = _shift_data(n_per=150, seed=1)
+    keep = torch.cat([torch.arange(0, 150), torch.arange(150, 250), torch.arange(300, 450)])  # uneven shifts
+    x, y, s = x[keep], y[keep], s[keep]
+    n, wd, sw = len(y), 5e-2, 0.5
+    ens = fit_last_layer_ensemble(x, y, s, 3, weight_decay=wd, shift_weight=sw, standardize=False, tol=1e-10)
+    for k in range(3):
+        m = s == k
+        ref = linear_probe(x[m], y[m], x[m], y[m], weight_decay=wd * n / int(m.sum()), standardize=False, tol=1e-10)
+        assert torch.allclose(ens.weight[k], ref.weight, atol=1e-5), k
+        assert torch.allclose(ens.bias[k], ref.bias, atol=1e-5), k
+    ref = linear_probe(x, s, x, s, weight_decay=wd / sw, standardize=False, tol=1e-10)
+    assert torch.allclose(ens.shift_predictor.weight, ref.weight, atol=1e-5)
+    assert torch.allclose(ens.shift_predictor.bias, ref.bias, atol=1e-5)
+
+
+def test_lle_standardisation_is_folded_into_the_module():
+    x, y, s = _shift_data(n_per=100, seed=2)
+    x32 = (x * torch.tensor([100.0, 0.01, 3.0, 1.0], dtype=torch.float64) + 7).float()
+    ens = fit_last_layer_ensemble(x32, y, s, 3)
+    assert ens.weight.dtype == torch.float32
+    assert (ens(x32).argmax(1) == y).double().mean() > 0.95
+    with pytest.raises(ValueError, match="shifts must lie"):
+        fit_last_layer_ensemble(x32, y, s, 2)
+    with pytest.raises(ValueError, match="shift_weight"):
+        fit_last_layer_ensemble(x32, y, s, 3, shift_weight=-1.0)

@@ -34,15 +34,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fastcl.train.data import (
-    DatasetNotFoundError,
-    DatasetSplits,
-    ImageSet,
-    MissingDependencyError,
-    folder_layout,
-    folder_split_files,
-    list_images,
-)
+from fastcl.train.data.files import folder_layout, folder_split_files, list_images
+from fastcl.train.data.splits import DatasetNotFoundError, DatasetSplits, ImageSet, MissingDependencyError
 
 __all__ = [
     "EpochBatchSampler",

@@ -1,0 +1,125 @@
+"""Projection heads.
+
+Projection heads map a representation ``h [B, in_dim]`` to the embedding ``z [B, out_dim]`` that the
+contrastive loss sees; after training the head is discarded and ``h`` is used downstream.
+
+* :class:`LinearHead`, :class:`MLPHead` (SimCLR / SupCon style), :class:`IdentityHead` (no head).
+* :class:`FixedReweightingHead`: the fixed, parameter-free alternative of Xue et al., "Investigating
+  the Benefits of Projection Head for Representation Learning" (ICLR 2024).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from fastcl._validation import check_positive_int as _check_positive_int
+
+__all__ = ["FixedReweightingHead", "IdentityHead", "LinearHead", "MLPHead"]
+
+
+def _check_features(x: object, dim: int, name: str = "x") -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim < 1 or x.shape[-1] != dim:
+        raise ValueError(f"{name} must have shape [..., {dim}], got {tuple(x.shape)}")
+
+
+class LinearHead(nn.Module):
+    """Linear projection ``z = h W^T + b``. Shapes: ``h [..., in_dim] -> z [..., out_dim]``."""
+
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_dim = _check_positive_int(in_dim, "in_dim")
+        self.out_dim = _check_positive_int(out_dim, "out_dim")
+        self.linear = nn.Linear(in_dim, out_dim, bias=bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        _check_features(h, self.in_dim, "h")
+        return self.linear(h)
+
+
+class MLPHead(nn.Module):
+    """MLP projection head as in SimCLR / SupCon.
+
+    ``num_layers - 1`` hidden blocks ``Linear(bias=not batchnorm) -> [BatchNorm1d] -> ReLU`` of width
+    ``hidden_dim``, then a final ``Linear(hidden_dim, out_dim)`` with bias. ``num_layers=1`` is a
+    single linear layer (``hidden_dim`` unused). Shapes: ``h [B, in_dim] -> z [B, out_dim]``
+    (``[..., in_dim]`` is also accepted when there is no BatchNorm).
+    """
+
+    def __init__(
+        self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, batchnorm: bool = True
+    ) -> None:
+        super().__init__()
+        self.in_dim = _check_positive_int(in_dim, "in_dim")
+        self.hidden_dim = _check_positive_int(hidden_dim, "hidden_dim")
+        self.out_dim = _check_positive_int(out_dim, "out_dim")
+        self.num_layers = _check_positive_int(num_layers, "num_layers")
+        self.batchnorm = bool(batchnorm)
+        layers: list[nn.Module] = []
+        prev = in_dim
+        for _ in range(num_layers - 1):
+            layers.append(nn.Linear(prev, hidden_dim, bias=not batchnorm))
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(hidden_dim))
+            layers.append(nn.ReLU(inplace=True))
+            prev = hidden_dim
+        layers.append(nn.Linear(prev, out_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h: Tensor) -> Tensor:
+        _check_features(h, self.in_dim, "h")
+        if self.batchnorm and self.num_layers > 1 and h.ndim != 2:
+            raise ValueError(f"h must have shape [B, {self.in_dim}] (BatchNorm1d), got {tuple(h.shape)}")
+        return self.net(h)
+
+
+class FixedReweightingHead(nn.Module):
+    """Fixed reweighting head of Xue et al. (ICLR 2024): ``z_i = h_i * kappa**(-i)``.
+
+    Coordinate ``i`` (0-based, so ``z_0 = h_0``) is scaled by ``kappa**-i``; the scales are a fixed
+    buffer (``scales``, shape ``[dim]``) and the head has no trainable parameters. ``kappa > 1``
+    makes later coordinates progressively less weighted in the loss, mimicking what a trained
+    projection head does, so the pre-head ``h`` keeps features more evenly weighted.
+    ``kappa == 1`` is the identity. (A 1-based convention only rescales ``z`` by ``1/kappa``, which a
+    normalised contrastive loss ignores.) Very large ``kappa**dim`` underflows the last scales to 0.
+
+    Shapes: ``h [..., dim] -> z [..., dim]``.
+    """
+
+    scales: Tensor
+
+    def __init__(self, dim: int, kappa: float) -> None:
+        super().__init__()
+        self.in_dim = self.out_dim = self.dim = _check_positive_int(dim, "dim")
+        if isinstance(kappa, bool) or not isinstance(kappa, (int, float)):
+            raise TypeError(f"kappa must be a real number, got {type(kappa).__name__}")
+        if not math.isfinite(kappa) or kappa <= 0:
+            raise ValueError(f"kappa must be positive and finite, got {kappa}")
+        self.kappa = float(kappa)
+        exponents = -torch.arange(dim, dtype=torch.float64)
+        self.register_buffer("scales", torch.pow(torch.tensor(self.kappa, dtype=torch.float64), exponents)
+                             .to(torch.get_default_dtype()))
+
+    def forward(self, h: Tensor) -> Tensor:
+        _check_features(h, self.dim, "h")
+        return h * self.scales.to(h.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, kappa={self.kappa}"
+
+
+class IdentityHead(nn.Module):
+    """No projection: ``z = h``. ``dim`` is optional and only sets ``in_dim`` / ``out_dim``."""
+
+    def __init__(self, dim: int | None = None) -> None:
+        super().__init__()
+        self.in_dim = self.out_dim = None if dim is None else _check_positive_int(dim, "dim")
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.in_dim is not None:
+            _check_features(h, self.in_dim, "h")
+        return h

@@ -1,0 +1,51 @@
+"""The run directory's file I/O: atomic JSON, the one checked read of a checkpoint, finding the one to resume from."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from fastcl.train.checkpoint import (
+    CHECKPOINT,
+    PREVIOUS_CHECKPOINT,
+    CheckpointError,
+    atomic_json,
+    load_checkpoint,
+    read_checkpoint,
+)
+
+STATE = {"version": 2, "epoch": 1, "step": 4, "epoch_step": 0, "model": {}, "optimizer": {}, "scheduler": {},
+         "rng": [], "config": {"dataset": "spurious-cues"}}
+
+
+def test_atomic_json_writes_the_object_and_leaves_no_temporary(tmp_path):
+    path = str(tmp_path / "summary.json")
+    atomic_json(path, {"a": (1, 2), "b": None})
+    atomic_json(path, {"a": [3]})
+    with open(path) as f:
+        assert json.load(f) == {"a": [3]}
+    assert os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_read_checkpoint_names_the_file_and_what_is_wrong(tmp_path):
+    with pytest.raises(CheckpointError, match="nope.pt does not exist"):
+        read_checkpoint(str(tmp_path / "nope.pt"))
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="other.pt cannot be used: not a fastcl-pretrain checkpoint"):
+        read_checkpoint(str(tmp_path / "other.pt"))
+    torch.save(STATE | {"version": 99}, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="checkpoint format 99"):
+        read_checkpoint(str(tmp_path / "future.pt"))
+    torch.save(STATE, tmp_path / CHECKPOINT)
+    assert read_checkpoint(str(tmp_path / CHECKPOINT))["step"] == 4
+
+
+def test_load_checkpoint_finds_the_one_to_resume_from(tmp_path):
+    assert load_checkpoint(str(tmp_path)) is None
+    torch.save(STATE, tmp_path / PREVIOUS_CHECKPOINT)  # a kill between the two renames of a rotation
+    ckpt, path = load_checkpoint(str(tmp_path))
+    assert path.endswith(PREVIOUS_CHECKPOINT) and ckpt["epoch"] == 1
+    torch.save(STATE | {"epoch": 2, "step": 8}, tmp_path / CHECKPOINT)
+    ckpt, path = load_checkpoint(str(tmp_path))
+    assert path.endswith(CHECKPOINT) and ckpt["epoch"] == 2
