@@ -10,7 +10,7 @@ Errors are norm-relative: ``|loss - ref| / |ref|`` and ``||grad - ref|| / ||ref|
 checked to compute the same quantities as the benchmarks assume (Inf-CL InfoNCE, PML SupConLoss / NTXentLoss).
 
 Exit status 1 if any fastcl check exceeds its tolerance (the same per-dtype tolerances as
-tests/test_triton_kernels.py); a disagreeing peer is reported but does not fail the run.
+tests/kernels/test_triton_kernels.py); a disagreeing peer is reported but does not fail the run.
 Without CUDA it refuses, unless ``--device cpu`` is given with TRITON_INTERPRET=1 (a slow plumbing check at small N).
 """
 
@@ -28,7 +28,7 @@ import benchlib
 import torch
 from benchlib import Case
 
-# (loss, grad) tolerances, norm-relative; tests/test_triton_kernels.py uses the loss ones and 5x for gradients.
+# (loss, grad) tolerances, norm-relative; tests/kernels/test_triton_kernels.py uses the loss ones and 5x for gradients.
 TOLERANCE = {"fp32": (2e-5, 1e-4), "fp16": (2e-3, 1e-2), "bf16": (2e-2, 1e-1)}
 PEER_TOLERANCE = (1e-3, 1e-2)  # peers in fp32: Inf-CL's dots run in TF32
 
