@@ -49,13 +49,17 @@ DTYPES = {
     "fp16": ("float16", 2, ("ieee",)),
     "fp32": ("float32", 4, ("tf32x3", "tf32")),
 }
-DIMS = (16, 64, 128, 256, 512, 1024)
+# Every feature tiling a launch compiles: one tile of 16 .. 256 (fp32: 16) and looped tiles, each with D a multiple
+# of 16 (vectorized, aligned rows) and not (3, 100, 300, 1000: unaligned row strides, masked feature columns).
+DIMS = (3, 16, 64, 100, 128, 256, 300, 512, 1000, 1024)
 # The CI subset (2 cores, a few minutes): bf16 (fp16 compiles the same tiles) and fp32 via tf32x3 (tf32 is the same
 # kernel with one product instead of three), D = 128 (the common one), 256 (the largest single feature tile, where
 # shared memory is tightest) and 1024 (looped feature tiles); the fixed config everywhere, plus at D = 256 the kept
 # autotune config with the largest shared-memory estimate.
-CI_DIMS = (128, 256, 1024)
-CI_PRECISIONS = {"bf16": ("ieee",), "fp32": ("tf32x3",)}
+# The covering sample's feature dims, one per tiling bucket: one tile of 16 with D unaligned (3), one tile of 128
+# unaligned (100), the widest single tile (256, shared memory tightest), looped tiles unaligned (1000) and aligned
+# (1024); fp32's buckets (one tile up to 16, output tiles of 64 .. 256) fall on the same dims.
+CI_DIMS = (3, 100, 256, 1000, 1024)
 ARCHS = (80, 90)
 # Input precisions whose spills are printed and recorded (``spill_bytes``) without failing the run: none. fp32 via
 # tf32x3 spilled with every tile it used to keep; its configs are now those that lower spill-free
@@ -63,6 +67,8 @@ ARCHS = (80, 90)
 SPILLS_REPORTED_ONLY = ()
 RECORD_KEYS = (
     "kernel",
+    "has_mask",
+    "exclude_self",
     "arch",
     "dtype",
     "input_precision",
@@ -79,55 +85,115 @@ RECORD_KEYS = (
 )
 
 
-def selection(dtypes, dims, archs, full: bool, has_mask: bool = False, kernels=None) -> list:
-    """The lowering jobs: one dict per kernel variant / config / arch / dtype / precision / dim (``full=False``: the
-    CI subset's configs and precisions; ``kernels``: only these variant labels, default all)."""
+def _job(kernel_name, label, variant, config, roles, dtype, precision, dim, arch, has_mask, exclude_self) -> dict:
+    return dict(
+        kernel_name=kernel_name,
+        kernel=label,
+        variant=variant,
+        arch=arch,
+        dtype=dtype,
+        torch_dtype=DTYPES[dtype][0],
+        input_precision=precision,
+        dim=dim,
+        block_m=config.kwargs["BLOCK_M"],
+        block_n=config.kwargs["BLOCK_N"],
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        has_mask=has_mask,
+        exclude_self=exclude_self,
+        roles=roles,
+    )
 
+
+def _roles(config, autotuned, fixed) -> list:
     from fastcl.kernels import tiling
 
+    key = tiling.config_key(config)
+    return (["autotuned"] if any(tiling.config_key(c) == key for c in autotuned) else []) + (
+        ["fixed"] if key == tiling.config_key(fixed) else []
+    )
+
+
+def covering_configs(label: str, dim: int, element_size: int) -> list:
+    """The fixed, the widest (largest tile, fewest warps: most values per thread) and the deepest (most stages,
+    then the largest tile) of the variant's launchable configs, without repeats."""
+    from fastcl.kernels import tiling
+
+    configs = tiling.launchable_configs(label, dim, element_size)
+    size = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]  # noqa: E731
+    picked = [
+        tiling.fixed_config(label, dim, element_size),
+        max(configs, key=lambda c: (size(c), -c.num_warps, c.num_stages)),
+        max(configs, key=lambda c: (c.num_stages, size(c), -c.num_warps)),
+    ]
+    out = []
+    for config in picked:
+        if all(tiling.config_key(config) != tiling.config_key(c) for c in out):
+            out.append(config)
+    return out
+
+
+def selection(
+    dtypes, dims, archs, full: bool, has_mask: bool = False, kernels=None, exclude_self=(True, False)
+) -> list:
+    """The lowering jobs: one dict per kernel variant / config / arch / dtype / precision / dim / positive source /
+    self exclusion. ``full``: every launchable config of every combination (``has_mask`` picks the positive
+    source, ``exclude_self`` the variants: self-excluded and two-tower). Else the covering sample
+    (:func:`covering_selection`). ``kernels``: only these variant labels (default all)."""
+    from fastcl.kernels import tiling
+
+    if not full:
+        return covering_selection(dtypes, dims, archs, kernels)
     jobs = []
     for dtype in dtypes:
-        torch_dtype, element_size, precisions = DTYPES[dtype]
-        if not full:
-            precisions = CI_PRECISIONS.get(dtype, precisions)
+        element_size, precisions = DTYPES[dtype][1:]
         for dim in dims:
             for kernel_name, label, variant in KERNEL_VARIANTS:
                 if kernels and label not in kernels:
                     continue
-                base = label  # configs are chosen per variant (two-way tiles hold twice the fp32 values)
-                fixed = tiling.fixed_config(base, dim, element_size)
-                autotuned = tiling.autotune_configs(base, dim, element_size)
-                if full:
-                    configs = tiling.launchable_configs(base, dim, element_size)
-                else:
-                    biggest = max(autotuned, key=lambda c: tiling.shared_memory_estimate(c, dim, element_size, base))
-                    extra = dim == 256 and tiling.config_key(biggest) != tiling.config_key(fixed)
-                    configs = [fixed] + ([biggest] if extra else [])
-                for config in configs:
-                    roles = []
-                    if any(tiling.config_key(c) == tiling.config_key(config) for c in autotuned):
-                        roles.append("autotuned")
-                    if tiling.config_key(config) == tiling.config_key(fixed):
-                        roles.append("fixed")
+                fixed = tiling.fixed_config(label, dim, element_size)
+                autotuned = tiling.autotune_configs(label, dim, element_size)
+                for config in tiling.launchable_configs(label, dim, element_size):
+                    roles = _roles(config, autotuned, fixed)
                     for precision in precisions:
-                        for arch in archs:
-                            jobs.append(
-                                dict(
-                                    kernel_name=kernel_name,
-                                    kernel=label,
-                                    variant=variant,
-                                    arch=arch,
-                                    dtype=dtype,
-                                    torch_dtype=torch_dtype,
-                                    input_precision=precision,
-                                    dim=dim,
-                                    block_m=config.kwargs["BLOCK_M"],
-                                    block_n=config.kwargs["BLOCK_N"],
-                                    num_warps=config.num_warps,
-                                    num_stages=config.num_stages,
-                                    has_mask=has_mask,
-                                    roles=roles,
+                        for excl in exclude_self:
+                            for arch in archs:
+                                jobs.append(
+                                    _job(kernel_name, label, variant, config, roles, dtype, precision, dim, arch,
+                                         has_mask, excl)
                                 )
+    return jobs
+
+
+def covering_selection(dtypes, dims, archs, kernels=None) -> list:
+    """The CI sample: every kernel variant x dtype x input precision x feature dim (one per tiling bucket, odd D
+    included) with the fixed, widest and deepest launchable configs (:func:`covering_configs`); each lowering takes
+    the next (arch, mask or labels, self-excluded or two-tower) combination in turn, so every kernel variant and
+    dtype meets each arch, positive source and self exclusion, and the fixed config of every combination is
+    lowered on every arch."""
+    from fastcl.kernels import tiling
+
+    combos = [(arch, mask, excl) for mask in (False, True) for excl in (True, False) for arch in archs]
+    jobs, turn = [], 0
+    for dtype in dtypes:
+        element_size, precisions = DTYPES[dtype][1:]
+        for precision in precisions:
+            for dim in dims:
+                for kernel_name, label, variant in KERNEL_VARIANTS:
+                    if kernels and label not in kernels:
+                        continue
+                    fixed = tiling.fixed_config(label, dim, element_size)
+                    autotuned = tiling.autotune_configs(label, dim, element_size)
+                    for config in covering_configs(label, dim, element_size):
+                        roles = _roles(config, autotuned, fixed)
+                        picks = [combos[turn % len(combos)]]
+                        turn += 1
+                        if "fixed" in roles:  # the fixed config on every arch
+                            picks += [(arch, picks[0][1], picks[0][2]) for arch in archs if arch != picks[0][0]]
+                        for arch, mask, excl in picks:
+                            jobs.append(
+                                _job(kernel_name, label, variant, config, roles, dtype, precision, dim, arch, mask,
+                                     excl)
                             )
     return jobs
 
@@ -164,7 +230,7 @@ def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
     )
     constexprs = dict(
         HAS_MASK=job["has_mask"],
-        EXCLUDE_SELF=True,
+        EXCLUDE_SELF=job.get("exclude_self", True),
         INPUT_PRECISION=job["input_precision"],
         SINGLE_D_TILE=single,
         BLOCK_D=block_d,
@@ -312,12 +378,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastcl.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="default: all")
     parser.add_argument("--dim", type=int, action="append", help="feature dim(s) D; default: the subset's")
-    parser.add_argument("--mask", action="store_true", help="the [bsz, bsz] mask variant instead of labels")
+    parser.add_argument("--mask", action="store_true", help="--full: the [bsz, bsz] mask instead of labels")
     parser.add_argument("--arch", type=int, action="append", help="SM version(s), default 80 and 90")
     parser.add_argument(
         "--kernel", choices=[label for _, label, _ in KERNEL_VARIANTS], action="append", help="default: all variants"
     )
-    parser.add_argument("--full", action="store_true", help="every launchable config and D in 16..1024")
+    parser.add_argument("--full", action="store_true", help="every launchable config, D in 3..1024 (odd D included)")
+    parser.add_argument(
+        "--variant",
+        choices=["self", "two-tower"],
+        action="append",
+        help="--full: self-excluded (EXCLUDE_SELF) and/or two-tower rows; default both",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the records (a JSON list) here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
@@ -328,8 +400,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _print_record(record) -> bool:
     """Print one lowering's row; whether it breaks an invariant (:func:`violations`)."""
+    source = ("M" if record.get("has_mask") else "L") + ("x" if record.get("exclude_self", True) else "-")
     prefix = (
-        f"{record['kernel']:22s} {record['arch']:6s} {record['dtype']:5s} {record['input_precision']:6s} "
+        f"{record['kernel']:22s} {source:3s} {record['arch']:6s} {record['dtype']:5s} {record['input_precision']:6s} "
         f"{record['dim']:5d} {record['block_m']:4d} {record['block_n']:4d} {record['num_warps']:3d} "
         f"{record['num_stages']:3d}"
     )
@@ -354,14 +427,13 @@ def main(argv=None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)
 
     dims = args.dim or (DIMS if args.full else CI_DIMS)
-    dtypes = args.dtype or (sorted(DTYPES) if args.full else sorted(CI_PRECISIONS))
-    todo = selection(dtypes, dims, args.arch or ARCHS, args.full, args.mask, args.kernel)
+    dtypes = args.dtype or list(DTYPES)
+    variants = tuple(v == "self" for v in args.variant) if args.variant else (True, False)
+    todo = selection(dtypes, dims, args.arch or ARCHS, args.full, args.mask, args.kernel, variants)
+    what = f"full, mask={args.mask}" if args.full else "covering sample"
+    print(f"fastcl AOT: {len(todo)} lowerings ({what}), dims={list(dims)}")
     print(
-        f"fastcl AOT: {len(todo)} lowerings ({'full' if args.full else 'CI subset'}), dims={list(dims)}, "
-        f"mask={args.mask}"
-    )
-    print(
-        f"{'kernel':22s} {'arch':6s} {'dtype':5s} {'prec':6s} {'D':>5s} {'BM':>4s} {'BN':>4s} {'wrp':>3s} {'stg':>3s} "
+        f"{'kernel':22s} {'src':3s} {'arch':6s} {'dtype':5s} {'prec':6s} {'D':>5s} {'BM':>4s} {'BN':>4s} {'wrp':>3s} {'stg':>3s} "
         f"{'regs':>4s} {'spill':>5s} {'shared':>7s} {'estim':>7s} {'mma':>5s} {'sec':>5s}"
     )
     records, bad = [], 0

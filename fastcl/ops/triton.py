@@ -8,6 +8,7 @@ At that boundary ``anchor`` None means the route :data:`ANCHORS_ARE_CONTRAST` (o
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -15,19 +16,50 @@ import torch
 from fastcl.ops.problem import ANCHORS_ARE_CONTRAST, ONE_WAY, TRITON_DTYPES, TWO_WAY, Problem
 
 
-def available() -> bool:
-    """Whether the triton package is importable."""
+# The oldest Triton the kernels run on: ``triton.jit(do_not_specialize_on_alignment=...)`` and an autotuner that
+# passes ``autotune(do_bench=...)`` on (3.0 / 3.1 reject the first; 3.2 drops the second, and its interpreter cannot
+# run a ``range`` over the split bounds). pyproject.toml states the same floor.
+MIN_TRITON = (3, 3)
+
+
+def _version_tuple(version: str) -> tuple:
+    parts = []
+    for part in version.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_status() -> tuple:
+    """``(True, "")`` when the Triton kernels import (:mod:`fastcl.kernels.launch`: the ``@triton.jit`` kernels
+    and the launcher), else ``(False, why)``: no triton, a Triton older than :data:`MIN_TRITON`, or the error the
+    import raised. Decided once per process."""
     try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        import triton
+    except ImportError as exc:
+        return False, f"the triton package is not importable ({exc}); pip install 'triton>=3.3'"
+    version = getattr(triton, "__version__", "0")
+    if _version_tuple(version) < MIN_TRITON:
+        floor = ".".join(map(str, MIN_TRITON))
+        return False, f"triton {version} is older than {floor}, the oldest the fastcl kernels run on"
+    try:
+        import fastcl.kernels.launch  # noqa: F401
+    except Exception as exc:  # any failure to build the kernels: report it instead of crashing every call
+        return False, f"the fastcl Triton kernels do not import with triton {version}: {type(exc).__name__}: {exc}"
+    return True, ""
+
+
+def available() -> bool:
+    """Whether the Triton kernels import (:func:`kernels_status`)."""
+    return kernels_status()[0]
 
 
 def check_inputs(contrast: torch.Tensor) -> None:
     """Raise a clear error when the Triton backend cannot take these embeddings."""
-    if not available():
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    ok, why = kernels_status()
+    if not ok:
+        raise RuntimeError(f"backend='triton' is unavailable: {why}. Use backend='chunked' or 'auto'.")
     if contrast.dtype not in TRITON_DTYPES:
         raise TypeError(
             f"backend='triton' takes float32, float16 or bfloat16 embeddings, got {contrast.dtype}; "
