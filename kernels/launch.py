@@ -107,10 +107,24 @@ def _kernel_and_config(variant, dim, element_size):
 
 def input_precision_for(dtype: torch.dtype) -> str:
     """fp32 dots run on tensor cores: ``'tf32'`` when ``torch.backends.cuda.matmul.allow_tf32`` is set, else
-    ``'tf32x3'`` (three TF32 products with split operands: fp32-level accuracy, PyTorch's default)."""
+    ``'tf32x3'`` (three TF32 products with split operands: fp32-level accuracy, PyTorch's default).
+
+    Read once per loss, at the forward: the forward's statistics and the backward's recomputed logits must come
+    from the same dot, so the backward takes the precision the forward recorded (``triton_backward``'s
+    ``input_precision``), whatever the flag says by then."""
     if dtype == torch.float32:
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
     return "ieee"
+
+
+def _checked_precision(dtype: torch.dtype, input_precision) -> str:
+    """``input_precision`` (None: :func:`input_precision_for` now), checked against the dtype."""
+    if input_precision is None:
+        return input_precision_for(dtype)
+    allowed = ("tf32x3", "tf32") if dtype == torch.float32 else ("ieee",)
+    if input_precision not in allowed:
+        raise ValueError(f"input_precision for {dtype} must be one of {allowed}, got {input_precision!r}")
+    return input_precision
 
 
 def recompute_transposed(dtype: torch.dtype) -> bool:
@@ -150,7 +164,7 @@ class _LaunchArgs:
     backward that adds the reverse direction) with a mask also prepares ``mask_t``, a contiguous copy of
     ``mask.T``, so the reverse weights ``mask[j % B, i % B]`` are read along rows (``mask_t_strides``)."""
 
-    def __init__(self, problem: Problem, two_way: bool = False):
+    def __init__(self, problem: Problem, two_way: bool = False, input_precision=None):
         anchor, contrast, mask, self_offset = problem.anchor_rows, problem.contrast, problem.mask, problem.self_offset
         anchor_labels, contrast_labels = problem.anchor_labels, problem.contrast_labels
         _check_embeddings(anchor, contrast)
@@ -192,7 +206,7 @@ class _LaunchArgs:
         self.constexprs = dict(
             HAS_MASK=self.has_mask,
             EXCLUDE_SELF=self_offset is not None,
-            INPUT_PRECISION=input_precision_for(anchor.dtype),
+            INPUT_PRECISION=_checked_precision(anchor.dtype, input_precision),
             SINGLE_D_TILE=single,
             BLOCK_D=self.block_d,
         )
@@ -398,29 +412,33 @@ def triton_route(problem: Problem) -> str:
     return ONE_WAY
 
 
-def triton_forward(problem: Problem, route: str):
+def triton_forward(problem: Problem, route: str, input_precision=None):
     """``(loss, residuals)``: the fp32 scalar loss and the fp32 row statistics the backward needs,
     ``residuals = (pos_weight [Na], lse_raw [Na], col_pos_weight [Nc], col_lse_raw [Nc])`` (the ``col_*`` pair is
     empty unless ``route == TWO_WAY``; ``lse_raw`` is the log-sum-exp in dot-product units, ``lse_raw / t`` the
-    natural one)."""
+    natural one). ``input_precision``: the dots' (None: :func:`input_precision_for` now); pass the backward the
+    same."""
     inv_temperature, scale = problem.inv_temperature, problem.scale
-    args = _LaunchArgs(problem)
+    args = _LaunchArgs(problem, input_precision=input_precision)
     lse, pos_logit_sum, pos_weight = contrastive_forward(args, inv_temperature)
     loss = row_losses(pos_logit_sum, pos_weight, lse * inv_temperature, scale).mean()
     col_pos_weight = col_lse = pos_weight.new_empty(0)
     if route == TWO_WAY:
-        reverse = _LaunchArgs(problem.reversed)
+        reverse = _LaunchArgs(problem.reversed, input_precision=args.constexprs["INPUT_PRECISION"])
         col_lse, col_pos_logit_sum, col_pos_weight = contrastive_forward(reverse, inv_temperature)
         loss = 0.5 * (loss + row_losses(col_pos_logit_sum, col_pos_weight, col_lse * inv_temperature, scale).mean())
     return loss, (pos_weight, lse, col_pos_weight, col_lse)
 
 
-def triton_backward(grad_output, problem: Problem, residuals, route: str, need_anchor=True, need_contrast=True):
+def triton_backward(
+    grad_output, problem: Problem, residuals, route: str, need_anchor=True, need_contrast=True, input_precision=None
+):
     """``(grad_anchor, grad_contrast)`` of ``grad_output * loss`` (either None when not needed; with
     ``route == ANCHORS_ARE_CONTRAST`` the whole gradient is ``grad_anchor`` and ``grad_contrast`` is None).
     ``grad_output`` is read on the device (no host sync) and applied to the fp32 accumulators, never to the
-    half-precision dS."""
-    args = _LaunchArgs(problem, two_way=route != ONE_WAY)
+    half-precision dS. ``input_precision``: the one the forward's dots used (None: :func:`input_precision_for`
+    now, which is the forward's only if ``allow_tf32`` has not changed since)."""
+    args = _LaunchArgs(problem, two_way=route != ONE_WAY, input_precision=input_precision)
     if not torch.is_tensor(grad_output):
         grad_output = torch.tensor(float(grad_output), device=args.device)
     grad_output = grad_output.detach().to(device=args.device, dtype=torch.float32).reshape(1)

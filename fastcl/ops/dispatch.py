@@ -101,7 +101,8 @@ def contrastive_loss(
     if backend == "triton":
         triton_backend.check_inputs(problem.contrast)
         route = triton_backend.route(problem)
-        return custom_ops.triton(triton_backend.unit_column_stride(problem, route), route)
+        precision = triton_backend.input_precision(problem.contrast.dtype)  # the backward's too
+        return custom_ops.triton(triton_backend.unit_column_stride(problem, route), route, precision)
     if eager_chunked:
         # Eagerly the same computation without the custom op's dispatch (schema binding, the op's autograd
         # wrapper, output aliasing checks): ~0.5 ms a call on a 2-core CPU, as much as the whole loss at N = 64.

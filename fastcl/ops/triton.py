@@ -112,24 +112,41 @@ def _launcher_problem(problem: Problem) -> Problem:
     return problem
 
 
-def forward(problem: Problem, route: str):
-    """``(loss, pos_weight [Na], lse [Na], col_pos_weight [Nc] or [0], col_lse [Nc] or [0])``, distinct tensors."""
+def input_precision(dtype: torch.dtype) -> str:
+    """The dots' input precision for ``dtype`` under the current ``allow_tf32`` (``'ieee'``, ``'tf32x3'``,
+    ``'tf32'``): read once per loss at the forward and passed to the backward with the residuals."""
+    from fastcl.kernels.launch import input_precision_for
+
+    return input_precision_for(dtype)
+
+
+def forward(problem: Problem, route: str, precision: str):
+    """``(loss, pos_weight [Na], lse [Na], col_pos_weight [Nc] or [0], col_lse [Nc] or [0])``, distinct tensors;
+    the dots in ``precision`` (:func:`input_precision`)."""
     from fastcl.kernels.launch import triton_forward
 
-    loss, residuals = triton_forward(_launcher_problem(problem), route)
+    loss, residuals = triton_forward(_launcher_problem(problem), route, precision)
     pos_weight, lse, col_pos_weight, col_lse = residuals
     if route != TWO_WAY:  # fresh, distinct outputs (a custom op's outputs may not alias each other)
         col_pos_weight, col_lse = lse.new_empty(0), lse.new_empty(0)
     return loss, pos_weight, lse, col_pos_weight, col_lse
 
 
-def backward(grad_output, problem: Problem, residuals, route: str, need_anchor: bool, need_contrast: bool):
+def backward(
+    grad_output, problem: Problem, residuals, route: str, precision: str, need_anchor: bool, need_contrast: bool
+):
     """``(dA, dC)`` in the input dtypes (empty ``[0]`` where not needed; when the anchors are the contrast rows the
-    whole gradient is ``dC``)."""
+    whole gradient is ``dC``); the recomputed dots in the forward's ``precision``."""
     from fastcl.kernels.launch import triton_backward
 
     grad_anchor, grad_contrast = triton_backward(
-        grad_output, _launcher_problem(problem), residuals, route, need_anchor=need_anchor, need_contrast=need_contrast
+        grad_output,
+        _launcher_problem(problem),
+        residuals,
+        route,
+        need_anchor=need_anchor,
+        need_contrast=need_contrast,
+        input_precision=precision,
     )
     if problem.anchors_are_contrast:  # the whole gradient is grad_anchor, and it belongs to the one input
         grad_anchor, grad_contrast = None, grad_anchor
