@@ -119,6 +119,7 @@ def covering_configs(label: str, dim: int, element_size: int) -> list:
     then the largest tile) of the variant's launchable configs, without repeats."""
     from fastcl.kernels import tiling
 
+    dim = tiling.launch_dim(dim)
     configs = tiling.launchable_configs(label, dim, element_size)
     size = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]  # noqa: E731
     picked = [
@@ -148,12 +149,13 @@ def selection(
     for dtype in dtypes:
         element_size, precisions = DTYPES[dtype][1:]
         for dim in dims:
+            seen = tiling.launch_dim(dim)  # odd D: the padded dim a launch sees
             for kernel_name, label, variant in KERNEL_VARIANTS:
                 if kernels and label not in kernels:
                     continue
-                fixed = tiling.fixed_config(label, dim, element_size)
-                autotuned = tiling.autotune_configs(label, dim, element_size)
-                for config in tiling.launchable_configs(label, dim, element_size):
+                fixed = tiling.fixed_config(label, seen, element_size)
+                autotuned = tiling.autotune_configs(label, seen, element_size)
+                for config in tiling.launchable_configs(label, seen, element_size):
                     roles = _roles(config, autotuned, fixed)
                     for precision in precisions:
                         for excl in exclude_self:
@@ -182,8 +184,8 @@ def covering_selection(dtypes, dims, archs, kernels=None) -> list:
                 for kernel_name, label, variant in KERNEL_VARIANTS:
                     if kernels and label not in kernels:
                         continue
-                    fixed = tiling.fixed_config(label, dim, element_size)
-                    autotuned = tiling.autotune_configs(label, dim, element_size)
+                    fixed = tiling.fixed_config(label, tiling.launch_dim(dim), element_size)
+                    autotuned = tiling.autotune_configs(label, tiling.launch_dim(dim), element_size)
                     for config in covering_configs(label, dim, element_size):
                         roles = _roles(config, autotuned, fixed)
                         picks = [combos[turn % len(combos)]]
@@ -205,7 +207,7 @@ def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
 
     from fastcl.kernels import launch, tiling
 
-    dim, torch_dtype = job["dim"], getattr(torch, job["torch_dtype"])
+    dim, torch_dtype = tiling.launch_dim(job["dim"]), getattr(torch, job["torch_dtype"])  # padded as a launch
     block_d, single = tiling.block_d_for(dim, DTYPES[job["dtype"]][1])
     bsz = n // 2
     values = dict(
@@ -275,8 +277,7 @@ def compile_one(job: dict) -> dict:
     record["arch"] = f"sm_{job['arch']}"
     record["roles"] = job.get("roles", [])
     try:
-        os.environ.pop("TRITON_INTERPRET", None)
-        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        os.environ.pop("TRITON_INTERPRET", None)  # fp fusion: as the launch environment sets it (fp_fusion_setting)
         import triton
         from triton import knobs
         from triton.backends.compiler import GPUTarget
@@ -313,12 +314,15 @@ def compile_one(job: dict) -> dict:
             num_stages=job["num_stages"],
         )
         element_size = DTYPES[job["dtype"]][1]
-        record["shared_estimate"] = tiling.shared_memory_estimate(config, job["dim"], element_size, job["kernel"])
+        seen = tiling.launch_dim(job["dim"])
+        record["launch_dim"] = seen
+        record["shared_estimate"] = tiling.shared_memory_estimate(config, seen, element_size, job["kernel"])
         record["registers"] = usage.get("reg", -1)
         record["spill_bytes"] = max(usage.get("stack", 0), usage.get("local", 0))
         ptx = compiled.asm["ptx"]
         record["mma"] = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "-")
         record["tensor_cores"] = record["mma"] != "-"
+        record["fp_fusion"] = bool(options.enable_fp_fusion)
         record["divisibility_16"] = sorted(
             fn.arg_names[path[0]] for path, attr in attrs.items() if ["tt.divisibility", 16] in attr
         )
@@ -398,6 +402,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fp_fusion_setting() -> str:
+    """What the lowerings use for FMA contraction: the launch environment's setting (``TRITON_DEFAULT_FP_FUSION``,
+    ``TRITON_FORCE_DISABLE_FP_FUSION``), else Triton's default, exactly as a launch in this environment would;
+    set them here as the training job sets them."""
+    default = os.environ.get("TRITON_DEFAULT_FP_FUSION")
+    forced_off = os.environ.get("TRITON_FORCE_DISABLE_FP_FUSION", "0").lower() in ("1", "true", "on", "yes")
+    source = "TRITON_FORCE_DISABLE_FP_FUSION" if forced_off else (
+        f"TRITON_DEFAULT_FP_FUSION={default}" if default is not None else "unset: Triton's default"
+    )
+    return f"fp fusion as a launch here compiles it ({source})"
+
+
 def _print_record(record) -> bool:
     """Print one lowering's row; whether it breaks an invariant (:func:`violations`)."""
     source = ("M" if record.get("has_mask") else "L") + ("x" if record.get("exclude_self", True) else "-")
@@ -423,8 +439,8 @@ def _print_record(record) -> bool:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     os.environ.pop("TRITON_INTERPRET", None)
+    print(f"fastcl AOT: {fp_fusion_setting()}")
 
     dims = args.dim or (DIMS if args.full else CI_DIMS)
     dtypes = args.dtype or list(DTYPES)

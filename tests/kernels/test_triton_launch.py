@@ -491,3 +491,36 @@ def test_recorded_precision_is_checked_against_the_dtype():
         launch.triton_forward(problem, "one_way", "ieee")
     with pytest.raises(ValueError, match="input_precision for torch.bfloat16"):
         launch.triton_forward(problem._replace(anchor=x.bfloat16(), contrast=x.bfloat16()), "one_way", "tf32")
+
+
+def test_transposed_mask_reuses_a_symmetric_mask_and_caches_the_copy(monkeypatch):
+    monkeypatch.setattr(launch, "_transposed", [])
+    gen = torch.Generator().manual_seed(4)
+    m = torch.rand(7, 7, generator=gen)
+    symmetric = (m + m.T).to(DEVICE)
+    assert launch.transposed_mask(symmetric) is symmetric  # no copy: the reverse weights are the mask's own
+    skew = m.to(DEVICE)
+    first = launch.transposed_mask(skew)
+    assert first is not skew and first.is_contiguous() and torch.equal(first, skew.T)
+    assert launch.transposed_mask(skew) is first  # one copy across calls
+    skew[0, 1] += 1.0  # an in-place edit is seen (the tensor's version)
+    second = launch.transposed_mask(skew)
+    assert second is not first and torch.equal(second, skew.T)
+    column_major = symmetric.T.contiguous().T  # symmetric values, column stride 7: copied to unit column stride
+    assert launch.transposed_mask(column_major).stride() == (7, 1)
+
+
+def test_two_way_symmetric_mask_gradients_match_chunked():
+    gen = torch.Generator().manual_seed(8)
+    bsz, dim = 6, 8
+    labels = torch.randint(0, 3, (bsz,), generator=gen)
+    mask = (labels[:, None] == labels[None, :]).float()
+    x = F.normalize(torch.randn(2 * bsz, dim, generator=gen), dim=-1)
+    grads = {}
+    for backend in ("triton", "chunked"):
+        a, c = x[:bsz].to(DEVICE).requires_grad_(), x[bsz:].to(DEVICE).requires_grad_()
+        loss = contrastive_loss(a, c, None, None, mask.to(DEVICE), self_offset=None, temperature=0.2, scale=1.0,
+                                backend=backend, two_way=True)  # fmt: skip
+        loss.backward()
+        grads[backend] = torch.cat([a.grad, c.grad]).cpu()
+    assert torch.allclose(grads["triton"], grads["chunked"], rtol=1e-4, atol=1e-6)
