@@ -56,10 +56,10 @@ DIMS = (3, 16, 64, 100, 128, 256, 300, 512, 1000, 1024)
 # kernel with one product instead of three), D = 128 (the common one), 256 (the largest single feature tile, where
 # shared memory is tightest) and 1024 (looped feature tiles); the fixed config everywhere, plus at D = 256 the kept
 # autotune config with the largest shared-memory estimate.
-# The covering sample's feature dims, one per tiling bucket: one tile of 16 with D unaligned (3), one tile of 128
-# unaligned (100), the widest single tile (256, shared memory tightest), looped tiles unaligned (1000) and aligned
-# (1024); fp32's buckets (one tile up to 16, output tiles of 64 .. 256) fall on the same dims.
-CI_DIMS = (3, 100, 256, 1000, 1024)
+# The covering sample's feature dims, one per tiling bucket of the launch dim (odd D is padded to a multiple of 16,
+# ``tiling.launch_dim``): one tile of 16 (D = 3), 64, 128 (D = 100), the widest single tile (256, shared memory
+# tightest) and looped tiles (D = 1000); fp32's buckets (one tile of 16, output tiles of 64 .. 256) fall on the same.
+CI_DIMS = (3, 64, 100, 256, 1000)
 ARCHS = (80, 90)
 # Input precisions whose spills are printed and recorded (``spill_bytes``) without failing the run: none. fp32 via
 # tf32x3 spilled with every tile it used to keep; its configs are now those that lower spill-free
@@ -175,24 +175,29 @@ def covering_selection(dtypes, dims, archs, kernels=None) -> list:
     lowered on every arch."""
     from fastcl.kernels import tiling
 
-    combos = [(arch, mask, excl) for mask in (False, True) for excl in (True, False) for arch in archs]
-    jobs, turn = [], 0
+    sources = [(mask, excl) for mask in (False, True) for excl in (True, False)]
+    jobs, arch_turn = [], {}
     for dtype in dtypes:
         element_size, precisions = DTYPES[dtype][1:]
         for precision in precisions:
-            for dim in dims:
-                for kernel_name, label, variant in KERNEL_VARIANTS:
-                    if kernels and label not in kernels:
-                        continue
-                    fixed = tiling.fixed_config(label, tiling.launch_dim(dim), element_size)
-                    autotuned = tiling.autotune_configs(label, tiling.launch_dim(dim), element_size)
+            for kernel_name, label, variant in KERNEL_VARIANTS:
+                if kernels and label not in kernels:
+                    continue
+                turn = 0  # per dtype, precision and variant: the positive sources and self exclusions in turn
+                for dim in dims:
+                    seen = tiling.launch_dim(dim)
+                    fixed = tiling.fixed_config(label, seen, element_size)
+                    autotuned = tiling.autotune_configs(label, seen, element_size)
                     for config in covering_configs(label, dim, element_size):
                         roles = _roles(config, autotuned, fixed)
-                        picks = [combos[turn % len(combos)]]
+                        mask, excl = sources[turn % len(sources)]
                         turn += 1
                         if "fixed" in roles:  # the fixed config on every arch
-                            picks += [(arch, picks[0][1], picks[0][2]) for arch in archs if arch != picks[0][0]]
-                        for arch, mask, excl in picks:
+                            picked = list(archs)
+                        else:  # the others on each arch in turn
+                            arch_turn[label] = arch_turn.get(label, -1) + 1
+                            picked = [archs[arch_turn[label] % len(archs)]]
+                        for arch in picked:
                             jobs.append(
                                 _job(kernel_name, label, variant, config, roles, dtype, precision, dim, arch, mask,
                                      excl)
@@ -445,8 +450,12 @@ def main(argv=None) -> int:
     dims = args.dim or (DIMS if args.full else CI_DIMS)
     dtypes = args.dtype or list(DTYPES)
     variants = tuple(v == "self" for v in args.variant) if args.variant else (True, False)
-    todo = selection(dtypes, dims, args.arch or ARCHS, args.full, args.mask, args.kernel, variants)
-    what = f"full, mask={args.mask}" if args.full else "covering sample"
+    if args.table and not args.full:  # the README rows: the fixed configs, labels or --mask, self-excluded
+        todo = selection(dtypes, dims, args.arch or ARCHS, True, args.mask, args.kernel, (True,))
+        todo = [job for job in todo if "fixed" in job["roles"]]
+    else:
+        todo = selection(dtypes, dims, args.arch or ARCHS, args.full, args.mask, args.kernel, variants)
+    what = f"full, mask={args.mask}" if args.full else ("fixed configs" if args.table else "covering sample")
     print(f"fastcl AOT: {len(todo)} lowerings ({what}), dims={list(dims)}")
     print(
         f"{'kernel':22s} {'src':3s} {'arch':6s} {'dtype':5s} {'prec':6s} {'D':>5s} {'BM':>4s} {'BN':>4s} {'wrp':>3s} {'stg':>3s} "
