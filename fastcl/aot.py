@@ -325,7 +325,7 @@ def compile_one(job: dict) -> dict:
         record["registers"] = usage.get("reg", -1)
         record["spill_bytes"] = max(usage.get("stack", 0), usage.get("local", 0))
         ptx = compiled.asm["ptx"]
-        record["mma"] = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "-")
+        record["mma"] = tensor_core_kinds(ptx)
         record["tensor_cores"] = record["mma"] != "-"
         record["fp_fusion"] = bool(options.enable_fp_fusion)
         record["divisibility_16"] = sorted(
@@ -334,6 +334,15 @@ def compile_one(job: dict) -> dict:
     except Exception as exc:  # report every failure, keep going
         record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return record
+
+
+def tensor_core_kinds(ptx: str) -> str:
+    """Every tensor-core instruction kind in ``ptx``: ``wgmma`` (sm_90 warpgroup products, M >= 64 per
+    warpgroup), ``mma`` (``mma.sync``), both as ``wgmma+mma`` (e.g. the logits product on one, ``dS^T A`` on the
+    other), or ``-``."""
+    patterns = (("wgmma", r"\bwgmma\.mma_async"), ("mma", r"\bmma\.sync"))
+    kinds = [kind for kind, pattern in patterns if re.search(pattern, ptx)]
+    return "+".join(kinds) or "-"
 
 
 TABLE_HEADER = (
