@@ -8,19 +8,24 @@ call passes them, the kernels' ``do_not_specialize`` lists) so the signature, co
 are those of a real launch, then runs ``triton.compile`` down to cubin for sm_80 / sm_90 and reads registers,
 stack (spills) and shared memory from the cubin with the ``cuobjdump`` that Triton ships.
 
-Exit status 1 if any lowering fails, any shared memory exceeds the arch's limit, any sm_90 lowering emits no tensor
-core instruction, any kept config spills (every dtype and precision, fp32 via tf32x3 included), or the selection is
-empty.
+Odd feature dims lower at the padded dim a launch sees (``tiling.launch_dim``: the launcher pads rows to a multiple
+of 16), and every lowering runs in the launch environment's fp fusion setting (``TRITON_DEFAULT_FP_FUSION``).
 
-    python -m fastcl.aot --json aot.json          # the CI subset (below), sm_80 + sm_90
-    python -m fastcl.aot --full --json aot.json   # everything a launch can compile: D in 16..1024, all dtypes
-    python -m fastcl.aot --dtype fp32 --dim 256 --mask --arch 90
+Exit status 1 if any lowering fails, any shared memory exceeds the arch's limit, any sm_90 lowering emits no tensor
+core instruction, any kept config spills (every dtype and precision), or the selection is empty.
+
+    python -m fastcl.aot --json aot.json          # the covering sample (CI, below), sm_80 + sm_90
+    python -m fastcl.aot --full --json aot.json   # every launchable config, D in 3..1024, self-excluded and two-tower
+    python -m fastcl.aot --full --mask            # the same with a [B, B] mask instead of labels
+    python -m fastcl.aot --full --dtype fp32 --dim 300 --variant two-tower --arch 90
     python -m fastcl.aot --arch 90 --dtype bf16 --dtype fp16 --dtype fp32 --dim 128 --dim 1024 --table
                                                   # the README's "GPU resources" rows (fixed configs, markdown)
 
-The CI subset (default without ``--full``) lowers for sm_80 and sm_90, bf16 and fp32/tf32x3, D in {128, 256, 1024},
-every kernel variant in its fixed config (the one ``FASTCL_TRITON_AUTOTUNE=0`` and deterministic mode launch), and
-at D = 256 also the autotuned config with the largest shared-memory estimate (the one closest to the limit).
+The covering sample (default without ``--full``, :func:`covering_selection`): every kernel variant x dtype x input
+precision x D bucket (D = 3, 64, 100, 256, 1000: one tile of 16, 64 and 128, the widest single tile, looped tiles;
+odd D included) with the variant's fixed, widest and deepest launchable configs; the fixed config on sm_80 and
+sm_90, the others on each arch in turn, and the positive source (labels, mask) and self exclusion (self-excluded,
+two-tower) cycled per variant, dtype and precision, so each of them meets every variant on both archs.
 """
 
 from __future__ import annotations
@@ -49,13 +54,9 @@ DTYPES = {
     "fp16": ("float16", 2, ("ieee",)),
     "fp32": ("float32", 4, ("tf32x3", "tf32")),
 }
-# Every feature tiling a launch compiles: one tile of 16 .. 256 (fp32: 16) and looped tiles, each with D a multiple
-# of 16 (vectorized, aligned rows) and not (3, 100, 300, 1000: unaligned row strides, masked feature columns).
+# Every feature tiling a launch compiles: one tile of 16 .. 256 (fp32: 16) and looped tiles, with D a multiple of 16
+# and not (3, 100, 300, 1000: lowered at the padded launch dim, 16, 112, 304, 1008).
 DIMS = (3, 16, 64, 100, 128, 256, 300, 512, 1000, 1024)
-# The CI subset (2 cores, a few minutes): bf16 (fp16 compiles the same tiles) and fp32 via tf32x3 (tf32 is the same
-# kernel with one product instead of three), D = 128 (the common one), 256 (the largest single feature tile, where
-# shared memory is tightest) and 1024 (looped feature tiles); the fixed config everywhere, plus at D = 256 the kept
-# autotune config with the largest shared-memory estimate.
 # The covering sample's feature dims, one per tiling bucket of the launch dim (odd D is padded to a multiple of 16,
 # ``tiling.launch_dim``): one tile of 16 (D = 3), 64, 128 (D = 100), the widest single tile (256, shared memory
 # tightest) and looped tiles (D = 1000); fp32's buckets (one tile of 16, output tiles of 64 .. 256) fall on the same.
