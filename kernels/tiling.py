@@ -211,10 +211,12 @@ def shared_memory_estimate(config: triton.Config, dim: int, element_size: int, k
     if element_size == 4:
         tiles *= 2
     scratch = 0 if kernel == "fwd" else block_m * block_n * max(element_size, 2) * 2
-    # a mask's fp32 weights tile passes through shared memory (the two-way kernels' mask and mask_t, pipelined
-    # num_stages deep): 2.9-4.4x the labels-only figure at D = 3 and 16 (128 x 64 forward: 40,960 B)
+    # a mask's fp32 weights tile passes through shared memory (pipelined num_stages deep with the streamed rows of
+    # bwd_contrast and in the two-way kernels, which read mask and mask_t): 2.9-4.4x the labels-only figure at D = 3
+    # and 16 (128 x 64 forward: 40,960 B)
     two_way = kernel.endswith("[two_way]")
-    mask_tiles = block_m * block_n * 4 * (stages if two_way else 1)
+    pipelined = two_way or kernel.startswith("bwd_contrast")
+    mask_tiles = block_m * block_n * 4 * (stages if pipelined else 1) * (2 if two_way else 1)
     return tiles + scratch + mask_tiles + 1024
 
 
