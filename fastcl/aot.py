@@ -122,7 +122,7 @@ def covering_configs(label: str, dim: int, element_size: int) -> list:
 
     dim = tiling.launch_dim(dim)
     configs = tiling.launchable_configs(label, dim, element_size)
-    size = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]  # noqa: E731
+    size = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
     picked = [
         tiling.fixed_config(label, dim, element_size),
         max(configs, key=lambda c: (size(c), -c.num_warps, c.num_stages)),
@@ -170,14 +170,15 @@ def selection(
 
 def covering_selection(dtypes, dims, archs, kernels=None) -> list:
     """The CI sample: every kernel variant x dtype x input precision x feature dim (one per tiling bucket, odd D
-    included) with the fixed, widest and deepest launchable configs (:func:`covering_configs`); each lowering takes
-    the next (arch, mask or labels, self-excluded or two-tower) combination in turn, so every kernel variant and
-    dtype meets each arch, positive source and self exclusion, and the fixed config of every combination is
-    lowered on every arch."""
+    included) with the fixed, widest and deepest launchable configs (:func:`covering_configs`), each lowered once.
+    The positive source and self exclusion cycle per variant, dtype and precision (each meets all four); the arch
+    alternates with the dim and the config, and is the other one for the other dtype of a pair (bf16 / fp16 and
+    tf32x3 / tf32 choose the same configs), so every config of every variant and bucket is lowered on both archs
+    by one of the pair."""
     from fastcl.kernels import tiling
 
     sources = [(mask, excl) for mask in (False, True) for excl in (True, False)]
-    jobs, arch_turn = [], {}
+    jobs, pair = [], 0  # pair: the index of the dtype / precision; bf16 and fp16, tf32x3 and tf32 take opposite archs
     for dtype in dtypes:
         element_size, precisions = DTYPES[dtype][1:]
         for precision in precisions:
@@ -185,24 +186,19 @@ def covering_selection(dtypes, dims, archs, kernels=None) -> list:
                 if kernels and label not in kernels:
                     continue
                 turn = 0  # per dtype, precision and variant: the positive sources and self exclusions in turn
-                for dim in dims:
+                for d, dim in enumerate(dims):
                     seen = tiling.launch_dim(dim)
                     fixed = tiling.fixed_config(label, seen, element_size)
                     autotuned = tiling.autotune_configs(label, seen, element_size)
-                    for config in covering_configs(label, dim, element_size):
-                        roles = _roles(config, autotuned, fixed)
+                    for c, config in enumerate(covering_configs(label, dim, element_size)):
                         mask, excl = sources[turn % len(sources)]
                         turn += 1
-                        if "fixed" in roles:  # the fixed config on every arch
-                            picked = list(archs)
-                        else:  # the others on each arch in turn
-                            arch_turn[label] = arch_turn.get(label, -1) + 1
-                            picked = [archs[arch_turn[label] % len(archs)]]
-                        for arch in picked:
-                            jobs.append(
-                                _job(kernel_name, label, variant, config, roles, dtype, precision, dim, arch, mask,
-                                     excl)
-                            )
+                        arch = archs[(pair + d + c) % len(archs)]
+                        jobs.append(
+                            _job(kernel_name, label, variant, config, _roles(config, autotuned, fixed), dtype,
+                                 precision, dim, arch, mask, excl)
+                        )
+            pair += 1
     return jobs
 
 
@@ -468,7 +464,8 @@ def main(argv=None) -> int:
     what = f"full, mask={args.mask}" if args.full else ("fixed configs" if args.table else "covering sample")
     print(f"fastcl AOT: {len(todo)} lowerings ({what}), dims={list(dims)}")
     print(
-        f"{'kernel':22s} {'src':3s} {'arch':6s} {'dtype':5s} {'prec':6s} {'D':>5s} {'BM':>4s} {'BN':>4s} {'wrp':>3s} {'stg':>3s} "
+        f"{'kernel':22s} {'src':3s} {'arch':6s} {'dtype':5s} {'prec':6s} {'D':>5s} {'BM':>4s} {'BN':>4s} {'wrp':>3s} "
+        f"{'stg':>3s} "
         f"{'regs':>4s} {'spill':>5s} {'shared':>7s} {'estim':>7s} {'mma':>5s} {'sec':>5s}"
     )
     records, bad = [], 0

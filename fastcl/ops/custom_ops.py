@@ -183,7 +183,8 @@ def _contrastive_triton_backward_fake(grad_output, anchor, contrast, *_rest):
 
 
 def _triton_setup(ctx, inputs, output):
-    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, route, precision = inputs
+    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale = inputs[:8]
+    route, precision = inputs[8:]
     ctx.save_for_backward(anchor, contrast, anchor_labels, contrast_labels, mask, *output[1:])
     ctx.settings = (self_offset, inv_temperature, scale, route, precision, anchor is None)
 

@@ -15,7 +15,6 @@ import torch
 
 from fastcl.ops.problem import ANCHORS_ARE_CONTRAST, ONE_WAY, TRITON_DTYPES, TWO_WAY, Problem
 
-
 # The oldest Triton the kernels run on: ``triton.jit(do_not_specialize_on_alignment=...)`` and an autotuner that
 # passes ``autotune(do_bench=...)`` on (3.0 / 3.1 reject the first; 3.2 drops the second, and its interpreter cannot
 # run a ``range`` over the split bounds). pyproject.toml states the same floor.
@@ -44,7 +43,7 @@ def kernels_status() -> tuple:
         floor = ".".join(map(str, MIN_TRITON))
         return False, f"triton {version} is older than {floor}, the oldest the fastcl kernels run on"
     try:
-        import fastcl.kernels.launch  # noqa: F401
+        import fastcl.kernels.launch
     except Exception as exc:  # any failure to build the kernels: report it instead of crashing every call
         return False, f"the fastcl Triton kernels do not import with triton {version}: {type(exc).__name__}: {exc}"
     return True, ""
