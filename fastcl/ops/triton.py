@@ -8,7 +8,6 @@ At that boundary ``anchor`` None means the route :data:`ANCHORS_ARE_CONTRAST` (o
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -29,11 +28,19 @@ def _version_tuple(version: str) -> tuple:
     return tuple(parts)
 
 
-@functools.lru_cache(maxsize=None)
+_status = []  # kernels_status(), decided once per process
+
+
 def kernels_status() -> tuple:
     """``(True, "")`` when the Triton kernels import (:mod:`fastcl.kernels.launch`: the ``@triton.jit`` kernels
     and the launcher), else ``(False, why)``: no triton, a Triton older than :data:`MIN_TRITON`, or the error the
-    import raised. Decided once per process."""
+    import raised. Decided once per process (a plain list, which ``torch.compile`` reads as a constant)."""
+    if not _status:
+        _status.append(_import_kernels())
+    return _status[0]
+
+
+def _import_kernels() -> tuple:
     try:
         import triton
     except ImportError as exc:
@@ -43,7 +50,7 @@ def kernels_status() -> tuple:
         floor = ".".join(map(str, MIN_TRITON))
         return False, f"triton {version} is older than {floor}, the oldest the fastcl kernels run on"
     try:
-        import fastcl.kernels.launch
+        import fastcl.kernels.launch  # noqa: F401
     except Exception as exc:  # any failure to build the kernels: report it instead of crashing every call
         return False, f"the fastcl Triton kernels do not import with triton {version}: {type(exc).__name__}: {exc}"
     return True, ""

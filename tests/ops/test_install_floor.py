@@ -16,11 +16,9 @@ pytest.importorskip("triton")
 
 @pytest.fixture
 def fresh_status(monkeypatch):
-    """Clear the cached status before and after (the real one is decided again afterwards)."""
-    triton_backend.kernels_status.cache_clear()
+    """A status decided afresh in the test (the process's own is restored afterwards)."""
+    monkeypatch.setattr(triton_backend, "_status", [])  # decided afresh here, the real one restored afterwards
     monkeypatch.setattr(dispatch, "_warned_fallback", [])
-    yield
-    triton_backend.kernels_status.cache_clear()
 
 
 def _cuda_like():
