@@ -11,7 +11,12 @@
 - device_guard: with two or more GPUs, tensors on cuda:1 while cuda:0 is current give the same loss and gradients
   as on cuda:0 (skipped with one GPU);
 - deterministic: under ``torch.use_deterministic_algorithms(True)`` two runs are bitwise equal and nothing is
-  autotuned.
+  autotuned;
+- dot_agreement: the kernels' own logits product (``_dots_tile``) in 64-row tiles (``wgmma`` on sm_90) and 32-row
+  tiles (``mma.sync``), and ``x_ij`` against ``x_ji`` (operands swapped), bitwise, per dtype and input precision, at
+  ``--d`` and at a looped D: the backward recomputes the forward's logits and assumes they are bitwise the same
+  (the 64 vs 32 rows equality always; ``x_ij == x_ji`` where it reuses the tile for the reverse direction, i.e. not
+  for tf32x3, ``launch.recompute_transposed``).
 
 Exit status 1 if any check fails. ``--device cpu`` with TRITON_INTERPRET=1 runs the same checks at toy sizes.
 """
@@ -25,8 +30,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from fastcl import functional as FF
+from fastcl.kernels import jit as K
 
 
 def max_rel(got, ref) -> float:
@@ -146,6 +154,73 @@ def check_deterministic(n, d, device):
     return [dict(check="deterministic", ok=equal and K._tuned == tuned_before, bitwise_equal=equal)]
 
 
+@triton.jit
+def _dots_probe_kernel(
+    a_ptr,
+    c_ptr,
+    out_ptr,
+    n,
+    dim,
+    stride,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """The ``[n, n]`` raw dots ``a_i . c_j`` with the kernels' own tile product, in ``BLOCK_M x BLOCK_N`` tiles."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid, col_valid = rows < n, cols < n
+    a_tile = K._load_rows(a_ptr, rows, row_valid, stride, 0, dim, BLOCK_D)
+    c_tile = K._load_rows(c_ptr, cols, col_valid, stride, 0, dim, BLOCK_D)
+    dots = K._dots_tile(a_ptr, c_ptr, a_tile, c_tile, rows, cols, row_valid, col_valid, dim, stride, stride,
+                        BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D_TILE, INPUT_PRECISION)  # fmt: skip
+    out = rows.to(tl.int64)[:, None] * n + cols[None, :]
+    tl.store(out_ptr + out, dots, mask=row_valid[:, None] & col_valid[None, :])
+
+
+def _probe_dots(a, c, block_m, precision):
+    from fastcl.kernels import tiling
+
+    n, dim = a.shape
+    block_d, single = tiling.block_d_for(dim, a.element_size())
+    out = torch.empty(n, n, dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(n, block_m), triton.cdiv(n, 32))
+    _dots_probe_kernel[grid](a, c, out, n, dim, a.stride(0), BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=block_d,
+                             SINGLE_D_TILE=single, INPUT_PRECISION=precision, num_warps=8, num_stages=2)  # fmt: skip
+    return out
+
+
+def check_dot_agreement(n, d, device):
+    from fastcl.kernels.launch import recompute_transposed
+
+    out = []
+    g = torch.Generator().manual_seed(5)
+    cases = [(torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32x3"), (torch.float32, "tf32")]
+    for dim in sorted({d, 1024 if device == "cuda" else 320}):
+        base_a = F.normalize(torch.randn(n, dim, generator=g), dim=-1).mul(10)
+        base_c = F.normalize(torch.randn(n, dim, generator=g), dim=-1).mul(10)
+        for dtype, precision in cases:
+            if dtype == torch.bfloat16 and device != "cuda":
+                continue  # the interpreter has no bf16
+            a, c = base_a.to(device, dtype), base_c.to(device, dtype)
+            rows64 = _probe_dots(a, c, 64, precision)
+            rows32 = _probe_dots(a, c, 32, precision)
+            transposed = _probe_dots(c, a, 64, precision).T
+            name = f"dot_agreement/{str(dtype).split('.')[-1]}/{precision}/D{dim}"
+            differ64 = int((rows64 != rows32).sum())
+            row = dict(check=f"{name}/rows64_vs_32", ok=differ64 == 0, differing=differ64)
+            if device != "cuda":  # numpy's matmul blocks by shape: only the plumbing is checked off-GPU
+                row.update(ok=True, skipped="(interpreter: numpy matmul, not the card's instructions)")
+            out.append(row)
+            differ_t = int((rows64 != transposed).sum())
+            relied_on = not recompute_transposed(dtype)
+            out.append(dict(check=f"{name}/ij_vs_ji", ok=differ_t == 0 or not relied_on, differing=differ_t,
+                            relied_on=relied_on))  # fmt: skip
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4096)
@@ -157,14 +232,17 @@ def main(argv=None) -> int:
         print("no CUDA device (use --device cpu with TRITON_INTERPRET=1 for a plumbing check)")
         return 2
     results = []
-    for check in (check_large_logits, check_tf32x3, check_loss_scale, check_device_guard, check_deterministic):
+    checks = (check_large_logits, check_tf32x3, check_loss_scale, check_device_guard, check_deterministic,
+              check_dot_agreement)  # fmt: skip
+    for check in checks:
         try:
             results += check(args.n, args.d, args.device)
         except Exception as exc:  # a crash is a failed check, reported with the others
             results.append(dict(check=check.__name__, ok=False, error=f"{type(exc).__name__}: {exc}"[:300]))
     for r in results:
         detail = f"error {r['error']:.2e} (tol {r['tolerance']:.0e})" if isinstance(r.get("error"), float) else ""
-        print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['check']:36s} {detail} {r.get('skipped', '')}")
+        differing = f"{r['differing']} differing" if "differing" in r else ""
+        print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['check']:36s} {detail} {differing} {r.get('skipped', '')}")
     failed = sum(not r["ok"] for r in results)
     if args.json:
         with open(args.json, "w") as f:

@@ -7,7 +7,7 @@
 # Stages (each time-boxed; the whole run keeps to FASTCL_GPU_BUDGET_S, default 560 s; logs and results in $OUT):
 #   env       nvidia-smi, python / torch / triton versions                     -> env.txt
 #   install   pip install --no-deps --no-build-isolation -e .  (+ any wheels in $FASTCL_WHEELS, offline)
-#   aot       python -m fastcl.aot --json (the CI subset, sm_80 + sm_90), in the background while the tests run
+#   aot       python -m fastcl.aot --json (the covering sample, sm_80 + sm_90), in the background while the tests run
 #                                                                                            -> aot.json
 #   tests     python -m pytest tests -q (the tests detect CUDA; FASTCL_TRITON_AUTOTUNE=0: correctness only)
 #   correct   benches/gpu_correctness.py: triton vs float64 at N=16384, fp32 / bf16 / fp16   -> correctness.json

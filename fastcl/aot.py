@@ -8,19 +8,24 @@ call passes them, the kernels' ``do_not_specialize`` lists) so the signature, co
 are those of a real launch, then runs ``triton.compile`` down to cubin for sm_80 / sm_90 and reads registers,
 stack (spills) and shared memory from the cubin with the ``cuobjdump`` that Triton ships.
 
-Exit status 1 if any lowering fails, any shared memory exceeds the arch's limit, any sm_90 lowering emits no tensor
-core instruction, any kept config spills (every dtype and precision, fp32 via tf32x3 included), or the selection is
-empty.
+Odd feature dims lower at the padded dim a launch sees (``tiling.launch_dim``: the launcher pads rows to a multiple
+of 16), and every lowering runs in the launch environment's fp fusion setting (``TRITON_DEFAULT_FP_FUSION``).
 
-    python -m fastcl.aot --json aot.json          # the CI subset (below), sm_80 + sm_90
-    python -m fastcl.aot --full --json aot.json   # everything a launch can compile: D in 16..1024, all dtypes
-    python -m fastcl.aot --dtype fp32 --dim 256 --mask --arch 90
+Exit status 1 if any lowering fails, any shared memory exceeds the arch's limit, any sm_90 lowering emits no tensor
+core instruction, any kept config spills (every dtype and precision), or the selection is empty.
+
+    python -m fastcl.aot --json aot.json          # the covering sample (CI, below), sm_80 + sm_90
+    python -m fastcl.aot --full --json aot.json   # every launchable config, D in 3..1024, self-excluded and two-tower
+    python -m fastcl.aot --full --mask            # the same with a [B, B] mask instead of labels
+    python -m fastcl.aot --full --dtype fp32 --dim 300 --variant two-tower --arch 90
     python -m fastcl.aot --arch 90 --dtype bf16 --dtype fp16 --dtype fp32 --dim 128 --dim 1024 --table
                                                   # the README's "GPU resources" rows (fixed configs, markdown)
 
-The CI subset (default without ``--full``) lowers for sm_80 and sm_90, bf16 and fp32/tf32x3, D in {128, 256, 1024},
-every kernel variant in its fixed config (the one ``FASTCL_TRITON_AUTOTUNE=0`` and deterministic mode launch), and
-at D = 256 also the autotuned config with the largest shared-memory estimate (the one closest to the limit).
+The covering sample (default without ``--full``, :func:`covering_selection`): every kernel variant x dtype x input
+precision x D bucket (D = 3, 64, 100, 256, 1000: one tile of 16, 64 and 128, the widest single tile, looped tiles;
+odd D included) with the variant's fixed, widest and deepest launchable configs; the fixed config on sm_80 and
+sm_90, the others on each arch in turn, and the positive source (labels, mask) and self exclusion (self-excluded,
+two-tower) cycled per variant, dtype and precision, so each of them meets every variant on both archs.
 """
 
 from __future__ import annotations
@@ -49,13 +54,13 @@ DTYPES = {
     "fp16": ("float16", 2, ("ieee",)),
     "fp32": ("float32", 4, ("tf32x3", "tf32")),
 }
-DIMS = (16, 64, 128, 256, 512, 1024)
-# The CI subset (2 cores, a few minutes): bf16 (fp16 compiles the same tiles) and fp32 via tf32x3 (tf32 is the same
-# kernel with one product instead of three), D = 128 (the common one), 256 (the largest single feature tile, where
-# shared memory is tightest) and 1024 (looped feature tiles); the fixed config everywhere, plus at D = 256 the kept
-# autotune config with the largest shared-memory estimate.
-CI_DIMS = (128, 256, 1024)
-CI_PRECISIONS = {"bf16": ("ieee",), "fp32": ("tf32x3",)}
+# Every feature tiling a launch compiles: one tile of 16 .. 256 (fp32: 16) and looped tiles, with D a multiple of 16
+# and not (3, 100, 300, 1000: lowered at the padded launch dim, 16, 112, 304, 1008).
+DIMS = (3, 16, 64, 100, 128, 256, 300, 512, 1000, 1024)
+# The covering sample's feature dims, one per tiling bucket of the launch dim (odd D is padded to a multiple of 16,
+# ``tiling.launch_dim``): one tile of 16 (D = 3), 64, 128 (D = 100), the widest single tile (256, shared memory
+# tightest) and looped tiles (D = 1000); fp32's buckets (one tile of 16, output tiles of 64 .. 256) fall on the same.
+CI_DIMS = (3, 64, 100, 256, 1000)
 ARCHS = (80, 90)
 # Input precisions whose spills are printed and recorded (``spill_bytes``) without failing the run: none. fp32 via
 # tf32x3 spilled with every tile it used to keep; its configs are now those that lower spill-free
@@ -63,6 +68,8 @@ ARCHS = (80, 90)
 SPILLS_REPORTED_ONLY = ()
 RECORD_KEYS = (
     "kernel",
+    "has_mask",
+    "exclude_self",
     "arch",
     "dtype",
     "input_precision",
@@ -79,56 +86,119 @@ RECORD_KEYS = (
 )
 
 
-def selection(dtypes, dims, archs, full: bool, has_mask: bool = False, kernels=None) -> list:
-    """The lowering jobs: one dict per kernel variant / config / arch / dtype / precision / dim (``full=False``: the
-    CI subset's configs and precisions; ``kernels``: only these variant labels, default all)."""
+def _job(kernel_name, label, variant, config, roles, dtype, precision, dim, arch, has_mask, exclude_self) -> dict:
+    return dict(
+        kernel_name=kernel_name,
+        kernel=label,
+        variant=variant,
+        arch=arch,
+        dtype=dtype,
+        torch_dtype=DTYPES[dtype][0],
+        input_precision=precision,
+        dim=dim,
+        block_m=config.kwargs["BLOCK_M"],
+        block_n=config.kwargs["BLOCK_N"],
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        has_mask=has_mask,
+        exclude_self=exclude_self,
+        roles=roles,
+    )
 
+
+def _roles(config, autotuned, fixed) -> list:
     from fastcl.kernels import tiling
 
+    key = tiling.config_key(config)
+    return (["autotuned"] if any(tiling.config_key(c) == key for c in autotuned) else []) + (
+        ["fixed"] if key == tiling.config_key(fixed) else []
+    )
+
+
+def covering_configs(label: str, dim: int, element_size: int) -> list:
+    """The fixed, the widest (largest tile, fewest warps: most values per thread) and the deepest (most stages,
+    then the largest tile) of the variant's launchable configs, without repeats."""
+    from fastcl.kernels import tiling
+
+    dim = tiling.launch_dim(dim)
+    configs = tiling.launchable_configs(label, dim, element_size)
+    size = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+    picked = [
+        tiling.fixed_config(label, dim, element_size),
+        max(configs, key=lambda c: (size(c), -c.num_warps, c.num_stages)),
+        max(configs, key=lambda c: (c.num_stages, size(c), -c.num_warps)),
+    ]
+    out = []
+    for config in picked:
+        if all(tiling.config_key(config) != tiling.config_key(c) for c in out):
+            out.append(config)
+    return out
+
+
+def selection(
+    dtypes, dims, archs, full: bool, has_mask: bool = False, kernels=None, exclude_self=(True, False)
+) -> list:
+    """The lowering jobs: one dict per kernel variant / config / arch / dtype / precision / dim / positive source /
+    self exclusion. ``full``: every launchable config of every combination (``has_mask`` picks the positive
+    source, ``exclude_self`` the variants: self-excluded and two-tower). Else the covering sample
+    (:func:`covering_selection`). ``kernels``: only these variant labels (default all)."""
+    from fastcl.kernels import tiling
+
+    if not full:
+        return covering_selection(dtypes, dims, archs, kernels)
     jobs = []
     for dtype in dtypes:
-        torch_dtype, element_size, precisions = DTYPES[dtype]
-        if not full:
-            precisions = CI_PRECISIONS.get(dtype, precisions)
+        element_size, precisions = DTYPES[dtype][1:]
         for dim in dims:
+            seen = tiling.launch_dim(dim)  # odd D: the padded dim a launch sees
             for kernel_name, label, variant in KERNEL_VARIANTS:
                 if kernels and label not in kernels:
                     continue
-                base = label  # configs are chosen per variant (two-way tiles hold twice the fp32 values)
-                fixed = tiling.fixed_config(base, dim, element_size)
-                autotuned = tiling.autotune_configs(base, dim, element_size)
-                if full:
-                    configs = tiling.launchable_configs(base, dim, element_size)
-                else:
-                    biggest = max(autotuned, key=lambda c: tiling.shared_memory_estimate(c, dim, element_size, base))
-                    extra = dim == 256 and tiling.config_key(biggest) != tiling.config_key(fixed)
-                    configs = [fixed] + ([biggest] if extra else [])
-                for config in configs:
-                    roles = []
-                    if any(tiling.config_key(c) == tiling.config_key(config) for c in autotuned):
-                        roles.append("autotuned")
-                    if tiling.config_key(config) == tiling.config_key(fixed):
-                        roles.append("fixed")
+                fixed = tiling.fixed_config(label, seen, element_size)
+                autotuned = tiling.autotune_configs(label, seen, element_size)
+                for config in tiling.launchable_configs(label, seen, element_size):
+                    roles = _roles(config, autotuned, fixed)
                     for precision in precisions:
-                        for arch in archs:
-                            jobs.append(
-                                dict(
-                                    kernel_name=kernel_name,
-                                    kernel=label,
-                                    variant=variant,
-                                    arch=arch,
-                                    dtype=dtype,
-                                    torch_dtype=torch_dtype,
-                                    input_precision=precision,
-                                    dim=dim,
-                                    block_m=config.kwargs["BLOCK_M"],
-                                    block_n=config.kwargs["BLOCK_N"],
-                                    num_warps=config.num_warps,
-                                    num_stages=config.num_stages,
-                                    has_mask=has_mask,
-                                    roles=roles,
+                        for excl in exclude_self:
+                            for arch in archs:
+                                jobs.append(
+                                    _job(kernel_name, label, variant, config, roles, dtype, precision, dim, arch,
+                                         has_mask, excl)
                                 )
-                            )
+    return jobs
+
+
+def covering_selection(dtypes, dims, archs, kernels=None) -> list:
+    """The CI sample: every kernel variant x dtype x input precision x feature dim (one per tiling bucket, odd D
+    included) with the fixed, widest and deepest launchable configs (:func:`covering_configs`), each lowered once.
+    The positive source and self exclusion cycle per variant, dtype and precision (each meets all four); the arch
+    alternates with the dim and the config, and is the other one for the other dtype of a pair (bf16 / fp16 and
+    tf32x3 / tf32 choose the same configs), so every config of every variant and bucket is lowered on both archs
+    by one of the pair."""
+    from fastcl.kernels import tiling
+
+    sources = [(mask, excl) for mask in (False, True) for excl in (True, False)]
+    jobs, pair = [], 0  # pair: the index of the dtype / precision; bf16 and fp16, tf32x3 and tf32 take opposite archs
+    for dtype in dtypes:
+        element_size, precisions = DTYPES[dtype][1:]
+        for precision in precisions:
+            for kernel_name, label, variant in KERNEL_VARIANTS:
+                if kernels and label not in kernels:
+                    continue
+                turn = 0  # per dtype, precision and variant: the positive sources and self exclusions in turn
+                for d, dim in enumerate(dims):
+                    seen = tiling.launch_dim(dim)
+                    fixed = tiling.fixed_config(label, seen, element_size)
+                    autotuned = tiling.autotune_configs(label, seen, element_size)
+                    for c, config in enumerate(covering_configs(label, dim, element_size)):
+                        mask, excl = sources[turn % len(sources)]
+                        turn += 1
+                        arch = archs[(pair + d + c) % len(archs)]
+                        jobs.append(
+                            _job(kernel_name, label, variant, config, _roles(config, autotuned, fixed), dtype,
+                                 precision, dim, arch, mask, excl)
+                        )
+            pair += 1
     return jobs
 
 
@@ -139,7 +209,7 @@ def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
 
     from fastcl.kernels import launch, tiling
 
-    dim, torch_dtype = job["dim"], getattr(torch, job["torch_dtype"])
+    dim, torch_dtype = tiling.launch_dim(job["dim"]), getattr(torch, job["torch_dtype"])  # padded as a launch
     block_d, single = tiling.block_d_for(dim, DTYPES[job["dtype"]][1])
     bsz = n // 2
     values = dict(
@@ -164,7 +234,7 @@ def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
     )
     constexprs = dict(
         HAS_MASK=job["has_mask"],
-        EXCLUDE_SELF=True,
+        EXCLUDE_SELF=job.get("exclude_self", True),
         INPUT_PRECISION=job["input_precision"],
         SINGLE_D_TILE=single,
         BLOCK_D=block_d,
@@ -209,8 +279,7 @@ def compile_one(job: dict) -> dict:
     record["arch"] = f"sm_{job['arch']}"
     record["roles"] = job.get("roles", [])
     try:
-        os.environ.pop("TRITON_INTERPRET", None)
-        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        os.environ.pop("TRITON_INTERPRET", None)  # fp fusion: as the launch environment sets it (fp_fusion_setting)
         import triton
         from triton import knobs
         from triton.backends.compiler import GPUTarget
@@ -247,18 +316,30 @@ def compile_one(job: dict) -> dict:
             num_stages=job["num_stages"],
         )
         element_size = DTYPES[job["dtype"]][1]
-        record["shared_estimate"] = tiling.shared_memory_estimate(config, job["dim"], element_size, job["kernel"])
+        seen = tiling.launch_dim(job["dim"])
+        record["launch_dim"] = seen
+        record["shared_estimate"] = tiling.shared_memory_estimate(config, seen, element_size, job["kernel"])
         record["registers"] = usage.get("reg", -1)
         record["spill_bytes"] = max(usage.get("stack", 0), usage.get("local", 0))
         ptx = compiled.asm["ptx"]
-        record["mma"] = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "-")
+        record["mma"] = tensor_core_kinds(ptx)
         record["tensor_cores"] = record["mma"] != "-"
+        record["fp_fusion"] = bool(options.enable_fp_fusion)
         record["divisibility_16"] = sorted(
             fn.arg_names[path[0]] for path, attr in attrs.items() if ["tt.divisibility", 16] in attr
         )
     except Exception as exc:  # report every failure, keep going
         record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return record
+
+
+def tensor_core_kinds(ptx: str) -> str:
+    """Every tensor-core instruction kind in ``ptx``: ``wgmma`` (sm_90 warpgroup products, M >= 64 per
+    warpgroup), ``mma`` (``mma.sync``), both as ``wgmma+mma`` (e.g. the logits product on one, ``dS^T A`` on the
+    other), or ``-``."""
+    patterns = (("wgmma", r"\bwgmma\.mma_async"), ("mma", r"\bmma\.sync"))
+    kinds = [kind for kind, pattern in patterns if re.search(pattern, ptx)]
+    return "+".join(kinds) or "-"
 
 
 TABLE_HEADER = (
@@ -312,12 +393,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastcl.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="default: all")
     parser.add_argument("--dim", type=int, action="append", help="feature dim(s) D; default: the subset's")
-    parser.add_argument("--mask", action="store_true", help="the [bsz, bsz] mask variant instead of labels")
+    parser.add_argument("--mask", action="store_true", help="--full: the [bsz, bsz] mask instead of labels")
     parser.add_argument("--arch", type=int, action="append", help="SM version(s), default 80 and 90")
     parser.add_argument(
         "--kernel", choices=[label for _, label, _ in KERNEL_VARIANTS], action="append", help="default: all variants"
     )
-    parser.add_argument("--full", action="store_true", help="every launchable config and D in 16..1024")
+    parser.add_argument("--full", action="store_true", help="every launchable config, D in 3..1024 (odd D included)")
+    parser.add_argument(
+        "--variant",
+        choices=["self", "two-tower"],
+        action="append",
+        help="--full: self-excluded (EXCLUDE_SELF) and/or two-tower rows; default both",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the records (a JSON list) here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
@@ -326,10 +413,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fp_fusion_setting() -> str:
+    """What the lowerings use for FMA contraction: the launch environment's setting (``TRITON_DEFAULT_FP_FUSION``,
+    ``TRITON_FORCE_DISABLE_FP_FUSION``), else Triton's default, exactly as a launch in this environment would;
+    set them here as the training job sets them."""
+    default = os.environ.get("TRITON_DEFAULT_FP_FUSION")
+    forced_off = os.environ.get("TRITON_FORCE_DISABLE_FP_FUSION", "0").lower() in ("1", "true", "on", "yes")
+    source = "TRITON_FORCE_DISABLE_FP_FUSION" if forced_off else (
+        f"TRITON_DEFAULT_FP_FUSION={default}" if default is not None else "unset: Triton's default"
+    )
+    return f"fp fusion as a launch here compiles it ({source})"
+
+
 def _print_record(record) -> bool:
     """Print one lowering's row; whether it breaks an invariant (:func:`violations`)."""
+    source = ("M" if record.get("has_mask") else "L") + ("x" if record.get("exclude_self", True) else "-")
     prefix = (
-        f"{record['kernel']:22s} {record['arch']:6s} {record['dtype']:5s} {record['input_precision']:6s} "
+        f"{record['kernel']:22s} {source:3s} {record['arch']:6s} {record['dtype']:5s} {record['input_precision']:6s} "
         f"{record['dim']:5d} {record['block_m']:4d} {record['block_n']:4d} {record['num_warps']:3d} "
         f"{record['num_stages']:3d}"
     )
@@ -350,18 +450,22 @@ def _print_record(record) -> bool:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     os.environ.pop("TRITON_INTERPRET", None)
+    print(f"fastcl AOT: {fp_fusion_setting()}")
 
     dims = args.dim or (DIMS if args.full else CI_DIMS)
-    dtypes = args.dtype or (sorted(DTYPES) if args.full else sorted(CI_PRECISIONS))
-    todo = selection(dtypes, dims, args.arch or ARCHS, args.full, args.mask, args.kernel)
+    dtypes = args.dtype or list(DTYPES)
+    variants = tuple(v == "self" for v in args.variant) if args.variant else (True, False)
+    if args.table and not args.full:  # the README rows: the fixed configs, labels or --mask, self-excluded
+        todo = selection(dtypes, dims, args.arch or ARCHS, True, args.mask, args.kernel, (True,))
+        todo = [job for job in todo if "fixed" in job["roles"]]
+    else:
+        todo = selection(dtypes, dims, args.arch or ARCHS, args.full, args.mask, args.kernel, variants)
+    what = f"full, mask={args.mask}" if args.full else ("fixed configs" if args.table else "covering sample")
+    print(f"fastcl AOT: {len(todo)} lowerings ({what}), dims={list(dims)}")
     print(
-        f"fastcl AOT: {len(todo)} lowerings ({'full' if args.full else 'CI subset'}), dims={list(dims)}, "
-        f"mask={args.mask}"
-    )
-    print(
-        f"{'kernel':22s} {'arch':6s} {'dtype':5s} {'prec':6s} {'D':>5s} {'BM':>4s} {'BN':>4s} {'wrp':>3s} {'stg':>3s} "
+        f"{'kernel':22s} {'src':3s} {'arch':6s} {'dtype':5s} {'prec':6s} {'D':>5s} {'BM':>4s} {'BN':>4s} {'wrp':>3s} "
+        f"{'stg':>3s} "
         f"{'regs':>4s} {'spill':>5s} {'shared':>7s} {'estim':>7s} {'mma':>5s} {'sec':>5s}"
     )
     records, bad = [], 0

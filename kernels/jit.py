@@ -151,9 +151,12 @@ def _dlogits_tile(probs, coef_softmax, coef_pos, w):
 # and q_j = exp2(s (ref - lse'_j)) around a tile reference ref: BLOCK_M + BLOCK_N exps per tile instead of
 # BLOCK_M * BLOCK_N. Only where the tile's log-sum-exps lie within EXP_REUSE_MAX_SPAN (in log2 units) of each other:
 # then each factor is within 2**(+-SPAN/2) (no overflow or underflow) and p_ij >= p'_ji * 2**-SPAN, so every p'_ji
-# above 2**(SPAN - 126) comes from a normal p_ij at full fp32 precision (smaller ones are below anything the fp16 /
-# bf16 dS cast keeps). Any other tile (spread-out or non-finite statistics: extreme logits, empty rows, NaN) takes
-# one exp per pair as before.
+# above 2**(SPAN - 126) comes from a normal p_ij at full fp32 precision. Smaller ones (below 2**-62) may lose bits or
+# flush to zero: fp16's dS cast keeps nothing below 2**-24 anyway; bf16 has fp32's exponent range and would keep
+# them, but such a term is 2**-54 below bf16's rounding step of any dS entry of order 1 / N (N < 2**30), so the
+# gradient does not see it. Spread-out or infinite statistics (extreme logits, empty rows) take one exp per pair.
+# NaN statistics do not switch the reuse off (tl.min / tl.max skip NaN), but they reach p'_ji through r_i or q_j as
+# they would through the exp: that row or column is NaN either way.
 EXP_REUSE_MAX_SPAN = tl.constexpr(64.0)
 
 
@@ -202,7 +205,7 @@ def _transposed_dlogits_tile(
         col_hi = tl.max(tl.where(col_valid, col_lse_raw, float("-inf")), axis=0)
         lo = tl.minimum(row_lo, col_lo)
         hi = tl.maximum(row_hi, col_hi)
-        if logit_scale_log2 * (hi - lo) <= EXP_REUSE_MAX_SPAN:  # False for inf / NaN statistics
+        if logit_scale_log2 * (hi - lo) <= EXP_REUSE_MAX_SPAN:  # False for infinite statistics; NaN ones are skipped
             ref = lo + 0.5 * (hi - lo)
             row_factor = tl.exp2(logit_scale_log2 * tl.where(row_valid, lse_raw - ref, 0.0))
             col_factor = tl.exp2(logit_scale_log2 * tl.where(col_valid, ref - col_lse_raw, 0.0))

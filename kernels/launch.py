@@ -26,6 +26,7 @@ from fastcl.kernels.tiling import (
     block_d_for,
     fixed_config,
     fixed_preference,
+    launch_dim,
     output_block_d_for,
     variant_name,
 )
@@ -107,10 +108,24 @@ def _kernel_and_config(variant, dim, element_size):
 
 def input_precision_for(dtype: torch.dtype) -> str:
     """fp32 dots run on tensor cores: ``'tf32'`` when ``torch.backends.cuda.matmul.allow_tf32`` is set, else
-    ``'tf32x3'`` (three TF32 products with split operands: fp32-level accuracy, PyTorch's default)."""
+    ``'tf32x3'`` (three TF32 products with split operands: fp32-level accuracy, PyTorch's default).
+
+    Read once per loss, at the forward: the forward's statistics and the backward's recomputed logits must come
+    from the same dot, so the backward takes the precision the forward recorded (``triton_backward``'s
+    ``input_precision``), whatever the flag says by then."""
     if dtype == torch.float32:
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
     return "ieee"
+
+
+def _checked_precision(dtype: torch.dtype, input_precision) -> str:
+    """``input_precision`` (None: :func:`input_precision_for` now), checked against the dtype."""
+    if input_precision is None:
+        return input_precision_for(dtype)
+    allowed = ("tf32x3", "tf32") if dtype == torch.float32 else ("ieee",)
+    if input_precision not in allowed:
+        raise ValueError(f"input_precision for {dtype} must be one of {allowed}, got {input_precision!r}")
+    return input_precision
 
 
 def recompute_transposed(dtype: torch.dtype) -> bool:
@@ -147,16 +162,17 @@ def _device_guard(device: torch.device):
 class _LaunchArgs:
     """The kernels' view of one call, prepared once: unit column stride for the embeddings (row strides passed),
     labels and mask passed with their strides, placeholders for what the variant does not read. ``two_way`` (a
-    backward that adds the reverse direction) with a mask also prepares ``mask_t``, a contiguous copy of
-    ``mask.T``, so the reverse weights ``mask[j % B, i % B]`` are read along rows (``mask_t_strides``)."""
+    backward that adds the reverse direction) with a mask also prepares ``mask_t``, ``mask.T`` with unit column
+    stride (the mask itself when symmetric, :func:`transposed_mask`), so the reverse weights ``mask[j % B, i % B]``
+    are read along rows (``mask_t_strides``)."""
 
-    def __init__(self, problem: Problem, two_way: bool = False):
+    def __init__(self, problem: Problem, two_way: bool = False, input_precision=None):
         anchor, contrast, mask, self_offset = problem.anchor_rows, problem.contrast, problem.mask, problem.self_offset
         anchor_labels, contrast_labels = problem.anchor_labels, problem.contrast_labels
         _check_embeddings(anchor, contrast)
-        one_tensor = contrast is anchor  # (one contiguous copy serves both roles)
-        self.anchor = anchor if anchor.stride(1) == 1 else anchor.contiguous()
-        self.contrast = self.anchor if one_tensor else (contrast if contrast.stride(1) == 1 else contrast.contiguous())
+        self.feature_dim = anchor.shape[1]  # the caller's D; self.dim is the one the kernels see (aligned_rows)
+        self.anchor = aligned_rows(anchor)
+        self.contrast = self.anchor if contrast is anchor else aligned_rows(contrast)  # one copy serves both roles
         self.device = anchor.device
         self.has_mask = mask is not None
         if self.has_mask:
@@ -168,11 +184,12 @@ class _LaunchArgs:
         else:
             _check_labels(anchor, contrast, anchor_labels, contrast_labels)
             mask = torch.zeros(1, dtype=torch.float32, device=self.device)
-        self.n_anchor, self.n_contrast, self.dim = anchor.shape[0], contrast.shape[0], anchor.shape[1]
+        self.n_anchor, self.n_contrast, self.dim = anchor.shape[0], contrast.shape[0], self.anchor.shape[1]
         self.block_d, single = block_d_for(self.dim, anchor.element_size())
         self.element_size = anchor.element_size()
         self.tensors = (self.anchor, self.contrast, anchor_labels, contrast_labels, mask)
-        self.mask_t = mask.t().contiguous() if self.has_mask and two_way else mask  # no host sync
+        self.two_way = two_way
+        self.mask_t = transposed_mask(mask) if self.has_mask and two_way else mask
         self.mask_t_strides = (self.mask_t.stride(0), self.mask_t.stride(1)) if self.has_mask else (1, 1)
         self.sizes = (
             self.n_anchor,
@@ -192,10 +209,50 @@ class _LaunchArgs:
         self.constexprs = dict(
             HAS_MASK=self.has_mask,
             EXCLUDE_SELF=self_offset is not None,
-            INPUT_PRECISION=input_precision_for(anchor.dtype),
+            INPUT_PRECISION=_checked_precision(anchor.dtype, input_precision),
             SINGLE_D_TILE=single,
             BLOCK_D=self.block_d,
         )
+
+
+def aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the kernels are compiled for it: unit column stride, the feature dim and the row stride multiples
+    of 16 elements and a 16-byte aligned base, so that every tile load is vectorized and every launch compiles one
+    of the aligned variants :func:`fastcl.kernels.tiling.keep_config` was calibrated on (element-wise loads of
+    unaligned rows, D = 100 or 300, spilled 8-272 B in the same configs). Other embeddings are copied once into a
+    zero-padded ``[N, launch_dim(D)]`` tensor (an O(N * D) copy next to the O(N^2 * D) loss; zero columns add
+    nothing to the dots, and their gradient columns are dropped, :func:`_trimmed`)."""
+    dim = x.shape[1]
+    if x.stride(1) == 1 and dim == launch_dim(dim) and x.stride(0) % 16 == 0 and x.data_ptr() % 16 == 0:
+        return x
+    return torch.nn.functional.pad(x, (0, launch_dim(dim) - dim)).contiguous()
+
+
+def _trimmed(grad, feature_dim: int):
+    """The gradient of the caller's ``[N, D]`` rows from the kernels' padded ``[N, launch_dim(D)]`` one."""
+    if grad is None or grad.shape[1] == feature_dim:
+        return grad
+    return grad[:, :feature_dim].contiguous()
+
+
+# The last mask a two-way backward read, its version and its transpose (the mask itself when symmetric), held so
+# that the mask cannot be freed and its address reused while cached.
+_transposed = []
+
+
+def transposed_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``mask.T`` with unit column stride, for the two-way backward's reverse weights: ``mask`` itself when it is
+    symmetric (SupCon's masks: no copy), else a contiguous copy. Kept across calls for the same, unmodified mask, so
+    the symmetry check (one host sync) and the copy happen once per mask, not every step; while a CUDA graph is
+    being captured nothing is checked (a copy)."""
+    key = (mask.data_ptr(), tuple(mask.shape), mask.stride(), mask.dtype, mask.device, mask._version)
+    if _transposed and _transposed[0][1] == key:
+        return _transposed[0][2]
+    if mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        return mask.t().contiguous()
+    mask_t = mask if mask.stride(1) == 1 and bool(torch.equal(mask, mask.t())) else mask.t().contiguous()
+    _transposed[:] = [(mask, key, mask_t)]
+    return mask_t
 
 
 def _check_embeddings(anchor: torch.Tensor, contrast: torch.Tensor) -> None:
@@ -323,7 +380,7 @@ def contrastive_backward(
         BLOCK_D_OUT=output_block_d_for(args.dim, args.element_size, two_way),
         EXP_REUSE=two_way and reuse_transposed_exp(args.anchor.dtype),
     )
-    if two_way and args.has_mask and args.mask_t is args.tensors[4]:
+    if two_way and args.has_mask and not args.two_way:
         raise ValueError("a two-way masked backward needs _LaunchArgs(..., two_way=True) (the transposed mask)")
     # passed by keyword (the kernels' last runtime arguments): the transposed mask of TWO_WAY and its strides
     constexprs.update(
@@ -398,29 +455,33 @@ def triton_route(problem: Problem) -> str:
     return ONE_WAY
 
 
-def triton_forward(problem: Problem, route: str):
+def triton_forward(problem: Problem, route: str, input_precision=None):
     """``(loss, residuals)``: the fp32 scalar loss and the fp32 row statistics the backward needs,
     ``residuals = (pos_weight [Na], lse_raw [Na], col_pos_weight [Nc], col_lse_raw [Nc])`` (the ``col_*`` pair is
     empty unless ``route == TWO_WAY``; ``lse_raw`` is the log-sum-exp in dot-product units, ``lse_raw / t`` the
-    natural one)."""
+    natural one). ``input_precision``: the dots' (None: :func:`input_precision_for` now); pass the backward the
+    same."""
     inv_temperature, scale = problem.inv_temperature, problem.scale
-    args = _LaunchArgs(problem)
+    args = _LaunchArgs(problem, input_precision=input_precision)
     lse, pos_logit_sum, pos_weight = contrastive_forward(args, inv_temperature)
     loss = row_losses(pos_logit_sum, pos_weight, lse * inv_temperature, scale).mean()
     col_pos_weight = col_lse = pos_weight.new_empty(0)
     if route == TWO_WAY:
-        reverse = _LaunchArgs(problem.reversed)
+        reverse = _LaunchArgs(problem.reversed, input_precision=args.constexprs["INPUT_PRECISION"])
         col_lse, col_pos_logit_sum, col_pos_weight = contrastive_forward(reverse, inv_temperature)
         loss = 0.5 * (loss + row_losses(col_pos_logit_sum, col_pos_weight, col_lse * inv_temperature, scale).mean())
     return loss, (pos_weight, lse, col_pos_weight, col_lse)
 
 
-def triton_backward(grad_output, problem: Problem, residuals, route: str, need_anchor=True, need_contrast=True):
+def triton_backward(
+    grad_output, problem: Problem, residuals, route: str, need_anchor=True, need_contrast=True, input_precision=None
+):
     """``(grad_anchor, grad_contrast)`` of ``grad_output * loss`` (either None when not needed; with
     ``route == ANCHORS_ARE_CONTRAST`` the whole gradient is ``grad_anchor`` and ``grad_contrast`` is None).
     ``grad_output`` is read on the device (no host sync) and applied to the fp32 accumulators, never to the
-    half-precision dS."""
-    args = _LaunchArgs(problem, two_way=route != ONE_WAY)
+    half-precision dS. ``input_precision``: the one the forward's dots used (None: :func:`input_precision_for`
+    now, which is the forward's only if ``allow_tf32`` has not changed since)."""
+    args = _LaunchArgs(problem, two_way=route != ONE_WAY, input_precision=input_precision)
     if not torch.is_tensor(grad_output):
         grad_output = torch.tensor(float(grad_output), device=args.device)
     grad_output = grad_output.detach().to(device=args.device, dtype=torch.float32).reshape(1)
@@ -431,7 +492,7 @@ def triton_backward(grad_output, problem: Problem, residuals, route: str, need_a
     if route == TWO_WAY:  # both directions average over Na == Nc anchors; the loss is their mean
         col_stats = (col_lse, *grad_coefficients(col_pos_weight, problem.scale))
         grad_scale *= 0.5
-    return contrastive_backward(
+    grads = contrastive_backward(
         args,
         grad_output,
         problem.inv_temperature,
@@ -441,6 +502,7 @@ def triton_backward(grad_output, problem: Problem, residuals, route: str, need_a
         need_anchor=need_anchor or route == ANCHORS_ARE_CONTRAST,
         need_contrast=need_contrast,
     )
+    return tuple(_trimmed(grad, args.feature_dim) for grad in grads)
 
 
 def _same_labels(anchor_labels, contrast_labels, mask) -> bool:

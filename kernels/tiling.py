@@ -38,6 +38,13 @@ MAX_OUTPUT_D_TILE_FP32 = 256
 MAX_OUTPUT_D_TILE_FP32_TWO_WAY = 128
 
 
+def launch_dim(dim: int) -> int:
+    """The feature dim the kernels see for embeddings of ``dim`` features: ``dim`` rounded up to a multiple of 16
+    (the launcher pads other rows with zero columns, ``fastcl.kernels.launch.aligned_rows``), so every launch
+    compiles the 16-divisible, vectorized variant of its tiling."""
+    return -(-dim // 16) * 16
+
+
 def block_d_for(dim: int, element_size: int = 2) -> tuple[int, bool]:
     """``(BLOCK_D, SINGLE_D_TILE)``: the whole feature dim in one tile when it fits (up to 256, 16 for fp32),
     else the logits loop over tiles of :data:`LOOPED_D_TILE` (fp32: :data:`D_TILE_FP32`)."""
@@ -130,10 +137,11 @@ SHARED_MEMORY_LIMITS = {80: 166_912, 90: 232_448}
 SHARED_MEMORY_BUDGET = min(SHARED_MEMORY_LIMITS.values())
 # The variants a launch compiles: the backward kernels with and without the reverse direction fused in.
 KERNEL_VARIANTS = ("fwd", "bwd_anchor", "bwd_anchor[two_way]", "bwd_contrast", "bwd_contrast[two_way]")
-REGISTER_BUDGET = 48  # fp32 tile values per thread the kernels may hold without spilling (see keep_config)
+REGISTER_BUDGET = 56  # fp32 tile values per thread the kernels may hold without spilling (see keep_config)
+TILE_WEIGHT = 3  # live values per logits-tile element: dots, weights / validity, probabilities (register_estimate)
 # The backward at looped feature dims: the [resident, BLOCK_D_OUT] accumulator dominates, and a second pipeline stage
 # of the logits loop spills, so these configs run one stage (docs/triton-configs.md).
-LOOPED_REGISTER_BUDGET = 76
+LOOPED_REGISTER_BUDGET = 88
 
 
 def _cfg(block_m, block_n, warps, stages):
@@ -186,8 +194,9 @@ def shared_memory_estimate(config: triton.Config, dim: int, element_size: int, k
     block of ``bwd_contrast``) is staged once and the streamed tile ``num_stages`` deep. Looped feature tiles
     (D > 256): both operands of the logits product stream, and the backward also stages its output-tile operand
     (``[streamed, BLOCK_D_OUT]``, :func:`output_block_d_for`). The backward kernels stage the ``[BLOCK_M,
-    BLOCK_N]`` dS tile and layout-conversion scratch. fp32 tiles count twice (tf32x3 stages split operands).
-    Calibrated against ``python -m fastcl.aot`` (its ``estim`` column).
+    BLOCK_N]`` dS tile and layout-conversion scratch, and every kernel the fp32 tile of mask weights (with labels
+    that memory goes unused: the estimate is an upper bound for both positive sources). fp32 tiles count twice
+    (tf32x3 stages split operands). Calibrated against ``python -m fastcl.aot`` (its ``estim`` column).
     """
     block_d, single = block_d_for(dim, element_size)
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
@@ -202,30 +211,34 @@ def shared_memory_estimate(config: triton.Config, dim: int, element_size: int, k
     if element_size == 4:
         tiles *= 2
     scratch = 0 if kernel == "fwd" else block_m * block_n * max(element_size, 2) * 2
-    return tiles + scratch + 1024
+    # a mask's fp32 weights tile passes through shared memory (pipelined num_stages deep with the streamed rows of
+    # bwd_contrast and in the two-way kernels, which read mask and mask_t): 2.9-4.4x the labels-only figure at D = 3
+    # and 16 (128 x 64 forward: 40,960 B)
+    two_way = kernel.endswith("[two_way]")
+    pipelined = two_way or kernel.startswith("bwd_contrast")
+    mask_tiles = block_m * block_n * 4 * (stages if pipelined else 1) * (2 if two_way else 1)
+    return tiles + scratch + mask_tiles + 1024
 
 
 def register_estimate(config: triton.Config, dim: int, element_size: int, kernel: str = "bwd_anchor") -> float:
-    """fp32 tile values per thread that ``kernel`` keeps live: the logits / dS tile (twice with the reverse
-    direction fused in), plus the gradient accumulator ``[resident rows, BLOCK_D_OUT]`` (backward; looped dims
-    have their own budget, :data:`LOOPED_REGISTER_BUDGET`) or the anchor tile
-    (forward; both operand tiles when the feature dim is looped). fp32 inputs count 1.5x (tf32x3 splits operands).
+    """fp32 tile values per thread that ``kernel`` keeps live: :data:`TILE_WEIGHT` times the logits tile (twice
+    with the reverse direction fused in), plus the gradient accumulator ``[resident rows, BLOCK_D_OUT]``
+    (backward) or the anchor tile (forward; both operand tiles when the feature dim is looped). fp32 inputs count
+    1.5x (tf32x3 splits operands).
 
-    Calibrated on sm_80 / sm_90 lowerings of bf16 (``python -m fastcl.aot``): within :data:`REGISTER_BUDGET` nothing
-    spilled (bwd_contrast also counts its transposed dS tile and prefetched anchor tiles, see below); the forward
-    128x64 / 8 warps (64 values, sm_80) and 64x128 (D = 256), the two-way backward 64x64 / 8 warps (64 values) did.
-    fp32 does not go by this estimate: the split tf32x3 operands' register use is not proportional to the tiles
-    (a 32x32 two-way tile spilled where 32x64 did not), so :func:`keep_config` keeps the :data:`FP32_CONFIGS`
-    lowered spill-free.
+    Calibrated on sm_80 / sm_90 lowerings of bf16 with a mask (the heavier positive source) and D = 3 and 16
+    (``python -m fastcl.aot``, docs/triton-configs.md): the dots, the positive weights, the pair validity and the
+    probabilities of a tile are live together, so a tile of 32 values per thread (128 x 64 / 8 warps, 64 x 64 / 4
+    warps, two-way 64 x 32 / 4 warps) reached 255 registers and spilled 8-240 B in every kernel, 16 did not.
+    bwd_contrast also counts its prefetched anchor tiles. fp32 does not go by this estimate: :func:`keep_config`
+    keeps the :data:`FP32_CONFIGS` lowered spill-free.
     """
     block_d, single = block_d_for(dim, element_size)
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     threads = 32 * config.num_warps
-    tile = block_m * block_n * (2 if kernel.endswith("[two_way]") else 1)
-    if kernel.startswith("bwd_contrast"):
-        # dS is transposed for its product, and the prefetched anchor tiles of later stages stay in registers:
-        # two-way at D = 256 spilled 8 B on sm_90 at 48 values (64x32) and at 42 values with 2 stages (32x32).
-        tile = tile * 1.25 + (config.num_stages - 1) * block_m * block_d * element_size / 4
+    tile = TILE_WEIGHT * block_m * block_n * (2 if kernel.endswith("[two_way]") else 1)
+    if kernel.startswith("bwd_contrast"):  # prefetched anchor tiles of later stages stay in registers
+        tile += (config.num_stages - 1) * block_m * block_d * element_size / 4
     if kernel == "fwd":
         resident = (block_m if single else block_m + block_n) * block_d * element_size / 4
     else:  # the fp32 gradient accumulator
@@ -253,7 +266,10 @@ def keep_config(
     if kernel.endswith("[two_way]") and min(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) >= 64:
         return False  # the exp reuse keeps p_ij live next to dS: 64x64 two-way tiles spilled 16-472 B (D = 16, 64)
     budget = REGISTER_BUDGET
-    if kernel != "fwd" and not block_d_for(dim, element_size)[1]:
+    block_d, single = block_d_for(dim, element_size)
+    if kernel == "fwd" and single and block_d == MAX_SINGLE_D_TILE and config.num_stages > 2:
+        return False  # a third prefetched [BLOCK_N, 256] contrast tile: 64x32 / 8 warps spilled 8 B on sm_80
+    if kernel != "fwd" and not single:
         if config.num_stages > 1:  # the wide accumulator leaves no registers for a second logits-loop stage
             return False
         budget = LOOPED_REGISTER_BUDGET

@@ -29,8 +29,8 @@ def _in_subprocess(code: str):
 def test_one_kernel_lowers_to_sm90_cubin_with_launch_specialization():
     jobs = [
         j
-        for j in aot.selection(["bf16"], [128], [90], full=False)
-        if j["kernel"] == "bwd_anchor[two_way]" and "fixed" in j["roles"]
+        for j in aot.selection(["bf16"], [128], [90], full=True, exclude_self=(True,))
+        if j["kernel"] == "bwd_anchor" and "fixed" in j["roles"]
     ]
     assert len(jobs) == 1
     record = _in_subprocess(f"from fastcl import aot; print(repr(aot.compile_one({jobs[0]!r})))")
@@ -74,20 +74,62 @@ def test_selection_covers_every_launchable_config():
         ("fp32", "tf32x3"),
         ("fp32", "tf32"),
     }
-    assert {j["dim"] for j in full} == {16, 64, 128, 256, 512, 1024}
+    assert {j["dim"] for j in full} == {3, 16, 64, 100, 128, 256, 300, 512, 1000, 1024}
+    assert {j["exclude_self"] for j in full} == {True, False}  # self-excluded and two-tower
     for dtype, element_size in (("bf16", 2), ("fp32", 4)):
         for dim in aot.DIMS:
+            seen = tiling.launch_dim(dim)
             for variant in tiling.KERNEL_VARIANTS:
-                lowered = {
-                    (j["block_m"], j["block_n"], j["num_warps"], j["num_stages"])
-                    for j in full
-                    if j["kernel"] == variant and j["dtype"] == dtype and j["dim"] == dim and j["arch"] == 90
-                }
-                launchable = {tiling.config_key(c) for c in tiling.launchable_configs(variant, dim, element_size)}
-                assert lowered == launchable
-                assert tiling.config_key(tiling.fixed_config(variant, dim, element_size)) in lowered
-    ci = aot.selection(sorted(aot.CI_PRECISIONS), aot.CI_DIMS, aot.ARCHS, full=False)
-    assert 0 < len(ci) < 100 and all("fixed" in j["roles"] or j["dim"] == 256 for j in ci)
+                for exclude_self in (True, False):
+                    lowered = {
+                        (j["block_m"], j["block_n"], j["num_warps"], j["num_stages"])
+                        for j in full
+                        if j["kernel"] == variant and j["dtype"] == dtype and j["dim"] == dim and j["arch"] == 90
+                        and j["exclude_self"] == exclude_self
+                    }  # fmt: skip
+                    launchable = {tiling.config_key(c) for c in tiling.launchable_configs(variant, seen, element_size)}
+                    assert lowered == launchable
+                    assert tiling.config_key(tiling.fixed_config(variant, seen, element_size)) in lowered
+
+
+def test_covering_sample_meets_every_factor():
+    """The CI sample: every kernel variant x dtype x precision x D bucket has its fixed, widest and deepest
+    configs, each on both archs within the dtype pair that shares configs (bf16 / fp16, tf32x3 / tf32); every kernel
+    variant x dtype x precision meets both positive sources and both self exclusions, and every kernel variant each
+    of them on each arch."""
+    from fastcl.kernels import tiling
+
+    ci = aot.selection(list(aot.DTYPES), aot.CI_DIMS, aot.ARCHS, full=False)
+    assert 100 < len(ci) < 160
+    assert {tiling.launch_dim(d) % 16 for d in aot.CI_DIMS} == {0} and any(d % 16 for d in aot.CI_DIMS)
+    for dtype, (_, element_size, precisions) in aot.DTYPES.items():
+        for precision in precisions:
+            mine = [j for j in ci if j["dtype"] == dtype and j["input_precision"] == precision]
+            for variant in tiling.KERNEL_VARIANTS:
+                jobs = [j for j in mine if j["kernel"] == variant]
+                assert {(j["has_mask"], j["exclude_self"]) for j in jobs} == {
+                    (m, e) for m in (False, True) for e in (False, True)
+                }, (dtype, precision, variant)
+                for dim in aot.CI_DIMS:
+                    at = {(j["block_m"], j["block_n"], j["num_warps"], j["num_stages"], j["arch"]) for j in jobs
+                          if j["dim"] == dim}  # fmt: skip
+                    for config in aot.covering_configs(variant, dim, element_size):
+                        assert any(key[:4] == tiling.config_key(config) for key in at)
+                    fixed = tiling.config_key(tiling.fixed_config(variant, tiling.launch_dim(dim), element_size))
+                    assert any(key[:4] == fixed for key in at)
+    for pair in (("bf16", "fp16"), ("fp32",)):  # same configs within a pair: each on both archs
+        for variant in tiling.KERNEL_VARIANTS:
+            for dim in aot.CI_DIMS:
+                jobs = [j for j in ci if j["dtype"] in pair and j["kernel"] == variant and j["dim"] == dim]
+                configs = {}
+                for j in jobs:
+                    key = (j["block_m"], j["block_n"], j["num_warps"], j["num_stages"])
+                    configs.setdefault(key, set()).add(j["arch"])
+                assert all(archs == set(aot.ARCHS) for archs in configs.values()), (pair, variant, dim, configs)
+    for variant in tiling.KERNEL_VARIANTS:
+        combos = {(j["arch"], j["has_mask"], j["exclude_self"]) for j in ci if j["kernel"] == variant}
+        assert {(a, m) for a, m, _ in combos} == {(a, m) for a in aot.ARCHS for m in (False, True)}
+        assert {(a, e) for a, _, e in combos} == {(a, e) for a in aot.ARCHS for e in (False, True)}
 
 
 def test_violations():
@@ -166,20 +208,16 @@ def test_table_prints_the_readme_rows_of_the_fixed_configs(monkeypatch, capsys):
     assert table[:2] == aot.TABLE_HEADER.splitlines()
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
     assert [(r[0], r[1], r[2]) for r in rows] == [
-        ("bwd_anchor[two_way]", "bf16", "128"),
-        ("fwd", "bf16", "128"),
-        ("bwd_anchor[two_way]", "fp32 / tf32x3", "128"),
-        ("fwd", "fp32 / tf32x3", "128"),
-        ("bwd_anchor[two_way]", "bf16", "1024"),
-        ("fwd", "bf16", "1024"),
-        ("bwd_anchor[two_way]", "fp32 / tf32x3", "1024"),
-        ("fwd", "fp32 / tf32x3", "1024"),
+        (kernel, dtype, dim)
+        for dim in ("128", "1024")
+        for dtype in ("bf16", "fp32 / tf32", "fp32 / tf32x3")
+        for kernel in ("bwd_anchor[two_way]", "fwd")
     ]
     from fastcl.kernels import tiling
 
     fixed = tiling.fixed_config("bwd_anchor[two_way]", 1024, 4)
     m, n = fixed.kwargs["BLOCK_M"], fixed.kwargs["BLOCK_N"]
-    assert rows[6][3:] == [f"{m}x{n}, {fixed.num_warps}, {fixed.num_stages}", "201", "0", "33,536", "wgmma"]
+    assert rows[10][3:] == [f"{m}x{n}, {fixed.num_warps}, {fixed.num_stages}", "201", "0", "33,536", "wgmma"]
 
 
 def test_markdown_table_of_records():

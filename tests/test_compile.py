@@ -148,7 +148,7 @@ def test_opcheck_triton(case):
     args = [x.to(device).detach().requires_grad_(x.requires_grad) if torch.is_tensor(x) else x
             for x in _op_samples(torch.float32)[case]]  # fmt: skip
     route = {"offset": "one_way", "two_way": "two_way"}.get(case, "anchors_are_contrast")
-    torch.library.opcheck(torch.ops.fastcl.contrastive_triton, (*args, route))
+    torch.library.opcheck(torch.ops.fastcl.contrastive_triton, (*args, route, "tf32x3"))
 
 
 def test_same_input_is_not_passed_twice():

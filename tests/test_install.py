@@ -126,7 +126,7 @@ def test_wheel_is_pure_python_and_carries_the_sources(dists):
     assert not [n for n in names if n.endswith((".so", ".pyd"))]
     assert not [n for n in names if n.startswith("kernels/")]  # no generic top-level name
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
-    assert "Requires-Dist: torch>=2.1" in metadata
+    assert "Requires-Dist: torch>=2.4" in metadata
 
 
 def test_sdist_is_complete(dists):

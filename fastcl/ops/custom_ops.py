@@ -32,10 +32,10 @@ def chunked(problem: Problem, want_grad: bool) -> Tensor:
     return loss
 
 
-def triton(problem: Problem, route: str) -> Tensor:
+def triton(problem: Problem, route: str, precision: str) -> Tensor:
     """The loss of ``fastcl::contrastive_triton`` on ``problem`` (``anchor`` None exactly for the route
     ``ANCHORS_ARE_CONTRAST``; ``problem.two_way`` is carried by the route)."""
-    return torch.ops.fastcl.contrastive_triton(*problem[:-1], route)[0]
+    return torch.ops.fastcl.contrastive_triton(*problem[:-1], route, precision)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,15 +121,17 @@ def _contrastive_triton(
     inv_temperature: float,
     scale: float,
     route: str,
+    precision: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, pos_weight [Na], lse [Na], col_pos_weight [Nc] or [0], col_lse [Nc] or [0])`` (``triton_forward``)."""
+    """``(loss, pos_weight [Na], lse [Na], col_pos_weight [Nc] or [0], col_lse [Nc] or [0])`` (``triton_forward``;
+    ``precision`` the dots' input precision, recorded for the backward)."""
     problem = Problem(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale)
-    return triton_backend.forward(problem, route)
+    return triton_backend.forward(problem, route, precision)
 
 
 @_contrastive_triton.register_fake
-def _contrastive_triton_fake(anchor, contrast, *_settings_and_route):
-    route = _settings_and_route[-1]
+def _contrastive_triton_fake(anchor, contrast, *_settings_route_precision):
+    route = _settings_route_precision[-2]
     n_anchor = contrast.shape[0] if anchor is None else anchor.shape[0]
     n_col = contrast.shape[0] if route == triton_backend.TWO_WAY else 0
     f32 = torch.float32
@@ -158,6 +160,7 @@ def _contrastive_triton_backward(
     inv_temperature: float,
     scale: float,
     route: str,
+    precision: str,
     need_anchor: bool,
     need_contrast: bool,
 ) -> Tuple[Tensor, Tensor]:
@@ -165,7 +168,7 @@ def _contrastive_triton_backward(
     is ``dC``)."""
     problem = Problem(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale)
     residuals = (pos_weight, lse, col_pos_weight, col_lse)
-    return triton_backend.backward(grad_output, problem, residuals, route, need_anchor, need_contrast)
+    return triton_backend.backward(grad_output, problem, residuals, route, precision, need_anchor, need_contrast)
 
 
 @_contrastive_triton_backward.register_fake
@@ -180,14 +183,15 @@ def _contrastive_triton_backward_fake(grad_output, anchor, contrast, *_rest):
 
 
 def _triton_setup(ctx, inputs, output):
-    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, route = inputs
+    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale = inputs[:8]
+    route, precision = inputs[8:]
     ctx.save_for_backward(anchor, contrast, anchor_labels, contrast_labels, mask, *output[1:])
-    ctx.settings = (self_offset, inv_temperature, scale, route, anchor is None)
+    ctx.settings = (self_offset, inv_temperature, scale, route, precision, anchor is None)
 
 
 def _triton_backward(ctx, grad_loss, *_grad_residuals):
     anchor, contrast, anchor_labels, contrast_labels, mask, *residuals = ctx.saved_tensors
-    self_offset, inv_temperature, scale, route, anchors_are_contrast = ctx.settings
+    self_offset, inv_temperature, scale, route, precision, anchors_are_contrast = ctx.settings
     need_anchor = not anchors_are_contrast and ctx.needs_input_grad[0]
     need_contrast = ctx.needs_input_grad[1] or anchors_are_contrast
     grad_anchor, grad_contrast = torch.ops.fastcl.contrastive_triton_backward(
@@ -202,13 +206,14 @@ def _triton_backward(ctx, grad_loss, *_grad_residuals):
         inv_temperature,
         scale,
         route,
+        precision,
         need_anchor,
         need_contrast,
     )
     return (
         grad_anchor if need_anchor else None,
         grad_contrast if ctx.needs_input_grad[1] else None,
-        *([None] * 7),
+        *([None] * 8),
     )
 
 

@@ -9,6 +9,7 @@ itself (``backend='reference'``).
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -20,16 +21,26 @@ from fastcl.ops.problem import TRITON_DTYPES, Problem
 
 
 def triton_available() -> bool:
-    """Whether the triton package is importable."""
+    """Whether the Triton kernels import (a Triton new enough for them is installed)."""
     return triton_backend.available()
 
 
+_warned_fallback = []
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """``'auto'`` -> ``'triton'`` on CUDA tensors when Triton is importable, else ``'chunked'``."""
+    """``'auto'`` -> ``'triton'`` on CUDA tensors when the Triton kernels import, else ``'chunked'``; CUDA tensors
+    that fall back to ``'chunked'`` for want of the kernels warn once per process, saying why."""
     if backend != "auto":
         return backend
-    if x.is_cuda and x.dtype in TRITON_DTYPES and triton_backend.available():
+    if not (x.is_cuda and x.dtype in TRITON_DTYPES):
+        return "chunked"
+    ok, why = triton_backend.kernels_status()
+    if ok:
         return "triton"
+    if not _warned_fallback:
+        _warned_fallback.append(why)
+        warnings.warn(f"fastcl: backend='auto' uses 'chunked' on CUDA: {why}", RuntimeWarning, stacklevel=3)
     return "chunked"
 
 
@@ -90,7 +101,8 @@ def contrastive_loss(
     if backend == "triton":
         triton_backend.check_inputs(problem.contrast)
         route = triton_backend.route(problem)
-        return custom_ops.triton(triton_backend.unit_column_stride(problem, route), route)
+        precision = triton_backend.input_precision(problem.contrast.dtype)  # the backward's too
+        return custom_ops.triton(triton_backend.unit_column_stride(problem, route), route, precision)
     if eager_chunked:
         # Eagerly the same computation without the custom op's dispatch (schema binding, the op's autograd
         # wrapper, output aliasing checks): ~0.5 ms a call on a 2-core CPU, as much as the whole loss at N = 64.

@@ -14,20 +14,58 @@ import torch
 
 from fastcl.ops.problem import ANCHORS_ARE_CONTRAST, ONE_WAY, TRITON_DTYPES, TWO_WAY, Problem
 
+# The oldest Triton the kernels run on: ``triton.jit(do_not_specialize_on_alignment=...)`` and an autotuner that
+# passes ``autotune(do_bench=...)`` on (3.0 / 3.1 reject the first; 3.2 drops the second, and its interpreter cannot
+# run a ``range`` over the split bounds). pyproject.toml states the same floor.
+MIN_TRITON = (3, 3)
+
+
+def _version_tuple(version: str) -> tuple:
+    parts = []
+    for part in version.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+_status = []  # kernels_status(), decided once per process
+
+
+def kernels_status() -> tuple:
+    """``(True, "")`` when the Triton kernels import (:mod:`fastcl.kernels.launch`: the ``@triton.jit`` kernels
+    and the launcher), else ``(False, why)``: no triton, a Triton older than :data:`MIN_TRITON`, or the error the
+    import raised. Decided once per process (a plain list, which ``torch.compile`` reads as a constant)."""
+    if not _status:
+        _status.append(_import_kernels())
+    return _status[0]
+
+
+def _import_kernels() -> tuple:
+    try:
+        import triton
+    except ImportError as exc:
+        return False, f"the triton package is not importable ({exc}); pip install 'triton>=3.3'"
+    version = getattr(triton, "__version__", "0")
+    if _version_tuple(version) < MIN_TRITON:
+        floor = ".".join(map(str, MIN_TRITON))
+        return False, f"triton {version} is older than {floor}, the oldest the fastcl kernels run on"
+    try:
+        import fastcl.kernels.launch  # noqa: F401
+    except Exception as exc:  # any failure to build the kernels: report it instead of crashing every call
+        return False, f"the fastcl Triton kernels do not import with triton {version}: {type(exc).__name__}: {exc}"
+    return True, ""
+
 
 def available() -> bool:
-    """Whether the triton package is importable."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether the Triton kernels import (:func:`kernels_status`)."""
+    return kernels_status()[0]
 
 
 def check_inputs(contrast: torch.Tensor) -> None:
     """Raise a clear error when the Triton backend cannot take these embeddings."""
-    if not available():
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    ok, why = kernels_status()
+    if not ok:
+        raise RuntimeError(f"backend='triton' is unavailable: {why}. Use backend='chunked' or 'auto'.")
     if contrast.dtype not in TRITON_DTYPES:
         raise TypeError(
             f"backend='triton' takes float32, float16 or bfloat16 embeddings, got {contrast.dtype}; "
@@ -80,24 +118,41 @@ def _launcher_problem(problem: Problem) -> Problem:
     return problem
 
 
-def forward(problem: Problem, route: str):
-    """``(loss, pos_weight [Na], lse [Na], col_pos_weight [Nc] or [0], col_lse [Nc] or [0])``, distinct tensors."""
+def input_precision(dtype: torch.dtype) -> str:
+    """The dots' input precision for ``dtype`` under the current ``allow_tf32`` (``'ieee'``, ``'tf32x3'``,
+    ``'tf32'``): read once per loss at the forward and passed to the backward with the residuals."""
+    from fastcl.kernels.launch import input_precision_for
+
+    return input_precision_for(dtype)
+
+
+def forward(problem: Problem, route: str, precision: str):
+    """``(loss, pos_weight [Na], lse [Na], col_pos_weight [Nc] or [0], col_lse [Nc] or [0])``, distinct tensors;
+    the dots in ``precision`` (:func:`input_precision`)."""
     from fastcl.kernels.launch import triton_forward
 
-    loss, residuals = triton_forward(_launcher_problem(problem), route)
+    loss, residuals = triton_forward(_launcher_problem(problem), route, precision)
     pos_weight, lse, col_pos_weight, col_lse = residuals
     if route != TWO_WAY:  # fresh, distinct outputs (a custom op's outputs may not alias each other)
         col_pos_weight, col_lse = lse.new_empty(0), lse.new_empty(0)
     return loss, pos_weight, lse, col_pos_weight, col_lse
 
 
-def backward(grad_output, problem: Problem, residuals, route: str, need_anchor: bool, need_contrast: bool):
+def backward(
+    grad_output, problem: Problem, residuals, route: str, precision: str, need_anchor: bool, need_contrast: bool
+):
     """``(dA, dC)`` in the input dtypes (empty ``[0]`` where not needed; when the anchors are the contrast rows the
-    whole gradient is ``dC``)."""
+    whole gradient is ``dC``); the recomputed dots in the forward's ``precision``."""
     from fastcl.kernels.launch import triton_backward
 
     grad_anchor, grad_contrast = triton_backward(
-        grad_output, _launcher_problem(problem), residuals, route, need_anchor=need_anchor, need_contrast=need_contrast
+        grad_output,
+        _launcher_problem(problem),
+        residuals,
+        route,
+        need_anchor=need_anchor,
+        need_contrast=need_contrast,
+        input_precision=precision,
     )
     if problem.anchors_are_contrast:  # the whole gradient is grad_anchor, and it belongs to the one input
         grad_anchor, grad_contrast = None, grad_anchor

@@ -616,3 +616,38 @@ def test_two_way_backward_reads_its_weights_from_mask_t(monkeypatch, route):
         given, mask_t, strides = backward
         assert mask_t is not given and mask_t.is_contiguous() and strides == (bsz, 1)
     assert all(p[1] is p[0] for p in prepared[:-1])  # forward launches: no copy
+
+
+def test_odd_feature_dims_launch_on_zero_padded_aligned_rows(monkeypatch):
+    """D = 100: the kernels see rows of launch_dim(100) = 112 (vectorized, as AOT lowers them); the loss and the
+    gradients (contiguous, [N, 100]) are float64's. Aligned rows are passed as they are."""
+    from fastcl.kernels import launch, tiling
+
+    dims = []
+    real_launch = launch._launch
+
+    def spy(name, grid_of, leading, args, scalars, constexprs):
+        dims.append((args.dim, args.anchor.shape[1], args.anchor.stride(0)))
+        return real_launch(name, grid_of, leading, args, scalars, constexprs)
+
+    monkeypatch.setattr(launch, "_launch", spy)
+    assert tiling.launch_dim(100) == 112 and tiling.launch_dim(3) == 16 and tiling.launch_dim(128) == 128
+    aligned = torch.randn(5, 32, device=DEVICE)
+    assert launch.aligned_rows(aligned) is aligned
+    padded = launch.aligned_rows(aligned[:, 1:17])  # 16 columns, row stride 32, base 4 bytes off: copied
+    assert padded.shape == (5, 16) and padded.data_ptr() % 16 == 0 and torch.equal(padded, aligned[:, 1:17])
+    odd = launch.aligned_rows(aligned[:, :3])
+    assert odd.shape == (5, 16) and torch.equal(odd[:, :3], aligned[:, :3]) and not odd[:, 3:].any()
+
+    gen = torch.Generator().manual_seed(6)
+    query, key = torch.randn(18, 100, generator=gen), torch.randn(18, 100, generator=gen)
+    q, k = query.to(DEVICE, copy=True).requires_grad_(), key.to(DEVICE, copy=True).requires_grad_()
+    loss = FF.info_nce_loss(q, k, None, temperature=0.1, symmetric=True, backend="triton")
+    loss.backward()
+    assert dims and all(d == (112, 112, 112) for d in dims)
+    assert q.grad.shape == (18, 100) and q.grad.is_contiguous() and k.grad.is_contiguous()
+    rq, rk = query.double().requires_grad_(), key.double().requires_grad_()
+    ref = info_nce_float64(F.normalize(rq, dim=-1), F.normalize(rk, dim=-1), None, 0.1, True)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-4 * abs(ref.item())
+    assert _rel(q.grad.cpu(), rq.grad) < 1e-4 and _rel(k.grad.cpu(), rk.grad) < 1e-4

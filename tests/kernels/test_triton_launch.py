@@ -429,3 +429,98 @@ def test_fp32_backward_flops_with_wide_output_tiles(monkeypatch, route, dim):
     expected = {128: {"anchors_are_contrast": (3.0, 1.0), "one_way": (10 / 3, 4 / 3), "two_way": (6.0, 2.0)},
                 1024: {"anchors_are_contrast": (65 / 3, 17 / 3), "one_way": (22.0, 10 / 3), "two_way": (130 / 3, 34 / 3)}}  # fmt: skip
     assert (narrow / dense, launched / dense) == pytest.approx(expected[dim][route])
+
+
+@pytest.mark.parametrize("route", ["anchors_are_contrast", "one_way", "two_way"])
+def test_backward_uses_the_precision_the_forward_recorded(monkeypatch, route):
+    """allow_tf32 flipped between forward and backward: every backward launch keeps the forward's precision
+    (tf32x3 statistics with tf32 recomputed logits would give other probabilities), and the gradients are those of
+    an unflipped step."""
+    seen = []
+    real_launch = launch._launch
+
+    def spy(name, grid_of, leading, args, scalars, constexprs):
+        seen.append((name, constexprs["INPUT_PRECISION"]))
+        return real_launch(name, grid_of, leading, args, scalars, constexprs)
+
+    monkeypatch.setattr(launch, "_launch", spy)
+    torch.manual_seed(11)
+    a = F.normalize(torch.randn(10, 8, device=DEVICE), dim=-1)
+    c = F.normalize(torch.randn(10, 8, device=DEVICE), dim=-1)
+    labels = torch.randint(0, 3, (10,), device=DEVICE)
+
+    def step(flip):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        leaf_a = a.clone().requires_grad_()
+        leaf_c = leaf_a if route == "anchors_are_contrast" else c.clone().requires_grad_()
+        loss = contrastive_loss(
+            leaf_a,  # the same object as leaf_c: the anchors are the contrast rows
+            leaf_c,
+            labels,
+            labels,
+            None,
+            self_offset=0 if route == "anchors_are_contrast" else None,
+            temperature=0.1,
+            scale=1.0,
+            backend="triton",
+            two_way=route == "two_way",
+        )
+        if flip:
+            monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+        loss.backward()
+        return leaf_a.grad if route == "anchors_are_contrast" else torch.cat([leaf_a.grad, leaf_c.grad])
+
+    expected = step(flip=False)
+    seen.clear()
+    got = step(flip=True)
+    assert {name for name, _ in seen} >= {"fwd", "bwd_anchor"}
+    assert all(precision == "tf32x3" for _, precision in seen), seen
+    assert torch.equal(got, expected)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    seen.clear()
+    step_tf32 = contrastive_loss(a, c, labels, labels, None, self_offset=None, temperature=0.1, scale=1.0,
+                                 backend="triton")  # fmt: skip
+    assert step_tf32.isfinite() and seen == [("fwd", "tf32")]
+
+
+def test_recorded_precision_is_checked_against_the_dtype():
+    x = torch.randn(6, 8, device=DEVICE)
+    labels = torch.arange(6, device=DEVICE) % 2
+    problem = Problem(x, x, labels, labels, None, None, 1.0, 1.0)
+    with pytest.raises(ValueError, match="input_precision for torch.float32"):
+        launch.triton_forward(problem, "one_way", "ieee")
+    with pytest.raises(ValueError, match="input_precision for torch.bfloat16"):
+        launch.triton_forward(problem._replace(anchor=x.bfloat16(), contrast=x.bfloat16()), "one_way", "tf32")
+
+
+def test_transposed_mask_reuses_a_symmetric_mask_and_caches_the_copy(monkeypatch):
+    monkeypatch.setattr(launch, "_transposed", [])
+    gen = torch.Generator().manual_seed(4)
+    m = torch.rand(7, 7, generator=gen)
+    symmetric = (m + m.T).to(DEVICE)
+    assert launch.transposed_mask(symmetric) is symmetric  # no copy: the reverse weights are the mask's own
+    skew = m.to(DEVICE)
+    first = launch.transposed_mask(skew)
+    assert first is not skew and first.is_contiguous() and torch.equal(first, skew.T)
+    assert launch.transposed_mask(skew) is first  # one copy across calls
+    skew[0, 1] += 1.0  # an in-place edit is seen (the tensor's version)
+    second = launch.transposed_mask(skew)
+    assert second is not first and torch.equal(second, skew.T)
+    column_major = symmetric.T.contiguous().T  # symmetric values, column stride 7: copied to unit column stride
+    assert launch.transposed_mask(column_major).stride() == (7, 1)
+
+
+def test_two_way_symmetric_mask_gradients_match_chunked():
+    gen = torch.Generator().manual_seed(8)
+    bsz, dim = 6, 8
+    labels = torch.randint(0, 3, (bsz,), generator=gen)
+    mask = (labels[:, None] == labels[None, :]).float()
+    x = F.normalize(torch.randn(2 * bsz, dim, generator=gen), dim=-1)
+    grads = {}
+    for backend in ("triton", "chunked"):
+        a, c = x[:bsz].to(DEVICE).requires_grad_(), x[bsz:].to(DEVICE).requires_grad_()
+        loss = contrastive_loss(a, c, None, None, mask.to(DEVICE), self_offset=None, temperature=0.2, scale=1.0,
+                                backend=backend, two_way=True)  # fmt: skip
+        loss.backward()
+        grads[backend] = torch.cat([a.grad, c.grad]).cpu()
+    assert torch.allclose(grads["triton"], grads["chunked"], rtol=1e-4, atol=1e-6)
