@@ -47,7 +47,9 @@ def load(run_dirs: list) -> dict:
         config = json.loads((run / "config.json").read_text())
         summary = json.loads((run / "summary.json").read_text())
         groups[(config["epochs"], config["head"], config["kappa"])].append((config["seed"], summary))
-    return {key: sorted(runs, key=lambda item: item[0]) for key, runs in sorted(groups.items(), reverse=True)}
+    order = list(HEAD_NAMES)
+    keys = sorted(groups, key=lambda k: (-k[0], order.index(k[1]) if k[1] in order else len(order), k[2]))
+    return {key: sorted(groups[key], key=lambda item: item[0]) for key in keys}
 
 
 def table(groups: dict) -> str:
