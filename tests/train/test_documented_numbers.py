@@ -109,3 +109,26 @@ def test_the_documented_run_gives_the_documented_numbers(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     off = off_by_more(rows, json.loads((out / "summary.json").read_text()), tolerance)
     assert not off, f"documented vs measured, off by more than {tolerance} pp (regenerate the doc): {off}"
+
+
+def test_the_study_table_script_averages_the_runs_it_is_given(tmp_path):
+    """``docs/projection_head_table.py``, the command the study table names, on two made-up runs of one head."""
+    runs = []
+    for seed, worst_group in ((0, 0.60), (1, 0.50)):
+        run = tmp_path / f"mlp-s{seed}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"epochs": 15, "head": "mlp", "kappa": 1.05, "seed": seed}))
+        layer = {"id_acc": 0.8, "worst_group_acc": worst_group, "bg_gap": -0.0001, "coobj_gap": -0.1, "both_gap": -0.2}
+        summary = {
+            "linear_probe": {name: {"accuracy": 0.6} for name in LAYERS.values()},
+            "robustness": {name: dict(layer) for name in LAYERS.values()},
+        }
+        (run / "summary.json").write_text(json.dumps(summary))
+        runs.append(str(run))
+    script = REPO / "docs" / "projection_head_table.py"
+    proc = subprocess.run([sys.executable, str(script), *runs], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| mlp | h (pre)"))
+    # worst-group mean 55.0 and sample sd 7.1; a mean that rounds to zero prints without a sign of -0.0
+    assert row == "| mlp | h (pre) | 60.0 ± 0.0 | 80.0 ± 0.0 | 55.0 ± 7.1 | +0.0 ± 0.0 | −10.0 ± 0.0 | −20.0 ± 0.0 |"
+    assert "seed 0: 60.0 / 60.0, seed 1: 50.0 / 50.0" in proc.stdout
