@@ -13,13 +13,16 @@ pml_losses = pytest.importorskip("pytorch_metric_learning.losses", reason="pytor
 
 
 def _with_positive(labels: torch.Tensor) -> int:
-    """Anchors that have at least one other sample with their label (PML averages over these only)."""
+    """Anchors that have at least one other sample with their label (PML averages over these only), at least 1 (the
+    README's ``max(N_pos, 1)``: with no positive pair both losses are 0)."""
     same = labels[:, None] == labels[None, :]
-    return int((same.sum(1) > 1).sum())
+    return max(int((same.sum(1) > 1).sum()), 1)
 
 
 @pytest.mark.parametrize(
-    "labels", [[0, 1, 0, 2, 1, 3, 0, 4, 5], [0, 0, 1, 1, 2, 2, 3, 3, 4]], ids=["some-alone", "pairs"]
+    "labels",
+    [[0, 1, 0, 2, 1, 3, 0, 4, 5], [0, 0, 1, 1, 2, 2, 3, 3, 4], [0, 1, 2, 3, 4, 5]],
+    ids=["some-alone", "pairs", "no-positive"],
 )
 def test_supcon_single_view(labels):
     """PML SupConLoss(t) on [N, D] = fastcl supcon_loss([N, 1, D], t, base_t = t, normalize) * N / N_with_positive."""

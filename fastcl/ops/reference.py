@@ -57,7 +57,11 @@ def supcon_loss_reference(
     logits_mask[torch.arange(n_anchor, device=device), torch.arange(n_anchor, device=device)] = 0  # no self-pairs
     mask = mask * logits_mask
     exp_logits = torch.exp(logits) * logits_mask
-    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    denominator = exp_logits.sum(1, keepdim=True)
+    # an anchor with no contrast column at all (one sample, one view) has no term and no positive: its loss is 0, as
+    # in the fused backends (an empty sum of 1 keeps log() and its gradient finite; the row's positive mask is 0)
+    denominator = torch.where(logits_mask.sum(1, keepdim=True) == 0, torch.ones_like(denominator), denominator)
+    log_prob = logits - torch.log(denominator)
     positives = mask.sum(1)
     positives = torch.where(positives < 1e-6, torch.ones_like(positives), positives)
     mean_log_prob_pos = (mask * log_prob).sum(1) / positives
