@@ -466,8 +466,9 @@ def triton_forward(problem: Problem, route: str, input_precision=None):
     lse, pos_logit_sum, pos_weight = contrastive_forward(args, inv_temperature)
     loss = row_losses(pos_logit_sum, pos_weight, lse * inv_temperature, scale).mean()
     col_pos_weight = col_lse = pos_weight.new_empty(0)
-    if route == TWO_WAY:
-        reverse = _LaunchArgs(problem.reversed, input_precision=args.constexprs["INPUT_PRECISION"])
+    if route == TWO_WAY:  # the reverse direction reads the rows already aligned (no second padded copy)
+        aligned = problem._replace(anchor=args.anchor, contrast=args.contrast)
+        reverse = _LaunchArgs(aligned.reversed, input_precision=args.constexprs["INPUT_PRECISION"])
         col_lse, col_pos_logit_sum, col_pos_weight = contrastive_forward(reverse, inv_temperature)
         loss = 0.5 * (loss + row_losses(col_pos_logit_sum, col_pos_weight, col_lse * inv_temperature, scale).mean())
     return loss, (pos_weight, lse, col_pos_weight, col_lse)

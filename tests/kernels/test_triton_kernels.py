@@ -651,3 +651,28 @@ def test_odd_feature_dims_launch_on_zero_padded_aligned_rows(monkeypatch):
     ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-4 * abs(ref.item())
     assert _rel(q.grad.cpu(), rq.grad) < 1e-4 and _rel(k.grad.cpu(), rk.grad) < 1e-4
+
+
+def test_two_way_forward_pads_each_input_once(monkeypatch):
+    """Symmetric InfoNCE at D = 100: the forward's reverse direction reads the rows the forward direction already
+    padded, so each of query and key is copied once (the padded copies, not the inputs, are the reverse's rows)."""
+    from fastcl.kernels import launch
+
+    copies = []
+    real_aligned_rows = launch.aligned_rows
+
+    def spy(x):
+        out = real_aligned_rows(x)
+        if out is not x:
+            copies.append(tuple(x.shape))
+        return out
+
+    monkeypatch.setattr(launch, "aligned_rows", spy)
+    gen = torch.Generator().manual_seed(7)
+    query, key = torch.randn(9, 100, generator=gen).to(DEVICE), torch.randn(9, 100, generator=gen).to(DEVICE)
+    with torch.no_grad():
+        loss = FF.info_nce_loss(query, key, None, temperature=0.1, symmetric=True, backend="triton")
+    assert copies == [(9, 100), (9, 100)], copies
+    ref = info_nce_float64(F.normalize(query.double().cpu(), dim=-1), F.normalize(key.double().cpu(), dim=-1), None,
+                           0.1, True)
+    assert abs(loss.item() - ref.item()) < 1e-4 * abs(ref.item())
