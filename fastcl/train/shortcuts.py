@@ -152,16 +152,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _write_outputs(args.out, agg, [], f"mean ± sd over {len(summaries)} runs")
         print(table_markdown(agg))
         return 0
-    threads = torch.get_num_threads()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     try:
-        summary = run_study(args)
+        with torch_threads(args.threads if args.threads > 0 else torch.get_num_threads()):
+            summary = run_study(args)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"fastcl-shortcuts: error: {e}", file=sys.stderr)
         return 2
-    finally:
-        torch.set_num_threads(threads)
     print(table_markdown(summary))
     print(f"results in {os.path.join(args.out, 'summary.json')}")
     return 0

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fastcl.train.data.splits import DatasetSplits, ImageSet
+from fastcl.train.runtime import torch_threads
 
 __all__ = [
     "CORE_SHAPES",
@@ -209,9 +210,7 @@ def make_spurious_cues(
             raise ValueError(f"{name} must lie in [0, 1], got {v}")
     if isinstance(watermark_class, bool) or not isinstance(watermark_class, int) or not 0 <= watermark_class < classes:
         raise ValueError(f"watermark_class must be an int in [0, {classes}), got {watermark_class!r}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # same bytes whatever the thread count (reductions), and faster on a busy CPU
-    try:
+    with torch_threads(1):  # same bytes whatever the thread count (reductions), and faster on a busy CPU
         layers: dict[str, Tensor] | None = {} if return_layers else None
         out = _render(n, seed, split, classes, image_size, cue_agreement, noise, layers)
         if watermark > 0:
@@ -221,8 +220,6 @@ def make_spurious_cues(
             marked = (torch.rand(n, generator=g) < prob) & (split == "train")
             out.images = add_watermark(out.images, marked, opacity=watermark_opacity)
             out.watermark = marked
-    finally:
-        torch.set_num_threads(threads)
     return (out, CueLayers(**layers)) if layers is not None else out
 
 
