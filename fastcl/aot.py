@@ -62,9 +62,8 @@ DIMS = (3, 16, 64, 100, 128, 256, 300, 512, 1000, 1024)
 # tightest) and looped tiles (D = 1000); fp32's buckets (one tile of 16, output tiles of 64 .. 256) fall on the same.
 CI_DIMS = (3, 64, 100, 256, 1000)
 ARCHS = (80, 90)
-# Input precisions whose spills are printed and recorded (``spill_bytes``) without failing the run: none. fp32 via
-# tf32x3 spilled with every tile it used to keep; its configs are now those that lower spill-free
-# (``FP32_CONFIGS`` in fastcl.kernels.tiling).
+# Input precisions whose spills are printed and recorded (``spill_bytes``) without failing the run: none (fp32 takes
+# only the configs that lower spill-free, ``FP32_CONFIGS`` in fastcl.kernels.tiling).
 SPILLS_REPORTED_ONLY = ()
 RECORD_KEYS = (
     "kernel",

@@ -20,7 +20,7 @@ from fastcl.ops.problem import Problem, compute_dtype, in_dtype, index_range
 Tensor = torch.Tensor
 
 # F.normalize's defaults (eps of the clamped norm); folded for the dtypes the chunked backend computes in as they are
-# (fp16 / bf16 rows are normalised in their own dtype by F.normalize first, as before: the same numbers)
+# (fp16 / bf16 rows are normalised in their own dtype by F.normalize first)
 _NORMALIZE_EPS = 1e-12
 FOLDED_NORMALIZE_DTYPES = (torch.float32, torch.float64)
 _FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
