@@ -6,6 +6,7 @@
 
 from fastcl import functional
 from fastcl.losses import InfoNCELoss, NTXentLoss, SupConLoss
+from fastcl.memory_queue import MemoryQueue
 from fastcl.models import ContrastiveModel, collect_representations, encoders, heads
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ __all__ = [
     "SupConLoss",
     "NTXentLoss",
     "InfoNCELoss",
+    "MemoryQueue",
     "ContrastiveModel",
     "collect_representations",
     "functional",
