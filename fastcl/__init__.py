@@ -5,6 +5,7 @@
 """
 
 from fastcl import functional
+from fastcl.clip import ClipLoss
 from fastcl.losses import InfoNCELoss, NTXentLoss, SupConLoss
 from fastcl.models import ContrastiveModel, collect_representations, encoders, heads
 
@@ -14,6 +15,7 @@ __all__ = [
     "SupConLoss",
     "NTXentLoss",
     "InfoNCELoss",
+    "ClipLoss",
     "ContrastiveModel",
     "collect_representations",
     "functional",

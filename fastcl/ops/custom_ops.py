@@ -19,22 +19,30 @@ import torch
 
 from fastcl.ops import triton as triton_backend
 from fastcl.ops.chunked import passes
-from fastcl.ops.chunked.autograd import input_gradients, save_gradients
+from fastcl.ops.chunked.autograd import input_gradients, save_gradients, scale_gradient
 from fastcl.ops.problem import Problem, compute_dtype
 
 Tensor = torch.Tensor
 
 
-def chunked(problem: Problem, want_grad: bool) -> Tensor:
+def chunked(problem: Problem, want_grad: bool, inv_temperature: Optional[Tensor] = None) -> Tensor:
     """The loss of ``fastcl::contrastive_chunked`` on ``problem`` (its gradients, with ``want_grad``, kept for the
-    op's backward)."""
-    loss, _, _ = torch.ops.fastcl.contrastive_chunked(*problem, want_grad)
-    return loss
+    op's backward); with a tensor ``inv_temperature`` (a learnable temperature: ``problem.inv_temperature`` is its
+    value) that of ``fastcl::contrastive_chunked_learnable``, whose backward also gives ``dL/du``."""
+    if inv_temperature is None:
+        loss, _, _ = torch.ops.fastcl.contrastive_chunked(*problem, want_grad)
+        return loss
+    return torch.ops.fastcl.contrastive_chunked_learnable(*problem[:6], inv_temperature, *problem[7:], want_grad)[0]
 
 
-def triton(problem: Problem, route: str, precision: str) -> Tensor:
+def triton(problem: Problem, route: str, precision: str, inv_temperature: Optional[Tensor] = None) -> Tensor:
     """The loss of ``fastcl::contrastive_triton`` on ``problem`` (``anchor`` None exactly for the route
     ``ANCHORS_ARE_CONTRAST``; ``problem.two_way`` is carried by the route)."""
+    if inv_temperature is not None:
+        raise NotImplementedError(
+            "backend='triton' takes a float temperature only; a tensor (learnable) temperature runs on "
+            "backend='chunked' (backend='auto' picks it for a tensor temperature)"
+        )
     return torch.ops.fastcl.contrastive_triton(*problem[:-1], route, precision)[0]
 
 
@@ -64,6 +72,12 @@ def _contrastive_chunked(
     problem = Problem(
         anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way
     )
+    return _chunked_outputs(problem, want_grad)
+
+
+def _chunked_outputs(problem: Problem, want_grad: bool):
+    """The outputs of ``fastcl::contrastive_chunked`` (its docstring) for ``problem``."""
+    contrast = problem.contrast
     loss, grad_anchor, grad_contrast = passes.chunked_forward(problem, want_grad)
     dtype = compute_dtype(contrast)
     loss = loss.to(dtype)
@@ -103,6 +117,61 @@ def _chunked_backward(ctx, grad_loss, _grad_a, _grad_c):
 
 
 _contrastive_chunked.register_autograd(_chunked_backward, setup_context=_chunked_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fastcl::contrastive_chunked_learnable: the same op with a tensor inverse temperature (a learnable temperature)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastcl::contrastive_chunked_learnable", mutates_args=())
+def _contrastive_chunked_learnable(
+    anchor: Optional[Tensor],
+    contrast: Tensor,
+    anchor_labels: Optional[Tensor],
+    contrast_labels: Optional[Tensor],
+    mask: Optional[Tensor],
+    self_offset: Optional[int],
+    inv_temperature: Tensor,
+    scale: float,
+    two_way: bool,
+    want_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``fastcl::contrastive_chunked`` with ``u = 1 / t`` a 0-dim tensor in the compute dtype (read on its device,
+    no host sync): ``(loss, dL/dA, dL/dC, dL/du)`` for grad_output = 1 (``dL/du`` 0-dim, from
+    :func:`~fastcl.ops.chunked.autograd.scale_gradient`; the three gradients empty ``[0]`` without
+    ``want_grad``)."""
+    problem = Problem(
+        anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way
+    )
+    loss, grad_anchor, grad_contrast = _chunked_outputs(problem, want_grad)
+    if not want_grad:
+        return loss, grad_anchor, grad_contrast, grad_contrast.clone()
+    return loss, grad_anchor, grad_contrast, scale_gradient(anchor, contrast, grad_anchor, grad_contrast, inv_temperature)
+
+
+@_contrastive_chunked_learnable.register_fake
+def _contrastive_chunked_learnable_fake(anchor, contrast, *_settings_and_want_grad):
+    loss, grad_anchor, grad_contrast = _contrastive_chunked_fake(anchor, contrast, *_settings_and_want_grad)
+    want_grad = _settings_and_want_grad[-1]
+    return loss, grad_anchor, grad_contrast, loss.new_empty(()) if want_grad else loss.new_empty(0)
+
+
+def _chunked_learnable_setup(ctx, inputs, output):
+    save_gradients(ctx, inputs[0], inputs[1], output)
+    ctx.save_for_backward(*output[1:])
+
+
+def _chunked_learnable_backward(ctx, grad_loss, _grad_a, _grad_c, _grad_s):
+    grad_anchor, grad_contrast, grad_scale = ctx.saved_tensors
+    if grad_contrast.dim() != 2:
+        raise RuntimeError("fastcl::contrastive_chunked_learnable was called with want_grad=False: no gradient")
+    grad_anchor, grad_contrast = input_gradients(ctx, grad_loss, grad_anchor, grad_contrast)
+    grad_scale = grad_scale * grad_loss if ctx.needs_input_grad[6] else None
+    return grad_anchor, grad_contrast, None, None, None, None, grad_scale, None, None, None
+
+
+_contrastive_chunked_learnable.register_autograd(_chunked_learnable_backward, setup_context=_chunked_learnable_setup)
 
 
 # ----------------------------------------------------------------------------------------------------------------
