@@ -5,8 +5,8 @@
 
 fwd+bwd (gradients for both towers and ``p``), fp32, D = 128, peak memory next to time (CPU: peak RSS growth of a
 fresh fork; CUDA: ``max_memory_allocated``), as the sweep in test_losses.py. fastcl runs ``fastcl.ClipLoss()``
-(``backend='chunked'``: the Triton kernels take a float temperature only), open_clip its ``ClipLoss()`` (loss.py
-loaded by path), both in one process.
+(chunked everywhere, Triton on CUDA), open_clip its ``ClipLoss()`` (loss.py loaded by path), both in one
+process.
 """
 
 import benchlib
@@ -14,6 +14,8 @@ import pytest
 from harness import DEVICE, QUICK, bench_case
 
 IMPLS = [(benchlib.IMPL_FASTCL, "chunked"), (benchlib.IMPL_OPEN_CLIP, "ClipLoss")]
+if DEVICE == "cuda":
+    IMPLS.insert(0, (benchlib.IMPL_FASTCL, "triton"))
 
 
 def _sizes():

@@ -250,3 +250,38 @@ def test_opcheck_chunked_learnable(case):
     torch.library.opcheck(torch.ops.fastcl.contrastive_chunked_learnable, (*args, two_way, True))
     no_grad = [x.detach() if torch.is_tensor(x) else x for x in args]
     torch.library.opcheck(torch.ops.fastcl.contrastive_chunked_learnable, (*no_grad, two_way, False))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", ["self_labels", "self_mask", "offset", "two_way"])
+def test_opcheck_triton_learnable(case):
+    if not triton_usable():
+        pytest.skip("needs triton on a GPU or under TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = [x.to(device).detach().requires_grad_(x.requires_grad) if torch.is_tensor(x) else x
+            for x in _op_samples(torch.float32)[case]]  # fmt: skip
+    args[6] = torch.tensor(args[6], device=device, requires_grad=True)
+    route = {"offset": "one_way", "two_way": "two_way"}.get(case, "anchors_are_contrast")
+    torch.library.opcheck(torch.ops.fastcl.contrastive_triton_learnable, (*args, route, "tf32x3"))
+
+
+@pytest.mark.triton
+def test_fullgraph_compile_learnable_temperature_triton():
+    if not triton_usable():
+        pytest.skip("needs triton on a GPU or under TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def clip(f, log_scale):
+        return FF.info_nce_loss(f[:, 0], f[:, 1], logit_scale=log_scale.exp(), normalize=False, backend="triton")
+
+    compiled = torch.compile(clip, backend="aot_eager", fullgraph=True, dynamic=True)
+    features = _inputs(7)[0].to(device)
+    results = []
+    for fn in (clip, compiled):
+        f = features.clone().requires_grad_()
+        log_scale = torch.tensor(2.0, device=device, requires_grad=True)
+        loss = fn(f, log_scale)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (f, log_scale))))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert abs(results[0][2].item()) > 1e-4

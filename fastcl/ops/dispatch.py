@@ -86,8 +86,6 @@ def contrastive_loss(
     Both backends run as one ``torch.ops.fastcl`` custom op while compiling (:mod:`fastcl.ops.custom_ops`), so
     ``torch.compile(fullgraph=True)`` traces the loss as a single node with symbolic sizes.
     """
-    if backend == "auto" and isinstance(temperature, torch.Tensor):
-        backend = "chunked"  # (the Triton kernels take a float temperature)
     backend = resolve_backend(backend, contrast)
     if backend not in ("triton", "chunked"):
         raise ValueError(f"backend {backend!r} has no fused implementation here")
