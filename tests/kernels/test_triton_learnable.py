@@ -81,3 +81,17 @@ def test_float_temperature_keeps_the_float_argument(monkeypatch):
     q = torch.randn(6, 16, device=DEVICE, requires_grad=True)
     FF.info_nce_loss(q, q.detach().flip(0), temperature=0.2, backend="triton").backward()
     assert seen and all(not flag and kind is float for flag, kind in seen), seen
+
+
+def test_frozen_anchors_still_give_the_scale_its_gradient():
+    """Only the keys and the scale want gradients: the backward forms the anchors' gradient for dL/du anyway."""
+    torch.manual_seed(1)
+    q, k = torch.randn(9, 16, device=DEVICE), torch.randn(9, 16, device=DEVICE)
+    results = []
+    for backend, dtype in (("triton", torch.float32), ("chunked", torch.float64)):
+        key = k.to(dtype).requires_grad_()
+        p = torch.tensor(1.2, device=DEVICE, dtype=dtype, requires_grad=True)
+        loss = FF.info_nce_loss(q.to(dtype), key, symmetric=False, logit_scale=p.exp(), backend=backend)
+        results.append([g.double().cpu() for g in torch.autograd.grad(loss, (key, p))])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **TOL)
