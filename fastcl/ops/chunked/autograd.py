@@ -154,6 +154,8 @@ def chunked_loss(problem: Problem, want_grad: bool, normalize: bool = False, inv
     """The chunked op eagerly; ``normalize`` (only with ``want_grad``) folds ``F.normalize`` of the inputs in.
     ``inv_temperature``: the differentiable ``u`` of a tensor temperature (``problem.inv_temperature`` is its
     detached value), or None."""
+    if inv_temperature is not None and not inv_temperature.requires_grad:
+        inv_temperature = None  # (a constant tensor: its value is in the problem, no dL/du to form)
     if want_grad and not normalize:
         one_positive = _one_positive(problem)
         if one_positive is not None:  # one positive per anchor, one block: cross-entropy with autograd is cheapest
