@@ -87,7 +87,8 @@ RECORD_KEYS = (
 
 
 def _job(
-    kernel_name, label, variant, config, roles, dtype, precision, dim, arch, has_mask, exclude_self, scale_from_ptr
+    kernel_name, label, variant, config, roles, dtype, precision, dim, arch, has_mask, exclude_self,
+    scale_from_ptr=False,
 ) -> dict:
     """One lowering; ``scale_from_ptr``: the kernel reads ``log2(e) / t`` from a device pointer (a tensor,
     learnable, temperature) instead of taking it as a float argument."""
@@ -248,9 +249,10 @@ def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
         BLOCK_D=block_d,
         BLOCK_M=job["block_m"],
         BLOCK_N=job["block_n"],
-        SCALE_FROM_PTR=job.get("scale_from_ptr", False),
         **job["variant"],
     )
+    if "SCALE_FROM_PTR" in fn.arg_names:  # (the contrastive kernels: the temperature's form)
+        constexprs["SCALE_FROM_PTR"] = job.get("scale_from_ptr", False)
     if "TWO_WAY" in constexprs:
         constexprs["RECOMPUTE_TRANSPOSED"] = constexprs["TWO_WAY"] and launch.recompute_transposed(torch_dtype)
         constexprs["BLOCK_D_OUT"] = tiling.output_block_d_for(dim, DTYPES[job["dtype"]][1], constexprs["TWO_WAY"])
@@ -263,7 +265,7 @@ def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
             args.append(MockTensor(torch_dtype))
         elif name in ("anchor_label_ptr", "contrast_label_ptr"):
             args.append(MockTensor(torch.int64))
-        elif name.endswith("_ptr") or (name == "logit_scale_log2" and constexprs["SCALE_FROM_PTR"]):
+        elif name.endswith("_ptr") or (name == "logit_scale_log2" and constexprs.get("SCALE_FROM_PTR")):
             args.append(MockTensor(torch.float32))
         else:
             args.append(values[name])
