@@ -91,6 +91,7 @@ def supcon_loss(
     bsz, n_views = features.shape[0], features.shape[1]
     if backend == "reference":
         features = F.normalize(features, dim=-1) if normalize else features
+        temperature, base_temperature = _nan_unless_positive(temperature), _nan_unless_positive(base_temperature)
         return supcon_loss_reference(features, labels, mask, temperature, contrast_mode, base_temperature)
 
     contrast = _layout.view_major(features)
@@ -226,7 +227,7 @@ def info_nce_loss(
     if backend == "reference":
         if normalize:
             query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
-        return info_nce_loss_reference(query, key, labels, temperature, symmetric)
+        return info_nce_loss_reference(query, key, labels, _nan_unless_positive(temperature), symmetric)
 
     key_ids = index_range(n_key, query.device)
     query_labels = labels if labels is not None else key_ids[:n_query]
@@ -244,6 +245,14 @@ def info_nce_loss(
         two_way=symmetric,  # key -> query as well, from the same similarity tiles
         normalize=normalize,
     )
+
+
+def _nan_unless_positive(temperature):
+    """A tensor temperature as it is where positive and finite, else NaN (decided on its device, no host sync; the
+    fused backends do the same, :func:`fastcl.ops.dispatch.inverse_temperature`); a number as it is (checked)."""
+    if not isinstance(temperature, torch.Tensor):
+        return temperature
+    return torch.where(torch.isfinite(temperature) & (temperature > 0), temperature, float("nan"))
 
 
 def _temperature_of(temperature, logit_scale):

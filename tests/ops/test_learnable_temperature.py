@@ -201,3 +201,6 @@ def test_invalid_value_on_the_op_is_nan():
         loss = contrastive_loss(q, q.clone(), ids, ids, None, self_offset=None, temperature=torch.tensor(bad),
                                 scale=1.0, backend="chunked")
         assert torch.isnan(loss)
+    from fastcl.functional import _nan_unless_positive  # the reference backend's form of the same rule
+
+    assert torch.isnan(_nan_unless_positive(torch.tensor(-1.0))) and _nan_unless_positive(torch.tensor(0.5)) == 0.5
