@@ -204,3 +204,14 @@ def test_invalid_value_on_the_op_is_nan():
     from fastcl.functional import _nan_unless_positive  # the reference backend's form of the same rule
 
     assert torch.isnan(_nan_unless_positive(torch.tensor(-1.0))) and _nan_unless_positive(torch.tensor(0.5)) == 0.5
+
+
+@pytest.mark.parametrize("n", [20, 600])
+def test_torch_func_grad_through_a_learnable_scale(n):
+    """Under torch.func transforms the chunked op takes its setup_context form: the scale's gradient is there too."""
+    q, k = torch.randn(n, 5, dtype=torch.float64), torch.randn(n, 5, dtype=torch.float64)
+    p = torch.tensor(1.1, dtype=torch.float64)
+    got = torch.func.grad(lambda p, q: FF.info_nce_loss(q, k, logit_scale=p.exp(), backend="chunked"), (0, 1))(p, q)
+    leaves = (p.clone().requires_grad_(), q.clone().requires_grad_())
+    want = torch.autograd.grad(FF.info_nce_loss(leaves[1], k, logit_scale=leaves[0].exp(), backend="reference"), leaves)
+    _close(got, want)
