@@ -35,7 +35,10 @@ LOSSES = ("supcon", "ntxent", "infonce")
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 NUM_CLASSES = 100  # SupCon labels: a CIFAR-100-like label set
-TEMPERATURE = {"supcon": 0.1, "ntxent": 0.5, "infonce": 0.07}
+TEMPERATURE = {"supcon": 0.1, "ntxent": 0.5, "infonce": 0.07, "clip": 0.07}
+# "clip": CLIP's symmetric InfoNCE with a learnable logit scale (open_clip's ClipLoss call, normalised features,
+# gradients for both towers and the log-scale parameter); benchmarked by benches/test_clip_scale.py, not the sweep
+CLIP_LOSS = "clip"
 MIB = 2**20
 SMALL_N = (64, 128, 256, 512)  # the quick suite's small sizes: per-call costs, where dense is hardest to beat
 
@@ -43,7 +46,8 @@ IMPL_FASTCL = "fastcl"
 IMPL_REFERENCE = "reference"
 IMPL_PML = "pytorch-metric-learning"
 IMPL_INFCL = "inf-cl"
-IMPLS = (IMPL_FASTCL, IMPL_REFERENCE, IMPL_PML, IMPL_INFCL)
+IMPL_OPEN_CLIP = "open_clip"
+IMPLS = (IMPL_FASTCL, IMPL_REFERENCE, IMPL_PML, IMPL_INFCL, IMPL_OPEN_CLIP)
 
 # Largest N each implementation is run at on each device, beyond the memory rule: a time cap that keeps the default
 # sweep tractable (the dense forms would take minutes per call on 2 CPU cores). ``None``: no cap.
@@ -177,11 +181,28 @@ def peer_import_error(impl: str) -> Optional[str]:
                 import pytorch_metric_learning.losses  # noqa: F401
             elif impl == IMPL_INFCL:
                 import inf_cl  # noqa: F401
+            elif impl == IMPL_OPEN_CLIP:
+                open_clip_loss_module()
             _peer_cache[impl] = None
         except Exception as exc:  # ImportError, or a missing dependency of the peer
-            pip_name = {IMPL_PML: "pytorch-metric-learning", IMPL_INFCL: "inf-cl"}[impl]
+            pip_name = {IMPL_PML: "pytorch-metric-learning", IMPL_INFCL: "inf-cl", IMPL_OPEN_CLIP: "open_clip_torch"}[impl]
             _peer_cache[impl] = f"{impl} not importable ({type(exc).__name__}: {exc}); pip install {pip_name}"
     return _peer_cache[impl]
+
+
+def open_clip_loss_module():
+    """open_clip's ``loss.py`` loaded by file path: it needs only torch (``import open_clip`` also wants
+    torchvision, which ``pip install --no-deps open_clip_torch`` does not bring)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        raise ImportError("open_clip is not installed")
+    path = os.path.join(spec.submodule_search_locations[0], "loss.py")
+    module_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 def unavailable(case: Case) -> Optional[str]:
@@ -199,7 +220,7 @@ def unavailable(case: Case) -> Optional[str]:
         return "inf-cl (cal_flash_loss) runs on CUDA only"
     if case.device == "cpu" and case.dtype in ("bf16", "fp16"):
         return "half precision is benchmarked on GPU only"
-    if case.impl in (IMPL_PML, IMPL_INFCL):
+    if case.impl in (IMPL_PML, IMPL_INFCL, IMPL_OPEN_CLIP):
         return peer_import_error(case.impl)
     return None
 
@@ -238,6 +259,7 @@ DENSE_FACTOR = {
     (IMPL_REFERENCE, "supcon"): 12,
     (IMPL_REFERENCE, "ntxent"): 12,
     (IMPL_REFERENCE, "infonce"): 10,
+    (IMPL_OPEN_CLIP, CLIP_LOSS): 10,  # logits, their transpose's softmax and gradients: as the CLIP reference
     (IMPL_PML, "supcon"): 16,
 }
 PML_PAIR_FACTOR = {"ntxent": 18, "infonce": 36}  # bytes per N**3 (fp32); infonce runs both directions
@@ -247,7 +269,7 @@ def predicted_bytes(case: Case) -> int:
     """Rough upper estimate of the peak extra memory of one call (inputs excluded)."""
     n, d = case.n, case.d
     elem = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
-    if case.impl in (IMPL_REFERENCE, IMPL_PML) and (case.impl, case.loss) in DENSE_FACTOR:
+    if case.impl in (IMPL_REFERENCE, IMPL_PML, IMPL_OPEN_CLIP) and (case.impl, case.loss) in DENSE_FACTOR:
         return int(DENSE_FACTOR[(case.impl, case.loss)] * n * n * elem + 16 * n * d * 4)
     if case.impl == IMPL_PML:
         return int(PML_PAIR_FACTOR[case.loss] * n**3 * elem / 4)
@@ -320,12 +342,17 @@ def make_inputs(case: Case, seed: int = 0) -> Dict[str, torch.Tensor]:
         return {"z_a": emb(case.n // 2, case.d), "z_b": emb(case.n // 2, case.d)}
     if case.loss == "infonce":
         return {"query": emb(case.n, case.d), "key": emb(case.n, case.d)}
+    if case.loss == CLIP_LOSS:  # the log of the logit scale, a leaf as CLIP's parameter
+        log_scale = torch.tensor(math.log(1 / TEMPERATURE[CLIP_LOSS]), device=device).requires_grad_()
+        return {"image": emb(case.n, case.d), "text": emb(case.n, case.d), "log_scale": log_scale}
     raise ValueError(case.loss)
 
 
 def loss_callable(case: Case) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]:
     """``fn(inputs) -> scalar loss`` for the case's implementation (same inputs, same pairwise work)."""
     t = TEMPERATURE[case.loss]
+    if case.loss == CLIP_LOSS:
+        return _clip_callable(case)
     if case.impl in (IMPL_FASTCL, IMPL_REFERENCE):
         import fastcl.functional as FF
 
@@ -383,6 +410,25 @@ def loss_callable(case: Case) -> Callable[[Dict[str, torch.Tensor]], torch.Tenso
 
         return infcl
     raise ValueError(case.impl)
+
+
+def _clip_callable(case: Case):
+    """open_clip's ``ClipLoss()(image, text, log_scale.exp())``, or fastcl's on the case's backend."""
+    if case.impl == IMPL_OPEN_CLIP:
+        criterion = open_clip_loss_module().ClipLoss()
+    elif case.impl in (IMPL_FASTCL, IMPL_REFERENCE):
+        import fastcl
+
+        if case.impl == IMPL_REFERENCE:
+            import fastcl.functional as FF
+
+            return lambda x: FF.info_nce_loss(
+                x["image"], x["text"], logit_scale=x["log_scale"].exp(), normalize=False, backend="reference"
+            )
+        criterion = fastcl.ClipLoss(backend=case.backend)
+    else:
+        raise ValueError(case.impl)
+    return lambda x: criterion(x["image"], x["text"], x["log_scale"].exp())
 
 
 def _sync(device: str):

@@ -122,6 +122,38 @@ def check_loss_scale(n, d, device):
     return out
 
 
+def check_learnable_scale(n, d, device):
+    """A tensor logit scale (``p.exp()``) on the Triton kernels (read from a device pointer): loss and gradients
+    (both towers and ``p``) against the float64 chunked backend, CLIP (two-way) and SupCon 'all', fp32 and bf16."""
+    out = []
+    g = torch.Generator().manual_seed(4)
+    img = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    feats = F.normalize(torch.randn(n // 2, 2, d, generator=g), dim=-1)
+    labels = torch.randint(0, 10, (n // 2,), generator=g)
+
+    def run(case, dtype, dev, backend):
+        p = torch.tensor(2.659, device=dev, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        p.requires_grad_()
+        if case == "clip":
+            leaves = [img.to(dev, dtype).requires_grad_(), txt.to(dev, dtype).requires_grad_()]
+            loss = FF.info_nce_loss(*leaves, logit_scale=p.exp(), normalize=False, backend=backend)
+        else:
+            leaves = [feats.to(dev, dtype).requires_grad_()]
+            loss = FF.supcon_loss(leaves[0], labels.to(dev), temperature=1 / p.exp(), base_temperature=0.07,
+                                  backend=backend)  # fmt: skip
+        return [loss.detach(), *torch.autograd.grad(loss, [*leaves, p])]
+
+    for case in ("clip", "supcon_all"):
+        ref = run(case, torch.float64, "cpu", "chunked")
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+            got = run(case, dtype, device, "triton")
+            err = max(norm_rel(a.float(), b.float()) for a, b in zip(got, ref))
+            name = f"learnable_scale/{case}/{str(dtype).split('.')[-1]}"
+            out.append(dict(check=name, error=err, tolerance=tol, ok=err < tol))
+    return out
+
+
 def check_device_guard(n, d, device):
     if device != "cuda" or torch.cuda.device_count() < 2:
         return [dict(check="device_guard", ok=True, skipped="needs two GPUs")]
@@ -232,8 +264,8 @@ def main(argv=None) -> int:
         print("no CUDA device (use --device cpu with TRITON_INTERPRET=1 for a plumbing check)")
         return 2
     results = []
-    checks = (check_large_logits, check_tf32x3, check_loss_scale, check_device_guard, check_deterministic,
-              check_dot_agreement)  # fmt: skip
+    checks = (check_large_logits, check_tf32x3, check_loss_scale, check_learnable_scale, check_device_guard,
+              check_deterministic, check_dot_agreement)  # fmt: skip
     for check in checks:
         try:
             results += check(args.n, args.d, args.device)

@@ -19,6 +19,8 @@
 #             kernel variant, which is most of this stage's time)                          -> targets.json
 #   huge      pytest benches/test_targets.py -m huge (N = 2**20, FASTCL_TRITON_AUTOTUNE=0) -> huge.json
 #   sweep     FASTCL_BENCH_QUICK=1 pytest benches/test_losses.py (FASTCL_TRITON_AUTOTUNE=0) -> sweep.json
+#   clip      FASTCL_BENCH_QUICK=1 pytest benches/test_clip_scale.py: learnable-scale CLIP loss, fastcl (Triton,
+#             chunked) against open_clip's ClipLoss (skipped where open_clip_torch is not installed)  -> clip.json
 #   report    benches/report.py                                                  -> report.md, bench-*.png
 # At the end everything is packed into $OUT/gpu_run.tar.gz; summary.txt and report.md stay beside it
 # (FASTCL_GPU_KEEP_LOOSE=0 removes the loose files, for transports that take few files).
@@ -162,6 +164,8 @@ else
         --benchmark-json "$OUT/huge.json"
     stage sweep 240 env FASTCL_TRITON_AUTOTUNE=0 FASTCL_BENCH_QUICK=1 FASTCL_BENCH_BUDGET_S=0.2 \
         "${BENCH[@]}" benches/test_losses.py --benchmark-json "$OUT/sweep.json"
+    stage clip 60 env FASTCL_TRITON_AUTOTUNE=0 FASTCL_BENCH_QUICK=1 \
+        "${BENCH[@]}" benches/test_clip_scale.py --benchmark-json "$OUT/clip.json"
 fi
 
 # ---- report ---------------------------------------------------------------------------------------------------

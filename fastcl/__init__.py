@@ -5,6 +5,7 @@
 """
 
 from fastcl import functional
+from fastcl.clip import ClipLoss
 from fastcl.losses import InfoNCELoss, NTXentLoss, SupConLoss
 from fastcl.memory_queue import MemoryQueue
 from fastcl.models import ContrastiveModel, collect_representations, encoders, heads
@@ -15,6 +16,7 @@ __all__ = [
     "SupConLoss",
     "NTXentLoss",
     "InfoNCELoss",
+    "ClipLoss",
     "MemoryQueue",
     "ContrastiveModel",
     "collect_representations",

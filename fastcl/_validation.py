@@ -27,6 +27,29 @@ def check_positive(name: str, value: float) -> float:
     return value
 
 
+def check_temperature(name: str, value):
+    """A temperature (or ``logit_scale``): a positive finite real number (:func:`check_positive`, returned as a
+    float), or a 0-dim floating-point tensor, with or without grad, returned as it is.
+
+    A tensor's value is checked here only where reading it costs no device sync and no graph break: eagerly, on the
+    CPU. Elsewhere (an accelerator, or while compiling) the op turns a value that is not positive and finite into a
+    NaN loss on the device (:func:`fastcl.ops.dispatch.inverse_temperature`)."""
+    if not isinstance(value, torch.Tensor):
+        return check_positive(name, value)
+    if value.dim() != 0:
+        raise ValueError(
+            f"{name} must be a Python number or a 0-dim (scalar) tensor, got a tensor of shape {tuple(value.shape)}; "
+            f"pass {name}.reshape(()) for a one-element tensor"
+        )
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.device.type == "cpu" and not torch.compiler.is_compiling():
+        number = float(value.detach())
+        if not number > 0 or number == float("inf"):
+            raise ValueError(f"{name} must be positive and finite, got {number}")
+    return value
+
+
 def check_positive_int(value: object, name: str) -> int:
     """A strictly positive Python int (sizes, counts); bools are rejected."""
     if isinstance(value, bool) or not isinstance(value, int):

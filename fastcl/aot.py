@@ -69,6 +69,7 @@ RECORD_KEYS = (
     "kernel",
     "has_mask",
     "exclude_self",
+    "scale_from_ptr",
     "arch",
     "dtype",
     "input_precision",
@@ -85,7 +86,12 @@ RECORD_KEYS = (
 )
 
 
-def _job(kernel_name, label, variant, config, roles, dtype, precision, dim, arch, has_mask, exclude_self) -> dict:
+def _job(
+    kernel_name, label, variant, config, roles, dtype, precision, dim, arch, has_mask, exclude_self,
+    scale_from_ptr=False,
+) -> dict:
+    """One lowering; ``scale_from_ptr``: the kernel reads ``log2(e) / t`` from a device pointer (a tensor,
+    learnable, temperature) instead of taking it as a float argument."""
     return dict(
         kernel_name=kernel_name,
         kernel=label,
@@ -101,6 +107,7 @@ def _job(kernel_name, label, variant, config, roles, dtype, precision, dim, arch
         num_stages=config.num_stages,
         has_mask=has_mask,
         exclude_self=exclude_self,
+        scale_from_ptr=scale_from_ptr,
         roles=roles,
     )
 
@@ -160,17 +167,19 @@ def selection(
                     for precision in precisions:
                         for excl in exclude_self:
                             for arch in archs:
-                                jobs.append(
+                                jobs += [
                                     _job(kernel_name, label, variant, config, roles, dtype, precision, dim, arch,
-                                         has_mask, excl)
-                                )
+                                         has_mask, excl, scale)
+                                    for scale in (False, True)
+                                ]
     return jobs
 
 
 def covering_selection(dtypes, dims, archs, kernels=None) -> list:
     """The CI sample: every kernel variant x dtype x input precision x feature dim (one per tiling bucket, odd D
     included) with the fixed, widest and deepest launchable configs (:func:`covering_configs`), each lowered once.
-    The positive source and self exclusion cycle per variant, dtype and precision (each meets all four); the arch
+    The positive source and self exclusion cycle per variant, dtype and precision (each meets all four), and after
+    each round of the four the temperature's form (a float argument, or a pointer: ``SCALE_FROM_PTR``); the arch
     alternates with the dim and the config, and is the other one for the other dtype of a pair (bf16 / fp16 and
     tf32x3 / tf32 choose the same configs), so every config of every variant and bucket is lowered on both archs
     by one of the pair."""
@@ -191,11 +200,12 @@ def covering_selection(dtypes, dims, archs, kernels=None) -> list:
                     autotuned = tiling.autotune_configs(label, seen, element_size)
                     for c, config in enumerate(covering_configs(label, dim, element_size)):
                         mask, excl = sources[turn % len(sources)]
+                        scale = (turn // len(sources)) % 2 == 1  # float / pointer temperature, per round of sources
                         turn += 1
                         arch = archs[(pair + d + c) % len(archs)]
                         jobs.append(
                             _job(kernel_name, label, variant, config, _roles(config, autotuned, fixed), dtype,
-                                 precision, dim, arch, mask, excl)
+                                 precision, dim, arch, mask, excl, scale)
                         )
             pair += 1
     return jobs
@@ -241,6 +251,8 @@ def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
         BLOCK_N=job["block_n"],
         **job["variant"],
     )
+    if "SCALE_FROM_PTR" in fn.arg_names:  # (the contrastive kernels: the temperature's form)
+        constexprs["SCALE_FROM_PTR"] = job.get("scale_from_ptr", False)
     if "TWO_WAY" in constexprs:
         constexprs["RECOMPUTE_TRANSPOSED"] = constexprs["TWO_WAY"] and launch.recompute_transposed(torch_dtype)
         constexprs["BLOCK_D_OUT"] = tiling.output_block_d_for(dim, DTYPES[job["dtype"]][1], constexprs["TWO_WAY"])
@@ -253,7 +265,7 @@ def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
             args.append(MockTensor(torch_dtype))
         elif name in ("anchor_label_ptr", "contrast_label_ptr"):
             args.append(MockTensor(torch.int64))
-        elif name.endswith("_ptr"):
+        elif name.endswith("_ptr") or (name == "logit_scale_log2" and constexprs.get("SCALE_FROM_PTR")):
             args.append(MockTensor(torch.float32))
         else:
             args.append(values[name])
@@ -351,10 +363,11 @@ def markdown_table(records) -> str:
     """The README's "GPU resources" rows: one markdown row per lowered fixed config (the one
     ``FASTCL_TRITON_AUTOTUNE=0`` and deterministic mode launch), ordered by arch, D, dtype and kernel variant, under
     :data:`TABLE_HEADER`; one table per arch (a ``sm_XX:`` line before each when there are several). Records that
-    failed to lower are rows too (``failed`` in the registers column)."""
+    failed to lower are rows too (``failed`` in the registers column). The rows are the float-temperature kernels
+    (the ``scale_from_ptr`` form of a config is lowered and checked too, but not tabled twice)."""
     order = {dtype: i for i, dtype in enumerate(DTYPES)}
     rows = sorted(
-        (r for r in records if "fixed" in r.get("roles", ())),
+        (r for r in records if "fixed" in r.get("roles", ()) and not r.get("scale_from_ptr")),
         key=lambda r: (r["arch"], r["dim"], order.get(r["dtype"], len(order)), r["input_precision"], r["kernel"]),
     )
     archs = sorted({r["arch"] for r in rows})

@@ -36,7 +36,7 @@ For SupCon ``M = V * max_r b_r``; symmetric InfoNCE gathers query and key togeth
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -306,9 +306,11 @@ _GATHER_AGREEMENT = _Agreement(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _connected_zero(gathered: torch.Tensor, *local: torch.Tensor) -> torch.Tensor:
+def _connected_zero(gathered: torch.Tensor, *local) -> torch.Tensor:
     """An exact 0 whose backward still reaches ``gathered`` (a rank without anchors joins the reduce-scatter) and
-    this rank's inputs (they get zero gradients, so every parameter upstream has one, as DDP expects)."""
+    this rank's inputs, tensor temperatures included (they get zero gradients, so every parameter upstream has
+    one, as DDP expects); non-tensors in ``local`` are skipped."""
+    local = [t.reshape(-1) for t in local if isinstance(t, torch.Tensor)]
     zero = sum((t.narrow(0, 0, 0).sum() for t in local), gathered.narrow(0, 0, 0).sum())
     return zero.to(torch.float64 if gathered.dtype == torch.float64 else torch.float32)
 
@@ -333,9 +335,9 @@ def supcon_loss_distributed(
     labels: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None,
     *,
-    temperature: float = 0.07,
+    temperature: Union[float, torch.Tensor] = 0.07,
     contrast_mode: str = "all",
-    base_temperature: float = 0.07,
+    base_temperature: Union[float, torch.Tensor] = 0.07,
     normalize: bool = False,
     backend: str = "auto",
     group=None,
@@ -358,8 +360,8 @@ def supcon_loss_distributed(
                 "mask cannot be used with gather_distributed=True: a [bsz, bsz] mask relates only this rank's "
                 "samples; pass labels instead (equal labels are positives across ranks), or neither for SimCLR"
             )
-        V.check_positive("temperature", temperature)
-        V.check_positive("base_temperature", base_temperature)
+        V.check_temperature("temperature", temperature)
+        V.check_temperature("base_temperature", base_temperature)
         V.check_contrast_mode(contrast_mode)
         V.check_backend(backend)
         _check_no_reference(backend)
@@ -389,7 +391,7 @@ def supcon_loss_distributed(
     contrast_labels = _layout.view_major_labels(sample_ids, n_views, counts)
     n_anchor = _layout.anchor_count(contrast_mode, bsz, n_views)
     if n_anchor == 0:
-        return _connected_zero(contrast)
+        return _connected_zero(contrast, temperature, base_temperature)
     row_offset = n_views * sum(counts[:rank])  # this rank's block in the contrast set; anchor i is row offset + i
     loss = contrastive_loss(
         local.narrow(0, 0, n_anchor),
@@ -399,7 +401,7 @@ def supcon_loss_distributed(
         None,
         self_offset=row_offset,
         temperature=temperature,
-        scale=temperature / base_temperature,
+        scale=1.0 if base_temperature is temperature else temperature / base_temperature,  # (NT-Xent: exactly 1)
         backend=backend,
     )
     return _rank_share(loss, world, n_anchor, _layout.anchor_count(contrast_mode, sum(counts), n_views))
@@ -427,7 +429,7 @@ def nt_xent_loss_distributed(
     z_a: torch.Tensor,
     z_b: torch.Tensor,
     *,
-    temperature: float = 0.5,
+    temperature: Union[float, torch.Tensor] = 0.5,
     normalize: bool = True,
     backend: str = "auto",
     group=None,
@@ -462,11 +464,12 @@ def info_nce_loss_distributed(
     key: torch.Tensor,
     labels: Optional[torch.Tensor] = None,
     *,
-    temperature: float = 0.07,
+    temperature: Union[float, torch.Tensor] = 0.07,
     symmetric: bool = True,
     normalize: bool = True,
     backend: str = "auto",
     group=None,
+    _contrast_grad: bool = True,
 ) -> torch.Tensor:
     """:func:`fastcl.functional.info_nce_loss` with this rank's queries against the keys of all ranks.
 
@@ -474,7 +477,8 @@ def info_nce_loss_distributed(
     local query i is, by default, local key i (global key ``sum_{r' < r} m_r' + i``; needs ``m_r >= b_r``);
     ``labels [b_r]`` index the global key set (all ranks' keys in rank order). ``symmetric=True`` (``m_r == b_r``,
     default pairing) adds this rank's keys against the queries of all ranks; query and key then travel in one
-    all-gather.
+    all-gather. ``_contrast_grad=False`` (open_clip's ``local_loss=True, gather_with_grad=False``): the gathered
+    rows are constants, so each rank's gradient comes from its own anchors only.
     """
     rank, world = _rank_and_world(group)
     what = "info_nce_loss(gather_distributed=True)"
@@ -507,8 +511,11 @@ def info_nce_loss_distributed(
         gathered = both
     else:
         all_keys = gathered = _gather_with_grad(key, key_counts, rank, group)
+    if not _contrast_grad:
+        all_keys, gathered = all_keys.detach(), gathered.detach()
+        all_queries = all_queries.detach() if symmetric else None
     if n_query == 0:
-        return _connected_zero(gathered, query, key)
+        return _connected_zero(gathered, query, key, temperature)
     device = query.device
     query_labels = lab if lab is not None else torch.arange(key_offset, key_offset + n_query, device=device)
 
@@ -538,7 +545,7 @@ def _checked_info_nce_inputs(query, key, labels, temperature, symmetric, backend
     V.check_embeddings("query", query, allow_empty=True)
     V.check_embeddings("key", key, allow_empty=True)
     V.check_same_kind("query", query, "key", key)
-    V.check_positive("temperature", temperature)
+    V.check_temperature("temperature", temperature)
     V.check_backend(backend)
     _check_no_reference(backend)
     if world > 1:

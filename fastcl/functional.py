@@ -8,7 +8,7 @@ op of :mod:`fastcl.ops` (:func:`fastcl.ops.dispatch.contrastive_loss`; or to the
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +27,9 @@ def supcon_loss(
     labels: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None,
     *,
-    temperature: float = 0.07,
+    temperature: Union[float, torch.Tensor] = 0.07,
     contrast_mode: str = "all",
-    base_temperature: float = 0.07,
+    base_temperature: Union[float, torch.Tensor] = 0.07,
     normalize: bool = False,
     backend: str = "auto",
     gather_distributed: bool = False,
@@ -47,10 +47,14 @@ def supcon_loss(
             ``ValueError`` (checked with one pass over the mask and, eagerly, one host sync). At most one of
             ``labels`` and ``mask``; neither gives SimCLR (the positives of a view are the other views of the same
             sample).
-        temperature: softmax temperature ``t > 0``, a real number (``int``/``float``; ``bool`` and strings raise
-            ``TypeError``).
+        temperature: softmax temperature ``t > 0``: a real number (``int``/``float``; ``bool`` and strings raise
+            ``TypeError``), or a 0-dim floating tensor, with or without grad (a learnable temperature: the loss
+            is differentiable in it on every backend, see :mod:`fastcl.ops.dispatch`). A tensor's value is checked
+            eagerly on CPU; on an accelerator or while compiling a value that is not positive and finite gives
+            a NaN loss instead (no host sync).
         contrast_mode: ``'all'`` (every view is an anchor) or ``'one'`` (view 0 only).
-        base_temperature: the loss is scaled by ``t / base_temperature``.
+        base_temperature: the loss is scaled by ``t / base_temperature`` (with a tensor ``t`` the gradient includes
+            this factor's); a number or a 0-dim tensor as ``temperature``.
         normalize: L2-normalise ``features`` along ``dim`` first (SupContrast expects normalised features).
         backend: ``'auto' | 'triton' | 'chunked' | 'reference'``.
         gather_distributed: this rank's samples are the anchors and every rank's samples (``torch.distributed``,
@@ -80,12 +84,14 @@ def supcon_loss(
             backend=backend,
             group=group,
         )
-    temperature = V.check_positive("temperature", temperature)
-    base_temperature = V.check_positive("base_temperature", base_temperature)
+    same_temperatures = base_temperature is temperature  # (NT-Xent: scale exactly 1, no gradient through t / t)
+    temperature = V.check_temperature("temperature", temperature)
+    base_temperature = V.check_temperature("base_temperature", base_temperature)
     features, labels, mask = _checked_supcon_inputs(features, labels, mask, contrast_mode, backend)
     bsz, n_views = features.shape[0], features.shape[1]
     if backend == "reference":
         features = F.normalize(features, dim=-1) if normalize else features
+        temperature, base_temperature = _nan_unless_positive(temperature), _nan_unless_positive(base_temperature)
         return supcon_loss_reference(features, labels, mask, temperature, contrast_mode, base_temperature)
 
     contrast = _layout.view_major(features)
@@ -104,7 +110,7 @@ def supcon_loss(
         mask,
         self_offset=0,
         temperature=temperature,
-        scale=temperature / base_temperature,
+        scale=1.0 if same_temperatures else temperature / base_temperature,
         backend=backend,
         normalize=normalize,  # (the fused backends fold it in where they can)
     )
@@ -129,7 +135,7 @@ def nt_xent_loss(
     z_a: torch.Tensor,
     z_b: torch.Tensor,
     *,
-    temperature: float = 0.5,
+    temperature: Union[float, torch.Tensor] = 0.5,
     normalize: bool = True,
     backend: str = "auto",
     gather_distributed: bool = False,
@@ -139,7 +145,8 @@ def nt_xent_loss(
 
     Equal to :func:`supcon_loss` on ``stack([z_a, z_b], 1)`` with no labels and ``base_temperature =
     temperature``: each of the 2B embeddings has its other view as the positive and the 2B - 2 others as negatives.
-    ``gather_distributed=True``: negatives from every rank's batch, as in :func:`supcon_loss`.
+    ``gather_distributed=True``: negatives from every rank's batch, as in :func:`supcon_loss`. ``temperature``:
+    a number or a 0-dim tensor (learnable), as in :func:`supcon_loss`.
     """
     if gather_distributed:
         from fastcl.distributed import nt_xent_loss_distributed
@@ -152,7 +159,7 @@ def nt_xent_loss(
     V.check_same_kind("z_a", z_a, "z_b", z_b)
     if z_a.shape != z_b.shape:
         raise ValueError(f"z_a and z_b must have the same shape [B, D], got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
-    temperature = V.check_positive("temperature", temperature)
+    temperature = V.check_temperature("temperature", temperature)
     return supcon_loss(
         torch.stack([z_a, z_b], dim=1),
         temperature=temperature,
@@ -167,12 +174,13 @@ def info_nce_loss(
     key: torch.Tensor,
     labels: Optional[torch.Tensor] = None,
     *,
-    temperature: float = 0.07,
+    temperature: Union[float, torch.Tensor, None] = None,
     symmetric: bool = True,
     normalize: bool = True,
     backend: str = "auto",
     gather_distributed: bool = False,
     group=None,
+    logit_scale: Union[float, torch.Tensor, None] = None,
 ) -> torch.Tensor:
     """Two-tower (CLIP-style) InfoNCE.
 
@@ -181,7 +189,12 @@ def info_nce_loss(
         labels: ``[B]`` integer index of each query's positive key (default ``arange(B)``).
         symmetric: average the query->key and key->query cross-entropies, as CLIP does (needs ``M == B`` and the
             default pairing).
-        normalize: L2-normalise query and key first.
+        temperature: ``t > 0`` (default 0.07): a number or a 0-dim tensor, with or without grad (as in
+            :func:`supcon_loss`).
+        logit_scale: open_clip's / CLIP's form instead: the multiplier ``1 / t`` of the logits, a number or a 0-dim
+            tensor (``model.logit_scale.exp()``); giving both ``temperature`` and ``logit_scale`` is an error.
+        normalize: L2-normalise query and key first (open_clip's ``ClipLoss`` takes normalised features:
+            pass ``normalize=False`` for its numbers; :class:`fastcl.ClipLoss` does).
         gather_distributed: this rank's queries against the keys of every rank (``torch.distributed``, ``group``),
             with the gradients of one big batch (:mod:`fastcl.distributed`). Row counts may differ between ranks
             (0 included); the default positive of local query i is local key i, and ``labels`` index the global
@@ -190,7 +203,12 @@ def info_nce_loss(
 
     Returns:
         Scalar ``mean_i -log softmax_j(q_i . k_j / t)[labels[i]]`` (averaged with the key->query term when symmetric).
+
+    Example:
+        >>> logit_scale = torch.nn.Parameter(torch.tensor(2.659)).exp()     # CLIP's learnable scale
+        >>> loss = info_nce_loss(img, txt, logit_scale=logit_scale, normalize=False)
     """
+    temperature = _temperature_of(temperature, logit_scale)
     if gather_distributed:
         from fastcl.distributed import info_nce_loss_distributed
 
@@ -209,7 +227,7 @@ def info_nce_loss(
     if backend == "reference":
         if normalize:
             query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
-        return info_nce_loss_reference(query, key, labels, temperature, symmetric)
+        return info_nce_loss_reference(query, key, labels, _nan_unless_positive(temperature), symmetric)
 
     key_ids = index_range(n_key, query.device)
     query_labels = labels if labels is not None else key_ids[:n_query]
@@ -229,12 +247,30 @@ def info_nce_loss(
     )
 
 
+def _nan_unless_positive(temperature):
+    """A tensor temperature as it is where positive and finite, else NaN (decided on its device, no host sync; the
+    fused backends do the same, :func:`fastcl.ops.dispatch.inverse_temperature`); a number as it is (checked)."""
+    if not isinstance(temperature, torch.Tensor):
+        return temperature
+    return torch.where(torch.isfinite(temperature) & (temperature > 0), temperature, float("nan"))
+
+
+def _temperature_of(temperature, logit_scale):
+    """The temperature of :func:`info_nce_loss` from its ``temperature`` / ``logit_scale`` arguments (checked)."""
+    if logit_scale is None:
+        return 0.07 if temperature is None else V.check_temperature("temperature", temperature)
+    if temperature is not None:
+        raise ValueError("pass either temperature or logit_scale (= 1 / temperature), not both")
+    logit_scale = V.check_temperature("logit_scale", logit_scale)
+    return torch.reciprocal(logit_scale) if isinstance(logit_scale, torch.Tensor) else 1.0 / logit_scale
+
+
 def _checked_info_nce_inputs(query, key, labels, temperature, symmetric, backend):
     """``(labels, temperature)`` of :func:`info_nce_loss` checked, with its other inputs (raises on invalid input)."""
     V.check_embeddings("query", query)
     V.check_embeddings("key", key)
     V.check_same_kind("query", query, "key", key)
-    temperature = V.check_positive("temperature", temperature)
+    temperature = V.check_temperature("temperature", temperature)
     V.check_backend(backend)
     n_query, n_key = query.shape[0], key.shape[0]
     if symmetric:

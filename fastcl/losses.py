@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -26,11 +26,18 @@ def _distributed_repr(gather_distributed: bool) -> str:
     return ", gather_distributed=True" if gather_distributed else ""
 
 
+def _temperature_repr(value) -> str:
+    """A number as it is; a tensor (a learnable temperature) by kind, without reading its value from the device."""
+    if not isinstance(value, torch.Tensor):
+        return repr(value)
+    return f"tensor({value.dtype}, requires_grad={value.requires_grad})"
+
+
 class SupConLoss(nn.Module):
     """Supervised contrastive loss; a drop-in for SupContrast's ``SupConLoss`` (same constructor, same numbers).
 
     Args:
-        temperature: softmax temperature (default 0.07).
+        temperature: softmax temperature (default 0.07), a number or a 0-dim tensor (see below).
         contrast_mode: ``'all'`` (every view is an anchor) or ``'one'`` (view 0 only).
         base_temperature: the loss is scaled by ``temperature / base_temperature``.
         normalize: L2-normalise the features inside the loss (default False, as SupContrast).
@@ -41,7 +48,13 @@ class SupConLoss(nn.Module):
             ``mask``.
 
     Shape:
-        ``forward(features [bsz, n_views, ...], labels [bsz] = None, mask [bsz, bsz] = None) -> scalar``.
+        ``forward(features [bsz, n_views, ...], labels [bsz] = None, mask [bsz, bsz] = None, *, temperature=None)
+        -> scalar``.
+
+    Learnable temperature:
+        A number or a 0-dim floating tensor: an ``nn.Parameter`` passed to the constructor is registered as this
+        module's parameter; a tensor computed from other parameters (``1 / model.logit_scale.exp()``) belongs in
+        each call, ``forward(..., temperature=t)``, which overrides the constructor's for that call.
 
     Example:
         >>> criterion = SupConLoss(temperature=0.1)
@@ -51,7 +64,7 @@ class SupConLoss(nn.Module):
 
     def __init__(
         self,
-        temperature: float = 0.07,
+        temperature: Union[float, torch.Tensor] = 0.07,
         contrast_mode: str = "all",
         base_temperature: float = 0.07,
         *,
@@ -61,7 +74,7 @@ class SupConLoss(nn.Module):
         group=None,
     ) -> None:
         super().__init__()
-        self.temperature = V.check_positive("temperature", temperature)
+        self.temperature = V.check_temperature("temperature", temperature)
         self.contrast_mode = V.check_contrast_mode(contrast_mode)
         self.base_temperature = V.check_positive("base_temperature", base_temperature)
         self.normalize = bool(normalize)
@@ -70,13 +83,18 @@ class SupConLoss(nn.Module):
         self.group = group
 
     def forward(
-        self, features: torch.Tensor, labels: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
+        self,
+        features: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+        *,
+        temperature: Union[float, torch.Tensor, None] = None,
     ) -> torch.Tensor:
         return FF.supcon_loss(
             features,
             labels,
             mask,
-            temperature=self.temperature,
+            temperature=self.temperature if temperature is None else temperature,
             contrast_mode=self.contrast_mode,
             base_temperature=self.base_temperature,
             normalize=self.normalize,
@@ -87,7 +105,7 @@ class SupConLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"temperature={self.temperature}, contrast_mode={self.contrast_mode!r}, "
+            f"temperature={_temperature_repr(self.temperature)}, contrast_mode={self.contrast_mode!r}, "
             f"base_temperature={self.base_temperature}, normalize={self.normalize}, backend={self.backend!r}"
         ) + _distributed_repr(self.gather_distributed)
 
@@ -98,11 +116,13 @@ class NTXentLoss(nn.Module):
     Shape:
         ``forward(z_a [B, D], z_b [B, D]) -> scalar``; embeddings are L2-normalised inside unless ``normalize=False``.
         ``gather_distributed=True`` (``group``): negatives from the global batch of all ranks, as in ``SupConLoss``.
+        ``forward(z_a, z_b, *, temperature=t)`` overrides the constructor's temperature for that call; either may be
+        a 0-dim tensor (learnable), as in ``SupConLoss``.
     """
 
     def __init__(
         self,
-        temperature: float = 0.5,
+        temperature: Union[float, torch.Tensor] = 0.5,
         *,
         normalize: bool = True,
         backend: str = "auto",
@@ -110,17 +130,19 @@ class NTXentLoss(nn.Module):
         group=None,
     ) -> None:
         super().__init__()
-        self.temperature = V.check_positive("temperature", temperature)
+        self.temperature = V.check_temperature("temperature", temperature)
         self.normalize = bool(normalize)
         self.backend = V.check_backend(backend)
         self.gather_distributed = _check_distributed(gather_distributed, backend)
         self.group = group
 
-    def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, z_a: torch.Tensor, z_b: torch.Tensor, *, temperature: Union[float, torch.Tensor, None] = None
+    ) -> torch.Tensor:
         return FF.nt_xent_loss(
             z_a,
             z_b,
-            temperature=self.temperature,
+            temperature=self.temperature if temperature is None else temperature,
             normalize=self.normalize,
             backend=self.backend,
             gather_distributed=self.gather_distributed,
@@ -128,7 +150,7 @@ class NTXentLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, normalize={self.normalize}, backend={self.backend!r}" + (
+        return f"temperature={_temperature_repr(self.temperature)}, normalize={self.normalize}, backend={self.backend!r}" + (
             _distributed_repr(self.gather_distributed)
         )
 
@@ -141,11 +163,14 @@ class InfoNCELoss(nn.Module):
         ``labels[i]`` (default i). ``symmetric=True`` (needs M == B, default pairing) averages both directions.
         ``gather_distributed=True`` (``group``): this rank's queries against the keys of all ranks (B and M may differ
         between ranks, 0 included); ``labels`` then index the global key set (all ranks' keys in rank order).
+        ``forward(query, key, labels, *, temperature=t)`` or ``logit_scale=s`` (open_clip's multiplier ``1 / t``,
+        e.g. ``model.logit_scale.exp()``) overrides the constructor's temperature for that call (not both); either
+        may be a 0-dim tensor (learnable), as in ``SupConLoss``.
     """
 
     def __init__(
         self,
-        temperature: float = 0.07,
+        temperature: Union[float, torch.Tensor] = 0.07,
         *,
         symmetric: bool = True,
         normalize: bool = True,
@@ -154,19 +179,30 @@ class InfoNCELoss(nn.Module):
         group=None,
     ) -> None:
         super().__init__()
-        self.temperature = V.check_positive("temperature", temperature)
+        self.temperature = V.check_temperature("temperature", temperature)
         self.symmetric = bool(symmetric)
         self.normalize = bool(normalize)
         self.backend = V.check_backend(backend)
         self.gather_distributed = _check_distributed(gather_distributed, backend)
         self.group = group
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        temperature: Union[float, torch.Tensor, None] = None,
+        logit_scale: Union[float, torch.Tensor, None] = None,
+    ) -> torch.Tensor:
+        if temperature is None and logit_scale is None:
+            temperature = self.temperature
         return FF.info_nce_loss(
             query,
             key,
             labels,
-            temperature=self.temperature,
+            temperature=temperature,
+            logit_scale=logit_scale,
             symmetric=self.symmetric,
             normalize=self.normalize,
             backend=self.backend,
@@ -176,6 +212,6 @@ class InfoNCELoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"temperature={self.temperature}, symmetric={self.symmetric}, normalize={self.normalize}, "
+            f"temperature={_temperature_repr(self.temperature)}, symmetric={self.symmetric}, normalize={self.normalize}, "
             f"backend={self.backend!r}"
         ) + _distributed_repr(self.gather_distributed)

@@ -262,12 +262,15 @@ def _contrastive_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SCALE_FROM_PTR: tl.constexpr,
 ):
     """Row statistics of one block of anchors over this program's share of the contrast columns (grid axis 1
     splits the columns; the shares are combined in a fixed order by ``contrastive_forward``): the running max of the
     dots, the sum of ``exp2(logit_scale_log2 * (x - max))``, the positive-logit sum (natural units) and the positive
     weight, each stored at ``[split, row]``. ``n_*_bucket`` only key the autotuner (the next power of two of the
     sizes)."""
+    if SCALE_FROM_PTR:  # a learnable temperature: log2(e) / t read on the device (no host sync)
+        logit_scale_log2 = tl.load(logit_scale_log2).to(tl.float32)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < n_anchor
     a_tile = _load_rows(anchor_ptr, rows, row_valid, stride_anchor, 0, dim, BLOCK_D)
@@ -443,6 +446,7 @@ def _contrastive_bwd_anchor_kernel(
     BLOCK_D_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SCALE_FROM_PTR: tl.constexpr,
 ):
     """``dA[rows, d-tile] = grad_output * grad_scale * sum_j dS_ij c_j``; grid (anchor blocks, output feature tiles).
 
@@ -451,6 +455,8 @@ def _contrastive_bwd_anchor_kernel(
     recomputed tile. With ``A = C`` (SupCon 'all' mode: ``col_*`` are the row statistics) this kernel alone gives
     the whole gradient ``(dS + dS^T) C``: two tile products instead of four.
     """
+    if SCALE_FROM_PTR:  # a learnable temperature: log2(e) / t read on the device (no host sync)
+        logit_scale_log2 = tl.load(logit_scale_log2).to(tl.float32)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d_out = tl.program_id(1) * BLOCK_D_OUT
     row_valid = rows < n_anchor
@@ -548,11 +554,14 @@ def _contrastive_bwd_contrast_kernel(
     BLOCK_D_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SCALE_FROM_PTR: tl.constexpr,
 ):
     """``dC[cols, d-tile] = grad_output * grad_scale * sum_i dS_ij a_i``; grid (contrast blocks, feature tiles).
 
     ``TWO_WAY`` adds the reverse direction's ``dS'^T`` as in the anchor kernel (two-tower InfoNCE, symmetric).
     """
+    if SCALE_FROM_PTR:  # a learnable temperature: log2(e) / t read on the device (no host sync)
+        logit_scale_log2 = tl.load(logit_scale_log2).to(tl.float32)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     d_out = tl.program_id(1) * BLOCK_D_OUT
     col_valid = cols < n_contrast

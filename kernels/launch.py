@@ -212,6 +212,8 @@ class _LaunchArgs:
             INPUT_PRECISION=_checked_precision(anchor.dtype, input_precision),
             SINGLE_D_TILE=single,
             BLOCK_D=self.block_d,
+            # a tensor inverse temperature (a learnable one): the kernels read log2(e) / t from a device pointer
+            SCALE_FROM_PTR=torch.is_tensor(problem.inv_temperature),
         )
 
 
@@ -340,16 +342,23 @@ def contrastive_forward(args: _LaunchArgs, inv_temperature):
         lambda meta: (triton.cdiv(args.n_anchor, meta["BLOCK_M"]), splits),
         parts,
         args,
-        (*args.sizes, inv_temperature * LOG2E),
+        (*args.sizes, _scale_log2(inv_temperature)),
         args.constexprs,
     )
     run_max, run_sum, pos_logit_sum, pos_weight = parts
-    scale_log2 = inv_temperature * LOG2E
+    scale_log2 = _scale_log2(inv_temperature)
     top = run_max.max(dim=0).values
     shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
     total = (run_sum * torch.exp2(scale_log2 * (run_max - shift))).sum(dim=0)
     lse_raw = shift + torch.log2(total) / scale_log2  # -inf for an empty denominator; exact when one term rules
     return lse_raw, pos_logit_sum.sum(dim=0), pos_weight.sum(dim=0)
+
+
+def _scale_log2(inv_temperature):
+    """``log2(e) / t``: a float, or (a tensor ``1 / t``) a one-element fp32 device tensor the kernels load."""
+    if not torch.is_tensor(inv_temperature):
+        return inv_temperature * LOG2E
+    return (inv_temperature.detach().to(torch.float32) * LOG2E).reshape(1)
 
 
 def contrastive_backward(
@@ -388,7 +397,9 @@ def contrastive_backward(
     )
     d_tiles = backward_output_tiles(args.dim, args.element_size, two_way)
     args = _with_stats(args, stats)
-    common = (d_tiles, grad_output, args, (inv_temperature * LOG2E, grad_scale), constexprs)
+    if torch.is_tensor(grad_scale):  # (a tensor temperature's: applied with grad_output, on the device)
+        grad_output, grad_scale = grad_output * grad_scale.detach().to(torch.float32), 1.0
+    common = (d_tiles, grad_output, args, (_scale_log2(inv_temperature), grad_scale), constexprs)
     grad_anchor = grad_contrast = None
     if need_anchor:
         grad_anchor = _backward_kernel("bwd_anchor", args.anchor, args.n_contrast, "BLOCK_M", *common)

@@ -43,7 +43,7 @@ def _features(bsz=4, n_views=2, dim=3):
         (lambda: FF.info_nce_loss(torch.randn(4, 3), torch.randn(4, 3), temperature="hot"), TypeError, "real number"),
         (lambda: SupConLoss(temperature=True), TypeError, "temperature must be a real number"),
         (lambda: SupConLoss(base_temperature="0.07"), TypeError, "base_temperature must be a real number"),
-        (lambda: NTXentLoss(temperature=torch.tensor(0.5)), TypeError, "temperature must be a Python number"),
+        (lambda: NTXentLoss(temperature=torch.tensor([0.5])), ValueError, "temperature must be a Python number or a 0-dim"),
         (
             lambda: FF.supcon_loss(_features(), mask=torch.ones(4, 3)),
             ValueError,

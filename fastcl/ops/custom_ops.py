@@ -19,22 +19,28 @@ import torch
 
 from fastcl.ops import triton as triton_backend
 from fastcl.ops.chunked import passes
-from fastcl.ops.chunked.autograd import input_gradients, save_gradients
+from fastcl.ops.chunked.autograd import input_gradients, save_gradients, scale_gradient
 from fastcl.ops.problem import Problem, compute_dtype
 
 Tensor = torch.Tensor
 
 
-def chunked(problem: Problem, want_grad: bool) -> Tensor:
+def chunked(problem: Problem, want_grad: bool, inv_temperature: Optional[Tensor] = None) -> Tensor:
     """The loss of ``fastcl::contrastive_chunked`` on ``problem`` (its gradients, with ``want_grad``, kept for the
-    op's backward)."""
-    loss, _, _ = torch.ops.fastcl.contrastive_chunked(*problem, want_grad)
-    return loss
+    op's backward); with a tensor ``inv_temperature`` (a learnable temperature: ``problem.inv_temperature`` is its
+    value) that of ``fastcl::contrastive_chunked_learnable``, whose backward also gives ``dL/du``."""
+    if inv_temperature is None:
+        loss, _, _ = torch.ops.fastcl.contrastive_chunked(*problem, want_grad)
+        return loss
+    return torch.ops.fastcl.contrastive_chunked_learnable(*problem[:6], inv_temperature, *problem[7:], want_grad)[0]
 
 
-def triton(problem: Problem, route: str, precision: str) -> Tensor:
+def triton(problem: Problem, route: str, precision: str, inv_temperature: Optional[Tensor] = None) -> Tensor:
     """The loss of ``fastcl::contrastive_triton`` on ``problem`` (``anchor`` None exactly for the route
     ``ANCHORS_ARE_CONTRAST``; ``problem.two_way`` is carried by the route)."""
+    if inv_temperature is not None:  # a learnable temperature: u a Tensor input, its gradient from the backward
+        return torch.ops.fastcl.contrastive_triton_learnable(*problem[:6], inv_temperature, problem.scale, route,
+                                                             precision)[0]  # fmt: skip
     return torch.ops.fastcl.contrastive_triton(*problem[:-1], route, precision)[0]
 
 
@@ -64,6 +70,12 @@ def _contrastive_chunked(
     problem = Problem(
         anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way
     )
+    return _chunked_outputs(problem, want_grad)
+
+
+def _chunked_outputs(problem: Problem, want_grad: bool):
+    """The outputs of ``fastcl::contrastive_chunked`` (its docstring) for ``problem``."""
+    contrast = problem.contrast
     loss, grad_anchor, grad_contrast = passes.chunked_forward(problem, want_grad)
     dtype = compute_dtype(contrast)
     loss = loss.to(dtype)
@@ -103,6 +115,61 @@ def _chunked_backward(ctx, grad_loss, _grad_a, _grad_c):
 
 
 _contrastive_chunked.register_autograd(_chunked_backward, setup_context=_chunked_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fastcl::contrastive_chunked_learnable: the same op with a tensor inverse temperature (a learnable temperature)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastcl::contrastive_chunked_learnable", mutates_args=())
+def _contrastive_chunked_learnable(
+    anchor: Optional[Tensor],
+    contrast: Tensor,
+    anchor_labels: Optional[Tensor],
+    contrast_labels: Optional[Tensor],
+    mask: Optional[Tensor],
+    self_offset: Optional[int],
+    inv_temperature: Tensor,
+    scale: float,
+    two_way: bool,
+    want_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``fastcl::contrastive_chunked`` with ``u = 1 / t`` a 0-dim tensor in the compute dtype (read on its device,
+    no host sync): ``(loss, dL/dA, dL/dC, dL/du)`` for grad_output = 1 (``dL/du`` 0-dim, from
+    :func:`~fastcl.ops.chunked.autograd.scale_gradient`; the three gradients empty ``[0]`` without
+    ``want_grad``)."""
+    problem = Problem(
+        anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale, two_way
+    )
+    loss, grad_anchor, grad_contrast = _chunked_outputs(problem, want_grad)
+    if not want_grad:
+        return loss, grad_anchor, grad_contrast, grad_contrast.clone()
+    return loss, grad_anchor, grad_contrast, scale_gradient(anchor, contrast, grad_anchor, grad_contrast, inv_temperature)
+
+
+@_contrastive_chunked_learnable.register_fake
+def _contrastive_chunked_learnable_fake(anchor, contrast, *_settings_and_want_grad):
+    loss, grad_anchor, grad_contrast = _contrastive_chunked_fake(anchor, contrast, *_settings_and_want_grad)
+    want_grad = _settings_and_want_grad[-1]
+    return loss, grad_anchor, grad_contrast, loss.new_empty(()) if want_grad else loss.new_empty(0)
+
+
+def _chunked_learnable_setup(ctx, inputs, output):
+    save_gradients(ctx, inputs[0], inputs[1], output)
+    ctx.save_for_backward(*output[1:])
+
+
+def _chunked_learnable_backward(ctx, grad_loss, _grad_a, _grad_c, _grad_s):
+    grad_anchor, grad_contrast, grad_scale = ctx.saved_tensors
+    if grad_contrast.dim() != 2:
+        raise RuntimeError("fastcl::contrastive_chunked_learnable was called with want_grad=False: no gradient")
+    grad_anchor, grad_contrast = input_gradients(ctx, grad_loss, grad_anchor, grad_contrast)
+    grad_scale = grad_scale * grad_loss if ctx.needs_input_grad[6] else None
+    return grad_anchor, grad_contrast, None, None, None, None, grad_scale, None, None, None
+
+
+_contrastive_chunked_learnable.register_autograd(_chunked_learnable_backward, setup_context=_chunked_learnable_setup)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,3 +285,93 @@ def _triton_backward(ctx, grad_loss, *_grad_residuals):
 
 
 _contrastive_triton.register_autograd(_triton_backward, setup_context=_triton_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fastcl::contrastive_triton_learnable and its backward: the inverse temperature a Tensor (a learnable temperature)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastcl::contrastive_triton_learnable", mutates_args=())
+def _contrastive_triton_learnable(
+    anchor: Optional[Tensor],
+    contrast: Tensor,
+    anchor_labels: Optional[Tensor],
+    contrast_labels: Optional[Tensor],
+    mask: Optional[Tensor],
+    self_offset: Optional[int],
+    inv_temperature: Tensor,
+    scale: float,
+    route: str,
+    precision: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``fastcl::contrastive_triton`` with ``u = 1 / t`` a 0-dim fp32 tensor, which the kernels read on the device."""
+    problem = Problem(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale)
+    return triton_backend.forward(problem, route, precision)
+
+
+_contrastive_triton_learnable.register_fake(_contrastive_triton_fake)
+
+
+@torch.library.custom_op("fastcl::contrastive_triton_learnable_backward", mutates_args=())
+def _contrastive_triton_learnable_backward(
+    grad_output: Tensor,
+    anchor: Optional[Tensor],
+    contrast: Tensor,
+    anchor_labels: Optional[Tensor],
+    contrast_labels: Optional[Tensor],
+    mask: Optional[Tensor],
+    pos_weight: Tensor,
+    lse: Tensor,
+    col_pos_weight: Tensor,
+    col_lse: Tensor,
+    self_offset: Optional[int],
+    inv_temperature: Tensor,
+    scale: float,
+    route: str,
+    precision: str,
+    need_anchor: bool,
+    need_contrast: bool,
+) -> Tuple[Tensor, Tensor]:
+    """``fastcl::contrastive_triton_backward`` with the inverse temperature a 0-dim tensor."""
+    problem = Problem(anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale)
+    residuals = (pos_weight, lse, col_pos_weight, col_lse)
+    return triton_backend.backward(grad_output, problem, residuals, route, precision, need_anchor, need_contrast)
+
+
+_contrastive_triton_learnable_backward.register_fake(_contrastive_triton_backward_fake)
+
+
+def _triton_learnable_setup(ctx, inputs, output):
+    anchor, contrast, anchor_labels, contrast_labels, mask, self_offset, inv_temperature, scale = inputs[:8]
+    route, precision = inputs[8:]
+    ctx.save_for_backward(anchor, contrast, anchor_labels, contrast_labels, mask, *output[1:], inv_temperature)
+    ctx.settings = (self_offset, scale, route, precision, anchor is None)
+
+
+def _triton_learnable_backward(ctx, grad_loss, *_grad_residuals):
+    """The input gradients, and ``dL/du = <A, dL/dA> / u`` (``<X, dL/dX> / (2u)`` when the anchors are the contrast
+    rows) from the backward's own gradients (:func:`~fastcl.ops.chunked.autograd.scale_gradient`): the anchors'
+    gradient is formed when ``u`` needs one even if the anchors do not."""
+    anchor, contrast, anchor_labels, contrast_labels, mask, *residuals, inv_temperature = ctx.saved_tensors
+    self_offset, scale, route, precision, anchors_are_contrast = ctx.settings
+    need_scale = ctx.needs_input_grad[6]
+    need_anchor = not anchors_are_contrast and (ctx.needs_input_grad[0] or need_scale)
+    need_contrast = ctx.needs_input_grad[1] or anchors_are_contrast
+    grad_anchor, grad_contrast = torch.ops.fastcl.contrastive_triton_learnable_backward(
+        grad_loss, None if anchors_are_contrast else anchor, contrast, anchor_labels, contrast_labels, mask,
+        *residuals, self_offset, inv_temperature, scale, route, precision, need_anchor, need_contrast,
+    )  # fmt: skip
+    grad_scale = None
+    if need_scale:  # (the gradients already carry grad_loss)
+        rows, grad_rows = (contrast, grad_contrast) if anchors_are_contrast else (anchor, grad_anchor)
+        dot = torch.linalg.vecdot(rows.to(torch.float32), grad_rows.to(torch.float32)).sum()
+        grad_scale = (dot / (2 * inv_temperature if anchors_are_contrast else inv_temperature)).to(inv_temperature.dtype)
+    return (
+        grad_anchor if not anchors_are_contrast and ctx.needs_input_grad[0] else None,
+        grad_contrast if ctx.needs_input_grad[1] else None,
+        None, None, None, None, grad_scale, None, None, None,
+    )  # fmt: skip
+
+
+_contrastive_triton_learnable.register_autograd(_triton_learnable_backward, setup_context=_triton_learnable_setup)

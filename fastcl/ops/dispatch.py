@@ -10,14 +10,14 @@ itself (``backend='reference'``).
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from fastcl.ops import custom_ops
 from fastcl.ops import triton as triton_backend
 from fastcl.ops.chunked.autograd import FOLDED_NORMALIZE_DTYPES, chunked_loss
-from fastcl.ops.problem import TRITON_DTYPES, Problem
+from fastcl.ops.problem import TRITON_DTYPES, Problem, compute_dtype
 
 
 def triton_available() -> bool:
@@ -52,8 +52,8 @@ def contrastive_loss(
     mask: Optional[torch.Tensor],
     *,
     self_offset: Optional[int],
-    temperature: float,
-    scale: float,
+    temperature: Union[float, torch.Tensor],
+    scale: Union[float, torch.Tensor],
     backend: str,
     two_way: bool = False,
     normalize: bool = False,
@@ -70,7 +70,14 @@ def contrastive_loss(
         contrast: ``[Nc, D]``, same dtype and device.
         anchor_labels, contrast_labels: int64 ``[Na]``, ``[Nc]``; or both None when ``mask`` is given.
         mask: float32 ``[B, B]`` positive weights, read at ``[i % B, j % B]``.
-        scale: multiplies every anchor's loss (``temperature / base_temperature`` for SupCon).
+        temperature: ``t > 0``: a float, or a 0-dim floating tensor (with or without grad: a learnable
+            temperature, e.g. ``1 / logit_scale``). A tensor goes to the op as ``u = 1 / t`` on the device
+            (:func:`inverse_temperature`; no host sync), and the op's backward gives ``dL/du = <A, dL/dA> / u``
+            (``<X, dL/dX> / (2u)`` when the anchors are the contrast rows): the loss depends on the embeddings only
+            through ``u * A @ C.T``, so this one ``N x D`` reduction of the anchor gradient the op forms anyway is
+            the exact derivative (no ``N x N`` pass, nothing added to the tiles).
+        scale: multiplies every anchor's loss (``temperature / base_temperature`` for SupCon); a tensor (a
+            learnable temperature's) multiplies the op's loss, so autograd takes its gradient.
         backend: ``'triton'`` or ``'chunked'`` (``'auto'`` resolved by :func:`resolve_backend`).
         normalize: L2-normalise the rows of ``anchor`` and ``contrast`` first (``F.normalize(x, dim=-1)``). The eager
             chunked backend folds it into its autograd node for fp32 / float64 inputs (its Jacobian applied to the
@@ -82,6 +89,9 @@ def contrastive_loss(
     backend = resolve_backend(backend, contrast)
     if backend not in ("triton", "chunked"):
         raise ValueError(f"backend {backend!r} has no fused implementation here")
+    # a tensor temperature: u = 1 / t as a tensor (the op's gradient flows to it); a tensor scale multiplies the loss
+    inv_temperature = inverse_temperature(temperature, contrast) if isinstance(temperature, torch.Tensor) else None
+    loss_scale = scale if isinstance(scale, torch.Tensor) else None
     problem = Problem(
         None if anchor is contrast else anchor,  # SupCon 'all' / NT-Xent: the anchors are the contrast rows
         contrast,
@@ -89,11 +99,13 @@ def contrastive_loss(
         contrast_labels,
         mask,
         self_offset,
-        1.0 / temperature,
-        scale,
+        1.0 / temperature if inv_temperature is None else inv_temperature.detach(),
+        scale if loss_scale is None else 1.0,
         two_way,
     )
-    want_grad = torch.is_grad_enabled() and (anchor.requires_grad or contrast.requires_grad)
+    want_grad = torch.is_grad_enabled() and (
+        anchor.requires_grad or contrast.requires_grad or (inv_temperature is not None and inv_temperature.requires_grad)
+    )
     eager_chunked = backend == "chunked" and not torch.compiler.is_compiling()
     fold_normalize = normalize and eager_chunked and want_grad and contrast.dtype in FOLDED_NORMALIZE_DTYPES
     if normalize and not fold_normalize:
@@ -102,12 +114,23 @@ def contrastive_loss(
         triton_backend.check_inputs(problem.contrast)
         route = triton_backend.route(problem)
         precision = triton_backend.input_precision(problem.contrast.dtype)  # the backward's too
-        return custom_ops.triton(triton_backend.unit_column_stride(problem, route), route, precision)
-    if eager_chunked:
+        problem = triton_backend.unit_column_stride(problem, route)
+        loss = custom_ops.triton(problem, route, precision, inv_temperature)
+    elif eager_chunked:
         # Eagerly the same computation without the custom op's dispatch (schema binding, the op's autograd
         # wrapper, output aliasing checks): ~0.5 ms a call on a 2-core CPU, as much as the whole loss at N = 64.
-        return chunked_loss(problem, want_grad, fold_normalize)
-    return custom_ops.chunked(problem, want_grad)
+        loss = chunked_loss(problem, want_grad, fold_normalize, inv_temperature)
+    else:
+        loss = custom_ops.chunked(problem, want_grad, inv_temperature)
+    return loss if loss_scale is None else loss * loss_scale.to(loss.dtype)
+
+
+def inverse_temperature(temperature: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``u = 1 / t`` (0-dim, differentiable) on ``like``'s device in the op's compute dtype; NaN where ``t`` is not
+    positive and finite, decided on the device (no host sync), so a bad learnable temperature gives a NaN loss
+    (:func:`fastcl._validation.check_temperature` raises eagerly on CPU instead)."""
+    inverse = torch.reciprocal(temperature.to(device=like.device, dtype=compute_dtype(like)))
+    return torch.where(torch.isfinite(inverse) & (inverse > 0), inverse, float("nan"))
 
 
 def _normalized(problem: Problem) -> Problem:

@@ -7,7 +7,7 @@ launcher import their math from here, never from the module that dispatches to t
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -33,7 +33,7 @@ class Problem(NamedTuple):
     contrast_labels: Optional[torch.Tensor]
     mask: Optional[torch.Tensor]
     self_offset: Optional[int]
-    inv_temperature: float
+    inv_temperature: Union[float, torch.Tensor]  # 1 / t; a 0-dim tensor (no grad) for a tensor temperature
     scale: float
     two_way: bool = False
 

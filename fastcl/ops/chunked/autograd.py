@@ -47,6 +47,22 @@ def input_gradients(ctx, grad_loss, grad_anchor, grad_contrast):
     return grad_anchor, grad_contrast
 
 
+def scale_gradient(anchor, contrast, grad_anchor, grad_contrast, inv_temperature: Tensor) -> Tensor:
+    """``dL/du`` (0-dim) of the op's loss w.r.t. its inverse temperature ``u``, from the gradients it formed for
+    ``grad_output = 1``: the loss depends on the rows only through ``u * A @ C.T``, so ``u dL/du = <A, dL/dA>``
+    (Euler's relation for the scaled anchors), or ``<X, dL/dX> / 2`` when the anchors are the contrast rows
+    (``anchor`` None; ``grad_contrast`` None, an empty marker, or the contrast role's share). One ``N x D``
+    reduction, exact for every route and backend (the rows are the op's own: normalised where it normalises)."""
+    dtype = grad_anchor.dtype
+    if anchor is not None:
+        return torch.linalg.vecdot(in_dtype(anchor, dtype), grad_anchor).sum() / inv_temperature
+    rows = in_dtype(contrast, dtype)
+    dot = torch.linalg.vecdot(rows, grad_anchor).sum()
+    if grad_contrast is not None and grad_contrast.dim() == 2:
+        dot = dot + torch.linalg.vecdot(rows, grad_contrast).sum()
+    return dot / (2 * inv_temperature)
+
+
 def _normalize_rows(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """``(y, denom, live)`` with ``y = x / denom`` and ``denom = max(|x_i|, eps)`` per row, as
     ``F.normalize(x, dim=-1)``; ``live [N, 1]`` marks the rows whose norm is not clamped."""
@@ -62,11 +78,12 @@ def _normalize_backward(grad_y: Tensor, y: Tensor, denom: Tensor, live: Tensor) 
     return grad_y.addcmul(y, radial, value=-1.0).div_(denom)
 
 
-def _fused_chunked(anchor, contrast, problem: Problem, normalize: bool):
-    """``(loss, dA, dC)`` of the chunked op for grad_output = 1; when the anchors are the contrast rows (``anchor``
-    None) ``dC`` is an empty marker and ``dA`` that input's whole gradient. ``anchor`` and ``contrast`` are the
-    autograd inputs (the problem's own tensors, as autograd hands them over). With ``normalize`` they are raw
-    rows, normalised here, and the gradients are those of the raw rows."""
+def _fused_chunked(anchor, contrast, problem: Problem, normalize: bool, inv_temperature=None):
+    """``(loss, dA, dC, dL/du)`` of the chunked op for grad_output = 1; when the anchors are the contrast rows
+    (``anchor`` None) ``dC`` is an empty marker and ``dA`` that input's whole gradient. ``anchor`` and ``contrast``
+    are the autograd inputs (the problem's own tensors, as autograd hands them over). With ``normalize`` they are
+    raw rows, normalised here, and the gradients are those of the raw rows. ``dL/du`` (:func:`scale_gradient`)
+    only for a tensor ``inv_temperature`` (a learnable temperature), else an empty marker."""
     if normalize:
         contrast, contrast_denom, contrast_live = _normalize_rows(contrast)
         if not problem.anchors_are_contrast:
@@ -74,13 +91,16 @@ def _fused_chunked(anchor, contrast, problem: Problem, normalize: bool):
     if anchor is not problem.anchor or contrast is not problem.contrast:  # (as a torch.func transform hands them)
         problem = problem._replace(anchor=anchor, contrast=contrast)
     loss, grad_anchor, grad_contrast = passes.chunked_forward(problem, True)
+    grad_scale = grad_anchor.new_empty(0)
+    if inv_temperature is not None:  # (from the gradients of the normalised rows, before F.normalize's Jacobian)
+        grad_scale = scale_gradient(problem.anchor, problem.contrast, grad_anchor, grad_contrast, inv_temperature)
     if normalize:
         if problem.anchors_are_contrast:
             grad_anchor = _normalize_backward(grad_anchor, contrast, contrast_denom, contrast_live)
         else:
             grad_anchor = _normalize_backward(grad_anchor, anchor, anchor_denom, anchor_live)
             grad_contrast = _normalize_backward(grad_contrast, contrast, contrast_denom, contrast_live)
-    return loss, grad_anchor, grad_anchor.new_empty(0) if grad_contrast is None else grad_contrast
+    return loss, grad_anchor, grad_anchor.new_empty(0) if grad_contrast is None else grad_contrast, grad_scale
 
 
 class _ChunkedFunction(torch.autograd.Function):
@@ -93,11 +113,17 @@ class _ChunkedFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         save_gradients(ctx, inputs[0], inputs[1], output)
-        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.grad_scale = output[3]
+        ctx.mark_non_differentiable(output[1], output[2], output[3])
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_a, _grad_c):
-        return *input_gradients(ctx, grad_loss, *ctx.saved_tensors), None, None
+    def backward(ctx, grad_loss, _grad_a, _grad_c, _grad_s):
+        return *input_gradients(ctx, grad_loss, *ctx.saved_tensors), None, None, _scale_input_gradient(ctx, grad_loss)
+
+
+def _scale_input_gradient(ctx, grad_loss):
+    """The gradient for the inverse temperature input (the last): ``grad_loss * dL/du``, or None."""
+    return ctx.grad_scale * grad_loss if ctx.needs_input_grad[-1] else None
 
 
 class _EagerChunkedFunction(torch.autograd.Function):
@@ -106,8 +132,10 @@ class _EagerChunkedFunction(torch.autograd.Function):
     call less on a 2-core CPU (a quarter of a whole fwd+bwd at N = 64)."""
 
     @staticmethod
-    def forward(ctx, anchor, contrast, problem, normalize):
-        loss, grad_anchor, grad_contrast = _fused_chunked(anchor, contrast, problem, normalize)
+    def forward(ctx, anchor, contrast, problem, normalize, inv_temperature):
+        loss, grad_anchor, grad_contrast, ctx.grad_scale = _fused_chunked(
+            anchor, contrast, problem, normalize, inv_temperature
+        )
         save_gradients(ctx, anchor, contrast, (loss, grad_anchor, grad_contrast))
         return loss
 
@@ -118,17 +146,22 @@ class _EagerChunkedFunction(torch.autograd.Function):
                 "fastcl's chunked backend forms first derivatives only: create_graph=True (a second derivative "
                 "through the loss) would silently treat them as constants; use backend='reference' for that"
             )
-        return *input_gradients(ctx, grad_loss, *ctx.saved_tensors), None, None
+        grad_scale = _scale_input_gradient(ctx, grad_loss)
+        return *input_gradients(ctx, grad_loss, *ctx.saved_tensors), None, None, grad_scale
 
 
-def chunked_loss(problem: Problem, want_grad: bool, normalize: bool = False) -> Tensor:
-    """The chunked op eagerly; ``normalize`` (only with ``want_grad``) folds ``F.normalize`` of the inputs in."""
+def chunked_loss(problem: Problem, want_grad: bool, normalize: bool = False, inv_temperature=None) -> Tensor:
+    """The chunked op eagerly; ``normalize`` (only with ``want_grad``) folds ``F.normalize`` of the inputs in.
+    ``inv_temperature``: the differentiable ``u`` of a tensor temperature (``problem.inv_temperature`` is its
+    detached value), or None."""
+    if inv_temperature is not None and not inv_temperature.requires_grad:
+        inv_temperature = None  # (a constant tensor: its value is in the problem, no dL/du to form)
     if want_grad and not normalize:
         one_positive = _one_positive(problem)
         if one_positive is not None:  # one positive per anchor, one block: cross-entropy with autograd is cheapest
-            return _one_positive_loss(problem, one_positive)
+            return _one_positive_loss(problem, one_positive, inv_temperature)
     if want_grad:
-        args = (problem.anchor, problem.contrast, problem, normalize)
+        args = (problem.anchor, problem.contrast, problem, normalize, inv_temperature)
         if _FUNCTORCH_ACTIVE is None or _FUNCTORCH_ACTIVE():
             return _ChunkedFunction.apply(*args)[0]
         return _EagerChunkedFunction.apply(*args)
@@ -148,13 +181,14 @@ def _one_positive(problem: Problem):
     return passes._paired_by_index(problem.anchor_labels, problem.contrast_labels, None, False)
 
 
-def _one_positive_loss(problem: Problem, positive):
+def _one_positive_loss(problem: Problem, positive, inv_temperature=None):
     """The op's loss when anchor i's only positive is contrast ``positive[i]`` (or i: ``'diagonal'``) and no pair is
     excluded (one-way): ``scale * cross_entropy(s, positive)``, with autograd's backward. At small N (one block) the
     fewest ops: no weights, no gradients formed in the forward."""
     dtype = compute_dtype(problem.contrast)
     anchor = problem.anchor
-    logits = torch.mm(in_dtype(anchor, dtype), in_dtype(problem.contrast, dtype).T).mul(problem.inv_temperature)
+    inverse = problem.inv_temperature if inv_temperature is None else inv_temperature  # (autograd: dL/du too)
+    logits = torch.mm(in_dtype(anchor, dtype), in_dtype(problem.contrast, dtype).T).mul(inverse)
     target = index_range(anchor.shape[0], anchor.device) if isinstance(positive, str) else positive
     loss = torch.nn.functional.cross_entropy(logits, target)
     return loss * problem.scale if problem.scale != 1.0 else loss

@@ -471,7 +471,7 @@ def _single_block_paired(problem: Problem, want_grad: bool, positive="diagonal")
     if column is None:
         dlogits.mul_(coef).diagonal().sub_(2 * coef if two_way else coef)
     else:
-        dlogits.mul_(coef).scatter_add_(1, column, dlogits.new_full(column.shape, -coef))
+        dlogits.mul_(coef).scatter_add_(1, column, dlogits.new_empty(column.shape).fill_(-coef))
     return loss, torch.mm(dlogits, c_all), torch.mm(dlogits.T, a_all)
 
 
