@@ -21,3 +21,7 @@ __all__ = [
     "heads",
     "__version__",
 ]
+
+from fastcl.losses import SigLipLoss  # noqa: E402
+
+__all__ += ["SigLipLoss"]
