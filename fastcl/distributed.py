@@ -630,16 +630,16 @@ def sigmoid_loss_distributed(
     if normalize:
         inputs = inputs._replace(image=F.normalize(inputs.image, dim=-1), text=F.normalize(inputs.text, dim=-1))
     all_text = _gather_with_grad(inputs.text, text_counts, rank, group)
-    n_image, n_total = inputs.image.shape[0], sum(image_counts)
-    if n_image == 0:
-        params = [t.reshape(1) for t in (inputs.logit_scale, inputs.logit_bias)]
-        return _connected_zero(all_text, inputs.image, inputs.text, *params)
     all_image_labels = None
-    if inputs.image_labels is not None:
+    if inputs.image_labels is not None:  # (every rank joins these collectives, one without images too)
         all_text_labels = inputs.text_labels if world == 1 else _gather_rows(inputs.text_labels, text_counts, group)
         if weighting != "uniform" and world > 1:
             all_image_labels = _gather_rows(inputs.image_labels, image_counts, group)
         inputs = inputs._replace(text_labels=all_text_labels)
+    n_image, n_total = inputs.image.shape[0], sum(image_counts)
+    if n_image == 0:
+        params = [t.reshape(1) for t in (inputs.logit_scale, inputs.logit_bias)]
+        return _connected_zero(all_text, inputs.image, inputs.text, *params)
     inputs = inputs._replace(text=all_text)
     problem = SI.make_problem(
         inputs,
