@@ -5,6 +5,7 @@ Every error names the argument and what was expected.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple, Optional
 
@@ -57,13 +58,14 @@ def check_logit_param(name: str, value, like: torch.Tensor, positive: bool) -> t
 
 def _check_value(name: str, value: torch.Tensor, positive: bool) -> None:
     rule = "finite and > 0" if positive else "finite"
+    if value.device.type == "cpu":
+        number = value.item()
+        if not math.isfinite(number) or (positive and not number > 0):
+            raise ValueError(f"{name} must be {rule}, got {number}")
+        return
     with torch.no_grad():
         ok = torch.isfinite(value) & (value > 0) if positive else torch.isfinite(value)
-        if value.device.type == "cpu":
-            if not bool(ok):
-                raise ValueError(f"{name} must be {rule}, got {value.item()}")
-        else:
-            torch._assert_async(ok, f"{name} must be {rule}")
+        torch._assert_async(ok, f"{name} must be {rule}")
 
 
 def check_inputs(image, text, logit_scale, logit_bias, labels, text_labels, allow_empty=False) -> SigmoidInputs:

@@ -294,7 +294,7 @@ def _sigmoid_backward(ctx, grad_loss, *_grad_gradients):
 
     if ctx.saved_tensors[0].dim() != 2:
         raise RuntimeError("fastcl::sigmoid_loss was called with want_grad=False, so it has no gradient")
-    grads = input_gradients(ctx.needs_input_grad[:4], ctx.dtypes, grad_loss, *ctx.saved_tensors)
+    grads = input_gradients(ctx.needs_input_grad[:4], ctx.dtypes, grad_loss, *ctx.saved_tensors, eager=False)
     return *grads, *([None] * 9)
 
 

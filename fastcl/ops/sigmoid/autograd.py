@@ -16,12 +16,19 @@ from fastcl.ops.sigmoid.problem import SigmoidProblem
 Tensor = torch.Tensor
 
 
-def input_gradients(needs, dtypes, grad_loss, d_image, d_text, d_scale, d_bias):
+def input_gradients(needs, dtypes, grad_loss, d_image, d_text, d_scale, d_bias, eager: bool = True):
     """The gradients of ``(image, text, logit_scale, logit_bias)`` from those formed for ``grad_output = 1``: scaled
-    out of place (a retained graph may run the backward again), cast to the input dtypes, None where not needed."""
+    out of place (a retained graph may run the backward again; autograd copies a stored tensor it is handed before
+    accumulating into it, so ``grad_output == 1`` on CPU hands them over as they are), cast to the input dtypes,
+    None where not needed. ``eager=False`` (the custom op's backward, traced by ``torch.compile``) reads nothing."""
+    unit = eager and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0  # (a free read on CPU only)
     grads = []
     for need, dtype, grad in zip(needs, dtypes, (d_image, d_text, d_scale, d_bias)):
-        grads.append(grad.mul(grad_loss).to(dtype) if need else None)
+        if need:
+            grad = grad if unit else grad.mul(grad_loss)
+            grads.append(grad if grad.dtype == dtype else grad.to(dtype))
+        else:
+            grads.append(None)
     return grads
 
 

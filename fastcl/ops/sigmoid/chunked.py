@@ -50,11 +50,12 @@ def chunked_forward(problem: SigmoidProblem, want_grad: bool):
     """``(loss, d_image, d_text, d_scale, d_bias)`` in the compute dtype; the four gradients (for grad_output = 1)
     are None without ``want_grad``. ``loss`` and the scalar gradients are 0-dim."""
     dtype = compute_dtype(problem.text)
-    x, y = problem.image.to(dtype), problem.text.to(dtype)
-    scale, bias = problem.logit_scale.to(dtype), problem.logit_bias.to(dtype)
+    x, y = _as(problem.image, dtype), _as(problem.text, dtype)
+    scale, bias = _as(problem.logit_scale, dtype), _as(problem.logit_bias, dtype)
     n_image, n_text = x.shape[0], y.shape[0]
+    inv_norm = 1.0 / problem.norm
     x_scaled = x * scale
-    state = _Accumulators(x, y, dtype, want_grad)
+    state = _Accumulators(x, y, x * (scale * inv_norm) if want_grad else None)
     rows = block_rows(n_image, n_text, x.device)
     logits_buffer = x.new_empty(min(rows, n_image) * n_text)
     softplus_buffer = torch.empty_like(logits_buffer) if problem.image_ids is None else None
@@ -66,8 +67,12 @@ def chunked_forward(problem: SigmoidProblem, want_grad: bool):
         else:
             grad = _labelled_block(logits, problem, start, stop, dtype, state)
         if want_grad:
-            state.add_products(grad, start, stop, x_scaled, scale)
-    return state.result(problem.norm, scale)
+            state.add_products(grad, start, stop)
+    return state.result(inv_norm, scale)
+
+
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _block(buffer: Tensor, height: int, width: int) -> Tensor:
@@ -79,15 +84,16 @@ def _paired_block(logits: Tensor, softplus_buffer: Tensor, first_pair: int, stat
     """Default pairing: the loss of a ``[M, r]`` block whose image c pairs with text ``first_pair + c``, and (with
     ``want_grad``) ``dL/dl`` in place of the logits."""
     positive = logits[first_pair:].diagonal()
-    positive_logits = positive.clone()
+    negated = positive.neg()  # -l of the positive pairs (t = -z l)
     threshold = softplus_threshold(logits.dtype)
     softplus = torch._C._nn.softplus(logits, 1, threshold, out=_block(softplus_buffer, *logits.shape))
-    softplus[first_pair:].diagonal().copy_(torch.nn.functional.softplus(-positive_logits, threshold=threshold))
-    state.loss += softplus.sum()
+    softplus[first_pair:].diagonal().copy_(torch._C._nn.softplus(negated, 1, threshold))
+    state.add_loss(softplus.sum())
     if not want_grad:
         return None
+    positive_grad = torch.sigmoid(negated).neg_()
     grad = torch.sigmoid(logits, out=logits)
-    positive.copy_(torch.sigmoid(-positive_logits).neg_())
+    positive.copy_(positive_grad)
     return grad
 
 
@@ -98,38 +104,41 @@ def _labelled_block(logits: Tensor, problem: SigmoidProblem, start: int, stop: i
     if problem.row_weight is not None:
         weight = problem.col_weight.to(dtype)[:, None] + problem.row_weight.to(dtype)[None, start:stop]
     loss, grad = pair_terms(logits, positive, weight)
-    state.loss += loss.sum()
+    state.add_loss(loss.sum())
     return grad
 
 
 class _Accumulators:
-    """The running loss and, with ``want_grad``, the gradients of one :func:`chunked_forward` call."""
+    """The running sums of one :func:`chunked_forward` call: the loss and, with ``x_grad_scaled = x s / norm``
+    (None: no gradients), ``dX``, ``dY`` and the unnormalised ``ds``, ``db``."""
 
-    def __init__(self, x: Tensor, y: Tensor, dtype, want_grad: bool):
-        self.x, self.y, self.want_grad = x, y, want_grad
-        self.loss = x.new_zeros((), dtype=dtype)
-        if want_grad:
+    def __init__(self, x: Tensor, y: Tensor, x_grad_scaled: Optional[Tensor]):
+        self.x, self.y, self.x_grad_scaled = x, y, x_grad_scaled
+        self.loss = self.d_scale = self.d_bias = self.d_text = None
+        if x_grad_scaled is not None:
             self.d_image = torch.empty_like(x)
-            self.d_text = torch.zeros_like(y)
-            self.d_scale = x.new_zeros((), dtype=dtype)
-            self.d_bias = x.new_zeros((), dtype=dtype)
 
-    def add_products(self, grad: Tensor, start: int, stop: int, x_scaled: Tensor, scale: Tensor) -> None:
-        """``grad [M, r] = dL/dl`` of images ``start:stop``: ``dX_r``, ``dY``, ``ds``, ``db``."""
-        self.d_bias += grad.sum()
-        grad_dot_text = torch.mm(grad.T, self.y)  # [r, D]: sum_j dL/dl_ij y_j
-        self.d_scale += torch.linalg.vecdot(grad_dot_text, self.x[start:stop]).sum()
-        torch.mul(grad_dot_text, scale, out=self.d_image[start:stop])
-        self.d_text.addmm_(grad, x_scaled[start:stop])
+    def add_loss(self, block_sum: Tensor) -> None:
+        self.loss = block_sum if self.loss is None else self.loss + block_sum
 
-    def result(self, norm: float, scale: Tensor):
-        inv = 1.0 / norm
-        if not self.want_grad:
-            return self.loss * inv, None, None, None, None
-        return (
-            self.loss * inv,
-            self.d_image.mul_(inv),
-            self.d_text.mul_(inv),
-            self.d_scale * inv,
-            self.d_bias * inv,
-        )
+    def add_products(self, grad: Tensor, start: int, stop: int) -> None:
+        """``grad [M, r] = dL/dl`` of images ``start:stop``: ``dX_r`` (unscaled), ``dY``, ``ds``, ``db``."""
+        d_bias = grad.sum()
+        grad_dot_text = torch.mm(grad.T, self.y, out=self.d_image[start:stop])  # [r, D]: sum_j dL/dl_ij y_j
+        d_scale = torch.linalg.vecdot(grad_dot_text, self.x[start:stop]).sum()
+        if self.d_text is None:
+            self.d_text = torch.mm(grad, self.x_grad_scaled[start:stop])
+            self.d_scale, self.d_bias = d_scale, d_bias
+        else:
+            self.d_text.addmm_(grad, self.x_grad_scaled[start:stop])
+            self.d_scale, self.d_bias = self.d_scale + d_scale, self.d_bias + d_bias
+
+    def result(self, inv_norm: float, scale: Tensor):
+        loss = self.x.new_zeros(()) if self.loss is None else self.loss * inv_norm
+        if self.x_grad_scaled is None:
+            return loss, None, None, None, None
+        if self.d_text is None:  # no image rows
+            self.d_text = torch.zeros_like(self.y)
+            self.d_scale = self.d_bias = self.x.new_zeros(())
+        self.d_image.mul_(scale * inv_norm)
+        return loss, self.d_image, self.d_text, self.d_scale * inv_norm, self.d_bias * inv_norm
