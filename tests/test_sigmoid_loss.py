@@ -282,3 +282,20 @@ def test_opcheck_custom_op():
     for ids, extra in (((None, None), [None, None]), ((labels, text_labels), weights)):
         args = (image, text, s, b, *ids, *extra, 6.0, 0, "chunked", "ieee", True)
         torch.library.opcheck(torch.ops.fastcl.sigmoid_loss.default, args)
+
+
+@pytest.mark.parametrize("offset", [0, 5])
+def test_single_block_route_equals_the_block_loop(monkeypatch, offset):
+    """Small problems take the single-block route (one [N, M] block, fewest operations); the block loop over rows
+    gives the same loss and gradients (float64), with the default pairing at an offset (a gathered rank)."""
+    from fastcl.ops.sigmoid.problem import SigmoidProblem
+
+    image, text, s, b = [t.detach() for t in _leaves(23, 31, 6, seed=14)]
+    problem = SigmoidProblem(image, text, s, b, None, None, None, None, 4.0, pair_offset=offset)
+    single = chunked.chunked_forward(problem, True)
+    monkeypatch.setattr(chunked, "block_rows", lambda n, m, device: 5)
+    looped = chunked.chunked_forward(problem, True)
+    for a, c in zip(single, looped):
+        torch.testing.assert_close(a, c, rtol=1e-13, atol=1e-14)
+    forward_only = chunked.chunked_forward(problem, False)
+    torch.testing.assert_close(forward_only[0], single[0], rtol=1e-13, atol=1e-14)
