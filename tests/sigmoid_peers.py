@@ -26,3 +26,25 @@ def open_clip_loss():
 def siglip_kernel_reference():
     """``siglip_kernel/reference.py`` (torch only) or None."""
     return _load("siglip_kernel/reference.py", "siglip_kernel_reference_by_path")
+
+
+def siglip_kernel_plus_on_cpu():
+    """siglip-kernel's ``fused_siglip_plus`` module (its Triton kernel runs on CPU tensors under TRITON_INTERPRET=1),
+    imported as a submodule of a stand-in package so that the package's ``__init__`` (which queries the GPU) does not
+    run; its GPU-dependent block-size choices are replaced by the interpreter's 16 / 1 warp. None if not installed."""
+    import importlib
+    import sys
+    import types
+
+    folder = Path(sysconfig.get_paths()["purelib"]) / "siglip_kernel"
+    if not (folder / "fused_siglip_plus.py").exists():
+        return None
+    name = "siglip_kernel_by_path"
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = [str(folder)]
+        sys.modules[name] = package
+    module = importlib.import_module(f"{name}.fused_siglip_plus")
+    module._select_block_size = lambda n_text: 16
+    module._select_num_warps = lambda block: 1
+    return module

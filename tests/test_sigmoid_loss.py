@@ -4,6 +4,8 @@ weights, gradcheck, NaN, torch.compile and the input errors."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -299,3 +301,30 @@ def test_single_block_route_equals_the_block_loop(monkeypatch, offset):
         torch.testing.assert_close(a, c, rtol=1e-13, atol=1e-14)
     forward_only = chunked.chunked_forward(problem, False)
     torch.testing.assert_close(forward_only[0], single[0], rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="siglip-kernel's kernel on CPU tensors")
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_siglip_plus_equals_siglip_kernels_own_kernel(symmetric):
+    """siglip-kernel's fused SigLIP+ (its Triton kernel through the interpreter, fp32) against ours / M: loss and the
+    gradients of both towers, its log-temperature and its bias."""
+    from sigmoid_peers import siglip_kernel_plus_on_cpu
+
+    plus = siglip_kernel_plus_on_cpu()
+    if plus is None:
+        pytest.skip("siglip-kernel is not installed")
+    image, text, _, _ = _leaves(11, 26, 6, dtype=torch.float32, seed=15)
+    image_gid = torch.randint(0, 6, (11,), generator=torch.Generator().manual_seed(16))
+    text_gid = torch.randint(0, 7, (26,), generator=torch.Generator().manual_seed(17))
+    leaves = [image.detach(), text.detach(), torch.tensor(7.0).log(), torch.tensor(-3.0)]
+
+    def theirs_fn(x, y, log_t, b):
+        return plus.fused_siglip_plus_loss(x, y, log_t, b, image_gid, text_gid, symmetric=symmetric, chunk_size=4)
+
+    def ours_fn(x, y, log_t, b):
+        weighting = "siglip_plus" if symmetric else "siglip_plus_asymmetric"
+        loss = FF.sigmoid_loss(x, y, log_t.exp(), b, image_gid, text_labels=text_gid, weighting=weighting)
+        return loss / 26
+
+    _assert_close(_grads(ours_fn, leaves), _grads(theirs_fn, leaves), rtol=2e-6, atol=2e-7)
