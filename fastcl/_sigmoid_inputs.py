@@ -50,7 +50,10 @@ def check_logit_param(name: str, value, like: torch.Tensor, positive: bool) -> t
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if value.numel() != 1 or value.dim() > 1:
         raise ValueError(f"{name} must be a scalar (a 0-dim tensor), got shape {tuple(value.shape)}")
-    value = value.reshape(()).to(like.device)
+    if value.dim() != 0:  # (a view of a 0-dim tensor would add an autograd node per call)
+        value = value.reshape(())
+    if value.device != like.device:
+        value = value.to(like.device)
     if not torch.compiler.is_compiling():
         _check_value(name, value, positive)
     return value

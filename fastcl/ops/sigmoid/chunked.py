@@ -75,8 +75,14 @@ def chunked_forward(problem: SigmoidProblem, want_grad: bool):
 
 def _single_block(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, inv_norm: float, offset: int, want_grad: bool):
     """The whole default-pairing problem as one ``[N, M]`` block (small N): the same math as the block loop in the
-    fewest operations (each costs a few microseconds of dispatch at this size)."""
-    logits = torch.addmm(bias, x * scale, y.T)
+    fewest operations (each costs a few microseconds of dispatch at this size). On CPU the scale is read as a number
+    (free there) and folded into the products' ``alpha``."""
+    on_cpu = x.device.type == "cpu"
+    if on_cpu:
+        scale = scale.item()
+        logits = torch.addmm(bias, x, y.T, alpha=scale)
+    else:
+        logits = torch.addmm(bias, x * scale, y.T)
     positive = logits.diagonal(offset)
     negated = positive.neg()
     threshold = softplus_threshold(logits.dtype)
@@ -90,7 +96,7 @@ def _single_block(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, inv_norm: f
     grad.diagonal(offset).copy_(positive_grad)
     coef = scale * inv_norm
     grad_dot_text = torch.mm(grad, y)
-    d_scale = torch.linalg.vecdot(grad_dot_text, x).sum().mul_(inv_norm)
+    d_scale = torch.dot(grad_dot_text.view(-1), x.reshape(-1)).mul_(inv_norm)
     d_bias = grad.sum().mul_(inv_norm)
     return loss, grad_dot_text.mul_(coef), torch.mm(grad.T, x).mul_(coef), d_scale, d_bias
 
