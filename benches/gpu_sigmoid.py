@@ -36,7 +36,7 @@ from fastcl import functional as FF
 
 def _open_clip_loss():
     try:
-        from open_clip import loss as module  # noqa: F401
+        from open_clip import loss as module
 
         return module
     except Exception:
@@ -134,12 +134,15 @@ def _candidates(device):
         try:
             import siglip_kernel as sk
 
-            c["siglip-kernel chunked_bf16"] = lambda x, y, ls, b: sk.fused_siglip_loss(x, y, ls, b,
-                                                                                      backend="chunked_bf16")
+            c["siglip-kernel chunked_bf16"] = lambda x, y, ls, b: sk.fused_siglip_loss(
+                x, y, ls, b, backend="chunked_bf16"
+            )
             c["siglip-kernel chunked_bf16 chunk 1024"] = lambda x, y, ls, b: sk.fused_chunked_bf16_siglip_loss(
-                x, y, ls, b, chunk_size=1024)
+                x, y, ls, b, chunk_size=1024
+            )
             c["siglip-kernel chunked_bf16_pipelined"] = lambda x, y, ls, b: sk.fused_siglip_loss(
-                x, y, ls, b, backend="chunked_bf16_pipelined")
+                x, y, ls, b, backend="chunked_bf16_pipelined"
+            )
         except Exception as exc:
             print(f"siglip-kernel unavailable: {type(exc).__name__}: {exc}")
     return c

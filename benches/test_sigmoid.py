@@ -105,8 +105,17 @@ def test_sigmoid_vs_open_clip_dense(benchmark, n):
     ours_s, theirs_s = _interleaved_medians([ours, theirs], _rounds(n))
     speedup = theirs_s / ours_s
     benchmark.extra_info.update(
-        target_info(f"cpu-sigmoid-vs-open-clip-dense-n{n}", "speedup vs open_clip SigLipLoss", speedup, 1.0,
-                    n=n, d=DIM, chunked_median_s=ours_s, dense_median_s=theirs_s, threads=torch.get_num_threads())
+        target_info(
+            f"cpu-sigmoid-vs-open-clip-dense-n{n}",
+            "speedup vs open_clip SigLipLoss",
+            speedup,
+            1.0,
+            n=n,
+            d=DIM,
+            chunked_median_s=ours_s,
+            dense_median_s=theirs_s,
+            threads=torch.get_num_threads(),
+        )
     )
     print(f"\nN={n}: chunked {ours_s * 1e3:.2f} ms, open_clip dense {theirs_s * 1e3:.2f} ms, speedup {speedup:.2f}")
     if ENFORCE_TARGETS:
@@ -124,11 +133,22 @@ def test_sigmoid_floor_n8192(benchmark):
     median = benchmark.stats.stats.median
     ratio = median / floor_s
     benchmark.extra_info.update(
-        target_info("cpu-sigmoid-floor-n8192", "x of the sgemm floor", ratio, 1.15, higher_is_better=False,
-                    sgemm_gflops=rate / 1e9, floor_s=floor_s, median_s=median, threads=torch.get_num_threads())
+        target_info(
+            "cpu-sigmoid-floor-n8192",
+            "x of the sgemm floor",
+            ratio,
+            1.15,
+            higher_is_better=False,
+            sgemm_gflops=rate / 1e9,
+            floor_s=floor_s,
+            median_s=median,
+            threads=torch.get_num_threads(),
+        )
     )
-    print(f"\nN=8192: chunked {median * 1e3:.0f} ms, floor {floor_s * 1e3:.0f} ms (R = {rate / 1e9:.1f} GFLOP/s), "
-          f"{ratio:.2f}x")
+    print(
+        f"\nN=8192: chunked {median * 1e3:.0f} ms, floor {floor_s * 1e3:.0f} ms (R = {rate / 1e9:.1f} GFLOP/s), "
+        f"{ratio:.2f}x"
+    )
     if ENFORCE_TARGETS:
         assert ratio <= 1.15, f"{ratio:.2f}x of the floor"
 
@@ -162,8 +182,10 @@ def test_sigmoid_memory_n65536(benchmark):
     """Chunked fwd+bwd at N = 65,536: peak RSS growth of the call (fresh process) under 300 MiB. The inputs are
     2 x 32 MiB; the dense form's logits alone would be 16 GiB."""
     check_deadline()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                       os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+    )
     command = [sys.executable, "-c", _MEMORY_PROBE, "65536", str(torch.get_num_threads())]
     results = []
 
@@ -174,8 +196,14 @@ def test_sigmoid_memory_n65536(benchmark):
     benchmark.pedantic(run, rounds=1, iterations=1)
     growth = results[-1]["growth_mib"]
     benchmark.extra_info.update(
-        target_info("cpu-sigmoid-memory-n65536", "peak RSS growth (MiB)", growth, 300.0, higher_is_better=False,
-                    loss=results[-1]["loss"])
+        target_info(
+            "cpu-sigmoid-memory-n65536",
+            "peak RSS growth (MiB)",
+            growth,
+            300.0,
+            higher_is_better=False,
+            loss=results[-1]["loss"],
+        )
     )
     print(f"\nN=65536: peak RSS growth {growth:.0f} MiB, loss {results[-1]['loss']:.4f}")
     assert growth < 300.0, f"peak RSS growth {growth:.0f} MiB >= 300 MiB"

@@ -22,6 +22,6 @@ __all__ = [
     "__version__",
 ]
 
-from fastcl.losses import SigLipLoss  # noqa: E402
+from fastcl.losses import SigLipLoss
 
 __all__ += ["SigLipLoss"]

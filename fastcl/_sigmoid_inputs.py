@@ -83,9 +83,10 @@ def check_inputs(image, text, logit_scale, logit_bias, labels, text_labels, allo
         if labels is None:
             raise ValueError("text_labels needs labels: pass labels [N] for the images with text_labels [M]")
         image_labels = V.check_labels("labels", labels, n_image, image.device)
-        return SigmoidInputs(image, text, scale, bias, image_labels, V.check_labels("text_labels", text_labels, n_text, text.device))
+        text_labels = V.check_labels("text_labels", text_labels, n_text, text.device)
+        return SigmoidInputs(image, text, scale, bias, image_labels, text_labels)
     if n_image != n_text:
-        what = "labels [N] alone label both towers" if labels is not None else "the default pairing (image i <-> text i)"
+        what = "labels [N] alone (labelling both towers)" if labels is not None else "the default pairing (i <-> i)"
         raise ValueError(
             f"{what} needs as many texts as images, got image_features {tuple(image.shape)} and text_features "
             f"{tuple(text.shape)}; pass labels [N] and text_labels [M] for a rectangular batch"
@@ -96,8 +97,14 @@ def check_inputs(image, text, logit_scale, logit_bias, labels, text_labels, allo
     return SigmoidInputs(image, text, scale, bias, image_labels, image_labels)
 
 
-def make_problem(inputs: SigmoidInputs, weighting: str, norm: float, pair_offset: int = 0, all_image_labels=None,
-                 image_offset: int = 0) -> SigmoidProblem:
+def make_problem(
+    inputs: SigmoidInputs,
+    weighting: str,
+    norm: float,
+    pair_offset: int = 0,
+    all_image_labels=None,
+    image_offset: int = 0,
+) -> SigmoidProblem:
     """The :class:`SigmoidProblem` of checked inputs. SigLIP+ weights count group members over
     ``all_image_labels`` (the global images; default this call's) and the given texts; without labels every group
     has one member on each side, so SigLIP+ is the uniform loss (``alpha + beta = 1``)."""

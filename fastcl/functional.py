@@ -316,8 +316,16 @@ def sigmoid_loss(
         from fastcl.distributed import sigmoid_loss_distributed
 
         return sigmoid_loss_distributed(
-            image, text, logit_scale, logit_bias, labels, text_labels=text_labels, weighting=weighting,
-            normalize=normalize, backend=backend, group=group,
+            image,
+            text,
+            logit_scale,
+            logit_bias,
+            labels,
+            text_labels=text_labels,
+            weighting=weighting,
+            normalize=normalize,
+            backend=backend,
+            group=group,
         )
     V.check_backend(backend)
     SI.check_weighting(weighting)

@@ -70,8 +70,21 @@ def tiles_for(dim: int, element_size: int, interpreter=None) -> tuple:
     return block_d, single, min(block_d_out, MAX_OUTPUT_D_TILE_FP32) if element_size == 4 else block_d_out
 
 
-def _launch(rows, cols, row_ids, col_ids, row_weight, col_weight, scale, bias, pair_offset, inv_norm, precision,
-            want_stats, want_grad):
+def _launch(
+    rows,
+    cols,
+    row_ids,
+    col_ids,
+    row_weight,
+    col_weight,
+    scale,
+    bias,
+    pair_offset,
+    inv_norm,
+    precision,
+    want_stats,
+    want_grad,
+):
     n_rows, dim = rows.shape
     element_size = rows.element_size()
     config = config_for(dim, element_size, precision)
@@ -82,16 +95,36 @@ def _launch(rows, cols, row_ids, col_ids, row_weight, col_weight, scale, bias, p
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(dim, block_d_out) if want_grad else 1)
     has_ids, has_weights = row_ids is not None, row_weight is not None
     _sigmoid_side_kernel[grid](
-        grad, stats, rows, cols,
-        row_ids if has_ids else rows, col_ids if has_ids else rows,
-        row_weight if has_weights else stats, col_weight if has_weights else stats,
-        scale, bias,
-        n_rows, cols.shape[0], dim, rows.stride(0), cols.stride(0), grad.stride(0) if want_grad else 0,
-        pair_offset, inv_norm,
-        HAS_IDS=has_ids, HAS_WEIGHTS=has_weights, WANT_STATS=want_stats, WANT_GRAD=want_grad,
-        INPUT_PRECISION=precision, SINGLE_D_TILE=single,
-        BLOCK_M=block_m, BLOCK_N=config.kwargs["BLOCK_N"], BLOCK_D=block_d, BLOCK_D_OUT=block_d_out,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        grad,
+        stats,
+        rows,
+        cols,
+        row_ids if has_ids else rows,
+        col_ids if has_ids else rows,
+        row_weight if has_weights else stats,
+        col_weight if has_weights else stats,
+        scale,
+        bias,
+        n_rows,
+        cols.shape[0],
+        dim,
+        rows.stride(0),
+        cols.stride(0),
+        grad.stride(0) if want_grad else 0,
+        pair_offset,
+        inv_norm,
+        HAS_IDS=has_ids,
+        HAS_WEIGHTS=has_weights,
+        WANT_STATS=want_stats,
+        WANT_GRAD=want_grad,
+        INPUT_PRECISION=precision,
+        SINGLE_D_TILE=single,
+        BLOCK_M=block_m,
+        BLOCK_N=config.kwargs["BLOCK_N"],
+        BLOCK_D=block_d,
+        BLOCK_D_OUT=block_d_out,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return grad, stats
 
@@ -108,12 +141,38 @@ def sigmoid_forward(problem, precision: str, want_grad: bool):
         weights = tuple(w.to(torch.float32).contiguous() for w in weights)
     inv_norm = 1.0 / problem.norm
     with torch.cuda.device(image.device) if image.is_cuda else _nothing():
-        d_image, stats = _launch(image, text, ids[0], ids[1], weights[0], weights[1], scale, bias,
-                                 problem.pair_offset, inv_norm, precision, True, want_grad)
+        d_image, stats = _launch(
+            image,
+            text,
+            ids[0],
+            ids[1],
+            weights[0],
+            weights[1],
+            scale,
+            bias,
+            problem.pair_offset,
+            inv_norm,
+            precision,
+            True,
+            want_grad,
+        )
         d_text = None
         if want_grad:
-            d_text, _ = _launch(text, image, ids[1], ids[0], weights[1], weights[0], scale, bias,
-                                -problem.pair_offset, inv_norm, precision, False, True)
+            d_text, _ = _launch(
+                text,
+                image,
+                ids[1],
+                ids[0],
+                weights[1],
+                weights[0],
+                scale,
+                bias,
+                -problem.pair_offset,
+                inv_norm,
+                precision,
+                False,
+                True,
+            )
     loss, d_scale, d_bias = (stats[:, k].sum() for k in range(3))  # three fresh tensors, fixed order
     if not want_grad:
         return loss, None, None, None, None

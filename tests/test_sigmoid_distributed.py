@@ -108,8 +108,15 @@ def _run_case(name, spec, rank, world, group):
     bias = torch.tensor(BIAS, dtype=torch.float64, requires_grad=True)
     labels, text_labels = _labels(spec, inputs, rank)
     loss = FF.sigmoid_loss(
-        image, text, scale, bias, labels, text_labels=text_labels, weighting=spec.get("weighting", "uniform"),
-        gather_distributed=True, group=group,
+        image,
+        text,
+        scale,
+        bias,
+        labels,
+        text_labels=text_labels,
+        weighting=spec.get("weighting", "uniform"),
+        gather_distributed=True,
+        group=group,
     )
     loss.backward()
     return {"loss": loss.item(), "grads": [image.grad, text.grad, scale.grad, bias.grad]}
@@ -154,7 +161,10 @@ def _bad_inputs(rank, world, group):
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
         timeout=datetime.timedelta(seconds=60),
     )
     pair = dist.new_group([0, 1])
@@ -269,7 +279,7 @@ def test_ddp_parameter_gradients_match_one_process(all_results, world, name):
     loss = _pairwise_float64(image, text, scale, bias, torch.eye(image.shape[0], dtype=torch.bool))
     loss.backward()
     assert abs(sum(r["loss"] for r in per_rank) / world - loss.item()) <= 1e-12 * abs(loss.item())
-    for rank, res in enumerate(per_rank):
+    for res in per_rank:
         for ours, param in zip(res["param_grads"], model.parameters()):
             _close(ours, param.grad)
 

@@ -234,8 +234,11 @@ BAD_CALLS = [
     (dict(logit_scale="10"), TypeError, "logit_scale must be a 0-dim"),
     (dict(logit_bias=torch.tensor(1)), TypeError, "logit_bias must be a floating-point"),
     (dict(labels=torch.zeros(5, dtype=torch.long)), ValueError, r"labels must have shape \[6\]"),
-    (dict(labels=torch.zeros(6, dtype=torch.long), text_labels=torch.zeros(4, dtype=torch.long)), ValueError,
-     r"text_labels must have shape \[6\]"),
+    (
+        dict(labels=torch.zeros(6, dtype=torch.long), text_labels=torch.zeros(4, dtype=torch.long)),
+        ValueError,
+        r"text_labels must have shape \[6\]",
+    ),
     (dict(text_labels=torch.zeros(6, dtype=torch.long)), ValueError, "text_labels needs labels"),
     (dict(text=torch.randn(6, 5)), ValueError, "same feature dim"),
     (dict(text=torch.randn(7, 4)), ValueError, "as many texts as images"),

@@ -43,22 +43,29 @@ def _compare(fn_ours, fn_ref, leaves, grad_output=1.3):
 @pytest.mark.parametrize("n, dim", [(1, 3), (19, 3), (37, 40)])
 def test_default_pairing(n, dim):
     leaves = _leaves(n, n, dim)
-    _compare(lambda *t: FF.sigmoid_loss(*t, backend="triton"), lambda *t: FF.sigmoid_loss(*t, backend="reference"),
-             leaves)
+    _compare(
+        lambda *t: FF.sigmoid_loss(*t, backend="triton"), lambda *t: FF.sigmoid_loss(*t, backend="reference"), leaves
+    )
 
 
 def test_shared_labels_and_rectangular_siglip_plus():
     leaves = _leaves(18, 18, 20, seed=1)
     labels = torch.randint(0, 5, (18,), generator=torch.Generator().manual_seed(2))
-    _compare(lambda *t: FF.sigmoid_loss(*t, labels, backend="triton"),
-             lambda *t: FF.sigmoid_loss(*t, labels, backend="reference"), leaves)
+    _compare(
+        lambda *t: FF.sigmoid_loss(*t, labels, backend="triton"),
+        lambda *t: FF.sigmoid_loss(*t, labels, backend="reference"),
+        leaves,
+    )
     leaves = _leaves(13, 29, 5, seed=3)
     image_labels = torch.randint(0, 6, (13,), generator=torch.Generator().manual_seed(4))
     text_labels = torch.randint(0, 6, (29,), generator=torch.Generator().manual_seed(5))
     for weighting in ("uniform", "siglip_plus", "siglip_plus_asymmetric"):
         kw = dict(text_labels=text_labels, weighting=weighting)
-        _compare(lambda *t: FF.sigmoid_loss(*t, image_labels, backend="triton", **kw),
-                 lambda *t: FF.sigmoid_loss(*t, image_labels, backend="reference", **kw), leaves)
+        _compare(
+            lambda *t, kw=kw: FF.sigmoid_loss(*t, image_labels, backend="triton", **kw),
+            lambda *t, kw=kw: FF.sigmoid_loss(*t, image_labels, backend="reference", **kw),
+            leaves,
+        )
 
 
 def test_pair_offset_as_a_gathered_rank_sees_it():
@@ -69,8 +76,9 @@ def test_pair_offset_as_a_gathered_rank_sees_it():
     problem = SigmoidProblem(image, text, s, b, None, None, None, None, 4.5, pair_offset=11)
     loss, d_image, d_text, d_scale, d_bias = forward(problem, "tf32x3", True)
     leaves = [t.double().requires_grad_() for t in (image, text, s, b)]
-    ref = sigmoid_loss_reference(problem._replace(image=leaves[0], text=leaves[1], logit_scale=leaves[2],
-                                                  logit_bias=leaves[3]))
+    ref = sigmoid_loss_reference(
+        problem._replace(image=leaves[0], text=leaves[1], logit_scale=leaves[2], logit_bias=leaves[3])
+    )
     ref.backward()
     torch.testing.assert_close(loss.double(), ref.detach(), **TOL)
     for ours, leaf in zip((d_image, d_text, d_scale, d_bias), leaves):
@@ -80,8 +88,9 @@ def test_pair_offset_as_a_gathered_rank_sees_it():
 def test_extreme_logits_stay_finite_and_exact():
     """Logits of +-60: softplus and sigmoid from exp(-|t|) without overflow."""
     leaves = _leaves(9, 9, 4, seed=7, scale=40.0, bias=-20.0)
-    _compare(lambda *t: FF.sigmoid_loss(*t, backend="triton"), lambda *t: FF.sigmoid_loss(*t, backend="reference"),
-             leaves)
+    _compare(
+        lambda *t: FF.sigmoid_loss(*t, backend="triton"), lambda *t: FF.sigmoid_loss(*t, backend="reference"), leaves
+    )
 
 
 def test_nan_in_nan_out_and_forward_only():

@@ -22,8 +22,9 @@ class SigmoidProblem(NamedTuple):
 
     ``image_ids [N]`` / ``text_ids [M]`` (int64) mark the positives: pair ``(i, j)`` is positive when
     ``image_ids[i] == text_ids[j]``; both None is the default pairing, image i with text ``i + pair_offset`` (so
-    ``N + pair_offset <= M``), which the backends handle without comparing ids. ``row_weight [N]`` and ``col_weight [M]`` (None: uniform) weigh a positive pair
-    ``row_weight[i] + col_weight[j]``; a negative pair weighs 1. ``logit_scale`` and ``logit_bias`` are 0-dim
+    ``N + pair_offset <= M``), which the backends handle without comparing ids. ``row_weight [N]`` and
+    ``col_weight [M]`` (None: uniform) weigh a positive pair ``row_weight[i] + col_weight[j]``; a negative pair weighs
+    1. ``logit_scale`` and ``logit_bias`` are 0-dim
     tensors; the summed loss is divided by ``norm`` (open_clip: the local batch size).
     """
 
@@ -87,4 +88,3 @@ def pair_terms(logits: Tensor, positive: Tensor, weight: Optional[Tensor]) -> Tu
 def softplus_threshold(dtype: torch.dtype) -> float:
     """Above this ``softplus(x) = x`` to the dtype's precision (``log1p(exp(-x)) < eps * x``)."""
     return 40.0 if dtype == torch.float64 else 20.0
-
