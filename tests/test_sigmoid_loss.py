@@ -331,3 +331,17 @@ def test_siglip_plus_equals_siglip_kernels_own_kernel(symmetric):
         return loss / 26
 
     _assert_close(_grads(ours_fn, leaves), _grads(theirs_fn, leaves), rtol=2e-6, atol=2e-7)
+
+
+def test_retained_graph_backward_twice_and_in_place_edits_of_grad():
+    """The stored gradients are handed to autograd for grad_output = 1: a second backward through a retained graph
+    gives them again, unchanged by in-place edits of the first ``.grad``."""
+    image, text, s, b = _leaves(300, 300, 8, dtype=torch.float32)
+    loss = FF.sigmoid_loss(image, text, s, b, backend="chunked")
+    loss.backward(retain_graph=True)
+    first_image, first_scale = image.grad.clone(), s.grad.clone()
+    image.grad.mul_(100.0)
+    s.grad.zero_()
+    loss.backward()
+    torch.testing.assert_close(image.grad, 101.0 * first_image)
+    torch.testing.assert_close(s.grad, first_scale)
