@@ -18,6 +18,8 @@
 #   targets   pytest benches/test_targets.py -m "not huge" (autotuned: ~14 configs x 3 kernels compiled per
 #             kernel variant, which is most of this stage's time)                          -> targets.json
 #   huge      pytest benches/test_targets.py -m huge (N = 2**20, FASTCL_TRITON_AUTOTUNE=0) -> huge.json
+#   sigmoid   benches/gpu_sigmoid.py: the sigmoid loss's Triton accuracy (bf16 / fp16 / fp32) and B = 65,536,
+#             D = 768 bf16 fwd+bwd against open_clip's SigLipLoss and siglip-kernel             -> sigmoid.json
 #   sweep     FASTCL_BENCH_QUICK=1 pytest benches/test_losses.py (FASTCL_TRITON_AUTOTUNE=0) -> sweep.json
 #   clip      FASTCL_BENCH_QUICK=1 pytest benches/test_clip_scale.py: learnable-scale CLIP loss, fastcl (Triton,
 #             chunked) against open_clip's ClipLoss (skipped where open_clip_torch is not installed)  -> clip.json
@@ -146,6 +148,14 @@ else
     stage small_n 90 env FASTCL_TRITON_AUTOTUNE=0 "$PY" benches/gpu_small_n.py --reps 5 --json "$OUT/small_n.json"
 fi
 
+# ---- the sigmoid (SigLIP) loss: on-card accuracy, then B = 65,536, D = 768, bf16 against open_clip / siglip-kernel --
+if [[ "$DRY" == 1 ]]; then
+    stage sigmoid 120 env TRITON_INTERPRET=1 "$PY" benches/gpu_sigmoid.py --device cpu --n 40 --d 24 --check-n 24 \
+        --reps 1 --json "$OUT/sigmoid.json"
+else
+    stage sigmoid 90 "$PY" benches/gpu_sigmoid.py --n 65536 --d 768 --json "$OUT/sigmoid.json"
+fi
+
 wait "$AOT_PID" || true
 AOT_RC=$(cat "$OUT/aot.rc" 2>/dev/null || echo "?")
 if [[ "$AOT_RC" != 0 ]]; then FAILED=1; fi
@@ -217,6 +227,20 @@ for r in data["results"]:
     ratio = f"{r['reference_over_triton']:.2f}" if "reference_s" in r else "-"
     inf = f"{r['infcl_s'] * 1e3:.3f}" if "infcl_s" in r else "-"
     print(f"| {r['loss']} | {r['dtype']} | {r['n']} | {r['triton_s'] * 1e3:.3f} | {ref} | {ratio} | {inf} |")
+EOF
+fi
+
+if [[ -s "$OUT/sigmoid.json" ]]; then
+    "$PY" - "$OUT/sigmoid.json" >>"$OUT/report.md" <<'EOF' || true
+import json, sys
+data = json.load(open(sys.argv[1]))
+print(f"\n### Sigmoid (SigLIP) loss ({data['device']}): {data['failed']} accuracy checks failed\n")
+print("| implementation | N | D | dtype | fwd+bwd ms | peak MiB |")
+print("|---|---|---|---|---|---|")
+for r in data["timings"]:
+    ms = f"{r['ms']:.2f}" if "ms" in r else r.get("error", "")
+    peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
+    print(f"| {r['name']} | {r['n']} | {r['d']} | {r['dtype']} | {ms} | {peak} |")
 EOF
 fi
 

@@ -25,3 +25,7 @@ __all__ = [
     "heads",
     "__version__",
 ]
+
+from fastcl.losses import SigLipLoss
+
+__all__ += ["SigLipLoss"]

@@ -19,6 +19,7 @@ core instruction, any kept config spills (every dtype and precision), or the sel
     python -m fastcl.aot --full --mask            # the same with a [B, B] mask instead of labels
     python -m fastcl.aot --full --dtype fp32 --dim 300 --variant two-tower --arch 90
     python -m fastcl.aot --arch 90 --dtype bf16 --dtype fp16 --dtype fp32 --dim 128 --dim 1024 --table
+    python -m fastcl.aot --op sigmoid --full      # the sigmoid (SigLIP) kernel: every variant, source, dtype, arch
                                                   # the README's "GPU resources" rows (fixed configs, markdown)
 
 The covering sample (default without ``--full``, :func:`covering_selection`): every kernel variant x dtype x input
@@ -286,6 +287,8 @@ def _resource_usage(cubin: bytes) -> dict:
 
 def compile_one(job: dict) -> dict:
     """Lower one job to cubin as a launch would; returns its record (``error`` set on failure)."""
+    if job.get("op") == "sigmoid":
+        return compile_sigmoid_one(job)
     record = {key: job.get(key) for key in RECORD_KEYS}
     record["arch"] = f"sm_{job['arch']}"
     record["roles"] = job.get("roles", [])
@@ -417,6 +420,9 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         help="--full: self-excluded (EXCLUDE_SELF) and/or two-tower rows; default both",
     )
+    parser.add_argument(
+        "--op", choices=["contrastive", "sigmoid"], action="append", help="the ops' kernels to lower; default both"
+    )
     parser.add_argument("--json", metavar="PATH", help="write the records (a JSON list) here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
@@ -473,6 +479,10 @@ def main(argv=None) -> int:
         todo = [job for job in todo if "fixed" in job["roles"]]
     else:
         todo = selection(dtypes, dims, args.arch or ARCHS, args.full, args.mask, args.kernel, variants)
+    if args.op and "contrastive" not in args.op:
+        todo = []
+    if not args.kernel and (not args.op or "sigmoid" in args.op):
+        todo += sigmoid_selection(dtypes, args.dim or SIGMOID_DIMS, args.arch or ARCHS, args.full)
     what = f"full, mask={args.mask}" if args.full else ("fixed configs" if args.table else "covering sample")
     print(f"fastcl AOT: {len(todo)} lowerings ({what}), dims={list(dims)}")
     print(
@@ -501,6 +511,118 @@ def main(argv=None) -> int:
         "(compile failure, shared memory over the arch limit, no tensor cores on sm_90, spills)"
     )
     return 1 if bad else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sigmoid (SigLIP) op's kernel: fastcl.kernels.sigmoid_jit, launched by fastcl.kernels.sigmoid_launch
+# ----------------------------------------------------------------------------------------------------------------
+
+# (label, constexprs): the image launch (loss, dL/dimage, ds / db partials), the text launch (dL/dtext), and the
+# forward-only image launch (loss only)
+SIGMOID_VARIANTS = (
+    ("sigmoid_images", {"WANT_STATS": True, "WANT_GRAD": True}),
+    ("sigmoid_texts", {"WANT_STATS": False, "WANT_GRAD": True}),
+    ("sigmoid_loss_only", {"WANT_STATS": True, "WANT_GRAD": False}),
+)
+# positive sources: the default pairing, labels, labels with SigLIP+ weights (recorded as has_mask / exclude_self:
+# M = weights, x = ids)
+SIGMOID_SOURCES = ((False, False), (True, False), (True, True))
+SIGMOID_DIMS = CI_DIMS + (768,)
+
+
+def sigmoid_selection(dtypes, dims, archs, full: bool) -> list:
+    """The sigmoid kernel's lowering jobs: every variant x dtype x precision x dim with the config a launch uses
+    (``sigmoid_launch.config_for``); ``full``: every positive source on every arch, else the sources and archs in
+    turn (each source meets each variant and dtype on both archs across the dims)."""
+    from fastcl.kernels import sigmoid_launch
+
+    jobs, turn = [], 0
+    for dtype in dtypes:
+        element_size, precisions = DTYPES[dtype][1:]
+        for precision in precisions:
+            for label, constexprs in SIGMOID_VARIANTS:
+                for dim in dims:
+                    config = sigmoid_launch.config_for(dim, element_size, precision, interpreter=False)
+                    combos = [(src, arch) for src in SIGMOID_SOURCES for arch in archs]
+                    if not full:
+                        combos = [(SIGMOID_SOURCES[turn % 3], archs[turn % len(archs)])]
+                        turn += 1
+                    for (has_ids, has_weights), arch in combos:
+                        job = _job("_sigmoid_side_kernel", label, constexprs, config, ["fixed"], dtype, precision,
+                                   dim, arch, has_weights, has_ids)
+                        jobs.append(dict(job, op="sigmoid"))
+    return jobs
+
+
+def sigmoid_launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
+    """Arguments shaped like a launch of the sigmoid kernel (mock tensors: aligned pointers)."""
+    import torch
+    from triton.runtime.jit import MockTensor
+
+    from fastcl.kernels import sigmoid_launch, tiling
+
+    dim, torch_dtype = tiling.launch_dim(job["dim"]), getattr(torch, job["torch_dtype"])
+    block_d, single, block_d_out = sigmoid_launch.tiles_for(dim, DTYPES[job["dtype"]][1], interpreter=False)
+    values = dict(n_rows=n, n_cols=n, dim=dim, stride_rows=dim, stride_cols=dim, stride_grad=dim, pair_offset=0,
+                  inv_norm=1.0 / n)
+    constexprs = dict(
+        job["variant"],
+        HAS_IDS=job["exclude_self"],
+        HAS_WEIGHTS=job["has_mask"],
+        INPUT_PRECISION=job["input_precision"],
+        SINGLE_D_TILE=single,
+        BLOCK_M=job["block_m"],
+        BLOCK_N=job["block_n"],
+        BLOCK_D=block_d,
+        BLOCK_D_OUT=block_d_out,
+    )
+    pointers = {"rows_ptr": torch_dtype, "cols_ptr": torch_dtype, "row_ids_ptr": torch.int64,
+                "col_ids_ptr": torch.int64}
+    args = [MockTensor(pointers.get(name, torch.float32)) if name.endswith("_ptr") else values[name]
+            for name in fn.arg_names if name not in constexprs]
+    return args, constexprs
+
+
+def compile_sigmoid_one(job: dict) -> dict:
+    """:func:`compile_one` for the sigmoid kernel."""
+    record = {key: job.get(key) for key in RECORD_KEYS}
+    record.update(arch=f"sm_{job['arch']}", roles=job.get("roles", []), shared_estimate=0)
+    try:
+        os.environ.pop("TRITON_INTERPRET", None)
+        import triton
+        from triton import knobs
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        from fastcl.kernels import sigmoid_jit, tiling
+
+        fn = sigmoid_jit._sigmoid_side_kernel
+        target = GPUTarget("cuda", job["arch"], 32)
+        backend = make_backend(target)
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        args, constexprs = sigmoid_launch_arguments(fn, job)
+        kwargs = dict(
+            constexprs,
+            num_warps=job["num_warps"],
+            num_stages=job["num_stages"],
+            debug=False,
+            instrumentation_mode=knobs.compilation.instrumentation_mode,
+            fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts,
+        )
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constants, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+        start = time.perf_counter()
+        compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=target, options=options.__dict__)
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        usage = _resource_usage(compiled.asm["cubin"])
+        record.update(shared_bytes=compiled.metadata.shared, shared_limit=tiling.SHARED_MEMORY_LIMITS[job["arch"]])
+        record.update(registers=usage.get("reg", -1), spill_bytes=max(usage.get("stack", 0), usage.get("local", 0)))
+        record["mma"] = tensor_core_kinds(compiled.asm["ptx"])
+        record["tensor_cores"] = record["mma"] != "-"
+    except Exception as exc:  # report every failure, keep going
+        record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return record
 
 
 if __name__ == "__main__":

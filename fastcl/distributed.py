@@ -581,3 +581,99 @@ _INFONCE_AGREEMENT = _Agreement(
     "labels on all ranks or on none, and the same symmetric flag",
     _describe_info_nce,
 )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sigmoid (SigLIP) loss
+# ----------------------------------------------------------------------------------------------------------------
+
+__all__ += ["sigmoid_loss_distributed"]
+_OP_SIGMOID = 7
+
+
+def sigmoid_loss_distributed(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale,
+    logit_bias=None,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    text_labels: Optional[torch.Tensor] = None,
+    weighting: str = "uniform",
+    normalize: bool = False,
+    backend: str = "auto",
+    group=None,
+) -> torch.Tensor:
+    """:func:`fastcl.functional.sigmoid_loss` with this rank's images against the texts of all ranks.
+
+    ``image [b_r, D]``, ``text [m_r, D]`` per rank (counts may differ between ranks, 0 included). Without labels
+    image i of rank r pairs with text i of rank r (``m_r == b_r``); ``labels`` (``[b_r]``, alone: ``m_r == b_r``)
+    and ``text_labels`` (``[m_r]``) relate samples across ranks. The texts travel in one all-gather (backward: one
+    reduce-scatter); labels in one more, and SigLIP+ weights also gather the image labels (their group counts are
+    global). ``logit_scale`` and ``logit_bias`` are each rank's replica (DDP averages their gradients). Rank r
+    returns ``W * (sum over its images' pairs) / B``, ``B = sum_r b_r``: the rank mean is the one-process loss on
+    the concatenated batch and DDP's averaged gradients are its gradients.
+    """
+    from fastcl import _sigmoid_inputs as SI
+
+    rank, world = _rank_and_world(group)
+    what = "sigmoid_loss(gather_distributed=True)"
+
+    def check():
+        V.check_backend(backend)
+        _check_no_reference(backend)
+        SI.check_weighting(weighting)
+        inputs = SI.check_inputs(image, text, logit_scale, logit_bias, labels, text_labels, allow_empty=True)
+        if world > 1:
+            _check_device("image_features", image, group)
+        return inputs
+
+    def fields_of(inputs):
+        fields = dict(dtype=_dtype_code(image.dtype), dim=image.shape[1], labels=int(inputs.image_labels is not None))
+        return dict(fields, weighting=SI.WEIGHTINGS.index(weighting), images=image.shape[0], texts=text.shape[0])
+
+    inputs, rows = _handshake(check, fields_of, _SIGMOID_AGREEMENT, what, group, world)
+    image_counts, text_counts = [row["images"] for row in rows], [row["texts"] for row in rows]
+    if normalize:
+        inputs = inputs._replace(image=F.normalize(inputs.image, dim=-1), text=F.normalize(inputs.text, dim=-1))
+    all_text = _gather_with_grad(inputs.text, text_counts, rank, group)
+    all_image_labels = None
+    if inputs.image_labels is not None:  # (every rank joins these collectives, one without images too)
+        all_text_labels = inputs.text_labels if world == 1 else _gather_rows(inputs.text_labels, text_counts, group)
+        if weighting != "uniform" and world > 1:
+            all_image_labels = _gather_rows(inputs.image_labels, image_counts, group)
+        inputs = inputs._replace(text_labels=all_text_labels)
+    n_image, n_total = inputs.image.shape[0], sum(image_counts)
+    if n_image == 0:
+        params = [t.reshape(1) for t in (inputs.logit_scale, inputs.logit_bias)]
+        return _connected_zero(all_text, inputs.image, inputs.text, *params)
+    inputs = inputs._replace(text=all_text)
+    problem = SI.make_problem(
+        inputs,
+        weighting,
+        norm=n_total / world,
+        pair_offset=sum(text_counts[:rank]),
+        all_image_labels=all_image_labels,
+        image_offset=sum(image_counts[:rank]) if all_image_labels is not None else 0,
+    )
+    from fastcl.ops.sigmoid.dispatch import sigmoid_loss_op
+
+    return sigmoid_loss_op(problem, backend)
+
+
+def _describe_sigmoid(row):
+    if row["op"] != _OP_SIGMOID:
+        return "a different fastcl loss"
+    return (
+        f"image_features [{row['images']}, {row['dim']}], text_features [{row['texts']}, {row['dim']}] "
+        f"{_dtype_name(row['dtype'])}, labels={'given' if row['labels'] else 'None'}, weighting #{row['weighting']}"
+    )
+
+
+_SIGMOID_AGREEMENT = _Agreement(
+    dict(op=_OP_SIGMOID, dtype=-1, dim=-1, labels=-1, weighting=-1, images=-1, texts=-1),
+    ["op", "dtype", "dim", "labels", "weighting"],
+    "every rank must pass image and text features with the same dim and dtype (row counts may differ, 0 included), "
+    "labels on all ranks or on none, and the same weighting",
+    _describe_sigmoid,
+)

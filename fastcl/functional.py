@@ -289,3 +289,90 @@ def _checked_info_nce_inputs(query, key, labels, temperature, symmetric, backend
             "pass labels [B] with each query's key index"
         )
     return None, temperature
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sigmoid (SigLIP) loss
+# ----------------------------------------------------------------------------------------------------------------
+
+__all__ += ["sigmoid_loss"]
+
+
+def sigmoid_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale,
+    logit_bias=None,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    text_labels: Optional[torch.Tensor] = None,
+    weighting: str = "uniform",
+    normalize: bool = False,
+    backend: str = "auto",
+    gather_distributed: bool = False,
+    group=None,
+) -> torch.Tensor:
+    """SigLIP's sigmoid loss in open_clip's convention: ``-sum_ij w_ij log sigmoid(z_ij (s x_i . y_j + b)) / N``.
+
+    ``z_ij = +1`` for a positive pair and ``-1`` otherwise; every pair weighs ``w_ij = 1`` unless ``weighting`` says
+    otherwise. Loss and all gradients come from one pass (``6 N M D`` flops, no ``N x M`` matrix on the fused
+    backends); the backward only scales them by ``grad_output``.
+
+    Args:
+        image: ``[N, D]`` image features; text: ``[M, D]`` text features (same dtype and device).
+        logit_scale: ``s > 0``, a 0-dim tensor (learnable: it gets a gradient) or a real number; open_clip passes
+            ``logit_scale.exp()``.
+        logit_bias: ``b``, a 0-dim tensor (learnable) or a real number; None is 0.
+        labels: ``[N]`` integer labels. Alone (needs ``M == N``) they label both towers: every pair with equal labels
+            is positive (multi-positive). None with ``text_labels`` None: image i's positive is text i (``M == N``).
+        text_labels: ``[M]`` integer labels of the texts (a rectangular batch, several captions per image); then
+            ``labels`` are the images' and pair ``(i, j)`` is positive when ``labels[i] == text_labels[j]``.
+        weighting: ``'uniform'`` (SigLIP), ``'siglip_plus'`` or ``'siglip_plus_asymmetric'``: SigLIP+'s soft
+            weighting (siglip-kernel's ``fused_siglip_plus_loss``, ``symmetric=True`` / ``False``): a positive
+            ``(i, j)`` weighs ``alpha / k_i + beta / k'_j`` (``k_i`` positives of image i, ``k'_j`` of text j,
+            ``(alpha, beta) = (1/2, 1/2)`` or ``(1, 0)``). siglip-kernel divides by ``N * M``: its value is this
+            loss divided by ``M``.
+        normalize: L2-normalise both towers first (default False, as open_clip's ``SigLipLoss``: the raw gradients).
+        backend: ``'auto'`` (Triton on CUDA, chunked elsewhere), ``'triton'``, ``'chunked'`` or ``'reference'``.
+        gather_distributed: this rank's images against the texts of every rank (:mod:`fastcl.distributed`), with
+            the gradients of one big batch; shards may be uneven or empty. Labels then relate samples across ranks.
+        group: the process group for ``gather_distributed`` (default: the world).
+
+    Returns:
+        0-dim fp32 tensor (float64 for float64 inputs).
+
+    Example:
+        >>> logit_scale = torch.nn.Parameter(torch.tensor(10.0).log())
+        >>> logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
+        >>> loss = sigmoid_loss(img, txt, logit_scale.exp(), logit_bias)
+    """
+    from fastcl import _sigmoid_inputs as SI
+
+    if gather_distributed:
+        from fastcl.distributed import sigmoid_loss_distributed
+
+        return sigmoid_loss_distributed(
+            image,
+            text,
+            logit_scale,
+            logit_bias,
+            labels,
+            text_labels=text_labels,
+            weighting=weighting,
+            normalize=normalize,
+            backend=backend,
+            group=group,
+        )
+    V.check_backend(backend)
+    SI.check_weighting(weighting)
+    inputs = SI.check_inputs(image, text, logit_scale, logit_bias, labels, text_labels)
+    problem = SI.make_problem(inputs, weighting, norm=image.shape[0])
+    if backend == "reference":
+        if normalize:
+            problem = problem._replace(image=F.normalize(problem.image, dim=-1), text=F.normalize(problem.text, dim=-1))
+        from fastcl.ops.sigmoid.reference import sigmoid_loss_reference
+
+        return sigmoid_loss_reference(problem)
+    from fastcl.ops.sigmoid.dispatch import sigmoid_loss_op
+
+    return sigmoid_loss_op(problem, backend, normalize)

@@ -215,3 +215,84 @@ class InfoNCELoss(nn.Module):
             f"temperature={_temperature_repr(self.temperature)}, symmetric={self.symmetric}, normalize={self.normalize}, "
             f"backend={self.backend!r}"
         ) + _distributed_repr(self.gather_distributed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sigmoid (SigLIP) loss
+# ----------------------------------------------------------------------------------------------------------------
+
+__all__ += ["SigLipLoss"]
+
+
+class SigLipLoss(nn.Module):
+    """SigLIP's sigmoid loss, called as open_clip's ``SigLipLoss``: ``(image_features, text_features, logit_scale,
+    logit_bias)``, with the same value and gradients (:func:`fastcl.functional.sigmoid_loss`).
+
+    Args:
+        gather_distributed: this rank's images against the texts of all ranks (``torch.distributed``, ``group``),
+            with the gradients of one big batch after DDP's averaging; shards may be uneven or empty. Each rank
+            returns ``W * (its rows' summed loss) / B_global``: equal to open_clip's ``world_size > 1`` value (any
+            ``dist_impl``; its loss over ``B_local``) when the shards are equal, and that value times
+            ``W * B_local / B_global`` otherwise.
+        weighting: ``'uniform'``, ``'siglip_plus'`` or ``'siglip_plus_asymmetric'`` (SigLIP+'s positive weights).
+        normalize: L2-normalise the features inside the loss (default False, as open_clip).
+        backend: ``'auto'``, ``'triton'``, ``'chunked'`` or ``'reference'``.
+
+    Shape:
+        ``forward(image_features [N, D], text_features [M, D], logit_scale (0-dim), logit_bias (0-dim or None),
+        labels=None [N], text_labels=None [M], output_dict=False) -> scalar`` (``{"contrastive_loss": loss}`` with
+        ``output_dict``, as open_clip).
+
+    Example:
+        >>> criterion = SigLipLoss()
+        >>> loss = criterion(img, txt, model.logit_scale.exp(), model.logit_bias)
+    """
+
+    def __init__(
+        self,
+        gather_distributed: bool = False,
+        *,
+        weighting: str = "uniform",
+        normalize: bool = False,
+        backend: str = "auto",
+        group=None,
+    ) -> None:
+        super().__init__()
+        from fastcl._sigmoid_inputs import check_weighting
+
+        self.weighting = check_weighting(weighting)
+        self.normalize = bool(normalize)
+        self.backend = V.check_backend(backend)
+        self.gather_distributed = _check_distributed(gather_distributed, backend)
+        self.group = group
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale,
+        logit_bias=None,
+        output_dict: bool = False,
+        *,
+        labels: Optional[torch.Tensor] = None,
+        text_labels: Optional[torch.Tensor] = None,
+    ):
+        loss = FF.sigmoid_loss(
+            image_features,
+            text_features,
+            logit_scale,
+            logit_bias,
+            labels,
+            text_labels=text_labels,
+            weighting=self.weighting,
+            normalize=self.normalize,
+            backend=self.backend,
+            gather_distributed=self.gather_distributed,
+            group=self.group,
+        )
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def extra_repr(self) -> str:
+        return f"weighting={self.weighting!r}, normalize={self.normalize}, backend={self.backend!r}" + (
+            _distributed_repr(self.gather_distributed)
+        )

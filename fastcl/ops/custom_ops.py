@@ -375,3 +375,84 @@ def _triton_learnable_backward(ctx, grad_loss, *_grad_residuals):
 
 
 _contrastive_triton_learnable.register_autograd(_triton_learnable_backward, setup_context=_triton_learnable_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fastcl::sigmoid_loss (the SigLIP op, both backends)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sigmoid(problem, backend: str, precision: str, want_grad: bool) -> Tensor:
+    """The loss of ``fastcl::sigmoid_loss`` on a :class:`~fastcl.ops.sigmoid.problem.SigmoidProblem` (its
+    gradients, with ``want_grad``, formed by the same call and kept for the op's backward)."""
+    return torch.ops.fastcl.sigmoid_loss(*problem, backend, precision, want_grad)[0]
+
+
+@torch.library.custom_op("fastcl::sigmoid_loss", mutates_args=())
+def _sigmoid_loss(
+    image: Tensor,
+    text: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    image_ids: Optional[Tensor],
+    text_ids: Optional[Tensor],
+    row_weight: Optional[Tensor],
+    col_weight: Optional[Tensor],
+    norm: float,
+    pair_offset: int,
+    backend: str,
+    precision: str,
+    want_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, dL/dimage, dL/dtext, dL/dscale, dL/dbias)`` for grad_output = 1, fp32 (float64 for float64 inputs);
+    the gradients are empty ``[0]`` without ``want_grad``. ``backend`` is ``'chunked'`` or ``'triton'``
+    (``precision`` the Triton dots' input precision)."""
+    from fastcl.ops.sigmoid import chunked as sigmoid_chunked
+    from fastcl.ops.sigmoid import triton as sigmoid_triton
+    from fastcl.ops.sigmoid.problem import SigmoidProblem
+
+    problem = SigmoidProblem(
+        image, text, logit_scale, logit_bias, image_ids, text_ids, row_weight, col_weight, norm, pair_offset
+    )
+    if backend == "triton":
+        outputs = sigmoid_triton.forward(problem, precision, want_grad)
+    else:
+        outputs = sigmoid_chunked.chunked_forward(problem, want_grad)
+    if not want_grad:
+        empty = outputs[0].new_empty(0)
+        return outputs[0].clone(), empty, empty.clone(), empty.clone(), empty.clone()
+    return tuple(t if t.is_contiguous() else t.contiguous() for t in outputs)
+
+
+@_sigmoid_loss.register_fake
+def _sigmoid_loss_fake(image, text, *_rest):
+    want_grad = _rest[-1]
+    dtype = torch.float64 if text.dtype == torch.float64 else torch.float32
+    loss = text.new_empty((), dtype=dtype)
+    if not want_grad:
+        empty = text.new_empty(0, dtype=dtype)
+        return loss, empty, empty.clone(), empty.clone(), empty.clone()
+    return (
+        loss,
+        image.new_empty(image.shape, dtype=dtype),
+        text.new_empty(text.shape, dtype=dtype),
+        text.new_empty((), dtype=dtype),
+        text.new_empty((), dtype=dtype),
+    )
+
+
+def _sigmoid_setup(ctx, inputs, output):
+    ctx.dtypes = tuple(t.dtype for t in inputs[:4])
+    ctx.save_for_backward(*output[1:])
+
+
+def _sigmoid_backward(ctx, grad_loss, *_grad_gradients):
+    from fastcl.ops.sigmoid.autograd import input_gradients
+
+    if ctx.saved_tensors[0].dim() != 2:
+        raise RuntimeError("fastcl::sigmoid_loss was called with want_grad=False, so it has no gradient")
+    grads = input_gradients(ctx.needs_input_grad[:4], ctx.dtypes, grad_loss, *ctx.saved_tensors, eager=False)
+    return *grads, *([None] * 9)
+
+
+_sigmoid_loss.register_autograd(_sigmoid_backward, setup_context=_sigmoid_setup)

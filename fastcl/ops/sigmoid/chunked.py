@@ -1,0 +1,174 @@
+"""The chunked sigmoid op: the loss and every gradient from one pass over row blocks, on any device.
+
+Per block of ``r`` images the logits ``l = s Y X_r^T + b`` (stored transposed, ``[M, r]``, as the softmax op's
+chunked passes do: on MKL the products then run unstrided) are formed by one product, turned in place into
+``dL/dl`` (``sigmoid(l)`` for a negative pair, ``-sigmoid(-l)`` for a positive one: no normalisation across a row,
+so nothing waits for other blocks) and consumed by two more products, ``dX_r = s dL/dl^T Y`` and
+``dY += dL/dl (s X_r)``. ``ds = sum_ij dL/dl_ij x_i . y_j = sum_i x_i . (dL/dl^T Y)_i`` reuses the ``dX`` product
+(``O(r D)`` more) and ``db = sum_ij dL/dl_ij`` is one reduction. That is ``6 N M D`` flops, as many as the dense
+forward and backward together, in ``O(N D + r M)`` memory, and nothing is recomputed: the backward only scales the
+stored gradients by ``grad_output``.
+
+The default pairing (image i with text ``i + pair_offset``) touches only the block's diagonal: the whole block is
+evaluated as negatives and its ``r`` positive entries are overwritten from their own logits, so a positive's loss
+and gradient never come from a difference of large terms. With labels the block's positive mask is formed from the
+ids (a few more elementwise passes, :func:`~fastcl.ops.sigmoid.problem.pair_terms`), and SigLIP+ weights apply there.
+Half-precision inputs are computed in fp32, float64 stays float64.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from fastcl.ops.sigmoid.problem import SigmoidProblem, compute_dtype, pair_terms, softplus_threshold
+
+Tensor = torch.Tensor
+
+# Bytes of one [M, r] logits buffer (two are kept: logits and their softplus). 8 MiB per intra-op thread (up to 4),
+# as the softmax op's chunked passes measured best on a 2-core EPYC (L2 512 KiB / core, L3 8-32 MiB); 256 MiB on
+# accelerators. FASTCL_SIGMOID_CHUNK_BYTES overrides it.
+_ENV_BYTES = os.environ.get("FASTCL_SIGMOID_CHUNK_BYTES")
+_BYTES_PER_THREAD = 8 * 1024 * 1024
+_MIN_BLOCK_ROWS = 64  # at very large M the byte budget alone would give products too thin to run fast
+
+
+def block_rows(n_image: int, n_text: int, device: torch.device) -> int:
+    """Rows of images per block: the logits budget over ``4 * M`` bytes, at least 64 (and at most N)."""
+    if _ENV_BYTES:
+        budget = int(_ENV_BYTES)
+    elif device.type == "cpu":
+        budget = _BYTES_PER_THREAD * min(torch.get_num_threads(), 4)
+    else:
+        budget = 256 * 1024 * 1024
+    return max(1, min(n_image, max(_MIN_BLOCK_ROWS, budget // (4 * max(n_text, 1)))))
+
+
+def chunked_forward(problem: SigmoidProblem, want_grad: bool):
+    """``(loss, d_image, d_text, d_scale, d_bias)`` in the compute dtype; the four gradients (for grad_output = 1)
+    are None without ``want_grad``. ``loss`` and the scalar gradients are 0-dim."""
+    dtype = compute_dtype(problem.text)
+    x, y = _as(problem.image, dtype), _as(problem.text, dtype)
+    scale, bias = _as(problem.logit_scale, dtype), _as(problem.logit_bias, dtype)
+    n_image, n_text = x.shape[0], y.shape[0]
+    inv_norm = 1.0 / problem.norm
+    rows = block_rows(n_image, n_text, x.device)
+    if rows >= n_image and problem.image_ids is None and n_image > 0:
+        return _single_block(x, y, scale, bias, inv_norm, problem.pair_offset, want_grad)
+    x_scaled = x * scale
+    state = _Accumulators(x, y, x * (scale * inv_norm) if want_grad else None)
+    logits_buffer = x.new_empty(min(rows, n_image) * n_text)
+    softplus_buffer = torch.empty_like(logits_buffer) if problem.image_ids is None else None
+    for start in range(0, n_image, rows):
+        stop = min(start + rows, n_image)
+        logits = torch.addmm(bias, y, x_scaled[start:stop].T, out=_block(logits_buffer, n_text, stop - start))
+        if problem.image_ids is None:
+            grad = _paired_block(logits, softplus_buffer, start + problem.pair_offset, state, want_grad)
+        else:
+            grad = _labelled_block(logits, problem, start, stop, dtype, state)
+        if want_grad:
+            state.add_products(grad, start, stop)
+    return state.result(inv_norm, scale)
+
+
+def _single_block(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, inv_norm: float, offset: int, want_grad: bool):
+    """The whole default-pairing problem as one ``[N, M]`` block (small N): the same math as the block loop in the
+    fewest operations (each costs a few microseconds of dispatch at this size). On CPU the scale is read as a number
+    (free there) and folded into the products' ``alpha``."""
+    on_cpu = x.device.type == "cpu"
+    if on_cpu:
+        scale = scale.item()
+        logits = torch.addmm(bias, x, y.T, alpha=scale)
+    else:
+        logits = torch.addmm(bias, x * scale, y.T)
+    positive = logits.diagonal(offset)
+    negated = positive.neg()
+    threshold = softplus_threshold(logits.dtype)
+    softplus = torch._C._nn.softplus(logits, 1, threshold)
+    softplus.diagonal(offset).copy_(torch._C._nn.softplus(negated, 1, threshold))
+    loss = softplus.sum().mul_(inv_norm)
+    if not want_grad:
+        return loss, None, None, None, None
+    positive_grad = torch.sigmoid(negated).neg_()
+    grad = logits.sigmoid_()
+    grad.diagonal(offset).copy_(positive_grad)
+    coef = scale * inv_norm
+    grad_dot_text = torch.mm(grad, y)
+    d_scale = torch.dot(grad_dot_text.view(-1), x.reshape(-1)).mul_(inv_norm)
+    d_bias = grad.sum().mul_(inv_norm)
+    return loss, grad_dot_text.mul_(coef), torch.mm(grad.T, x).mul_(coef), d_scale, d_bias
+
+
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _block(buffer: Tensor, height: int, width: int) -> Tensor:
+    """A contiguous ``[height, width]`` view at the start of a flat buffer (one allocation serves every block)."""
+    return buffer[: height * width].view(height, width)
+
+
+def _paired_block(logits: Tensor, softplus_buffer: Tensor, first_pair: int, state, want_grad: bool) -> Optional[Tensor]:
+    """Default pairing: the loss of a ``[M, r]`` block whose image c pairs with text ``first_pair + c``, and (with
+    ``want_grad``) ``dL/dl`` in place of the logits."""
+    positive = logits[first_pair:].diagonal()
+    negated = positive.neg()  # -l of the positive pairs (t = -z l)
+    threshold = softplus_threshold(logits.dtype)
+    softplus = torch._C._nn.softplus(logits, 1, threshold, out=_block(softplus_buffer, *logits.shape))
+    softplus[first_pair:].diagonal().copy_(torch._C._nn.softplus(negated, 1, threshold))
+    state.add_loss(softplus.sum())
+    if not want_grad:
+        return None
+    positive_grad = torch.sigmoid(negated).neg_()
+    grad = torch.sigmoid(logits, out=logits)
+    positive.copy_(positive_grad)
+    return grad
+
+
+def _labelled_block(logits: Tensor, problem: SigmoidProblem, start: int, stop: int, dtype, state) -> Tensor:
+    """Labels (and SigLIP+ weights): the block's positive mask from the ids, then :func:`pair_terms`."""
+    positive = problem.text_ids[:, None] == problem.image_ids[None, start:stop]
+    weight = None
+    if problem.row_weight is not None:
+        weight = problem.col_weight.to(dtype)[:, None] + problem.row_weight.to(dtype)[None, start:stop]
+    loss, grad = pair_terms(logits, positive, weight)
+    state.add_loss(loss.sum())
+    return grad
+
+
+class _Accumulators:
+    """The running sums of one :func:`chunked_forward` call: the loss and, with ``x_grad_scaled = x s / norm``
+    (None: no gradients), ``dX``, ``dY`` and the unnormalised ``ds``, ``db``."""
+
+    def __init__(self, x: Tensor, y: Tensor, x_grad_scaled: Optional[Tensor]):
+        self.x, self.y, self.x_grad_scaled = x, y, x_grad_scaled
+        self.loss = self.d_scale = self.d_bias = self.d_text = None
+        if x_grad_scaled is not None:
+            self.d_image = torch.empty_like(x)
+
+    def add_loss(self, block_sum: Tensor) -> None:
+        self.loss = block_sum if self.loss is None else self.loss + block_sum
+
+    def add_products(self, grad: Tensor, start: int, stop: int) -> None:
+        """``grad [M, r] = dL/dl`` of images ``start:stop``: ``dX_r`` (unscaled), ``dY``, ``ds``, ``db``."""
+        d_bias = grad.sum()
+        grad_dot_text = torch.mm(grad.T, self.y, out=self.d_image[start:stop])  # [r, D]: sum_j dL/dl_ij y_j
+        d_scale = torch.linalg.vecdot(grad_dot_text, self.x[start:stop]).sum()
+        if self.d_text is None:
+            self.d_text = torch.mm(grad, self.x_grad_scaled[start:stop])
+            self.d_scale, self.d_bias = d_scale, d_bias
+        else:
+            self.d_text.addmm_(grad, self.x_grad_scaled[start:stop])
+            self.d_scale, self.d_bias = self.d_scale + d_scale, self.d_bias + d_bias
+
+    def result(self, inv_norm: float, scale: Tensor):
+        loss = self.x.new_zeros(()) if self.loss is None else self.loss * inv_norm
+        if self.x_grad_scaled is None:
+            return loss, None, None, None, None
+        if self.d_text is None:  # no image rows
+            self.d_text = torch.zeros_like(self.y)
+            self.d_scale = self.d_bias = self.x.new_zeros(())
+        self.d_image.mul_(scale * inv_norm)
+        return loss, self.d_image, self.d_text, self.d_scale * inv_norm, self.d_bias * inv_norm
