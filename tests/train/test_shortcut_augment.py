@@ -235,7 +235,7 @@ def test_random_watermark_draws_and_composite():
     assert out.watermark.all() and torch.equal(out.labels, data.labels)
     alpha = (params.opacity.view(-1, 1, 1) * masks).unsqueeze(1).double()
     x = data.images.double()
-    assert torch.all((out.images.double() - (x + alpha * (255 - x))).abs() <= 0.5 + 1e-6)
+    assert torch.all((out.images.double() - (x + alpha * (255 - x))).abs() <= 0.5 + 1e-3)  # float32 composite, rounded
     assert torch.equal(out.images[:, :, masks[0] == 0][0], data.images[:, :, masks[0] == 0][0])
     assert torch.equal(insert_random_watermark(data.subset(torch.tensor([7])), params[7:8]).images, out.images[7:8])
     with pytest.raises(ValueError, match="params describe"):
