@@ -1,36 +1,48 @@
-"""The Whac-A-Mole study on frozen features: single-shortcut fixes, their mixture and Last Layer Ensemble, on h and z.
+"""The Whac-A-Mole study: single-shortcut fixes, their mixture and Last Layer Ensemble, on h and z, frozen and
+end to end.
 
-    fastcl-shortcuts --out runs/shortcuts                       # pretrains the default model (with the watermark cue)
-    fastcl-shortcuts --checkpoint runs/pretrain/checkpoint.pt --out runs/shortcuts-ckpt
-    python -m fastcl.train.shortcuts --pretrain-args "--head fixed" --seed 1 --out runs/shortcuts-fixed-s1
+    fastcl-shortcuts --finetune --out runs/shortcuts               # pretrains the default model (watermark cue on)
+    fastcl-shortcuts --checkpoint runs/pretrain/checkpoint.pt --out runs/shortcuts-ckpt   # frozen study only
+    python -m fastcl.train.shortcuts --pretrain-args "--head fixed" --seed 1 --finetune --out runs/shortcuts-fixed-s1
     fastcl-shortcuts --aggregate runs/shortcuts-s0 runs/shortcuts-s1 runs/shortcuts-s2 --out runs/shortcuts-mean
 
 Li et al. ("A Whac-A-Mole Dilemma", CVPR 2023) show that removing one shortcut (e.g. with background augmentation)
-can amplify the reliance on another, and propose Last Layer Ensemble (LLE): on a frozen backbone, one linear head per
-distribution shift (each shift an augmentation that breaks one shortcut, plus the original data) and a shift
-classifier whose predicted probabilities weight the heads at test time. This command asks which frozen
-representation of a contrastive model, the encoder output ``h`` or the projection-head output ``z`` (Xue et al.,
-ICLR 2024), gives these last-layer methods the most to work with.
+can amplify the reliance on another, and propose Last Layer Ensemble (LLE): one linear head per distribution shift
+(the original data and each augmentation that breaks one shortcut) and a shift predictor whose probabilities weight
+the heads at test time. This command asks which representation of a contrastive model, the encoder output ``h`` or
+the projection-head output ``z`` (Xue et al., ICLR 2024), gives these methods the most to work with.
 
 It takes a ``fastcl-pretrain`` checkpoint of the ``spurious-cues`` data (without ``--checkpoint`` it first trains the
-default job with the watermark cue on, ``--watermark 0.9``, into ``OUT/pretrain``, or reuses a finished one there),
-freezes it and regenerates the data with the generator's layers. Four shifts of the training set are built with
-:mod:`fastcl.train.shortcut_augment`: the original images, background swapped, co-object swapped (or removed) and
-watermarked. The swaps draw the new cue uniformly over all classes (``p = (K - 1) / K`` of the samples get another
-class), so in a swapped set the cue is independent of the label; the watermark goes on every image. On ``h`` and on
-``z`` it fits (deterministic full-batch L-BFGS on standardised features, :func:`fastcl.evaluation.linear_probe`):
+default job with the watermark cue on, ``--watermark 0.9``, into ``OUT/pretrain``, or reuses a finished one there)
+and regenerates the data with the generator's layers. The shifts of the training set
+(:mod:`fastcl.train.shortcut_augment`) are those of the paper's UrbanCars protocol: the original images (shift 0),
+background swapped (1) and co-object swapped (2; or removed). A swap always changes the cue (with two classes: to
+the other class, so the cue conflicts with the label wherever it agreed, the rate of the paper's cue taken from an
+image of the other class); no shifted image equals its source. The 4-shift extension adds ImageNet-W's watermark
+augmentation: a random watermark (random glyphs, size, height and opacity) on every image, on top of the dataset's
+own. The methods (:data:`METHOD_SETS`):
 
-* ``erm``: a linear head on the original data;
-* ``bg_aug``, ``coobj_aug``, ``wm_aug``: a linear head on one shifted set (the single-shortcut baselines);
-* ``mixed``: one linear head on all four sets together;
-* ``lle``: :func:`fastcl.evaluation.fit_last_layer_ensemble` on the same four sets (one head per shift and the
-  shift classifier, each sample's class loss through its own shift's head).
+* ``erm``: the original data;
+* ``bg_aug``, ``coobj_aug`` (``wm_aug``): the original data and one shifted copy (the single-shortcut baselines);
+* ``mixed`` (``mixed_wm``): one last layer on the 3 (4) sets together;
+* ``lle`` (``lle_wm``): one head per set and the shift predictor, on the same 3 (4) sets.
+
+Two studies run on ``h`` and on ``z``:
+
+* ``frozen`` (the paper's ImageNet protocol): the backbone frozen, the last layers fitted by deterministic
+  full-batch L-BFGS on standardised features (:func:`fastcl.evaluation.linear_probe`,
+  :func:`fastcl.evaluation.fit_last_layer_ensemble`), fixed ``--weight-decay``;
+* ``finetune`` (``--finetune``, the paper's UrbanCars protocol): the backbone trained end to end with the last layer
+  (:mod:`fastcl.train.shortcut_finetune`: SGD, CE, + shift CE with weight 1 for LLE), the (epoch, weight decay) with
+  the best worst-group accuracy on the cue-balanced validation split selected; the test split is never used to select.
 
 Each is scored on the cue-balanced test set with the UrbanCars metrics
-(:func:`fastcl.evaluation.multi_shortcut_metrics`: I.D. accuracy, BG / CoObj / BG+CoObj gaps, worst-group accuracy)
-and on the same test set with the watermark on every image (:func:`fastcl.evaluation.watermark_metrics`: accuracy
-gap and the share of predictions moved to the watermark's class). ``OUT/`` gets ``summary.json``, ``metrics.jsonl``
-(one record per method and representation), ``gaps.svg`` (gaps per method, h next to z) and ``table.md``.
+(:func:`fastcl.evaluation.multi_shortcut_metrics`: I.D. accuracy, BG / CoObj / BG+CoObj gaps, worst-group accuracy over
+the (class, BG, CoObj) cells) and on the same test set with the dataset's watermark on every image
+(:func:`fastcl.evaluation.watermark_metrics`: accuracy gap and the share of predictions moved to the watermark's
+class). LLE's shift predictor is also scored on the validation images under every shift (``shift_val_acc``, per shift
+``shift_acc_<shift>``). ``OUT/`` gets ``summary.json``, ``metrics.jsonl`` (one record per study, method and
+representation), ``gaps.svg`` / ``gaps-finetune.svg`` (gaps per method, h next to z) and ``table.md``.
 """
 
 from __future__ import annotations
@@ -105,8 +117,9 @@ _STUDY_TITLE = {"frozen": "frozen backbone (ImageNet protocol: last layers on fr
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastcl-shortcuts",
-        description="Whac-A-Mole on frozen contrastive features: ERM, single-shortcut augmentations, their mixture "
-                    "and Last Layer Ensemble, fitted on the pre-projection h and the post-projection z.",
+        description="Whac-A-Mole on a contrastive model: ERM, single-shortcut augmentations, their mixture and Last "
+                    "Layer Ensemble on the pre-projection h and the post-projection z, with the backbone frozen and "
+                    "(--finetune) trained end to end.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", default=None,
