@@ -470,6 +470,9 @@ def _write_outputs(out_dir: str, summary: dict[str, Any], records: list[dict[str
             f.write("".join(json.dumps(r, default=str) + "\n" for r in records))
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(f"{title}\n\n{table_markdown(summary)}\n")
+        if all(st in summary["studies"] and set(METHODS) <= set(summary["studies"][st]) for st in STUDIES):
+            f.write(f"\n**the 3-shift protocol, frozen | end to end, and the paper**\n\n"
+                    f"{side_by_side_markdown(summary)}\n")
     for study, res in summary["studies"].items():
         name = "gaps.svg" if study == "frozen" else f"gaps-{study}.svg"
         with open(os.path.join(out_dir, name), "w") as f:
@@ -508,6 +511,30 @@ def table_markdown(summary: dict[str, Any]) -> str:
                 lines.append(f"| {method} | {_REP_SHORT[rep]} | " + " | ".join(_fmt(entry, k) for k in keys) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
+
+
+# Li et al. (CVPR 2023), UrbanCars, end to end (percentage points); the entries the paper's text gives
+PAPER_URBANCARS = {"erm": {"both_gap": -69.2},
+                   "lle": {"id_acc": 96.7, "bg_gap": -2.1, "coobj_gap": -2.7, "both_gap": -5.9}}
+_SIDE_KEYS = ("id_acc", "bg_gap", "coobj_gap", "both_gap", "worst_group_acc")
+
+
+def side_by_side_markdown(summary: dict[str, Any]) -> str:
+    """The 3-shift methods of both studies in one table, each metric frozen | end to end, under the paper's
+    UrbanCars numbers (percentage points)."""
+    studies = [st for st in STUDIES if st in summary["studies"]]
+    head = "| method | rep | " + " | ".join(f"{_LABELS[k]} {st}" for k in _SIDE_KEYS for st in studies) + " |"
+    lines = [head, "|" + " --- |" * (2 + len(_SIDE_KEYS) * len(studies))]
+    for method, paper in PAPER_URBANCARS.items():
+        cells = [(f"{paper[k]:+.1f}" if k.endswith("gap") else f"{paper[k]:.1f}") if k in paper else "" for k in
+                 _SIDE_KEYS for _ in studies]
+        cells = [c if i % len(studies) == len(studies) - 1 else "" for i, c in enumerate(cells)]
+        lines.append(f"| {method} (paper, UrbanCars) | ResNet-50 | " + " | ".join(cells) + " |")
+    for method in METHODS:
+        for rep in REPRESENTATIONS:
+            cells = [_fmt(summary["studies"][st][method][rep], k) for k in _SIDE_KEYS for st in studies]
+            lines.append(f"| {method} | {_REP_SHORT[rep]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def aggregate(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
