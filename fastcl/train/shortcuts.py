@@ -40,8 +40,9 @@ Each is scored on the cue-balanced test set with the UrbanCars metrics
 (:func:`fastcl.evaluation.multi_shortcut_metrics`: I.D. accuracy, BG / CoObj / BG+CoObj gaps, worst-group accuracy over
 the (class, BG, CoObj) cells) and on the same test set with the dataset's watermark on every image
 (:func:`fastcl.evaluation.watermark_metrics`: accuracy gap and the share of predictions moved to the watermark's
-class). LLE's shift predictor is also scored on the validation images under every shift (``shift_val_acc``, per shift
-``shift_acc_<shift>``). ``OUT/`` gets ``summary.json``, ``metrics.jsonl`` (one record per study, method and
+class). LLE's shift predictor is also scored on held-out images of the training distribution (a fresh draw of the
+training split) under every shift (``shift_heldout_acc``, per shift ``shift_acc_<shift>``), and its mean weights on
+the test set are recorded overall and per cue group (``test_shift_weights``, ``test_shift_weights_by_group``). ``OUT/`` gets ``summary.json``, ``metrics.jsonl`` (one record per study, method and
 representation), ``gaps.svg`` / ``gaps-finetune.svg`` (gaps per method, h next to z) and ``table.md``.
 """
 
@@ -102,7 +103,7 @@ METRIC_KEYS = ("id_acc", "bg_gap", "coobj_gap", "both_gap", "worst_group_acc", "
 _GROUP_KEYS = ("acc_aligned", "acc_bg_conflict", "acc_coobj_conflict", "acc_both_conflict")
 _LABELS = {"id_acc": "I.D. acc", "bg_gap": "BG gap", "coobj_gap": "CoObj gap", "both_gap": "BG+CoObj gap",
            "worst_group_acc": "worst-group", "wm_gap": "WM gap", "wm_shift": "WM shift",
-           "shift_val_acc": "shift acc (val)"}
+           "shift_heldout_acc": "shift acc (held-out)"}
 _REP_SHORT = {"pre_projection": "h", "post_projection": "z"}
 _STUDY_TITLE = {"frozen": "frozen backbone (ImageNet protocol: last layers on frozen features, L-BFGS)",
                 "finetune": "end to end (UrbanCars protocol: backbone + last layer, SGD, selection on val "
@@ -276,10 +277,21 @@ def _score(logits_clean: Tensor, logits_marked: Tensor, test: ImageSet, train_ra
 
 def _shift_accuracy(shift_logits: dict[str, Tensor], shifts: Sequence[str]) -> dict[str, float]:
     """Held-out shift-prediction accuracy of an LLE shift predictor: overall and per shift (``shift_acc_<s>``),
-    from its logits on every shift of the validation images."""
+    from its logits on every shift of held-out training-distribution images."""
     correct = {s: shift_logits[s].argmax(1) == i for i, s in enumerate(shifts)}
-    out = {"shift_val_acc": float(torch.cat(list(correct.values())).double().mean())}
+    out = {"shift_heldout_acc": float(torch.cat(list(correct.values())).double().mean())}
     return out | {f"shift_acc_{s}": float(c.double().mean()) for s, c in correct.items()}
+
+
+def _test_shift_weights(shift_logits: Tensor, test: ImageSet, shifts: Sequence[str]) -> dict[str, Any]:
+    """Mean shift probabilities of the LLE shift predictor on the test set, overall and per cue group."""
+    w = shift_logits.softmax(1)
+    by_group = {}
+    for key, bg_al, co_al in (("aligned", True, True), ("bg_conflict", False, True), ("coobj_conflict", True, False),
+                              ("both_conflict", False, False)):
+        mask = (test.bg_aligned == bg_al) & (test.coobj_aligned == co_al)
+        by_group[key] = dict(zip(shifts, w[mask].mean(0).tolist()))
+    return {"test_shift_weights": dict(zip(shifts, w.mean(0).tolist())), "test_shift_weights_by_group": by_group}
 
 
 def _methods(args: argparse.Namespace) -> tuple[str, ...]:
@@ -288,11 +300,11 @@ def _methods(args: argparse.Namespace) -> tuple[str, ...]:
 
 def fit_and_score(feats: dict[str, Tensor], labels: dict[str, Tensor], test_clean: Tensor, test_marked: Tensor,
                   test: ImageSet, num_classes: int, train_ratio: float, watermark_class: int,
-                  weight_decay: float, max_iter: int, val_feats: dict[str, Tensor] | None = None,
+                  weight_decay: float, max_iter: int, heldout_feats: dict[str, Tensor] | None = None,
                   methods: Sequence[str] = METHODS + EXTENSION_METHODS) -> dict[str, dict[str, Any]]:
     """Frozen study: fit ``methods`` (:data:`METHOD_SETS`) on the features of the shifted training sets
     (``feats[shift] [N_s, D]``, ``labels[shift] [N_s]``) and score them on the clean and watermarked test features;
-    LLE's shift predictor is also scored on ``val_feats[shift]`` (the validation images under every shift)."""
+    LLE's shift predictor is also scored on ``heldout_feats[shift]`` (held-out images under every shift)."""
     out: dict[str, dict[str, Any]] = {}
     kw = dict(num_classes=num_classes, weight_decay=weight_decay, max_iter=max_iter)
     with torch_threads(1):  # small full-batch fits: on a shared CPU more threads cost more than they save
@@ -309,10 +321,9 @@ def fit_and_score(feats: dict[str, Tensor], labels: dict[str, Tensor], test_clea
                     extra = {"train_acc": float((ens.combine(logits, shift_logits).argmax(1) == y).double().mean()),
                              "shift_train_acc": float((shift_logits.argmax(1) == shift).double().mean())}
                     clean, marked = ens(test_clean), ens(test_marked)
-                    weights = ens.forward_all(test_clean)[1].softmax(1).mean(0).tolist()
-                    if val_feats is not None:
-                        extra |= _shift_accuracy({s: ens.forward_all(val_feats[s])[1] for s in shifts}, shifts)
-                extra["test_shift_weights"] = dict(zip(shifts, weights))
+                    extra |= _test_shift_weights(ens.forward_all(test_clean)[1], test, shifts)
+                    if heldout_feats is not None:
+                        extra |= _shift_accuracy({s: ens.forward_all(heldout_feats[s])[1] for s in shifts}, shifts)
             else:
                 lp = linear_probe(x, y, test_clean, test.labels, **kw)
                 clean, marked = lp.logits(test_clean), lp.logits(test_marked)
@@ -323,12 +334,12 @@ def fit_and_score(feats: dict[str, Tensor], labels: dict[str, Tensor], test_clea
 
 
 def finetune_and_score(model: torch.nn.Module, rep: str, sets: dict[str, ImageSet], val: ImageSet,
-                       val_sets: dict[str, ImageSet], test: ImageSet, test_marked: ImageSet, num_classes: int,
+                       heldout_sets: dict[str, ImageSet], test: ImageSet, test_marked: ImageSet, num_classes: int,
                        train_ratio: float, watermark_class: int, config: FinetuneConfig, seed: int,
                        methods: Sequence[str], log: Any = None) -> dict[str, dict[str, Any]]:
     """End-to-end study: fine-tune the backbone up to ``rep`` with each method's last layer on its sets
     (:func:`fastcl.train.shortcut_finetune.finetune`, selected on ``val``), then score the selected model on the
-    test set, clean and watermarked; LLE's shift predictor is scored on ``val_sets``."""
+    test set, clean and watermarked; LLE's shift predictor is scored on ``heldout_sets``."""
     out: dict[str, dict[str, Any]] = {}
     for method in methods:
         t0 = time.perf_counter()
@@ -341,10 +352,9 @@ def finetune_and_score(model: torch.nn.Module, rep: str, sets: dict[str, ImageSe
         marked = predict(clf, test_marked.images, config.eval_batch_size)
         extra: dict[str, Any] = {}
         if clf.lle:
-            logits = {s: predict_shift(clf, val_sets[s].images, config.eval_batch_size) for s in shifts}
+            logits = {s: predict_shift(clf, heldout_sets[s].images, config.eval_batch_size) for s in shifts}
             extra = _shift_accuracy(logits, shifts)
-            weights = predict_shift(clf, test.images, config.eval_batch_size).softmax(1).mean(0).tolist()
-            extra["test_shift_weights"] = dict(zip(shifts, weights))
+            extra |= _test_shift_weights(predict_shift(clf, test.images, config.eval_batch_size), test, shifts)
         out[method] = {**_score(clean, marked, test, train_ratio, watermark_class), **extra, **record,
                        "fit_time_s": round(time.perf_counter() - t0, 3),
                        "train_samples": sum(len(sets[s]) for s in shifts)}
@@ -352,24 +362,28 @@ def finetune_and_score(model: torch.nn.Module, rep: str, sets: dict[str, ImageSe
 
 
 def _study_data(args: argparse.Namespace, cfg: argparse.Namespace) -> dict[str, Any]:
-    """The training set and its shifts, the validation split (and its shifts), the test split clean and with the
-    dataset's watermark on every image."""
+    """The training set and its shifts; held-out images of the training distribution (a fresh draw of the training
+    split, as many as the validation split) and their shifts, for the shift predictor's accuracy; the validation
+    split; the test split clean and with the dataset's watermark on every image."""
     wm_cfg = dict(watermark=getattr(cfg, "watermark", 0.0),
                   watermark_elsewhere=getattr(cfg, "watermark_elsewhere", 0.02),
                   watermark_class=getattr(cfg, "watermark_class", 0))
-    kw = dict(seed=cfg.seed, classes=cfg.classes, image_size=cfg.image_size or 32, cue_agreement=cfg.cue_agreement)
-    train, layers = make_spurious_cues(cfg.train_samples or 4096, split="train", return_layers=True, **kw, **wm_cfg)
-    val, val_layers = make_spurious_cues(args.val_samples or cfg.val_samples, split="val", return_layers=True, **kw)
-    test = make_spurious_cues(args.test_samples or cfg.test_samples, split="test", **kw)
+    kw = dict(classes=cfg.classes, image_size=cfg.image_size or 32, cue_agreement=cfg.cue_agreement)
+    train, layers = make_spurious_cues(cfg.train_samples or 4096, seed=cfg.seed, split="train", return_layers=True,
+                                       **kw, **wm_cfg)
+    n_val = args.val_samples or cfg.val_samples
+    held, held_layers = make_spurious_cues(n_val, seed=cfg.seed + 1_000_003, split="train", return_layers=True,
+                                           **kw, **wm_cfg)
+    val = make_spurious_cues(n_val, seed=cfg.seed, split="val", **kw)
+    test = make_spurious_cues(args.test_samples or cfg.test_samples, seed=cfg.seed, split="test", **kw)
     if args.head_train_samples and args.head_train_samples < len(train):
         idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
         idx = idx[:args.head_train_samples].sort().values
         train, layers = train.subset(idx), layers[idx]
     opacity = 0.5
     return {"train": train, "sets": _shifted_sets(train, layers, cfg.classes, args.coobj_aug, opacity, args.seed),
-            "val": val, "val_sets": _shifted_sets(val, val_layers, cfg.classes, args.coobj_aug, opacity,
-                                                  args.seed + 7919),
-            "test": test, "test_marked": insert_watermark(test, opacity=opacity),
+            "heldout_sets": _shifted_sets(held, held_layers, cfg.classes, args.coobj_aug, opacity, args.seed + 7919),
+            "val": val, "test": test, "test_marked": insert_watermark(test, opacity=opacity),
             "watermark_class": wm_cfg["watermark_class"], "watermark": wm_cfg["watermark"]}
 
 
@@ -378,7 +392,7 @@ def _frozen_study(args: argparse.Namespace, model: torch.nn.Module, cfg: argpars
     aug = BatchAugment(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))  # spurious-cues' normalisation
     shifts = EXTENSION_SHIFTS if not args.no_extension else SHIFTS
     emb = {s: embed(model, d["sets"][s].images, aug, device, args.eval_batch_size) for s in shifts}
-    emb_val = {s: embed(model, d["val_sets"][s].images, aug, device, args.eval_batch_size) for s in shifts}
+    emb_held = {s: embed(model, d["heldout_sets"][s].images, aug, device, args.eval_batch_size) for s in shifts}
     emb_test = embed(model, d["test"].images, aug, device, args.eval_batch_size)
     emb_marked = embed(model, d["test_marked"].images, aug, device, args.eval_batch_size)
     results: dict[str, dict[str, Any]] = {m: {} for m in _methods(args)}
@@ -387,7 +401,7 @@ def _frozen_study(args: argparse.Namespace, model: torch.nn.Module, cfg: argpars
                    f"{emb_test[i].shape[1]} dims) ...")
         res = fit_and_score({s: emb[s][i] for s in shifts}, {s: d["sets"][s].labels for s in shifts}, emb_test[i],
                             emb_marked[i], d["test"], cfg.classes, cfg.cue_agreement, d["watermark_class"],
-                            args.weight_decay, args.max_iter, {s: emb_val[s][i] for s in shifts}, _methods(args))
+                            args.weight_decay, args.max_iter, {s: emb_held[s][i] for s in shifts}, _methods(args))
         for method, r in res.items():
             results[method][rep] = r
     return results
@@ -400,7 +414,7 @@ def _finetune_study(args: argparse.Namespace, model: torch.nn.Module, cfg: argpa
     results: dict[str, dict[str, Any]] = {m: {} for m in _methods(args)}
     model = model.cpu()
     for rep in REPRESENTATIONS:
-        res = finetune_and_score(model, rep, d["sets"], d["val"], d["val_sets"], d["test"], d["test_marked"],
+        res = finetune_and_score(model, rep, d["sets"], d["val"], d["heldout_sets"], d["test"], d["test_marked"],
                                  cfg.classes, cfg.cue_agreement, d["watermark_class"], config, args.seed,
                                  _methods(args), log=None if args.quiet else (lambda m: _log(args, m)))
         for method, r in res.items():
@@ -498,7 +512,7 @@ def _fmt(entry: Any, key: str) -> str:
 def table_markdown(summary: dict[str, Any]) -> str:
     """The results as markdown tables, one per study (percentage points; ``mean ± sd`` for aggregated summaries);
     the 4-shift watermark extension below a separator row."""
-    keys = METRIC_KEYS + ("shift_val_acc",)
+    keys = METRIC_KEYS + ("shift_heldout_acc",)
     out = []
     for study, res in summary["studies"].items():
         lines = [f"**{_STUDY_TITLE[study]}**", "", "| method | rep | " + " | ".join(_LABELS[k] for k in keys) + " |",

@@ -36,8 +36,13 @@ def test_cli_end_to_end(tmp_path):
     assert summary["method_sets"]["lle_wm"] == ["original", "bg", "coobj", "wm"]
     for study in shortcuts.STUDIES:
         lle = summary["studies"][study]["lle"]["pre_projection"]
-        assert 0 <= lle["shift_val_acc"] <= 1 and set(lle["test_shift_weights"]) == set(shortcuts.SHIFTS)
+        assert 0 <= lle["shift_heldout_acc"] <= 1 and set(lle["test_shift_weights"]) == set(shortcuts.SHIFTS)
+        assert lle["shift_heldout_acc"] == pytest.approx(sum(lle[f"shift_acc_{s}"] for s in shortcuts.SHIFTS) / 3)
         assert sum(lle["test_shift_weights"].values()) == pytest.approx(1.0)
+        groups = lle["test_shift_weights_by_group"]
+        assert set(groups) == {"aligned", "bg_conflict", "coobj_conflict", "both_conflict"}
+        mean = {s: sum(g[s] for g in groups.values()) / 4 for s in shortcuts.SHIFTS}  # balanced test groups
+        assert mean == pytest.approx(lle["test_shift_weights"])
         assert set(summary["studies"][study]["lle_wm"]["post_projection"]["test_shift_weights"]) == {
             "original", "bg", "coobj", "wm"}
     ft = summary["studies"]["finetune"]["mixed"]["post_projection"]
