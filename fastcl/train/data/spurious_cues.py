@@ -25,7 +25,6 @@ __all__ = [
     "CORE_SHAPES",
     "CueLayers",
     "MAX_CUE_CLASSES",
-    "WATERMARK_GLYPHS",
     "add_watermark",
     "compose_cue_layers",
     "make_spurious_cues",
@@ -313,7 +312,7 @@ def render_coobj(cue: Tensor, centre: Tensor, radius: Tensor, image_size: int) -
 
 
 # 3x5 bitmap glyphs of the watermark text
-WATERMARK_GLYPHS = {
+_GLYPHS = {
     "F": ("###", "#..", "##.", "#..", "#.."), "A": (".#.", "#.#", "###", "#.#", "#.#"),
     "S": ("###", "#..", "###", "..#", "###"), "T": ("###", ".#.", ".#.", ".#.", ".#."),
     "C": ("###", "#..", "#..", "#..", "###"), "L": ("#..", "#..", "#..", "#..", "###"),
@@ -327,7 +326,7 @@ def watermark_pattern(image_size: int) -> Tensor:
     if not isinstance(image_size, int) or image_size < 16:
         raise ValueError(f"image_size must be an int >= 16, got {image_size!r}")
     scale = max(1, image_size // 32)
-    glyph = torch.tensor([[[ch == "#" for ch in row] for row in WATERMARK_GLYPHS[c]] for c in WATERMARK_TEXT],
+    glyph = torch.tensor([[[ch == "#" for ch in row] for row in _GLYPHS[c]] for c in WATERMARK_TEXT],
                          dtype=torch.float32)  # [6, 5, 3]
     line = torch.cat([torch.cat([gl, torch.zeros(5, 1)], 1) for gl in glyph], 1)[:, :-1]  # [5, 23]
     line = line.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
