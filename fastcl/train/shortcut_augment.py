@@ -200,7 +200,7 @@ def insert_watermark(data: ImageSet, which: Tensor | None = None, *, opacity: fl
     return ImageSet(images, data.labels, data.bg_aligned, data.coobj_aligned, data.bg, data.coobj, had | which)
 
 
-# the augmentation's draws, after ImageNet-W's: white text of random glyphs starting at the left edge, at a random height
+# the augmentation's draws, after ImageNet-W's: white text of random glyphs from the left edge, at a random height
 WATERMARK_OPACITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 WATERMARK_HEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 WATERMARK_CHARS = 8

@@ -42,8 +42,9 @@ the (class, BG, CoObj) cells) and on the same test set with the dataset's waterm
 (:func:`fastcl.evaluation.watermark_metrics`: accuracy gap and the share of predictions moved to the watermark's
 class). LLE's shift predictor is also scored on held-out images of the training distribution (a fresh draw of the
 training split) under every shift (``shift_heldout_acc``, per shift ``shift_acc_<shift>``), and its mean weights on
-the test set are recorded overall and per cue group (``test_shift_weights``, ``test_shift_weights_by_group``). ``OUT/`` gets ``summary.json``, ``metrics.jsonl`` (one record per study, method and
-representation), ``gaps.svg`` / ``gaps-finetune.svg`` (gaps per method, h next to z) and ``table.md``.
+the test set are recorded overall and per cue group (``test_shift_weights``, ``test_shift_weights_by_group``).
+``OUT/`` gets ``summary.json``, ``metrics.jsonl`` (one record per study, method and representation), ``gaps.svg`` /
+``gaps-finetune.svg`` (gaps per method, h next to z) and ``table.md``.
 """
 
 from __future__ import annotations
