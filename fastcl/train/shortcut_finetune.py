@@ -68,7 +68,9 @@ class ShortcutClassifier(nn.Module):
         was = model.training
         model.eval()  # the probe forward must not touch BatchNorm's running statistics
         with torch.no_grad():
-            dim = self.features(torch.zeros(2, getattr(model.encoder, "in_channels", 3), 32, 32)).shape[1]
+            probe = torch.zeros(2, getattr(model.encoder, "in_channels", 3), 32, 32,
+                                device=next(model.parameters()).device)
+            dim = self.features(probe).shape[1]
         model.train(was)
         self.lle = num_shifts > 1
         self.last = LastLayerEnsemble(dim, num_classes, num_shifts) if self.lle else nn.Linear(dim, num_classes)
@@ -86,8 +88,10 @@ class ShortcutClassifier(nn.Module):
         return self.last(f)
 
 
-def _normalise(images: Tensor) -> Tensor:
-    return (images.float() / 255.0 - 0.5) / 0.25  # spurious-cues' normalisation
+def _normalise(images: Tensor, clf: nn.Module) -> Tensor:
+    """``uint8`` images -> normalised float on the classifier's device (spurious-cues' normalisation)."""
+    device = next(clf.parameters()).device
+    return (images.to(device).float() / 255.0 - 0.5) / 0.25
 
 
 @torch.no_grad()
@@ -96,7 +100,8 @@ def predict(clf: ShortcutClassifier, images: Tensor, batch_size: int) -> Tensor:
     was = clf.training
     clf.eval()
     try:
-        return torch.cat([clf(_normalise(images[s:s + batch_size])) for s in range(0, len(images), batch_size)])
+        return torch.cat([clf(_normalise(images[s:s + batch_size], clf)).cpu()
+                          for s in range(0, len(images), batch_size)])
     finally:
         clf.train(was)
 
@@ -109,7 +114,7 @@ def predict_shift(clf: ShortcutClassifier, images: Tensor, batch_size: int) -> T
     was = clf.training
     clf.eval()
     try:
-        return torch.cat([clf.last.forward_all(clf.features(_normalise(images[s:s + batch_size])))[1]
+        return torch.cat([clf.last.forward_all(clf.features(_normalise(images[s:s + batch_size], clf)))[1].cpu()
                           for s in range(0, len(images), batch_size)])
     finally:
         clf.train(was)
@@ -124,14 +129,15 @@ def _train_epoch(clf: ShortcutClassifier, opt: torch.optim.Optimizer, images: Te
         idx = order[s:s + batch_size]
         if len(idx) < 2:  # BatchNorm needs two samples
             continue
-        x = _normalise(images[idx])
-        flip = torch.rand(len(idx), generator=g) < 0.5
+        x = _normalise(images[idx], clf)
+        flip = (torch.rand(len(idx), generator=g) < 0.5).to(x.device)
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        y, shift = labels[idx].to(x.device), shifts[idx].to(x.device)
         out = clf(x)
         if clf.lle:
-            loss = last_layer_ensemble_loss(out[0], out[1], labels[idx], shifts[idx])
+            loss = last_layer_ensemble_loss(out[0], out[1], y, shift)
         else:
-            loss = F.cross_entropy(out, labels[idx])
+            loss = F.cross_entropy(out, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -157,13 +163,15 @@ def finetune(
     lle: bool = False,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[ShortcutClassifier, dict[str, Any]]:
     """Fine-tune ``model``'s backbone with a last layer on the union of ``sets`` (``sets[0]`` the original data:
     an epoch draws ``len(sets[0])`` samples); with ``lle``, one head per set and the shift predictor.
 
     Returns the selected classifier (best validation worst-group accuracy over epochs and weight decays, in eval
-    mode) and a record: ``selected_epoch``, ``selected_weight_decay``, ``val_worst_group_acc``, the validation
-    curve of every weight decay (``val_curves``) and the final training loss. ``model`` is not modified.
+    mode, on ``device``; the images stay on the CPU and move there batch by batch) and a record:
+    ``selected_epoch``, ``selected_weight_decay``, ``val_worst_group_acc``, the validation curve of every weight
+    decay (``val_curves``) and the final training loss. ``model`` is not modified.
     """
     if not sets:
         raise ValueError("sets must hold at least the original training set")
@@ -177,7 +185,7 @@ def finetune(
     for wd in config.weight_decays:
         torch.manual_seed(seed)  # the same head initialisation for every weight decay
         clf = ShortcutClassifier(copy.deepcopy(model).requires_grad_(True), representation, num_classes,
-                                 len(sets) if lle else 1)
+                                 len(sets) if lle else 1).to(device)
         opt = torch.optim.SGD(clf.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=wd)
         g = torch.Generator().manual_seed(seed)
         curve = []

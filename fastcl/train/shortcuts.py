@@ -337,7 +337,8 @@ def fit_and_score(feats: dict[str, Tensor], labels: dict[str, Tensor], test_clea
 def finetune_and_score(model: torch.nn.Module, rep: str, sets: dict[str, ImageSet], val: ImageSet,
                        heldout_sets: dict[str, ImageSet], test: ImageSet, test_marked: ImageSet, num_classes: int,
                        train_ratio: float, watermark_class: int, config: FinetuneConfig, seed: int,
-                       methods: Sequence[str], log: Any = None) -> dict[str, dict[str, Any]]:
+                       methods: Sequence[str], log: Any = None,
+                       device: torch.device | str = "cpu") -> dict[str, dict[str, Any]]:
     """End-to-end study: fine-tune the backbone up to ``rep`` with each method's last layer on its sets
     (:func:`fastcl.train.shortcut_finetune.finetune`, selected on ``val``), then score the selected model on the
     test set, clean and watermarked; LLE's shift predictor is scored on ``heldout_sets``."""
@@ -348,7 +349,7 @@ def finetune_and_score(model: torch.nn.Module, rep: str, sets: dict[str, ImageSe
         if log:
             log(f"end to end: {method} on {_REP_SHORT[rep]} ({' + '.join(shifts)})")
         clf, record = finetune(model, rep, [sets[s] for s in shifts], val, num_classes, train_ratio, config,
-                               lle=method.startswith("lle"), seed=seed, log=log)
+                               lle=method.startswith("lle"), seed=seed, log=log, device=device)
         clean = predict(clf, test.images, config.eval_batch_size)
         marked = predict(clf, test_marked.images, config.eval_batch_size)
         extra: dict[str, Any] = {}
@@ -409,15 +410,14 @@ def _frozen_study(args: argparse.Namespace, model: torch.nn.Module, cfg: argpars
 
 
 def _finetune_study(args: argparse.Namespace, model: torch.nn.Module, cfg: argparse.Namespace,
-                    d: dict[str, Any]) -> dict[str, dict[str, Any]]:
+                    d: dict[str, Any], device: torch.device) -> dict[str, dict[str, Any]]:
     config = FinetuneConfig(args.ft_epochs, args.ft_lr, batch_size=args.ft_batch_size,
                             weight_decays=args.ft_weight_decays, eval_batch_size=args.eval_batch_size)
     results: dict[str, dict[str, Any]] = {m: {} for m in _methods(args)}
-    model = model.cpu()
     for rep in REPRESENTATIONS:
         res = finetune_and_score(model, rep, d["sets"], d["val"], d["heldout_sets"], d["test"], d["test_marked"],
                                  cfg.classes, cfg.cue_agreement, d["watermark_class"], config, args.seed,
-                                 _methods(args), log=None if args.quiet else (lambda m: _log(args, m)))
+                                 _methods(args), log=None if args.quiet else (lambda m: _log(args, m)), device=device)
         for method, r in res.items():
             results[method][rep] = r
     return results
@@ -439,7 +439,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     times["frozen_time_s"] = round(time.perf_counter() - t0, 2)
     if args.finetune:
         t0 = time.perf_counter()
-        studies["finetune"] = _finetune_study(args, model, cfg, d)
+        studies["finetune"] = _finetune_study(args, model, cfg, d, device)
         times["finetune_time_s"] = round(time.perf_counter() - t0, 2)
     sets = d["sets"]
     cue_stats = {s: {"bg_aligned": float(sets[s].bg_aligned.double().mean()),
