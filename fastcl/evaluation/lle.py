@@ -117,7 +117,7 @@ def last_layer_ensemble_loss(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if logits.ndim != 3:
         raise ValueError(f"logits must have shape [B, K, C], got {tuple(logits.shape)}")
-    b, k, _ = logits.shape
+    b, k = logits.shape[:2]
     if shift_logits.shape != (b, k):
         raise ValueError(f"shift_logits must have shape [{b}, {k}], got {tuple(shift_logits.shape)}")
     for name, t in (("targets", targets), ("shifts", shifts)):
@@ -125,9 +125,10 @@ def last_layer_ensemble_loss(
             raise ValueError(f"{name} must have shape [{b}], got {tuple(t.shape)}")
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    if b > 0 and (shifts.min() < 0 or shifts.max() >= k):
-        raise ValueError(f"shifts must lie in [0, {k}), got values in "
-                         f"[{int(shifts.min())}, {int(shifts.max())}]")
+    c = logits.shape[2]
+    for name, t, bound in (("targets", targets, c), ("shifts", shifts, k)):
+        if b > 0 and (t.min() < 0 or t.max() >= bound):
+            raise ValueError(f"{name} must lie in [0, {bound}), got values in [{int(t.min())}, {int(t.max())}]")
     own = logits[torch.arange(b, device=logits.device), shifts.to(logits.device)]  # [B, C]
     return F.cross_entropy(own, targets) + shift_weight * F.cross_entropy(shift_logits, shifts)
 

@@ -56,6 +56,8 @@ def multi_shortcut_metrics(
     train_ratio: float = 0.95,
     *,
     class_balanced: bool = True,
+    bg: Tensor | None = None,
+    coobj: Tensor | None = None,
 ) -> dict[str, float]:
     """UrbanCars metrics for two shortcuts: background (BG) and co-occurring object (CoObj).
 
@@ -70,8 +72,10 @@ def multi_shortcut_metrics(
     * ``coobj_gap = acc(bg aligned, co conflicting) - id_acc``;
     * ``both_gap = acc(both conflicting) - id_acc``;
       gaps are negative when the model relies on the shortcut(s);
-    * ``worst_group_acc``: the lowest accuracy over the class x BG x CoObj groups (8 for
-      UrbanCars' two classes) that have samples;
+    * ``worst_group_acc``: the lowest accuracy over the (class, BG cue class, CoObj cue class) cells that have
+      samples, as UrbanCars defines it (8 cells for two classes). It needs the cue classes ``bg`` and ``coobj``
+      when there are more than two classes; without them the cells are (class, BG aligned, CoObj aligned), which
+      is the same for two classes but pools the conflicting cue classes for more;
     * ``acc_aligned``, ``acc_bg_conflict``, ``acc_coobj_conflict``, ``acc_both_conflict``: the four
       ``acc(bg, co)``.
 
@@ -89,6 +93,8 @@ def multi_shortcut_metrics(
         coobj_aligned: ``[N]`` bool or 0/1: co-occurring-object cue agrees with the class.
         train_ratio: cue-class agreement probability in training, in ``[0, 1]``.
         class_balanced: average per-class accuracies within each group.
+        bg, coobj: optional ``[N]`` integer cue classes (the class each cue points to); they must agree with
+            ``bg_aligned`` / ``coobj_aligned`` (``bg == y`` exactly where aligned).
 
     Returns:
         Dict of Python floats with the keys above.
@@ -103,39 +109,51 @@ def multi_shortcut_metrics(
         raise TypeError(f"pred labels must be an integer tensor, got {pred.dtype} (pass [N, C] logits "
                         "to take the argmax)")
     y = _labels(y, n, "y").to(pred.device)
-    bg = _binary(bg_aligned, n, "bg_aligned").to(pred.device)
-    co = _binary(coobj_aligned, n, "coobj_aligned").to(pred.device)
+    bg_al = _binary(bg_aligned, n, "bg_aligned").to(pred.device)
+    co_al = _binary(coobj_aligned, n, "coobj_aligned").to(pred.device)
     if isinstance(train_ratio, bool) or not isinstance(train_ratio, (int, float)) or not (
         0.0 <= train_ratio <= 1.0
     ):
         raise ValueError(f"train_ratio must be a number in [0, 1], got {train_ratio!r}")
+    cells = group_ids(y, _cue_classes(bg, bg_al, y, "bg"), _cue_classes(coobj, co_al, y, "coobj"))
 
     correct = (pred == y).double()
     out: dict[str, float] = {}
-    cell_accs: list[float] = []
     any_empty = False
     id_acc = 0.0
-    for key, bg_al, co_al in _CUE_GROUPS:
-        mask = (bg == bg_al) & (co == co_al)
+    for key, bg_want, co_want in _CUE_GROUPS:
+        mask = (bg_al == bg_want) & (co_al == co_want)
         if not mask.any():
-            warnings.warn(f"multi_shortcut_metrics: no samples with bg_aligned={bg_al}, "
-                          f"coobj_aligned={co_al}; {key} is NaN", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"multi_shortcut_metrics: no samples with bg_aligned={bg_want}, "
+                          f"coobj_aligned={co_want}; {key} is NaN", RuntimeWarning, stacklevel=2)
             acc = float("nan")
             any_empty = True
         else:
             per_class = [float(correct[mask & (y == c)].mean()) for c in torch.unique(y[mask]).tolist()]
-            cell_accs.extend(per_class)
             acc = sum(per_class) / len(per_class) if class_balanced else float(correct[mask].mean())
         out[key] = acc
-        prior = (train_ratio if bg_al else 1 - train_ratio) * (train_ratio if co_al else 1 - train_ratio)
+        prior = (train_ratio if bg_want else 1 - train_ratio) * (train_ratio if co_want else 1 - train_ratio)
         if prior > 0:
             id_acc += prior * acc
     out["id_acc"] = id_acc
     out["bg_gap"] = out["acc_bg_conflict"] - id_acc
     out["coobj_gap"] = out["acc_coobj_conflict"] - id_acc
     out["both_gap"] = out["acc_both_conflict"] - id_acc
-    out["worst_group_acc"] = float("nan") if any_empty else min(cell_accs)
+    cell_accs = torch.zeros(int(cells.max()) + 1 if n else 0, dtype=torch.float64, device=pred.device)
+    cell_accs = cell_accs.index_add(0, cells, correct) / torch.bincount(cells, minlength=len(cell_accs))
+    out["worst_group_acc"] = float("nan") if any_empty else float(cell_accs.min())
     return out
+
+
+def _cue_classes(cue: Tensor | None, aligned: Tensor, y: Tensor, name: str) -> Tensor:
+    """The cue's class per sample, or, without it, the aligned flag (enough to tell the cells apart for two
+    classes); checked against the flag."""
+    if cue is None:
+        return aligned
+    cue = _labels(cue, y.shape[0], name).to(y.device)
+    if not torch.equal(cue == y, aligned):
+        raise ValueError(f"{name} (the cue classes) must equal y exactly where {name}_aligned is true")
+    return cue
 
 
 # --------------------------------------------------------------------------------------------------

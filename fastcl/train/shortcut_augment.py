@@ -7,7 +7,10 @@ byte, as Whac-A-Mole's (Li et al., CVPR 2023) distribution shifts do for UrbanCa
   the core object, the co-occurring object, the noise and the watermark are kept.
 * :func:`swap_coobj`: the co-occurring object becomes the form and colour of another cue class, at the same place and
   size; :func:`remove_coobj` takes it away.
-* :func:`insert_watermark`: the translucent glyph watermark (:func:`fastcl.train.data.add_watermark`) on every image.
+* :func:`insert_random_watermark`: a random translucent text watermark on every image (random glyphs, size, height
+  and opacity, as ImageNet-W's watermark augmentation draws random characters, font size, position and opacity), on top
+  of any watermark the image already carries; :func:`insert_watermark`: the dataset's own fixed watermark
+  (:func:`fastcl.train.data.add_watermark`), the one the study puts on the test images.
 
 The generator's layers (``make_spurious_cues(..., return_layers=True)``) make these exact composites: an image is
 recomposed from the same layers with one of them replaced, so every pixel the replaced cue does not reach keeps its
@@ -40,11 +43,15 @@ from fastcl.train.data import (
 
 __all__ = [
     "SwapParams",
+    "WatermarkParams",
     "background_region",
     "coobj_region",
+    "insert_random_watermark",
     "insert_watermark",
+    "random_watermark_masks",
     "remove_coobj",
     "sample_cue_swap",
+    "sample_watermark",
     "swap_background",
     "swap_coobj",
 ]
@@ -56,7 +63,8 @@ class SwapParams:
 
     Attributes:
         target: ``[N]`` int64, the new cue class (always different from the current one).
-        apply: ``[N]`` bool, whether the sample is swapped at all (samples with ``False`` are returned unchanged).
+        apply: ``[N]`` bool, whether the sample is swapped (:func:`sample_cue_swap` swaps every sample; samples with
+            ``False`` are returned unchanged).
     """
 
     target: Tensor
@@ -69,12 +77,14 @@ class SwapParams:
         return SwapParams(*(getattr(self, f.name)[index] for f in fields(self)))
 
 
-def sample_cue_swap(cue: Tensor, classes: int, generator: torch.Generator, p: float = 1.0) -> SwapParams:
-    """Draw a new cue class for every sample, uniformly among the ``classes - 1`` classes other than ``cue [N]``,
-    and whether to apply the swap (probability ``p``).
+def sample_cue_swap(cue: Tensor, classes: int, generator: torch.Generator) -> SwapParams:
+    """Draw a new cue class for every sample, uniformly among the ``classes - 1`` classes other than its current
+    one ``cue [N]``: the cue always changes, so no swapped image equals its source.
 
-    With ``p = (classes - 1) / classes`` the cue after the augmentation is uniform over all classes and independent
-    of the sample's label, whatever it was before (a background "from a random image").
+    With two classes the new cue is the other class: where the original cue agreed with the label (a fraction
+    ``cue_agreement`` of the training images) it now conflicts with it, and the other way round. Whac-A-Mole's
+    UrbanCars augmentation takes the cue from a random training image of the other class, whose cue agrees with that
+    class at the same rate: the augmented set's cue conflicts with the label for the same fraction of the images.
     """
     if not isinstance(cue, Tensor) or cue.ndim != 1 or cue.dtype.is_floating_point:
         raise ValueError(f"cue must be an integer tensor [N], got {getattr(cue, 'dtype', type(cue).__name__)}")
@@ -82,12 +92,9 @@ def sample_cue_swap(cue: Tensor, classes: int, generator: torch.Generator, p: fl
         raise ValueError(f"classes must be an int >= 2, got {classes!r}")
     if cue.numel() and (int(cue.min()) < 0 or int(cue.max()) >= classes):
         raise ValueError(f"cue values must lie in [0, {classes}), got [{int(cue.min())}, {int(cue.max())}]")
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must be a probability in [0, 1], got {p}")
     n = cue.shape[0]
     target = (cue.cpu().long() + torch.randint(1, classes, (n,), generator=generator)) % classes
-    apply = torch.rand(n, generator=generator) < p
-    return SwapParams(target, apply)
+    return SwapParams(target, torch.ones(n, dtype=torch.bool))
 
 
 def _check(data: ImageSet, layers: CueLayers, params: SwapParams | None = None) -> None:
@@ -191,3 +198,82 @@ def insert_watermark(data: ImageSet, which: Tensor | None = None, *, opacity: fl
     had = data.watermark if data.watermark is not None else torch.zeros(n, dtype=torch.bool)
     images = add_watermark(data.images, which & ~had, opacity=opacity)
     return ImageSet(images, data.labels, data.bg_aligned, data.coobj_aligned, data.bg, data.coobj, had | which)
+
+
+# the augmentation's draws, after ImageNet-W's: white text of random glyphs from the left edge, at a random height
+WATERMARK_OPACITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+WATERMARK_HEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+WATERMARK_CHARS = 8
+
+
+@dataclass
+class WatermarkParams:
+    """Per-sample draws of a random watermark (leading dim ``N``).
+
+    Attributes:
+        glyphs: ``[N, L, 5, 3]`` bool, ``L`` random 3x5 bitmap characters of the text.
+        scale: ``[N]`` int64, pixels per glyph pixel (1 or 2, the "font size").
+        height: ``[N]`` float, the text's top row as a fraction of the image side.
+        opacity: ``[N]`` float, in ``(0, 1]``.
+    """
+
+    glyphs: Tensor
+    scale: Tensor
+    height: Tensor
+    opacity: Tensor
+
+    def __len__(self) -> int:
+        return self.glyphs.shape[0]
+
+    def __getitem__(self, index: slice | Tensor) -> WatermarkParams:
+        return WatermarkParams(*(getattr(self, f.name)[index] for f in fields(self)))
+
+
+def sample_watermark(n: int, generator: torch.Generator, chars: int = WATERMARK_CHARS) -> WatermarkParams:
+    """Draw ``n`` random watermarks: ``chars`` random 3x5 glyphs (every one with at least one set pixel), a scale of 1
+    or 2, a height in :data:`WATERMARK_HEIGHTS` and an opacity in :data:`WATERMARK_OPACITIES`, uniformly."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    if isinstance(chars, bool) or not isinstance(chars, int) or chars < 1:
+        raise ValueError(f"chars must be an int >= 1, got {chars!r}")
+    glyphs = torch.rand(n, chars, 5, 3, generator=generator) < 0.5
+    empty = ~glyphs.flatten(2).any(2)  # a blank glyph gets its centre pixel
+    glyphs[..., 2, 1] |= empty
+    scale = torch.randint(1, 3, (n,), generator=generator)
+    height = torch.tensor(WATERMARK_HEIGHTS)[torch.randint(len(WATERMARK_HEIGHTS), (n,), generator=generator)]
+    opacity = torch.tensor(WATERMARK_OPACITIES)[torch.randint(len(WATERMARK_OPACITIES), (n,), generator=generator)]
+    return WatermarkParams(glyphs, scale, height, opacity)
+
+
+def random_watermark_masks(params: WatermarkParams, image_size: int) -> Tensor:
+    """``[N, S, S]`` float 0/1 masks of the watermarks ``params``: the glyphs side by side (one blank column
+    between them), scaled, from the left edge, the top row at ``height * S`` (moved up to fit), cut at the right
+    edge."""
+    if not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+    n, chars = params.glyphs.shape[:2]
+    gap = torch.zeros(n, chars, 5, 1, dtype=torch.bool)
+    lines = torch.cat([params.glyphs, gap], 3).permute(0, 2, 1, 3).reshape(n, 5, chars * 4)[:, :, :-1]
+    masks = torch.zeros(n, image_size, image_size)
+    for i in range(n):
+        k = int(params.scale[i])
+        line = lines[i].repeat_interleave(k, 0).repeat_interleave(k, 1)[:, :image_size].float()
+        h, w = line.shape
+        y0 = min(int(round(float(params.height[i]) * image_size)), image_size - h)
+        masks[i, y0:y0 + h, :w] = line
+    return masks
+
+
+def insert_random_watermark(data: ImageSet, params: WatermarkParams) -> ImageSet:
+    """Every image with its random watermark (white, ``x -> x + opacity * mask * (1 - x)``), on top of whatever
+    it shows, the dataset's watermark included; ``watermark`` set for every image."""
+    if not isinstance(data, ImageSet):
+        raise TypeError("data must be an ImageSet")
+    n, _, s, _ = data.images.shape
+    if len(params) != n:
+        raise ValueError(f"params describe {len(params)} watermarks but data has {n} images")
+    alpha = (params.opacity.view(n, 1, 1) * random_watermark_masks(params, s)).unsqueeze(1)
+    x = data.images.float() / 255.0
+    images = ((x + alpha * (1.0 - x)).clamp(0, 1) * 255).round().to(torch.uint8)
+    return ImageSet(images, data.labels, data.bg_aligned, data.coobj_aligned, data.bg, data.coobj,
+                    torch.ones(n, dtype=torch.bool))

@@ -117,6 +117,10 @@ def test_lle_bad_inputs():
     logits, shift_logits = lle.forward_all(X)
     with pytest.raises(ValueError, match="shifts must lie in"):
         lle.loss(logits, shift_logits, torch.tensor([0, 1]), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="targets must lie in"):
+        lle.loss(logits, shift_logits, torch.tensor([0, 3]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="targets must lie in"):
+        lle.loss(logits, shift_logits, torch.tensor([-1, 0]), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="targets must have shape"):
         lle.loss(logits, shift_logits, torch.tensor([0, 1, 1]), torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="targets must be an integer"):

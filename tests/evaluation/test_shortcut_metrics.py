@@ -101,6 +101,38 @@ def test_empty_group_gives_nan_with_warning():
     assert m1["id_acc"] == pytest.approx(1.0)
 
 
+def test_worst_group_is_the_minimum_over_class_bg_coobj_cells():
+    """Three classes: the worst group is the worst (class, BG cue class, CoObj cue class) cell, not the pooled
+    conflicting cue classes; for two classes the cue classes change nothing."""
+    g = torch.Generator().manual_seed(0)
+    k, per = 3, 10
+    cells = [(c, b, o) for c in range(k) for b in range(k) for o in range(k)]
+    y = torch.tensor([c for c, _, _ in cells]).repeat_interleave(per)
+    bg = torch.tensor([b for _, b, _ in cells]).repeat_interleave(per)
+    co = torch.tensor([o for _, _, o in cells]).repeat_interleave(per)
+    acc_of_cell = torch.randint(3, per + 1, (len(cells),), generator=g)  # correct samples per cell
+    acc_of_cell[cells.index((1, 2, 0))] = 1  # one bad cell: class 1, background of class 2, co-object of class 0
+    pred = y.clone()
+    for i, n_ok in enumerate(acc_of_cell.tolist()):
+        pred[i * per + n_ok:(i + 1) * per] = (y[i * per] + 1) % k
+    m = multi_shortcut_metrics(pred, y, bg == y, co == y, bg=bg, coobj=co)
+    assert m["worst_group_acc"] == pytest.approx(0.1)
+    ref = min(float((pred[(y == c) & (bg == b) & (co == o)] == c).double().mean()) for c, b, o in cells)
+    assert m["worst_group_acc"] == pytest.approx(ref)
+    pooled = multi_shortcut_metrics(pred, y, bg == y, co == y)  # without cue classes: the 2 conflicting pooled
+    assert pooled["worst_group_acc"] > 0.1
+    assert {k2: v for k2, v in m.items() if k2 != "worst_group_acc"} == pytest.approx(
+        {k2: v for k2, v in pooled.items() if k2 != "worst_group_acc"})
+    pred2, y2, bg2, co2 = build_predictions()
+    cue_bg, cue_co = torch.where(bg2, y2, 1 - y2), torch.where(co2.bool(), y2, 1 - y2)
+    assert multi_shortcut_metrics(pred2, y2, bg2, co2, bg=cue_bg, coobj=cue_co) == multi_shortcut_metrics(
+        pred2, y2, bg2, co2)
+    with pytest.raises(ValueError, match="bg \\(the cue classes\\) must equal y"):
+        multi_shortcut_metrics(pred2, y2, bg2, co2, bg=1 - cue_bg)
+    with pytest.raises(ValueError, match="coobj must have shape"):
+        multi_shortcut_metrics(pred2, y2, bg2, co2, coobj=cue_co[:3])
+
+
 def test_multi_shortcut_metrics_bad_inputs():
     pred, y, bg, co = build_predictions()
     with pytest.raises(ValueError, match="bg_aligned must have shape"):

@@ -16,9 +16,12 @@ from fastcl.train.shortcut_augment import (
     SwapParams,
     background_region,
     coobj_region,
+    insert_random_watermark,
     insert_watermark,
+    random_watermark_masks,
     remove_coobj,
     sample_cue_swap,
+    sample_watermark,
     swap_background,
     swap_coobj,
 )
@@ -159,13 +162,13 @@ def test_insert_watermark_marks_every_image_once(cues):
 
 def test_swaps_are_deterministic_and_batched_equals_per_sample(cues):
     data, layers = cues
-    p1 = sample_cue_swap(data.bg, 3, torch.Generator().manual_seed(7), p=0.6)
-    p2 = sample_cue_swap(data.bg, 3, torch.Generator().manual_seed(7), p=0.6)
-    p3 = sample_cue_swap(data.bg, 3, torch.Generator().manual_seed(8), p=0.6)
-    assert torch.equal(p1.target, p2.target) and torch.equal(p1.apply, p2.apply)
-    assert not (torch.equal(p1.target, p3.target) and torch.equal(p1.apply, p3.apply))
-    assert 0 < p1.apply.sum() < 48
-    for fn, params in ((swap_background, p1), (swap_coobj, sample_cue_swap(data.coobj, 3, torch.Generator(), 0.6))):
+    p1 = sample_cue_swap(data.bg, 3, torch.Generator().manual_seed(7))
+    p2 = sample_cue_swap(data.bg, 3, torch.Generator().manual_seed(7))
+    p3 = sample_cue_swap(data.bg, 3, torch.Generator().manual_seed(8))
+    assert torch.equal(p1.target, p2.target) and p1.apply.all()
+    assert not torch.equal(p1.target, p3.target)
+    partial = SwapParams(p1.target, torch.arange(48) % 3 != 0)  # a hand-made partial swap keeps the others
+    for fn, params in ((swap_background, partial), (swap_coobj, sample_cue_swap(data.coobj, 3, torch.Generator()))):
         batched, _ = fn(data, layers, params)
         again, _ = fn(data, layers, params)
         assert torch.equal(batched.images, again.images)
@@ -177,21 +180,74 @@ def test_swaps_are_deterministic_and_batched_equals_per_sample(cues):
         assert torch.equal(batched.images[skipped], data.images[skipped])
 
 
-def test_swap_probability_makes_the_cue_independent_of_the_label():
-    n, k = 6000, 3
-    cue = torch.arange(n) % k  # fully aligned with label = arange % k
-    params = sample_cue_swap(cue, k, torch.Generator().manual_seed(0), p=(k - 1) / k)
-    new = torch.where(params.apply, params.target, cue)
-    assert (params.target != cue).all()
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_cue_swap_always_changes_the_cue_uniformly_over_the_others(k):
+    n = 6000
+    cue = torch.arange(n) % k
+    params = sample_cue_swap(cue, k, torch.Generator().manual_seed(0))
+    assert (params.target != cue).all() and params.apply.all()
     for c in range(k):
-        counts = torch.bincount(new[cue == c], minlength=k).double() / (n / k)
-        assert torch.allclose(counts, torch.full((k,), 1 / k, dtype=torch.float64), atol=0.03)
+        counts = torch.bincount(params.target[cue == c], minlength=k).double() / (n / k)
+        want = torch.full((k,), 1 / (k - 1), dtype=torch.float64)
+        want[c] = 0
+        assert torch.allclose(counts, want, atol=0.04)
+
+
+def test_shifted_sets_have_no_unchanged_copy():
+    """The study's shifted training sets (BG, CoObj, watermark): no image equals its source, byte for byte, the
+    swapped cue conflicts with the label wherever it agreed before, and every image carries a new watermark."""
+    from fastcl.train.shortcuts import _shifted_sets
+
+    train, layers = make_spurious_cues(2048, seed=0, split="train", watermark=0.9, return_layers=True)
+    sets = _shifted_sets(train, layers, 2, "swap", 0.5, seed=0)
+    assert set(sets) == {"original", "bg", "coobj", "wm"}
+    for shift in ("bg", "coobj", "wm"):
+        same = (sets[shift].images == train.images).flatten(1).all(1)
+        assert not same.any(), (shift, int(same.sum()))
+    assert torch.equal(sets["bg"].bg_aligned, ~train.bg_aligned)
+    assert torch.equal(sets["coobj"].coobj_aligned, ~train.coobj_aligned)
+    assert sets["bg"].bg_aligned.double().mean() < 0.1 and sets["coobj"].coobj_aligned.double().mean() < 0.1
+    marked = train.watermark
+    assert 0.4 < marked.double().mean() < 0.5 and sets["wm"].watermark.all()
+    assert not (sets["wm"].images[marked] == train.images[marked]).flatten(1).all(1).any()
+
+
+def test_random_watermark_draws_and_composite():
+    g = torch.Generator().manual_seed(0)
+    params = sample_watermark(500, g)
+    assert params.glyphs.shape == (500, 8, 5, 3) and params.glyphs.flatten(2).any(2).all()
+    assert set(params.scale.tolist()) == {1, 2}
+    assert len(set(params.opacity.tolist())) == 9 and len(set(params.height.tolist())) == 9
+    masks = random_watermark_masks(params, 32)
+    assert masks.shape == (500, 32, 32) and set(masks.unique().tolist()) == {0.0, 1.0}
+    # the text starts at the left edge, at the drawn height (moved up to fit), and is as tall as 5 glyph pixels
+    rows = masks.any(2)
+    for i in range(0, 500, 37):
+        k, top = int(params.scale[i]), min(round(float(params.height[i]) * 32), 32 - 5 * int(params.scale[i]))
+        assert masks[i, :, 0].any() == params.glyphs[i, 0, :, 0].any()
+        assert rows[i].nonzero().min() >= top and rows[i].nonzero().max() < top + 5 * k
+        glyph = params.glyphs[i, 0].repeat_interleave(k, 0).repeat_interleave(k, 1).float()
+        assert torch.equal(masks[i, top:top + 5 * k, :3 * k], glyph)
+    assert len({tuple(m.flatten().tolist()) for m in masks}) == 500  # every mark its own
+
+    data = make_spurious_cues(500, seed=1, split="test")
+    out = insert_random_watermark(data, params)
+    assert out.watermark.all() and torch.equal(out.labels, data.labels)
+    alpha = (params.opacity.view(-1, 1, 1) * masks).unsqueeze(1).double()
+    x = data.images.double()
+    assert torch.all((out.images.double() - (x + alpha * (255 - x))).abs() <= 0.5 + 1e-3)  # float32 composite, rounded
+    assert torch.equal(out.images[:, :, masks[0] == 0][0], data.images[:, :, masks[0] == 0][0])
+    assert torch.equal(insert_random_watermark(data.subset(torch.tensor([7])), params[7:8]).images, out.images[7:8])
+    with pytest.raises(ValueError, match="params describe"):
+        insert_random_watermark(data, params[:3])
+    with pytest.raises(ValueError, match="n must be"):
+        sample_watermark(-1, g)
 
 
 def test_augmentation_argument_errors(cues):
     data, layers = cues
-    with pytest.raises(ValueError, match="p must be"):
-        sample_cue_swap(data.bg, 3, torch.Generator(), p=1.5)
+    with pytest.raises(ValueError, match="classes must be"):
+        sample_cue_swap(data.bg, 1, torch.Generator())
     with pytest.raises(ValueError, match="cue values"):
         sample_cue_swap(data.bg, 2, torch.Generator())
     with pytest.raises(ValueError, match="params describe"):
