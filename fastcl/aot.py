@@ -285,6 +285,36 @@ def _resource_usage(cubin: bytes) -> dict:
     return {k.lower(): int(v) for k, v in found.items()}
 
 
+def lower(fn, job: dict, args, constexprs):
+    """Lower the ``@triton.jit`` function ``fn`` for ``sm_{job['arch']}`` with the launch's arguments (mock
+    tensors and integers), constexprs and ``num_warps`` / ``num_stages`` / ``maxnreg``, binding them as a launch
+    does; ``(compiled, options, attrs, seconds)``."""
+    os.environ.pop("TRITON_INTERPRET", None)  # fp fusion: as the launch environment sets it (fp_fusion_setting)
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", job["arch"], 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(
+        constexprs,
+        num_warps=job["num_warps"],
+        num_stages=job["num_stages"],
+        **({"maxnreg": job["maxnreg"]} if job.get("maxnreg") else {}),
+        debug=False,
+        instrumentation_mode=knobs.compilation.instrumentation_mode,
+        fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts,
+    )
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constants, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    start = time.perf_counter()
+    compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=target, options=options.__dict__)
+    return compiled, options, attrs, round(time.perf_counter() - start, 2)
+
+
 def compile_one(job: dict) -> dict:
     """Lower one job to cubin as a launch would; returns its record (``error`` set on failure)."""
     if job.get("op") == "sigmoid":
@@ -293,34 +323,13 @@ def compile_one(job: dict) -> dict:
     record["arch"] = f"sm_{job['arch']}"
     record["roles"] = job.get("roles", [])
     try:
-        os.environ.pop("TRITON_INTERPRET", None)  # fp fusion: as the launch environment sets it (fp_fusion_setting)
         import triton
-        from triton import knobs
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource, make_backend
-        from triton.runtime.jit import create_function_from_signature
 
         from fastcl.kernels import jit, tiling
 
         fn = getattr(jit, job["kernel_name"])
-        target = GPUTarget("cuda", job["arch"], 32)
-        backend = make_backend(target)
-        binder = create_function_from_signature(fn.signature, fn.params, backend)
         args, constexprs = launch_arguments(fn, job)
-        kwargs = dict(
-            constexprs,
-            num_warps=job["num_warps"],
-            num_stages=job["num_stages"],
-            **({"maxnreg": job["maxnreg"]} if job.get("maxnreg") else {}),
-            debug=False,
-            instrumentation_mode=knobs.compilation.instrumentation_mode,
-            fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts,
-        )
-        bound, specialization, options = binder(*args, **kwargs)
-        options, signature, constants, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-        start = time.perf_counter()
-        compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=target, options=options.__dict__)
-        record["seconds"] = round(time.perf_counter() - start, 2)
+        compiled, options, attrs, record["seconds"] = lower(fn, job, args, constexprs)
         usage = _resource_usage(compiled.asm["cubin"])
         record["shared_bytes"] = compiled.metadata.shared
         record["shared_limit"] = tiling.SHARED_MEMORY_LIMITS[job["arch"]]
@@ -588,33 +597,11 @@ def compile_sigmoid_one(job: dict) -> dict:
     record = {key: job.get(key) for key in RECORD_KEYS}
     record.update(arch=f"sm_{job['arch']}", roles=job.get("roles", []), shared_estimate=0)
     try:
-        os.environ.pop("TRITON_INTERPRET", None)
-        import triton
-        from triton import knobs
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource, make_backend
-        from triton.runtime.jit import create_function_from_signature
-
         from fastcl.kernels import sigmoid_jit, tiling
 
         fn = sigmoid_jit._sigmoid_side_kernel
-        target = GPUTarget("cuda", job["arch"], 32)
-        backend = make_backend(target)
-        binder = create_function_from_signature(fn.signature, fn.params, backend)
         args, constexprs = sigmoid_launch_arguments(fn, job)
-        kwargs = dict(
-            constexprs,
-            num_warps=job["num_warps"],
-            num_stages=job["num_stages"],
-            debug=False,
-            instrumentation_mode=knobs.compilation.instrumentation_mode,
-            fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts,
-        )
-        bound, specialization, options = binder(*args, **kwargs)
-        options, signature, constants, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-        start = time.perf_counter()
-        compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=target, options=options.__dict__)
-        record["seconds"] = round(time.perf_counter() - start, 2)
+        compiled, _, _, record["seconds"] = lower(fn, job, args, constexprs)
         usage = _resource_usage(compiled.asm["cubin"])
         record.update(shared_bytes=compiled.metadata.shared, shared_limit=tiling.SHARED_MEMORY_LIMITS[job["arch"]])
         record.update(registers=usage.get("reg", -1), spill_bytes=max(usage.get("stack", 0), usage.get("local", 0)))
