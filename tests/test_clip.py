@@ -19,14 +19,12 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import os
-import socket
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import spawn_ranks
 
 import fastcl
 import fastcl.functional as FF
@@ -188,12 +186,6 @@ def _worker(rank, world, port, out_dir):
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """``ranks[rank][world]``: world sizes 2 and 3, one spawn each (open_clip gathers on the default group)."""
@@ -207,21 +199,7 @@ def ranks(tmp_path_factory):
 
 
 def _spawn(world, out_dir):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, world, port, str(out_dir)), daemon=True) for rank in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    assert not hung, f"ranks {hung} of {world} did not finish within {SPAWN_TIMEOUT_S} s"
-    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(world)]
+    return spawn_ranks(_worker, world, out_dir, SPAWN_TIMEOUT_S, world)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,7 +213,7 @@ def test_equal_shards_equal_open_clip_per_rank(ranks, world, local_loss, with_gr
     for rank in range(world):
         got, want = ranks[rank][world]["clip"][("equal", local_loss, with_grad)]
         for name, g, w in zip(("loss", "d image", "d text", "d p"), got, want):
-            torch.testing.assert_close(g, w, **TOL, msg=lambda m: f"rank {rank} of {world}, {name}: {m}")
+            torch.testing.assert_close(g, w, **TOL, msg=lambda m, rank=rank, name=name: f"rank {rank} of {world}, {name}: {m}")
         assert abs(float(want[3])) > 1e-4
 
 

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from float64_reference import info_nce_float64, supcon_float64
+from gloo_ranks import spawn_ranks
 
 import fastcl.functional as FF
 from fastcl import SupConLoss
@@ -266,32 +265,9 @@ def _worker(rank, port, out_dir):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(out_dir):
     """Run _worker on WORLD processes; fail (never hang) if they do not finish in time."""
-    world = WORLD
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, str(out_dir)), daemon=True) for rank in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    assert not hung, f"ranks {hung} did not finish within {SPAWN_TIMEOUT_S} s"
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * world, f"worker exit codes {codes}"
-    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(world)]
+    return spawn_ranks(_worker, WORLD, out_dir, SPAWN_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import spawn_ranks
 
 from fastcl import MemoryQueue
 
@@ -164,22 +162,7 @@ def _worker(rank, port, out_dir):
 
 @pytest.fixture(scope="module")
 def rank_queues(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("queue")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out_dir)), daemon=True) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 120
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0] * WORLD, "a gloo worker failed or hung"
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("queue"), 120)
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import spawn_ranks
 from sigmoid_peers import open_clip_loss
 
 import fastcl
@@ -186,31 +184,9 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def all_results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("sigmoid_distributed")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out_dir)), daemon=True) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    assert not hung, f"ranks {hung} did not finish within {SPAWN_TIMEOUT_S} s"
-    assert [p.exitcode for p in procs] == [0] * WORLD
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("sigmoid_distributed"), SPAWN_TIMEOUT_S)
 
 
 def _pairwise_float64(image, text, scale, bias, positive, weight=None):
