@@ -75,9 +75,10 @@ def _sigmoid_side_kernel(
     for start_n in range(0, n_cols, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_valid = offs_n < n_cols
+        col_offsets = offs_n.to(tl.int64)[:, None] * stride_cols  # int64: M * D may exceed 2**31 (gathered towers)
         if SINGLE_D_TILE:
             cols = tl.load(
-                cols_ptr + offs_n[:, None] * stride_cols + offs_d[None, :],
+                cols_ptr + col_offsets + offs_d[None, :],
                 mask=col_valid[:, None] & (offs_d[None, :] < dim),
                 other=0.0,
             )
@@ -93,7 +94,7 @@ def _sigmoid_side_kernel(
                     other=0.0,
                 )
                 col_tile = tl.load(
-                    cols_ptr + offs_n[:, None] * stride_cols + feature[None, :],
+                    cols_ptr + col_offsets + feature[None, :],
                     mask=col_valid[:, None] & feature_valid[None, :],
                     other=0.0,
                 )
@@ -126,7 +127,7 @@ def _sigmoid_side_kernel(
             grad_sum += tl.sum(grad, axis=1)
         if WANT_GRAD:
             col_out = tl.load(
-                cols_ptr + offs_n[:, None] * stride_cols + offs_out[None, :],
+                cols_ptr + col_offsets + offs_out[None, :],
                 mask=col_valid[:, None] & out_valid[None, :],
                 other=0.0,
             )
