@@ -30,9 +30,10 @@ def chunked(problem: Problem, want_grad: bool, inv_temperature: Optional[Tensor]
     op's backward); with a tensor ``inv_temperature`` (a learnable temperature: ``problem.inv_temperature`` is its
     value) that of ``fastcl::contrastive_chunked_learnable``, whose backward also gives ``dL/du``."""
     if inv_temperature is None:
-        loss, _, _ = torch.ops.fastcl.contrastive_chunked(*problem, want_grad)
+        loss, _, _ = torch.ops.fastcl.contrastive_chunked(*problem.core, want_grad)
         return loss
-    return torch.ops.fastcl.contrastive_chunked_learnable(*problem[:6], inv_temperature, *problem[7:], want_grad)[0]
+    core = problem.core
+    return torch.ops.fastcl.contrastive_chunked_learnable(*core[:6], inv_temperature, *core[7:], want_grad)[0]
 
 
 def triton(problem: Problem, route: str, precision: str, inv_temperature: Optional[Tensor] = None) -> Tensor:
@@ -41,7 +42,7 @@ def triton(problem: Problem, route: str, precision: str, inv_temperature: Option
     if inv_temperature is not None:  # a learnable temperature: u a Tensor input, its gradient from the backward
         return torch.ops.fastcl.contrastive_triton_learnable(*problem[:6], inv_temperature, problem.scale, route,
                                                              precision)[0]  # fmt: skip
-    return torch.ops.fastcl.contrastive_triton(*problem[:-1], route, precision)[0]
+    return torch.ops.fastcl.contrastive_triton(*problem.core[:-1], route, precision)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

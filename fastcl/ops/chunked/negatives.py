@@ -1,0 +1,212 @@
+"""The chunked backend with contrast columns beyond the batch: a memory queue, shared hard negatives, a batch
+restricted to each anchor's positive (MoCo), and the false-negative margin (:class:`~fastcl.ops.problem.Problem`'s
+``negatives`` / ``negative_labels`` / ``in_batch`` / ``false_negative_margin``).
+
+One pass over blocks of anchor rows. Each block's logits are two products, ``A_r @ C.T`` over the ``Nc`` batch
+columns (or, with ``in_batch=False``, one dot product per row with its positive) and ``A_r @ Q.T`` over the ``M``
+extra rows, joined into one ``[rows, Nc' + M]`` block (``Nc' = Nc`` or 1) whose log-sum-exp, positive sum and
+``dL/ds`` are formed in place; nothing ``Na x (Nc + M)`` is kept. The gradients are formed in the same pass for
+``grad_output = 1`` (the backward only scales them): ``dA_r = dS_b @ C + dS_q @ Q``, ``dC += dS_b.T @ A_r``, and
+``dQ += dS_q.T @ A_r`` only when the extra rows require grad (MNRL's hard negatives): a detached queue costs its two
+forward-direction products per block and nothing more.
+
+Row ``i``'s loss is ``-scale / P_i * sum_j w_ij log softmax_j(s_ij)`` over the kept columns, ``w_ij = 1`` for a
+positive (equal labels; a labelled extra row with the anchor's label included), ``P_i = max(W_i, 1)``: the op's
+loss (:func:`~fastcl.ops.problem.row_losses`) with more columns.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from fastcl.ops.chunked import passes
+from fastcl.ops.problem import Problem, compute_dtype, grad_coefficients, in_dtype, row_losses
+
+Tensor = torch.Tensor
+
+# Bytes of one block's logits on an accelerator: the block's few [rows, Nc + M] temporaries stay a few times this
+# (at Nc + M = 69,632 that is 120 rows, still a full-width GEMM on a GPU); on CPU the chunked backend's budget.
+_ACCELERATOR_BLOCK_BYTES = 32 * 1024 * 1024
+
+
+class _Columns(NamedTuple):
+    """The problem's rows in the compute dtype, as the blocks read them."""
+
+    anchor: Tensor  # [Na, D]
+    contrast: Tensor  # [Nc, D]
+    negatives: Tensor  # [M, D] (M may be 0)
+    anchor_labels: Tensor  # [Na]
+    contrast_labels: Tensor  # [Nc]
+    negative_labels: Optional[Tensor]  # [M]
+    inv_temperature: object  # float or 0-dim tensor
+    margin: Optional[float]
+
+
+def _columns(problem: Problem) -> _Columns:
+    dtype = compute_dtype(problem.contrast)
+    contrast = in_dtype(problem.contrast, dtype)
+    negatives = problem.negatives
+    negatives = contrast.new_zeros(0, contrast.shape[1]) if negatives is None else in_dtype(negatives, dtype)
+    return _Columns(
+        in_dtype(problem.anchor_rows, dtype),
+        contrast,
+        negatives,
+        problem.anchor_labels,
+        problem.contrast_labels,
+        problem.negative_labels,
+        problem.inv_temperature,
+        problem.false_negative_margin,
+    )
+
+
+def _block_rows(n_anchor: int, n_columns: int, device: torch.device) -> int:
+    budget = passes.block_bytes("cpu") if device.type == "cpu" else _ACCELERATOR_BLOCK_BYTES
+    return max(1, min(n_anchor, max(16, budget // (4 * max(n_columns, 1)))))
+
+
+def _block_logits(cols: _Columns, problem: Problem, start: int, stop: int):
+    """``(logits [r, Nb + M], w_batch [r, Nb], w_extra [r, M] or None)`` of anchors ``start:stop``, excluded pairs
+    at ``-inf`` (the self pair, columns beyond the margin) with weight 0."""
+    anchor = cols.anchor[start:stop]
+    rows = torch.arange(start, stop, device=anchor.device)
+    labels = cols.anchor_labels[start:stop]
+    if problem.in_batch:
+        batch = torch.mm(anchor, cols.contrast.T)
+        w_batch = torch.eq(labels[:, None], cols.contrast_labels[None, :]).to(anchor.dtype)
+    else:  # the positive's column only (contrast ids are arange(Nc): the label is the column)
+        batch = torch.linalg.vecdot(anchor, cols.contrast[labels])[:, None]
+        w_batch = anchor.new_ones(stop - start, 1)
+    n_batch = batch.shape[1]
+    logits = torch.cat([batch, torch.mm(anchor, cols.negatives.T)], 1).mul_(cols.inv_temperature)
+    del batch
+    w_extra = None
+    if cols.negative_labels is not None:
+        w_extra = torch.eq(labels[:, None], cols.negative_labels[None, :]).to(anchor.dtype)
+    if problem.self_offset is not None:
+        self_column = rows + problem.self_offset
+        logits[rows - start, self_column] = float("-inf")
+        w_batch[rows - start, self_column] = 0.0
+    if cols.margin is not None:
+        _drop_beyond_margin(logits, labels if problem.in_batch else torch.zeros_like(labels), cols)
+    return logits, w_batch, w_extra, n_batch
+
+
+def _drop_beyond_margin(logits: Tensor, positive_column: Tensor, cols: _Columns) -> None:
+    """Column j leaves row i where ``s_ij > s_i,pos + m / t`` (the margin in similarity units), the positive kept;
+    NaN scores compare false (kept: the loss stays NaN)."""
+    local = torch.arange(logits.shape[0], device=logits.device)
+    positive = logits[local, positive_column]
+    drop = logits > (positive + cols.margin * cols.inv_temperature)[:, None]
+    drop[local, positive_column] = False
+    logits.masked_fill_(drop, float("-inf"))
+
+
+def negatives_forward(problem: Problem, want_grad: bool, grad_negatives: bool):
+    """``(loss, dA, dC, dQ)``: the mean loss (compute dtype) and, with ``want_grad``, the gradients for
+    ``grad_output = 1`` of the anchor role, the batch-column role and (``grad_negatives``) the extra rows; else
+    None. When the anchors are the contrast rows, ``dA`` and ``dC`` are the two roles of that one input."""
+    cols = _columns(problem)
+    n_anchor, n_columns = cols.anchor.shape[0], cols.contrast.shape[0] + cols.negatives.shape[0]
+    total = cols.anchor.new_zeros(())
+    grad_anchor = torch.empty_like(cols.anchor) if want_grad else None
+    grad_contrast = torch.zeros_like(cols.contrast) if want_grad else None
+    grad_extra = torch.zeros_like(cols.negatives) if want_grad and grad_negatives else None
+    step = _block_rows(n_anchor, n_columns, cols.anchor.device)
+    for start in range(0, n_anchor, step):
+        stop = min(start + step, n_anchor)
+        logits, w_batch, w_extra, n_batch = _block_logits(cols, problem, start, stop)
+        lse = torch.logsumexp(logits, 1)
+        finite = torch.where(logits == float("-inf"), 0.0, logits)
+        pos_sum = torch.linalg.vecdot(w_batch, finite[:, :n_batch])
+        weight = w_batch.sum(1)
+        if w_extra is not None:
+            pos_sum = pos_sum + torch.linalg.vecdot(w_extra, finite[:, n_batch:])
+            weight = weight + w_extra.sum(1)
+        del finite
+        total = total + row_losses(pos_sum, weight, lse, problem.scale).sum()
+        if want_grad:
+            grads = (grad_anchor, grad_contrast, grad_extra)
+            _block_gradients(cols, problem, (start, stop), (logits, w_batch, w_extra, n_batch), (lse, weight), grads)
+        del logits, w_batch, w_extra
+    return total / n_anchor, grad_anchor, grad_contrast, grad_extra
+
+
+def _block_gradients(cols: _Columns, problem: Problem, span, block, stats, grads) -> None:
+    """Turn the block's logits into ``dL/ds`` in place and accumulate the three gradients (``dQ`` when asked)."""
+    (start, stop), (logits, w_batch, w_extra, n_batch), (lse, weight) = span, block, stats
+    grad_anchor, grad_contrast, grad_extra = grads
+    coef_softmax, coef_pos = grad_coefficients(weight, problem.scale)
+    factor = cols.inv_temperature / cols.anchor.shape[0]
+    lse = torch.where(lse == float("-inf"), 0.0, lse)  # (an empty row: every exp is 0)
+    dlogits = logits.sub_(lse[:, None]).exp_().mul_(coef_softmax[:, None])
+    dlogits[:, :n_batch].sub_(w_batch * coef_pos[:, None])
+    if w_extra is not None:
+        dlogits[:, n_batch:].sub_(w_extra * coef_pos[:, None])
+    dlogits.mul_(factor)
+    anchor = cols.anchor[start:stop]
+    d_batch, d_extra = dlogits[:, :n_batch], dlogits[:, n_batch:]
+    if problem.in_batch:
+        grad_anchor[start:stop] = torch.mm(d_batch, cols.contrast)
+        grad_contrast.addmm_(d_batch.T, anchor)
+    else:
+        positive = cols.anchor_labels[start:stop]
+        grad_anchor[start:stop] = d_batch * cols.contrast[positive]
+        grad_contrast.index_add_(0, positive, d_batch * anchor)
+    grad_anchor[start:stop].addmm_(d_extra, cols.negatives)
+    if grad_extra is not None:
+        grad_extra.addmm_(d_extra.T, anchor)
+
+
+class _NegativesFunction(torch.autograd.Function):
+    """The extra-column op eagerly: the loss, its gradients formed in the forward for ``grad_output = 1`` and
+    scaled in the backward. Inputs ``(anchor or None, contrast, negatives or None, problem, u or None)``; ``u`` is
+    a learnable temperature's ``1 / t`` (``dL/du = <A, dL/dA> / u``: the loss depends on the rows only through
+    ``u * A @ [C; Q].T``, the margin's mask being piecewise constant)."""
+
+    @staticmethod
+    def forward(ctx, anchor, contrast, negatives, problem, inv_temperature):
+        needs = ctx.needs_input_grad
+        grad_negatives = negatives is not None and needs[2]
+        loss, grad_anchor, grad_contrast, grad_extra = negatives_forward(problem, True, grad_negatives)
+        grad_scale = None
+        if inv_temperature is not None and needs[4]:
+            rows = in_dtype(problem.anchor_rows, grad_anchor.dtype)
+            grad_scale = torch.linalg.vecdot(rows, grad_anchor).sum() / problem.inv_temperature
+        if anchor is None:  # the anchors are the contrast rows: both roles' gradients go to the one input
+            grad_anchor, grad_contrast = None, grad_contrast.add_(grad_anchor)
+        ctx.dtypes = (None if anchor is None else anchor.dtype, contrast.dtype)
+        ctx.negatives_dtype = None if negatives is None else negatives.dtype
+        ctx.save_for_backward(grad_anchor, grad_contrast, grad_extra, grad_scale)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():  # create_graph=True: the stored first derivatives would enter as constants
+            raise RuntimeError(
+                "fastcl's chunked backend forms first derivatives only (create_graph=True would treat them as "
+                "constants); use backend='reference' for a second derivative"
+            )
+        grad_anchor, grad_contrast, grad_extra, grad_scale = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+
+        def scaled(grad, dtype, needed):
+            return in_dtype(grad * grad_loss, dtype) if needed and grad is not None else None
+
+        return (
+            scaled(grad_anchor, ctx.dtypes[0], needs[0]),
+            scaled(grad_contrast, ctx.dtypes[1], needs[1]),
+            scaled(grad_extra, ctx.negatives_dtype, needs[2]),
+            None,
+            None if grad_scale is None or not needs[4] else grad_scale * grad_loss,
+        )
+
+
+def negatives_loss(problem: Problem, want_grad: bool, inv_temperature: Optional[Tensor] = None) -> Tensor:
+    """The extra-column op eagerly (:class:`_NegativesFunction` with ``want_grad``, else the forward alone)."""
+    if inv_temperature is not None and not inv_temperature.requires_grad:
+        inv_temperature = None
+    if not want_grad:
+        return negatives_forward(problem, False, False)[0]
+    return _NegativesFunction.apply(problem.anchor, problem.contrast, problem.negatives, problem, inv_temperature)
