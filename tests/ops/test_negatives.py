@@ -337,3 +337,57 @@ def test_modules_take_negatives():
     z_a, z_b = features.unbind(1)
     expected = FF.nt_xent_loss(z_a, z_b, negatives=neg, backend="reference")
     _assert_close(fastcl.NTXentLoss()(z_a, z_b, negatives=neg), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.compile: one custom op, no graph break, the eager numbers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _compiled_cases():
+    def mnrl(q, k, neg, labels, log_scale):
+        return FF.info_nce_loss(q, k, negatives=neg, symmetric=False, logit_scale=log_scale.exp(), backend="chunked")
+
+    def moco_margin(q, k, neg, labels, log_scale):
+        return FF.info_nce_loss(q, k, negatives=neg.detach(), symmetric=False, in_batch_negatives=False,
+                                false_negative_margin=0.1, temperature=0.2, backend="chunked")  # fmt: skip
+
+    def supcon_queue(q, k, neg, labels, log_scale):
+        features = torch.stack([q, k], 1)
+        return FF.supcon_loss(features, labels, negatives=neg, negative_labels=labels.flip(0)[:1].repeat(neg.shape[0]),
+                              temperature=0.1, backend="chunked")  # fmt: skip
+
+    return {"mnrl": mnrl, "moco_margin": moco_margin, "supcon_queue": supcon_queue}
+
+
+@pytest.mark.parametrize("name", sorted(_compiled_cases()))
+def test_fullgraph_compile_matches_eager(name):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    fn = _compiled_cases()[name]
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
+    for n in (9, 13):
+        q, k, neg = _rand(n, 5, seed=120 + n), _rand(n, 5, seed=130 + n), _rand(11, 5, seed=140 + n)
+        labels = torch.arange(n) % 3
+        log_scale = torch.tensor(2.0, dtype=F64, requires_grad=True)
+        inputs = (q, k, neg, log_scale)
+        for_eager, for_graph = fn(q, k, neg, labels, log_scale), compiled(q, k, neg, labels, log_scale)
+        eager = torch.autograd.grad(for_eager, inputs, allow_unused=True, materialize_grads=True)
+        graph = torch.autograd.grad(for_graph, inputs, allow_unused=True, materialize_grads=True)
+        for a, b in zip((for_eager,) + eager, (for_graph,) + graph):
+            _assert_close(b, a)
+    assert counter.frame_count <= 2  # (a first static graph, then the dynamic one)
+
+
+def test_opcheck_extra_columns():
+    a, c, q = _rand(6, 4, seed=150), _rand(6, 4, seed=151), _rand(5, 4, seed=152)
+    ids = torch.arange(6)
+    u = torch.tensor(3.0, dtype=F64, requires_grad=True)
+    op = torch.ops.fastcl.contrastive_extra_columns
+    torch.library.opcheck(op, (a, c, q, ids, ids, None, None, u, 1.0, True, 0.1, True, True))
+    torch.library.opcheck(op, (a, c, q, ids, ids, None, None, u, 1.0, False, None, True, False))
+    labels = torch.tensor([0, 1, 0, 2, 1, 2])
+    torch.library.opcheck(op, (None, c, q, labels, labels, labels[:5], 0, u, 0.5, True, None, True, True))
+    c, q = c.detach(), q.detach()
+    torch.library.opcheck(op, (None, c, q, labels, labels, labels[:5], 0, u.detach(), 0.5, True, None, False, False))
