@@ -69,21 +69,21 @@ def _block_rows(n_anchor: int, n_columns: int, device: torch.device) -> int:
 def _block_logits(cols: _Columns, problem: Problem, start: int, stop: int):
     """``(logits [r, Nb + M], w_batch [r, Nb], w_extra [r, M] or None)`` of anchors ``start:stop``, excluded pairs
     at ``-inf`` (the self pair, columns beyond the margin) with weight 0."""
-    anchor = cols.anchor[start:stop]
-    rows = torch.arange(start, stop, device=anchor.device)
+    scaled = cols.anchor[start:stop] * cols.inv_temperature  # (1 / t on the [r, D] rows, not on the logits)
+    rows = torch.arange(start, stop, device=scaled.device)
     labels = cols.anchor_labels[start:stop]
     if problem.in_batch:
-        batch = torch.mm(anchor, cols.contrast.T)
-        w_batch = torch.eq(labels[:, None], cols.contrast_labels[None, :]).to(anchor.dtype)
+        batch = torch.mm(scaled, cols.contrast.T)
+        w_batch = torch.eq(labels[:, None], cols.contrast_labels[None, :]).to(scaled.dtype)
     else:  # the positive's column only (contrast ids are arange(Nc): the label is the column)
-        batch = torch.linalg.vecdot(anchor, cols.contrast[labels])[:, None]
-        w_batch = anchor.new_ones(stop - start, 1)
+        batch = torch.linalg.vecdot(scaled, cols.contrast[labels])[:, None]
+        w_batch = scaled.new_ones(stop - start, 1)
     n_batch = batch.shape[1]
-    logits = torch.cat([batch, torch.mm(anchor, cols.negatives.T)], 1).mul_(cols.inv_temperature)
+    logits = torch.cat([batch, torch.mm(scaled, cols.negatives.T)], 1)
     del batch
     w_extra = None
     if cols.negative_labels is not None:
-        w_extra = torch.eq(labels[:, None], cols.negative_labels[None, :]).to(anchor.dtype)
+        w_extra = torch.eq(labels[:, None], cols.negative_labels[None, :]).to(scaled.dtype)
     if problem.self_offset is not None:
         self_column = rows + problem.self_offset
         logits[rows - start, self_column] = float("-inf")
@@ -118,13 +118,10 @@ def negatives_forward(problem: Problem, want_grad: bool, grad_negatives: bool):
         stop = min(start + step, n_anchor)
         logits, w_batch, w_extra, n_batch = _block_logits(cols, problem, start, stop)
         lse = torch.logsumexp(logits, 1)
-        finite = torch.where(logits == float("-inf"), 0.0, logits)
-        pos_sum = torch.linalg.vecdot(w_batch, finite[:, :n_batch])
-        weight = w_batch.sum(1)
+        pos_sum, weight = _positive_sums(logits[:, :n_batch], w_batch)
         if w_extra is not None:
-            pos_sum = pos_sum + torch.linalg.vecdot(w_extra, finite[:, n_batch:])
-            weight = weight + w_extra.sum(1)
-        del finite
+            extra_sum, extra_weight = _positive_sums(logits[:, n_batch:], w_extra)
+            pos_sum, weight = pos_sum + extra_sum, weight + extra_weight
         total = total + row_losses(pos_sum, weight, lse, problem.scale).sum()
         if want_grad:
             grads = (grad_anchor, grad_contrast, grad_extra)
@@ -133,18 +130,28 @@ def negatives_forward(problem: Problem, want_grad: bool, grad_negatives: bool):
     return total / n_anchor, grad_anchor, grad_contrast, grad_extra
 
 
+def _positive_sums(logits: Tensor, w: Tensor):
+    """``(sum_j w_ij s_ij, sum_j w_ij)`` per row, excluded (``-inf``) entries, whose weight is 0, counted as 0."""
+    finite = torch.where(logits == float("-inf"), 0.0, logits)
+    return torch.linalg.vecdot(w, finite), w.sum(1)
+
+
 def _block_gradients(cols: _Columns, problem: Problem, span, block, stats, grads) -> None:
     """Turn the block's logits into ``dL/ds`` in place and accumulate the three gradients (``dQ`` when asked)."""
     (start, stop), (logits, w_batch, w_extra, n_batch), (lse, weight) = span, block, stats
     grad_anchor, grad_contrast, grad_extra = grads
     coef_softmax, coef_pos = grad_coefficients(weight, problem.scale)
-    factor = cols.inv_temperature / cols.anchor.shape[0]
-    lse = torch.where(lse == float("-inf"), 0.0, lse)  # (an empty row: every exp is 0)
-    dlogits = logits.sub_(lse[:, None]).exp_().mul_(coef_softmax[:, None])
+    factor = cols.inv_temperature / cols.anchor.shape[0]  # dL/d(a . c) = dL/ds / t, and the mean's 1 / Na
+    coef_softmax, coef_pos = coef_softmax.mul_(factor), coef_pos.mul_(factor)
+    if problem.self_offset is not None and logits.shape[1] <= 1:  # a row may have no column: every exp is 0
+        lse = torch.where(lse == float("-inf"), 0.0, lse)
+        dlogits = logits.sub_(lse[:, None]).exp_()
+    else:  # one fused pass over the block
+        dlogits = torch.softmax(logits, 1)
+    dlogits.mul_(coef_softmax[:, None])
     dlogits[:, :n_batch].sub_(w_batch * coef_pos[:, None])
     if w_extra is not None:
         dlogits[:, n_batch:].sub_(w_extra * coef_pos[:, None])
-    dlogits.mul_(factor)
     anchor = cols.anchor[start:stop]
     d_batch, d_extra = dlogits[:, :n_batch], dlogits[:, n_batch:]
     if problem.in_batch:
