@@ -4,7 +4,7 @@ extra-column pass (``info_nce_loss(q, k, negatives=queue, symmetric=False)``) ag
 
     pytest benches/test_negatives.py --benchmark-only                       # CUDA if present, else CPU
     FASTCL_BENCH_QUICK=1 pytest benches/test_negatives.py --benchmark-only  # N, M = (256, 4096), (1024, 16384)
-    FASTCL_BENCH_NM=4096x65536 pytest benches/test_negatives.py --benchmark-only
+    FASTCL_BENCH_NM=4096x65536 FASTCL_BENCH_DTYPE=bf16 pytest benches/test_negatives.py --benchmark-only
 
 Grid: queue M = 4,096 .. 65,536, batch N = 256 .. 4,096. The queue is detached (a MoCo queue), queries and keys
 require grad. Recorded per case (``extra_info``): peak memory of one fwd+bwd beyond the inputs (CPU: peak RSS
@@ -30,6 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 DIM, TEMPERATURE = 128, 0.07
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QUICK = os.environ.get("FASTCL_BENCH_QUICK", "") not in ("", "0")
+DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+    os.environ.get("FASTCL_BENCH_DTYPE", "fp32")
+]
 IMPLS = ("fastcl", "dense")
 
 
@@ -44,9 +47,9 @@ def _grid():
 
 def _inputs(n, m, device):
     g = torch.Generator().manual_seed(0)
-    query = F.normalize(torch.randn(n, DIM, generator=g), dim=1).to(device).requires_grad_()
-    key = F.normalize(torch.randn(n, DIM, generator=g), dim=1).to(device).requires_grad_()
-    queue = F.normalize(torch.randn(m, DIM, generator=g), dim=1).to(device)
+    query = F.normalize(torch.randn(n, DIM, generator=g), dim=1).to(device, DTYPE).requires_grad_()
+    key = F.normalize(torch.randn(n, DIM, generator=g), dim=1).to(device, DTYPE).requires_grad_()
+    queue = F.normalize(torch.randn(m, DIM, generator=g), dim=1).to(device, DTYPE)
     return query, key, queue
 
 
@@ -132,7 +135,9 @@ def test_info_nce_with_queue(benchmark, impl, n, m):
     benchmark.pedantic(_step, args=(impl, *tensors), rounds=rounds, iterations=1)
     floor = (6.0 * n * m * DIM + 6.0 * n * n * DIM) / rate
     median = benchmark.stats.stats.median
-    info = dict(device=DEVICE, impl=impl, n=n, m=m, d=DIM, dtype="fp32", gemm_rate_flops=rate, floor_s=floor)
+    info = dict(
+        device=DEVICE, impl=impl, n=n, m=m, d=DIM, dtype=str(DTYPE).split(".")[-1], gemm_rate_flops=rate, floor_s=floor
+    )
     info.update(time_over_floor=median / floor, peak_bytes=_peak_bytes(impl, n, m))
     benchmark.extra_info.update(info)
     print(json.dumps(info))
