@@ -391,3 +391,25 @@ def test_opcheck_extra_columns():
     torch.library.opcheck(op, (None, c, q, labels, labels, labels[:5], 0, u, 0.5, True, None, True, True))
     c, q = c.detach(), q.detach()
     torch.library.opcheck(op, (None, c, q, labels, labels, labels[:5], 0, u.detach(), 0.5, True, None, False, False))
+
+
+def test_triton_backend_routes_to_the_extra_column_pass():
+    q, k, neg = _rand(9, 4, seed=160), _rand(9, 4, seed=161), _rand(6, 4, seed=162)
+    expected = FF.info_nce_loss(q, k, negatives=neg, symmetric=False, backend="reference")
+    _assert_close(FF.info_nce_loss(q, k, negatives=neg, symmetric=False, backend="triton"), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_inputs_against_float64(dtype):
+    q, k, neg = _rand(33, 16, seed=170), _rand(33, 16, seed=171), _rand(50, 16, seed=172)
+    low = [t.detach().to(dtype).requires_grad_() for t in (q, k, neg)]
+    loss = FF.info_nce_loss(*low[:2], negatives=low[2], symmetric=False, temperature=0.1)
+    grads = torch.autograd.grad(loss, low)
+    exact = [t.detach().to(dtype).to(F64).requires_grad_() for t in (q, k, neg)]
+    ref = FF.info_nce_loss(*exact[:2], negatives=exact[2], symmetric=False, temperature=0.1, backend="reference")
+    ref_grads = torch.autograd.grad(ref, exact)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) <= tol * abs(ref.item())
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        assert (g.to(F64) - r).abs().max().item() <= tol * r.abs().max().item()
