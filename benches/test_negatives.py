@@ -136,7 +136,14 @@ def test_info_nce_with_queue(benchmark, impl, n, m):
     floor = (6.0 * n * m * DIM + 6.0 * n * n * DIM) / rate
     median = benchmark.stats.stats.median
     info = dict(
-        device=DEVICE, implementation=impl, n=n, m=m, d=DIM, dtype=str(DTYPE).split(".")[-1], gemm_rate_flops=rate, floor_s=floor
+        device=DEVICE,
+        implementation=impl,
+        n=n,
+        m=m,
+        d=DIM,
+        dtype=str(DTYPE).split(".")[-1],
+        gemm_rate_flops=rate,
+        floor_s=floor,
     )
     info.update(time_over_floor=median / floor, peak_bytes=_peak_bytes(impl, n, m))
     benchmark.extra_info.update(info)

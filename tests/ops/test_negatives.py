@@ -413,3 +413,19 @@ def test_low_precision_inputs_against_float64(dtype):
     for g, r in zip(grads, ref_grads):
         assert g.dtype == dtype
         assert (g.to(F64) - r).abs().max().item() <= tol * r.abs().max().item()
+
+
+def test_a_row_without_columns_has_loss_zero_and_finite_gradients():
+    features = _rand(1, 1, 3, seed=180)
+    empty = torch.zeros(0, 3, dtype=F64)
+    loss = FF.supcon_loss(
+        features, torch.tensor([2]), negatives=empty, negative_labels=torch.zeros(0, dtype=torch.long)
+    )
+    (grad,) = torch.autograd.grad(loss, [features])
+    assert loss.item() == 0.0 and torch.isfinite(grad).all()
+    one = _rand(1, 3, seed=181)
+    loss = FF.supcon_loss(features, torch.tensor([2]), negatives=one, negative_labels=torch.tensor([2]))
+    expected = FF.supcon_loss(features, torch.tensor([2]), negatives=one, negative_labels=torch.tensor([2]),
+                              backend="reference")  # fmt: skip
+    _assert_close(loss, expected)
+    assert loss.item() == 0.0  # its one column is its positive: log softmax = 0
