@@ -429,3 +429,17 @@ def test_a_row_without_columns_has_loss_zero_and_finite_gradients():
                               backend="reference")  # fmt: skip
     _assert_close(loss, expected)
     assert loss.item() == 0.0  # its one column is its positive: log softmax = 0
+
+
+def test_supcon_learnable_temperature_gradient_matches_reference():
+    features, queue = _rand(10, 2, 4, seed=190), _rand(12, 4, seed=191)
+    labels, queue_labels = torch.arange(10) % 3, torch.arange(12) % 4
+    grads = []
+    for backend in ("chunked", "reference"):
+        t = torch.tensor(0.2, dtype=F64, requires_grad=True)
+        loss = FF.supcon_loss(features, labels, temperature=t, base_temperature=0.1, negatives=queue,
+                              negative_labels=queue_labels, backend=backend)  # fmt: skip
+        grads.append(torch.autograd.grad(loss, [t, features, queue]))
+    for a, b in zip(*grads):
+        _assert_close(a, b)
+    assert grads[0][0].abs().item() > 1e-3
