@@ -28,6 +28,7 @@ def _cases(world):
     cases = {}
     for counts_name, counts in (("uneven", uneven), ("empty", with_empty)):
         cases[f"supcon-queue-{counts_name}"] = dict(kind="supcon", counts=counts)
+        cases[f"ntxent-queue-{counts_name}"] = dict(kind="ntxent", counts=counts)
         cases[f"mnrl-{counts_name}"] = dict(kind="infonce", counts=counts, extra=dict())
         cases[f"moco-margin-{counts_name}"] = dict(
             kind="infonce", counts=counts, extra=dict(in_batch_negatives=False, false_negative_margin=0.2)
@@ -63,6 +64,11 @@ def _loss(spec, inputs, gather, group=None, backend="auto", rows=None):
         loss = FF.supcon_loss(x, labels, temperature=0.3, base_temperature=0.2, normalize=True, negatives=neg,
                               negative_labels=inputs["negative_labels"], gather_distributed=gather, group=group,
                               backend=backend)  # fmt: skip
+        return loss, (x, neg)
+    if spec["kind"] == "ntxent":
+        x = rows.get("x", inputs["x"]).clone().requires_grad_()
+        loss = FF.nt_xent_loss(x[:, 0], x[:, 1], temperature=0.4, negatives=neg, gather_distributed=gather,
+                               group=group, backend=backend)  # fmt: skip
         return loss, (x, neg)
     query = rows.get("query", inputs["query"]).clone().requires_grad_()
     key = rows.get("key", inputs["key"]).clone().requires_grad_()
