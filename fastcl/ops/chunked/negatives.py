@@ -67,8 +67,9 @@ def _block_rows(n_anchor: int, n_columns: int, device: torch.device) -> int:
 
 
 def _block_logits(cols: _Columns, problem: Problem, start: int, stop: int):
-    """``(logits [r, Nb + M], w_batch [r, Nb], w_extra [r, M] or None)`` of anchors ``start:stop``, excluded pairs
-    at ``-inf`` (the self pair, columns beyond the margin) with weight 0."""
+    """``(logits [r, Nb + M], w_batch [r, Nb], w_extra [r, M] or None, Nb)`` of anchors ``start:stop`` (``Nb = Nc``,
+    or 1 with ``in_batch=False``), excluded pairs at ``-inf`` (the self pair, columns beyond the margin) with
+    weight 0."""
     scaled = cols.anchor[start:stop] * cols.inv_temperature  # (1 / t on the [r, D] rows, not on the logits)
     rows = torch.arange(start, stop, device=scaled.device)
     labels = cols.anchor_labels[start:stop]
