@@ -118,16 +118,17 @@ def negatives_forward(problem: Problem, want_grad: bool, grad_negatives: bool):
     for start in range(0, n_anchor, step):
         stop = min(start + step, n_anchor)
         logits, w_batch, w_extra, n_batch = _block_logits(cols, problem, start, stop)
-        lse = torch.logsumexp(logits, 1)
         pos_sum, weight = _positive_sums(logits[:, :n_batch], w_batch)
         if w_extra is not None:
             extra_sum, extra_weight = _positive_sums(logits[:, n_batch:], w_extra)
             pos_sum, weight = pos_sum + extra_sum, weight + extra_weight
+        exps, sums, lse = _exponentials(logits)
+        del logits
         total = total + row_losses(pos_sum, weight, lse, problem.scale).sum()
         if want_grad:
             grads = (grad_anchor, grad_contrast, grad_extra)
-            _block_gradients(cols, problem, (start, stop), (logits, w_batch, w_extra, n_batch), (lse, weight), grads)
-        del logits, w_batch, w_extra
+            _block_gradients(cols, problem, (start, stop), (exps, w_batch, w_extra, n_batch), (sums, weight), grads)
+        del exps, w_batch, w_extra
     return total / n_anchor, grad_anchor, grad_contrast, grad_extra
 
 
@@ -137,19 +138,26 @@ def _positive_sums(logits: Tensor, w: Tensor):
     return torch.linalg.vecdot(w, finite), w.sum(1)
 
 
+def _exponentials(logits: Tensor):
+    """``(exps, sums, lse)``: ``exp(s_ij - max_i)`` in place of the logits, their row sums, and the row
+    log-sum-exp (``-inf`` for a row with no column; its exps and sum are 0)."""
+    row_max = logits.amax(1)
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    exps = logits.sub_(shift[:, None]).exp_()
+    sums = exps.sum(1)
+    return exps, sums, shift + torch.log(sums)
+
+
 def _block_gradients(cols: _Columns, problem: Problem, span, block, stats, grads) -> None:
-    """Turn the block's logits into ``dL/ds`` in place and accumulate the three gradients (``dQ`` when asked)."""
-    (start, stop), (logits, w_batch, w_extra, n_batch), (lse, weight) = span, block, stats
+    """Turn the block's exps into ``dL/ds`` in place and accumulate the three gradients (``dQ`` when asked)."""
+    (start, stop), (exps, w_batch, w_extra, n_batch), (sums, weight) = span, block, stats
     grad_anchor, grad_contrast, grad_extra = grads
     coef_softmax, coef_pos = grad_coefficients(weight, problem.scale)
     factor = cols.inv_temperature / cols.anchor.shape[0]  # dL/d(a . c) = dL/ds / t, and the mean's 1 / Na
-    coef_softmax, coef_pos = coef_softmax.mul_(factor), coef_pos.mul_(factor)
-    if problem.self_offset is not None and logits.shape[1] <= 1:  # a row may have no column: every exp is 0
-        lse = torch.where(lse == float("-inf"), 0.0, lse)
-        dlogits = logits.sub_(lse[:, None]).exp_()
-    else:  # one fused pass over the block
-        dlogits = torch.softmax(logits, 1)
-    dlogits.mul_(coef_softmax[:, None])
+    coef_pos = coef_pos.mul_(factor)
+    # softmax = exps / sums: one pass turns the exps into the softmax part of dL/ds (a row with no column: 0)
+    row_factor = torch.where(sums == 0, 0.0, coef_softmax.mul_(factor) / sums)
+    dlogits = exps.mul_(row_factor[:, None])
     dlogits[:, :n_batch].sub_(w_batch * coef_pos[:, None])
     if w_extra is not None:
         dlogits[:, n_batch:].sub_(w_extra * coef_pos[:, None])
