@@ -87,12 +87,11 @@ def contrastive_loss(
         normalize: L2-normalise the rows of ``anchor`` and ``contrast`` first (``F.normalize(x, dim=-1)``). The eager
             chunked backend folds it into its autograd node for fp32 / float64 inputs (its Jacobian applied to the
             gradients formed in the forward: no autograd graph of its own); elsewhere ``F.normalize`` runs first.
-
-    negatives, negative_labels, in_batch, false_negative_margin: contrast columns beyond the batch and the
-        false-negative margin (:class:`~fastcl.ops.problem.Problem`; one-way only). Every backend takes them through
-        the chunked extra-column pass (:mod:`fastcl.ops.chunked.negatives`, on the inputs' device: block rows x
-        ``(Nc + M)`` at a time, no ``Na x (Nc + M)`` matrix); the Triton kernels do not take the second column range
-        yet, so ``backend='triton'`` runs that pass too. ``normalize`` normalises ``negatives`` as well.
+        negatives, negative_labels, in_batch, false_negative_margin: contrast columns beyond the batch and the margin
+            (:class:`~fastcl.ops.problem.Problem`; one-way only). Every backend takes them through the chunked
+            extra-column pass (:mod:`fastcl.ops.chunked.negatives`, on the inputs' device: block rows x
+            ``(Nc + M)`` at a time, no ``Na x (Nc + M)`` matrix); the Triton kernels do not take the second column
+            range yet, so ``backend='triton'`` runs that pass too. ``normalize`` normalises ``negatives`` as well.
 
     Both backends run as one ``torch.ops.fastcl`` custom op while compiling (:mod:`fastcl.ops.custom_ops`), so
     ``torch.compile(fullgraph=True)`` traces the loss as a single node with symbolic sizes.
