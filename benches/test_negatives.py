@@ -8,7 +8,8 @@ extra-column pass (``info_nce_loss(q, k, negatives=queue, symmetric=False)``) ag
 
 Grid: queue M = 4,096 .. 65,536, batch N = 256 .. 4,096. The queue is detached (a MoCo queue), queries and keys
 require grad. Recorded per case (``extra_info``): peak memory of one fwd+bwd beyond the inputs (CPU: peak RSS
-growth of a fresh process, ``python benches/test_negatives.py --peak IMPL N M``; CUDA: ``max_memory_allocated``),
+growth of a fresh process, ``python benches/test_negatives.py --peak IMPL N M``, gradients included; CUDA:
+``max_memory_allocated`` after a first call),
 the floor ``(6 N M D + 6 N^2 D) / R`` with ``R`` the square-sgemm rate measured in the same run (the flop count of
 forward, recompute and query gradient over the queue columns plus the full batch), and time / floor.
 """
@@ -105,9 +106,10 @@ def _peak_bytes(impl, n, m):
 
 
 def _peak_here(impl, n, m):
-    """In a fresh process: the VmHWM growth of one fwd+bwd after a first call (CPU)."""
+    """In a fresh process: the VmHWM growth of one fwd+bwd beyond its inputs (CPU), after a small call of the same
+    implementation has loaded its libraries."""
+    _step(impl, *_inputs(64, 64, "cpu"))
     tensors = _inputs(n, m, "cpu")
-    _step(impl, *tensors)
 
     def status(field):
         with open("/proc/self/status") as f:
