@@ -443,3 +443,22 @@ def test_supcon_learnable_temperature_gradient_matches_reference():
     for a, b in zip(*grads):
         _assert_close(a, b)
     assert grads[0][0].abs().item() > 1e-3
+
+
+def test_torch_func_grad_through_negatives():
+    q, k, neg = _rand(8, 4, seed=200, grad=False), _rand(8, 4, seed=201, grad=False), _rand(5, 4, seed=202, grad=False)
+
+    def loss(q, neg, backend):
+        return FF.info_nce_loss(q, k, negatives=neg, symmetric=False, false_negative_margin=0.3, backend=backend)
+
+    ours = torch.func.grad(loss, argnums=(0, 1))(q, neg, "chunked")
+    expected = torch.func.grad(loss, argnums=(0, 1))(q, neg, "reference")
+    for a, b in zip(ours, expected):
+        _assert_close(a, b)
+
+
+def test_create_graph_is_refused():
+    q, k, neg = _rand(6, 3, seed=210), _rand(6, 3, seed=211), _rand(4, 3, seed=212)
+    loss = FF.info_nce_loss(q, k, negatives=neg, symmetric=False)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(loss, [q], create_graph=True)

@@ -26,6 +26,8 @@ from fastcl.ops.problem import Problem, compute_dtype, grad_coefficients, in_dty
 
 Tensor = torch.Tensor
 
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
 # Bytes of one block's logits on an accelerator: the block's few [rows, Nc + M] temporaries stay a few times this
 # (at Nc + M = 69,632 that is 120 rows, still a full-width GEMM on a GPU); on CPU the chunked backend's budget.
 _ACCELERATOR_BLOCK_BYTES = 32 * 1024 * 1024
@@ -176,47 +178,47 @@ def _block_gradients(cols: _Columns, problem: Problem, span, block, stats, grads
 
 
 class _NegativesFunction(torch.autograd.Function):
-    """The extra-column op eagerly: the loss, its gradients formed in the forward for ``grad_output = 1`` and
-    scaled in the backward. Inputs ``(anchor or None, contrast, negatives or None, problem, u or None)``; ``u`` is
-    a learnable temperature's ``1 / t`` (``dL/du = <A, dL/dA> / u``: the loss depends on the rows only through
-    ``u * A @ [C; Q].T``, the margin's mask being piecewise constant)."""
+    """The extra-column op eagerly (the setup_context form, so ``torch.func`` transforms take it too): outputs
+    ``(loss, dA, dC, dQ, dL/du)``, the gradients formed in the forward for ``grad_output = 1`` and scaled in the
+    backward (``dA`` empty when the anchors are the contrast rows, ``dQ`` empty unless ``grad_negatives``, ``dL/du``
+    empty without ``inv_temperature``). Inputs ``(anchor or None, contrast, negatives or None, problem, u or None,
+    grad_negatives)``; ``u`` is a learnable temperature's ``1 / t`` (``dL/du = <A, dL/dA> / u``: the loss depends
+    on the rows only through ``u * A @ [C; Q].T``, the margin's mask being piecewise constant)."""
 
     @staticmethod
-    def forward(ctx, anchor, contrast, negatives, problem, inv_temperature):
-        needs = ctx.needs_input_grad
-        grad_negatives = negatives is not None and needs[2]
+    def forward(anchor, contrast, negatives, problem, inv_temperature, grad_negatives):
+        problem = problem._replace(anchor=anchor, contrast=contrast, negatives=negatives)  # (as a transform hands them)
         loss, grad_anchor, grad_contrast, grad_extra = negatives_forward(problem, True, grad_negatives)
-        grad_scale = None
-        if inv_temperature is not None and needs[4]:
+        grad_scale = grad_contrast.new_empty(0)
+        if inv_temperature is not None:
             rows = in_dtype(problem.anchor_rows, grad_anchor.dtype)
             grad_scale = torch.linalg.vecdot(rows, grad_anchor).sum() / problem.inv_temperature
         if anchor is None:  # the anchors are the contrast rows: both roles' gradients go to the one input
-            grad_anchor, grad_contrast = None, grad_contrast.add_(grad_anchor)
-        ctx.dtypes = (None if anchor is None else anchor.dtype, contrast.dtype)
-        ctx.negatives_dtype = None if negatives is None else negatives.dtype
-        ctx.save_for_backward(grad_anchor, grad_contrast, grad_extra, grad_scale)
-        return loss
+            grad_anchor, grad_contrast = grad_contrast.new_empty(0), grad_contrast.add_(grad_anchor)
+        grad_extra = grad_contrast.new_empty(0) if grad_extra is None else grad_extra
+        return loss, grad_anchor, grad_contrast, grad_extra, grad_scale
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        if torch.is_grad_enabled():  # create_graph=True: the stored first derivatives would enter as constants
+    def setup_context(ctx, inputs, output):
+        ctx.dtypes = tuple(None if x is None else x.dtype for x in inputs[:3])
+        ctx.save_for_backward(*output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_grad_outputs):
+        if torch.is_grad_enabled() and not _FUNCTORCH_ACTIVE():  # create_graph=True: would treat them as constants
             raise RuntimeError(
                 "fastcl's chunked backend forms first derivatives only (create_graph=True would treat them as "
                 "constants); use backend='reference' for a second derivative"
             )
-        grad_anchor, grad_contrast, grad_extra, grad_scale = ctx.saved_tensors
         needs = ctx.needs_input_grad
-
-        def scaled(grad, dtype, needed):
-            return in_dtype(grad * grad_loss, dtype) if needed and grad is not None else None
-
-        return (
-            scaled(grad_anchor, ctx.dtypes[0], needs[0]),
-            scaled(grad_contrast, ctx.dtypes[1], needs[1]),
-            scaled(grad_extra, ctx.negatives_dtype, needs[2]),
-            None,
-            None if grad_scale is None or not needs[4] else grad_scale * grad_loss,
-        )
+        out = [None] * 6
+        for index, grad in enumerate(ctx.saved_tensors[:3]):
+            if needs[index] and grad.dim() == 2:
+                out[index] = in_dtype(grad * grad_loss, ctx.dtypes[index])
+        grad_scale = ctx.saved_tensors[3]
+        out[4] = grad_scale * grad_loss if needs[4] and grad_scale.dim() == 0 else None
+        return tuple(out)
 
 
 def negatives_loss(problem: Problem, want_grad: bool, inv_temperature: Optional[Tensor] = None) -> Tensor:
@@ -225,4 +227,7 @@ def negatives_loss(problem: Problem, want_grad: bool, inv_temperature: Optional[
         inv_temperature = None
     if not want_grad:
         return negatives_forward(problem, False, False)[0]
-    return _NegativesFunction.apply(problem.anchor, problem.contrast, problem.negatives, problem, inv_temperature)
+    negatives = problem.negatives
+    grad_negatives = negatives is not None and negatives.requires_grad
+    args = (problem.anchor, problem.contrast, negatives, problem, inv_temperature, grad_negatives)
+    return _NegativesFunction.apply(*args)[0]
