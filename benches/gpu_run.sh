@@ -23,6 +23,9 @@
 #   sweep     FASTCL_BENCH_QUICK=1 pytest benches/test_losses.py (FASTCL_TRITON_AUTOTUNE=0) -> sweep.json
 #   clip      FASTCL_BENCH_QUICK=1 pytest benches/test_clip_scale.py: learnable-scale CLIP loss, fastcl (Triton,
 #             chunked) against open_clip's ClipLoss (skipped where open_clip_torch is not installed)  -> clip.json
+#   negatives FASTCL_BENCH_NM=4096x65536 FASTCL_BENCH_DTYPE=bf16 pytest benches/test_negatives.py: InfoNCE with a
+#             queue (N = 4096, M = 65536, fwd+bwd), fastcl's extra-column pass against the dense formula on the
+#             same card, time and max_memory_allocated                                    -> negatives.json
 #   report    benches/report.py                                                  -> report.md, bench-*.png
 # At the end everything is packed into $OUT/gpu_run.tar.gz; summary.txt and report.md stay beside it
 # (FASTCL_GPU_KEEP_LOOSE=0 removes the loose files, for transports that take few files).
@@ -176,6 +179,8 @@ else
         "${BENCH[@]}" benches/test_losses.py --benchmark-json "$OUT/sweep.json"
     stage clip 60 env FASTCL_TRITON_AUTOTUNE=0 FASTCL_BENCH_QUICK=1 \
         "${BENCH[@]}" benches/test_clip_scale.py --benchmark-json "$OUT/clip.json"
+    stage negatives 60 env FASTCL_BENCH_NM=4096x65536 FASTCL_BENCH_DTYPE=bf16 \
+        "${BENCH[@]}" benches/test_negatives.py --benchmark-json "$OUT/negatives.json"
 fi
 
 # ---- report ---------------------------------------------------------------------------------------------------

@@ -195,3 +195,32 @@ def check_label_indices(labels: torch.Tensor, n_query: int, n_key: int, device: 
     if lo < 0 or hi >= n_key:
         raise ValueError(f"labels must index keys in [0, {n_key}), got values in [{lo}, {hi}]")
     return labels
+
+
+def check_negatives(negatives, like: torch.Tensor, like_name: str):
+    """Extra contrast rows ``[M, D]`` (M >= 0) with ``like``'s dtype, device and feature dim ``D``; None passes."""
+    if negatives is None:
+        return None
+    check_embeddings("negatives", negatives, allow_empty=True)
+    check_same_kind(like_name, like, "negatives", negatives)
+    return negatives
+
+
+def check_negative_labels(negative_labels, negatives, device: torch.device, allow_float: bool = False):
+    """``negative_labels [M]`` for ``negatives [M, D]`` (None passes); an error without ``negatives``."""
+    if negative_labels is None:
+        return None
+    if negatives is None:
+        raise ValueError("negative_labels were given without negatives: pass negatives [M, D] with them")
+    return check_labels("negative_labels", negative_labels, negatives.shape[0], device, allow_float=allow_float)
+
+
+def check_margin(margin):
+    """A false-negative margin: None or a finite real number (a similarity difference)."""
+    if margin is None:
+        return None
+    if isinstance(margin, (bool, torch.Tensor)) or not isinstance(margin, numbers.Real):
+        raise TypeError(f"false_negative_margin must be a real number or None, got {type(margin).__name__}")
+    if not math.isfinite(float(margin)):
+        raise ValueError(f"false_negative_margin must be finite, got {margin}")
+    return float(margin)

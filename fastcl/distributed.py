@@ -341,6 +341,8 @@ def supcon_loss_distributed(
     normalize: bool = False,
     backend: str = "auto",
     group=None,
+    negatives: Optional[torch.Tensor] = None,
+    negative_labels: Optional[torch.Tensor] = None,
     _error: Optional[BaseException] = None,
     _what: str = "supcon_loss(gather_distributed=True)",
 ) -> torch.Tensor:
@@ -349,6 +351,13 @@ def supcon_loss_distributed(
     ``features [b_r, n_views, ...]`` and ``labels [b_r]`` are this rank's; ``b_r`` may differ between ranks and be 0.
     Without labels (SimCLR) samples get globally unique ids. ``mask`` is an error (it relates only one rank's
     samples: pass labels). See the module docstring for the scaling of the returned loss.
+
+    ``negatives [M, D]`` (``negative_labels [M]``) are extra columns shared by every rank (a queue that holds the
+    same rows on every rank, :class:`fastcl.MemoryQueue` with ``gather_distributed=True``; every rank must pass
+    the same M): each rank scores its anchors against all ranks' rows plus these, so with the scaling below the
+    mean over ranks is still the single-process loss. Negatives that require grad (computed on every rank from
+    the same inputs) get, on rank r, ``dloss_r/dQ = (W / Na) sum_{i on rank r} dloss_i/dQ``: their average over
+    ranks (DDP's) is the single-process gradient, their sum W times it.
     """
     rank, world = _rank_and_world(group)
 
@@ -369,19 +378,21 @@ def supcon_loss_distributed(
         if world > 1:
             _check_device("features", feats, group)
         lab = None if labels is None else V.check_labels("labels", labels, feats.shape[0], feats.device)
-        return feats, lab
+        return (feats, lab) + _checked_shared_negatives(negatives, negative_labels, labels, feats)
 
     def fields_of(checked):
-        feats, lab = checked
+        feats, lab, neg, neg_lab = checked
         bsz, views, dim = feats.shape[0], feats.shape[1], feats.shape[2]
         fields = dict(dtype=_dtype_code(feats.dtype), views=views, dim=dim, labels=int(lab is not None))
+        fields.update(negatives=-1 if neg is None else neg.shape[0], negative_labels=int(neg_lab is not None))
         return dict(fields, mode=int(contrast_mode == "one"), bsz=bsz)
 
-    (feats, lab), rows = _handshake(check, fields_of, _SUPCON_AGREEMENT, _what, group, world)
+    (feats, lab, neg, neg_lab), rows = _handshake(check, fields_of, _SUPCON_AGREEMENT, _what, group, world)
     counts = [row["bsz"] for row in rows]  # samples per rank
     n_views, bsz = feats.shape[1], feats.shape[0]
     if normalize:
         feats = F.normalize(feats, dim=-1)
+        neg = None if neg is None else F.normalize(neg, dim=-1)
     local = _layout.view_major(feats)  # row v * b_r + i is view v of sample i
     contrast = _gather_with_grad(local, [n_views * c for c in counts], rank, group)
     if lab is not None:
@@ -391,7 +402,7 @@ def supcon_loss_distributed(
     contrast_labels = _layout.view_major_labels(sample_ids, n_views, counts)
     n_anchor = _layout.anchor_count(contrast_mode, bsz, n_views)
     if n_anchor == 0:
-        return _connected_zero(contrast, temperature, base_temperature)
+        return _connected_zero(contrast, temperature, base_temperature, neg)
     row_offset = n_views * sum(counts[:rank])  # this rank's block in the contrast set; anchor i is row offset + i
     loss = contrastive_loss(
         local.narrow(0, 0, n_anchor),
@@ -403,8 +414,18 @@ def supcon_loss_distributed(
         temperature=temperature,
         scale=1.0 if base_temperature is temperature else temperature / base_temperature,  # (NT-Xent: exactly 1)
         backend=backend,
+        negatives=neg,
+        negative_labels=neg_lab,
     )
     return _rank_share(loss, world, n_anchor, _layout.anchor_count(contrast_mode, sum(counts), n_views))
+
+
+def _checked_shared_negatives(negatives, negative_labels, labels, feats):
+    """``(negatives, negative_labels)`` of :func:`supcon_loss_distributed` checked against ``feats [b, v, D]``."""
+    if negative_labels is not None and labels is None:
+        raise ValueError("negative_labels need labels (the classes they are compared with); pass labels [bsz]")
+    neg = V.check_negatives(negatives, feats[:, 0], "features")
+    return neg, V.check_negative_labels(negative_labels, neg, feats.device)
 
 
 def _describe_supcon(row):
@@ -417,10 +438,21 @@ def _describe_supcon(row):
 
 
 _SUPCON_AGREEMENT = _Agreement(
-    {"op": _OP_SUPCON, "dtype": -1, "views": -1, "dim": -1, "labels": -1, "mode": -1, "bsz": -1},
-    ["op", "dtype", "views", "dim", "labels", "mode"],
+    {
+        "op": _OP_SUPCON,
+        "dtype": -1,
+        "views": -1,
+        "dim": -1,
+        "labels": -1,
+        "mode": -1,
+        "bsz": -1,
+        "negatives": -1,
+        "negative_labels": -1,
+    },  # fmt: skip
+    ["op", "dtype", "views", "dim", "labels", "mode", "negatives", "negative_labels"],
     "every rank must pass features [b_r, n_views, dim] with the same n_views, dim and dtype (b_r may differ, "
-    "0 included), labels on all ranks or on none, and the same contrast_mode",
+    "0 included), labels on all ranks or on none, the same contrast_mode, and the same number of negatives "
+    "(the shared queue) with labels on all ranks or on none",
     _describe_supcon,
 )
 
@@ -433,6 +465,7 @@ def nt_xent_loss_distributed(
     normalize: bool = True,
     backend: str = "auto",
     group=None,
+    negatives: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`fastcl.functional.nt_xent_loss` over the global batch: ``z_a, z_b [b_r, D]`` per rank (b_r may be 0)."""
 
@@ -454,6 +487,7 @@ def nt_xent_loss_distributed(
         normalize=normalize,
         backend=backend,
         group=group,
+        negatives=negatives,
         _error=error,
         _what="nt_xent_loss(gather_distributed=True)",
     )
@@ -470,6 +504,9 @@ def info_nce_loss_distributed(
     backend: str = "auto",
     group=None,
     _contrast_grad: bool = True,
+    negatives: Optional[torch.Tensor] = None,
+    in_batch_negatives: bool = True,
+    false_negative_margin: Optional[float] = None,
 ) -> torch.Tensor:
     """:func:`fastcl.functional.info_nce_loss` with this rank's queries against the keys of all ranks.
 
@@ -479,21 +516,23 @@ def info_nce_loss_distributed(
     default pairing) adds this rank's keys against the queries of all ranks; query and key then travel in one
     all-gather. ``_contrast_grad=False`` (open_clip's ``local_loss=True, gather_with_grad=False``): the gathered
     rows are constants, so each rank's gradient comes from its own anchors only.
+
+    ``negatives`` / ``in_batch_negatives`` / ``false_negative_margin`` (``symmetric=False``): extra keys shared by
+    every rank (the same M rows on every rank, a global queue), the batch columns being all ranks' keys; the
+    scaling and the gradient of negatives that require grad are those of :func:`supcon_loss_distributed`.
     """
     rank, world = _rank_and_world(group)
     what = "info_nce_loss(gather_distributed=True)"
+    extra = negatives is not None or not in_batch_negatives or false_negative_margin is not None
 
     def check():
-        return _checked_info_nce_inputs(query, key, labels, temperature, symmetric, backend, group, world)
+        lab = _checked_info_nce_inputs(query, key, labels, temperature, symmetric, backend, group, world)
+        return (lab,) + _checked_extra_columns(query, symmetric, extra, negatives, false_negative_margin)
 
-    def fields_of(lab):
-        fields = dict(dtype=_dtype_code(query.dtype), dim=query.shape[1], symmetric=int(symmetric))
-        fields.update(labels=int(lab is not None), queries=query.shape[0], keys=key.shape[0])
-        if lab is not None and lab.numel():
-            fields.update(label_min=int(lab.min()), label_max=int(lab.max()))
-        return fields
+    def fields_of(checked):
+        return _info_nce_fields(query, key, symmetric, *checked[:2])
 
-    lab, rows = _handshake(check, fields_of, _INFONCE_AGREEMENT, what, group, world)
+    (lab, neg, margin), rows = _handshake(check, fields_of, _INFONCE_AGREEMENT, what, group, world)
     query_counts, key_counts = [row["queries"] for row in rows], [row["keys"] for row in rows]
     n_keys = sum(key_counts)
     out_of_range = [r for r, row in enumerate(rows) if row["label_max"] >= n_keys or row["label_min"] < 0]
@@ -503,6 +542,7 @@ def info_nce_loss_distributed(
 
     if normalize:
         query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
+        neg = None if neg is None else F.normalize(neg, dim=-1)
     n_query, n_query_total, dim = query.shape[0], sum(query_counts), query.shape[1]
     key_offset = sum(key_counts[:rank])
     if symmetric:  # one all-gather for both towers
@@ -515,28 +555,39 @@ def info_nce_loss_distributed(
         all_keys, gathered = all_keys.detach(), gathered.detach()
         all_queries = all_queries.detach() if symmetric else None
     if n_query == 0:
-        return _connected_zero(gathered, query, key, temperature)
+        return _connected_zero(gathered, query, key, temperature, neg)
     device = query.device
     query_labels = lab if lab is not None else torch.arange(key_offset, key_offset + n_query, device=device)
 
-    def one_direction(anchor, contrast, anchor_labels, contrast_labels):
-        return contrastive_loss(
-            anchor,
-            contrast,
-            anchor_labels,
-            contrast_labels,
-            None,
-            self_offset=None,
-            temperature=temperature,
-            scale=1.0,
-            backend=backend,
-        )
-
-    loss = one_direction(query, all_keys, query_labels, torch.arange(n_keys, device=device))
+    common = dict(self_offset=None, temperature=temperature, scale=1.0, backend=backend)
+    extra_columns = dict(negatives=neg, in_batch=in_batch_negatives, false_negative_margin=margin)
+    all_key_ids = torch.arange(n_keys, device=device)
+    loss = contrastive_loss(query, all_keys, query_labels, all_key_ids, None, **common, **extra_columns)
     if symmetric:  # local keys against all queries; key j's positive is query key_offset + j (b_r == m_r)
         key_labels = torch.arange(key_offset, key_offset + n_query, device=device)
-        loss = 0.5 * (loss + one_direction(key, all_queries, key_labels, torch.arange(n_query_total, device=device)))
+        all_query_ids = torch.arange(n_query_total, device=device)
+        loss = 0.5 * (loss + contrastive_loss(key, all_queries, key_labels, all_query_ids, None, **common))
     return _rank_share(loss, world, n_query, n_query_total)
+
+
+def _info_nce_fields(query, key, symmetric, lab, neg):
+    """This rank's metadata row of :func:`info_nce_loss_distributed`'s handshake."""
+    fields = dict(dtype=_dtype_code(query.dtype), dim=query.shape[1], symmetric=int(symmetric))
+    fields.update(labels=int(lab is not None), negatives=-1 if neg is None else neg.shape[0])
+    fields.update(queries=query.shape[0], keys=key.shape[0])
+    if lab is not None and lab.numel():
+        fields.update(label_min=int(lab.min()), label_max=int(lab.max()))
+    return fields
+
+
+def _checked_extra_columns(query, symmetric, extra, negatives, margin):
+    """``(negatives, margin)`` of :func:`info_nce_loss_distributed` checked (one-way only)."""
+    if extra and symmetric:
+        raise ValueError(
+            "negatives / in_batch_negatives=False / false_negative_margin are columns of the query -> key "
+            "direction only: pass symmetric=False"
+        )
+    return V.check_negatives(negatives, query, "query"), V.check_margin(margin)
 
 
 def _checked_info_nce_inputs(query, key, labels, temperature, symmetric, backend, group, world):
@@ -575,10 +626,21 @@ def _describe_info_nce(row):
 
 
 _INFONCE_AGREEMENT = _Agreement(
-    dict(op=_OP_INFONCE, dtype=-1, dim=-1, symmetric=-1, labels=-1, queries=-1, keys=-1, label_min=0, label_max=-1),
-    ["op", "dtype", "dim", "symmetric", "labels"],
+    dict(
+        op=_OP_INFONCE,
+        dtype=-1,
+        dim=-1,
+        symmetric=-1,
+        labels=-1,
+        queries=-1,
+        keys=-1,
+        label_min=0,
+        label_max=-1,
+        negatives=-1,
+    ),  # fmt: skip
+    ["op", "dtype", "dim", "symmetric", "labels", "negatives"],
     "every rank must pass query and key with the same dim and dtype (row counts may differ, 0 included), "
-    "labels on all ranks or on none, and the same symmetric flag",
+    "labels on all ranks or on none, the same symmetric flag, and the same number of negatives (or none)",
     _describe_info_nce,
 )
 

@@ -17,7 +17,7 @@ from fastcl import _layout
 from fastcl import _validation as V
 from fastcl.ops.dispatch import contrastive_loss
 from fastcl.ops.problem import index_range
-from fastcl.ops.reference import info_nce_loss_reference, supcon_loss_reference
+from fastcl.ops.reference import extra_columns_loss_reference, info_nce_loss_reference, supcon_loss_reference
 
 __all__ = ["supcon_loss", "nt_xent_loss", "info_nce_loss"]
 
@@ -34,6 +34,9 @@ def supcon_loss(
     backend: str = "auto",
     gather_distributed: bool = False,
     group=None,
+    negatives: Optional[torch.Tensor] = None,
+    negative_labels: Optional[torch.Tensor] = None,
+    false_negative_margin: Optional[float] = None,
 ) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, L_out), numerically the SupContrast ``SupConLoss``.
 
@@ -61,6 +64,13 @@ def supcon_loss(
             ``group``) the contrast set, with the gradients of one big batch (:mod:`fastcl.distributed`); ``bsz``
             may differ between ranks and be 0; ``mask`` is an error (pass labels).
         group: the process group for ``gather_distributed`` (default: the world).
+        negatives: ``[M, D]`` extra contrast rows that are never anchors (a memory queue / cross-batch memory, e.g.
+            :attr:`fastcl.MemoryQueue.negatives`), same dtype, device and dim as ``features``; ``M = 0`` is fine.
+        negative_labels: ``[M]`` their labels (:attr:`fastcl.MemoryQueue.labels`; needs ``labels``): an entry with
+            the anchor's label is one of its positives (SupCon / PML ``CrossBatchMemory``). Without them every
+            entry is a negative (MoCo). Not with ``mask`` (pass labels).
+        false_negative_margin: refused (``ValueError``): the margin is measured from the anchor's one positive's
+            score, and a SupCon anchor has several positives (use :func:`info_nce_loss`).
 
     Returns:
         Scalar: mean over anchors of ``-(t / base_t) * mean_{p in P(i)} log softmax_{j != i}(s_ij)[p]``; an anchor
@@ -70,6 +80,7 @@ def supcon_loss(
         >>> feats = torch.nn.functional.normalize(torch.randn(8, 2, 128), dim=-1)
         >>> loss = supcon_loss(feats, labels=torch.randint(0, 3, (8,)), temperature=0.1)
     """
+    _refuse_margin("supcon_loss", false_negative_margin)
     if gather_distributed:
         from fastcl.distributed import supcon_loss_distributed
 
@@ -83,7 +94,13 @@ def supcon_loss(
             normalize=normalize,
             backend=backend,
             group=group,
+            negatives=negatives,
+            negative_labels=negative_labels,
         )
+    if negatives is not None or negative_labels is not None:
+        settings = dict(contrast_mode=contrast_mode, normalize=normalize, backend=backend)
+        return _supcon_with_negatives(features, labels, mask, negatives, negative_labels, temperature,
+                                      base_temperature, **settings)  # fmt: skip
     same_temperatures = base_temperature is temperature  # (NT-Xent: scale exactly 1, no gradient through t / t)
     temperature = V.check_temperature("temperature", temperature)
     base_temperature = V.check_temperature("base_temperature", base_temperature)
@@ -116,6 +133,61 @@ def supcon_loss(
     )
 
 
+def _refuse_margin(what: str, margin) -> None:
+    if margin is not None:
+        raise ValueError(
+            f"{what}: false_negative_margin needs one positive per anchor (a column is dropped when it scores more "
+            "than the positive's score + margin), and this loss has several positives per anchor, so 'the "
+            "positive's score' is not defined; use info_nce_loss(..., false_negative_margin=m)"
+        )
+
+
+def _supcon_with_negatives(features, labels, mask, negatives, negative_labels, temperature, base_temperature, *,
+                           contrast_mode, normalize, backend):  # fmt: skip
+    """:func:`supcon_loss` with ``negatives [M, D]`` (and ``negative_labels [M]``) as extra contrast columns."""
+    same_temperatures = base_temperature is temperature
+    temperature = V.check_temperature("temperature", temperature)
+    base_temperature = V.check_temperature("base_temperature", base_temperature)
+    if mask is not None:
+        raise ValueError("negatives with a mask: the mask has no entries for the extra rows; pass labels instead")
+    if negative_labels is not None and labels is None:
+        raise ValueError("negative_labels need labels (the classes they are compared with); pass labels [bsz]")
+    raw_labels, raw_negative_labels = labels, negative_labels
+    features, labels, _ = _checked_supcon_inputs(features, labels, None, contrast_mode, backend)
+    bsz, n_views = features.shape[0], features.shape[1]
+    contrast = _layout.view_major(features)
+    negatives = V.check_negatives(negatives, contrast, "features")
+    negative_labels = V.check_negative_labels(negative_labels, negatives, features.device, allow_float=True)
+    if negative_labels is not None:
+        labels, negative_labels = _joint_label_ids(raw_labels, labels, raw_negative_labels, negative_labels)
+    sample_ids = labels if labels is not None else index_range(bsz, features.device)
+    contrast_labels = _layout.view_major_labels(sample_ids, n_views)
+    anchor = contrast[:bsz] if contrast_mode == "one" else contrast
+    anchor_labels = contrast_labels if contrast_mode == "all" else contrast_labels[:bsz]
+    scale = 1.0 if same_temperatures else temperature / base_temperature
+    if backend == "reference":
+        if normalize:
+            contrast, negatives = F.normalize(contrast, dim=-1), F.normalize(negatives, dim=-1)
+            anchor = contrast[:bsz] if contrast_mode == "one" else contrast
+        t = _nan_unless_positive(temperature)
+        return extra_columns_loss_reference(anchor, contrast, anchor_labels, contrast_labels, negatives,
+                                            negative_labels, self_offset=0, temperature=t, scale=scale)  # fmt: skip
+    return contrastive_loss(anchor, contrast, anchor_labels, contrast_labels, None, self_offset=0,
+                            temperature=temperature, scale=scale, backend=backend, normalize=normalize,
+                            negatives=negatives, negative_labels=negative_labels)  # fmt: skip
+
+
+def _joint_label_ids(raw_labels, labels, raw_negative_labels, negative_labels):
+    """``(labels, negative_labels)`` as ids of one space: floating-point labels on either side (made dense ids
+    separately by :func:`fastcl._validation.check_labels`) are compared by value over both together."""
+    if not (raw_labels.is_floating_point() or raw_negative_labels.is_floating_point()):
+        return labels, negative_labels
+    values = torch.cat([raw_labels.reshape(-1), raw_negative_labels.reshape(-1)])
+    values = values.to(labels.device, torch.float64)
+    ids = V.dense_label_ids(values)
+    return ids[: labels.shape[0]], ids[labels.shape[0] :]
+
+
 def _checked_supcon_inputs(features, labels, mask, contrast_mode, backend):
     """``(features, labels, mask)`` of :func:`supcon_loss` checked (raises on invalid input)."""
     V.check_contrast_mode(contrast_mode)
@@ -140,19 +212,22 @@ def nt_xent_loss(
     backend: str = "auto",
     gather_distributed: bool = False,
     group=None,
+    negatives: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """SimCLR's NT-Xent over two views: ``z_a``, ``z_b`` ``[B, D]`` -> scalar.
 
     Equal to :func:`supcon_loss` on ``stack([z_a, z_b], 1)`` with no labels and ``base_temperature =
     temperature``: each of the 2B embeddings has its other view as the positive and the 2B - 2 others as negatives.
     ``gather_distributed=True``: negatives from every rank's batch, as in :func:`supcon_loss`. ``temperature``:
-    a number or a 0-dim tensor (learnable), as in :func:`supcon_loss`.
+    a number or a 0-dim tensor (learnable), as in :func:`supcon_loss`. ``negatives [M, D]``: extra rows in every
+    anchor's denominator, never anchors, never positives (lightly's ``NTXentLoss(memory_bank_size=...)``: pass
+    the bank's rows; normalised with the views when ``normalize``).
     """
     if gather_distributed:
         from fastcl.distributed import nt_xent_loss_distributed
 
         return nt_xent_loss_distributed(
-            z_a, z_b, temperature=temperature, normalize=normalize, backend=backend, group=group
+            z_a, z_b, temperature=temperature, normalize=normalize, backend=backend, group=group, negatives=negatives
         )
     V.check_embeddings("z_a", z_a)
     V.check_embeddings("z_b", z_b)
@@ -166,6 +241,7 @@ def nt_xent_loss(
         base_temperature=temperature,
         normalize=normalize,
         backend=backend,
+        negatives=negatives,
     )
 
 
@@ -181,6 +257,9 @@ def info_nce_loss(
     gather_distributed: bool = False,
     group=None,
     logit_scale: Union[float, torch.Tensor, None] = None,
+    negatives: Optional[torch.Tensor] = None,
+    in_batch_negatives: bool = True,
+    false_negative_margin: Optional[float] = None,
 ) -> torch.Tensor:
     """Two-tower (CLIP-style) InfoNCE.
 
@@ -200,6 +279,15 @@ def info_nce_loss(
             (0 included); the default positive of local query i is local key i, and ``labels`` index the global
             key set (all ranks' keys in rank order).
         group: the process group for ``gather_distributed`` (default: the world).
+        negatives: ``[M, D]`` extra keys in every query's denominator, never positives (a MoCo queue,
+            :attr:`fastcl.MemoryQueue.negatives`, or MNRL's hard-negative documents, which get their gradient when
+            they require grad); the query -> key direction only (``symmetric=False``). Same dtype, device and dim.
+        in_batch_negatives: ``True``: each query's denominator has all keys plus ``negatives`` (sentence-transformers'
+            MNRL); ``False``: its own positive key plus ``negatives`` only (MoCo, lightly's memory bank); then
+            ``symmetric=False``.
+        false_negative_margin: ``m``: drop key (or negative) j from query i's denominator when
+            ``sim_ij > sim_i,pos + m``, ``sim`` the similarity before the temperature (Qwen3-Embedding: m = 0.1); the
+            mask is a constant of the gradient. ``symmetric=False``.
 
     Returns:
         Scalar ``mean_i -log softmax_j(q_i . k_j / t)[labels[i]]`` (averaged with the key->query term when symmetric).
@@ -221,7 +309,19 @@ def info_nce_loss(
             normalize=normalize,
             backend=backend,
             group=group,
+            negatives=negatives,
+            in_batch_negatives=in_batch_negatives,
+            false_negative_margin=false_negative_margin,
         )
+    extra = negatives is not None or not in_batch_negatives or false_negative_margin is not None
+    if extra:
+        if symmetric:
+            raise ValueError(
+                "negatives / in_batch_negatives=False / false_negative_margin are columns of the query -> key "
+                "direction only: pass symmetric=False"
+            )
+        return _info_nce_with_negatives(query, key, labels, temperature, negatives, in_batch_negatives,
+                                        false_negative_margin, normalize=normalize, backend=backend)  # fmt: skip
     labels, temperature = _checked_info_nce_inputs(query, key, labels, temperature, symmetric, backend)
     n_query, n_key = query.shape[0], key.shape[0]
     if backend == "reference":
@@ -245,6 +345,27 @@ def info_nce_loss(
         two_way=symmetric,  # key -> query as well, from the same similarity tiles
         normalize=normalize,
     )
+
+
+def _info_nce_with_negatives(query, key, labels, temperature, negatives, in_batch, margin, *, normalize, backend):
+    """:func:`info_nce_loss` (one way) with extra keys, the MoCo row form, or the false-negative margin."""
+    labels, temperature = _checked_info_nce_inputs(query, key, labels, temperature, False, backend)
+    negatives = V.check_negatives(negatives, query, "query")
+    margin = V.check_margin(margin)
+    if not isinstance(in_batch, bool):
+        raise TypeError(f"in_batch_negatives must be a bool, got {type(in_batch).__name__}")
+    key_ids = index_range(key.shape[0], query.device)
+    query_labels = labels if labels is not None else key_ids[: query.shape[0]]
+    if backend == "reference":
+        if normalize:
+            query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
+            negatives = None if negatives is None else F.normalize(negatives, dim=-1)
+        return extra_columns_loss_reference(query, key, query_labels, key_ids, negatives, in_batch=in_batch,
+                                            false_negative_margin=margin,
+                                            temperature=_nan_unless_positive(temperature))  # fmt: skip
+    return contrastive_loss(query, key, query_labels, key_ids, None, self_offset=None, temperature=temperature,
+                            scale=1.0, backend=backend, normalize=normalize, negatives=negatives, in_batch=in_batch,
+                            false_negative_margin=margin)  # fmt: skip
 
 
 def _nan_unless_positive(temperature):

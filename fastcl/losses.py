@@ -89,11 +89,15 @@ class SupConLoss(nn.Module):
         mask: Optional[torch.Tensor] = None,
         *,
         temperature: Union[float, torch.Tensor, None] = None,
+        negatives: Optional[torch.Tensor] = None,
+        negative_labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         return FF.supcon_loss(
             features,
             labels,
             mask,
+            negatives=negatives,
+            negative_labels=negative_labels,
             temperature=self.temperature if temperature is None else temperature,
             contrast_mode=self.contrast_mode,
             base_temperature=self.base_temperature,
@@ -137,11 +141,17 @@ class NTXentLoss(nn.Module):
         self.group = group
 
     def forward(
-        self, z_a: torch.Tensor, z_b: torch.Tensor, *, temperature: Union[float, torch.Tensor, None] = None
+        self,
+        z_a: torch.Tensor,
+        z_b: torch.Tensor,
+        *,
+        temperature: Union[float, torch.Tensor, None] = None,
+        negatives: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         return FF.nt_xent_loss(
             z_a,
             z_b,
+            negatives=negatives,
             temperature=self.temperature if temperature is None else temperature,
             normalize=self.normalize,
             backend=self.backend,
@@ -165,7 +175,9 @@ class InfoNCELoss(nn.Module):
         between ranks, 0 included); ``labels`` then index the global key set (all ranks' keys in rank order).
         ``forward(query, key, labels, *, temperature=t)`` or ``logit_scale=s`` (open_clip's multiplier ``1 / t``,
         e.g. ``model.logit_scale.exp()``) overrides the constructor's temperature for that call (not both); either
-        may be a 0-dim tensor (learnable), as in ``SupConLoss``.
+        may be a 0-dim tensor (learnable), as in ``SupConLoss``. ``forward(..., negatives=Q)``: extra keys
+        ``[M, D]`` (a queue, hard negatives); with ``in_batch_negatives`` / ``false_negative_margin`` of the
+        constructor as in :func:`fastcl.functional.info_nce_loss` (these need ``symmetric=False``).
     """
 
     def __init__(
@@ -177,8 +189,12 @@ class InfoNCELoss(nn.Module):
         backend: str = "auto",
         gather_distributed: bool = False,
         group=None,
+        in_batch_negatives: bool = True,
+        false_negative_margin: Optional[float] = None,
     ) -> None:
         super().__init__()
+        self.in_batch_negatives = bool(in_batch_negatives)
+        self.false_negative_margin = V.check_margin(false_negative_margin)
         self.temperature = V.check_temperature("temperature", temperature)
         self.symmetric = bool(symmetric)
         self.normalize = bool(normalize)
@@ -194,6 +210,7 @@ class InfoNCELoss(nn.Module):
         *,
         temperature: Union[float, torch.Tensor, None] = None,
         logit_scale: Union[float, torch.Tensor, None] = None,
+        negatives: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         if temperature is None and logit_scale is None:
             temperature = self.temperature
@@ -201,6 +218,9 @@ class InfoNCELoss(nn.Module):
             query,
             key,
             labels,
+            negatives=negatives,
+            in_batch_negatives=self.in_batch_negatives,
+            false_negative_margin=self.false_negative_margin,
             temperature=temperature,
             logit_scale=logit_scale,
             symmetric=self.symmetric,

@@ -20,7 +20,8 @@ import torch
 from fastcl.ops import triton as triton_backend
 from fastcl.ops.chunked import passes
 from fastcl.ops.chunked.autograd import input_gradients, save_gradients, scale_gradient
-from fastcl.ops.problem import Problem, compute_dtype
+from fastcl.ops.chunked.negatives import negatives_forward
+from fastcl.ops.problem import Problem, compute_dtype, in_dtype
 
 Tensor = torch.Tensor
 
@@ -30,9 +31,10 @@ def chunked(problem: Problem, want_grad: bool, inv_temperature: Optional[Tensor]
     op's backward); with a tensor ``inv_temperature`` (a learnable temperature: ``problem.inv_temperature`` is its
     value) that of ``fastcl::contrastive_chunked_learnable``, whose backward also gives ``dL/du``."""
     if inv_temperature is None:
-        loss, _, _ = torch.ops.fastcl.contrastive_chunked(*problem, want_grad)
+        loss, _, _ = torch.ops.fastcl.contrastive_chunked(*problem.core, want_grad)
         return loss
-    return torch.ops.fastcl.contrastive_chunked_learnable(*problem[:6], inv_temperature, *problem[7:], want_grad)[0]
+    core = problem.core
+    return torch.ops.fastcl.contrastive_chunked_learnable(*core[:6], inv_temperature, *core[7:], want_grad)[0]
 
 
 def triton(problem: Problem, route: str, precision: str, inv_temperature: Optional[Tensor] = None) -> Tensor:
@@ -41,7 +43,7 @@ def triton(problem: Problem, route: str, precision: str, inv_temperature: Option
     if inv_temperature is not None:  # a learnable temperature: u a Tensor input, its gradient from the backward
         return torch.ops.fastcl.contrastive_triton_learnable(*problem[:6], inv_temperature, problem.scale, route,
                                                              precision)[0]  # fmt: skip
-    return torch.ops.fastcl.contrastive_triton(*problem[:-1], route, precision)[0]
+    return torch.ops.fastcl.contrastive_triton(*problem.core[:-1], route, precision)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,7 +147,12 @@ def _contrastive_chunked_learnable(
     loss, grad_anchor, grad_contrast = _chunked_outputs(problem, want_grad)
     if not want_grad:
         return loss, grad_anchor, grad_contrast, grad_contrast.clone()
-    return loss, grad_anchor, grad_contrast, scale_gradient(anchor, contrast, grad_anchor, grad_contrast, inv_temperature)
+    return (
+        loss,
+        grad_anchor,
+        grad_contrast,
+        scale_gradient(anchor, contrast, grad_anchor, grad_contrast, inv_temperature),
+    )
 
 
 @_contrastive_chunked_learnable.register_fake
@@ -170,6 +177,95 @@ def _chunked_learnable_backward(ctx, grad_loss, _grad_a, _grad_c, _grad_s):
 
 
 _contrastive_chunked_learnable.register_autograd(_chunked_learnable_backward, setup_context=_chunked_learnable_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fastcl::contrastive_extra_columns: the chunked extra-column pass (negatives beyond the batch, the MoCo row form,
+# the false-negative margin; fastcl.ops.chunked.negatives)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def chunked_negatives(problem: Problem, want_grad: bool, inv_temperature: Optional[Tensor] = None) -> Tensor:
+    """The loss of ``fastcl::contrastive_extra_columns`` on ``problem`` (a float temperature enters as a 0-dim
+    tensor; with a tensor ``inv_temperature`` the op's backward also gives ``dL/du``)."""
+    contrast = problem.contrast
+    if inv_temperature is None:
+        value = problem.inv_temperature
+        inv_temperature = torch.full((), value, dtype=compute_dtype(contrast), device=contrast.device)
+    negatives = problem.negatives
+    return torch.ops.fastcl.contrastive_extra_columns(
+        problem.anchor, contrast, negatives, problem.anchor_labels, problem.contrast_labels,
+        problem.negative_labels, problem.self_offset, inv_temperature, problem.scale, problem.in_batch,
+        problem.false_negative_margin, want_grad, want_grad and negatives is not None and negatives.requires_grad,
+    )[0]  # fmt: skip
+
+
+@torch.library.custom_op("fastcl::contrastive_extra_columns", mutates_args=())
+def _contrastive_extra_columns(
+    anchor: Optional[Tensor],
+    contrast: Tensor,
+    negatives: Optional[Tensor],
+    anchor_labels: Tensor,
+    contrast_labels: Tensor,
+    negative_labels: Optional[Tensor],
+    self_offset: Optional[int],
+    inv_temperature: Tensor,
+    scale: float,
+    in_batch: bool,
+    false_negative_margin: Optional[float],
+    want_grad: bool,
+    grad_negatives: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, dL/dA, dL/dC, dL/dQ, dL/du)`` for grad_output = 1 in the compute dtype: ``dL/dA`` empty ``[0]``
+    when the anchors are the contrast rows (``anchor`` None: ``dL/dC`` is that input's whole gradient), ``dL/dQ``
+    empty unless ``grad_negatives``, all four empty without ``want_grad``."""
+    problem = Problem(
+        anchor, contrast, anchor_labels, contrast_labels, None, self_offset, inv_temperature, scale, False,
+        negatives, negative_labels, in_batch, false_negative_margin,
+    )  # fmt: skip
+    loss, grad_anchor, grad_contrast, grad_extra = negatives_forward(problem, want_grad, grad_negatives)
+    empty = contrast.new_empty(0, dtype=compute_dtype(contrast))
+    if not want_grad:
+        return loss, empty, empty.clone(), empty.clone(), empty.clone()
+    rows = in_dtype(problem.anchor_rows, grad_anchor.dtype)
+    grad_scale = torch.linalg.vecdot(rows, grad_anchor).sum() / inv_temperature
+    if anchor is None:
+        grad_anchor, grad_contrast = empty.clone(), grad_contrast.add_(grad_anchor)
+    return loss, grad_anchor, grad_contrast, empty.clone() if grad_extra is None else grad_extra, grad_scale
+
+
+@_contrastive_extra_columns.register_fake
+def _contrastive_extra_columns_fake(anchor, contrast, negatives, *settings):
+    want_grad, grad_negatives = settings[-2], settings[-1]
+    dtype = compute_dtype(contrast)
+    loss, empty = contrast.new_empty((), dtype=dtype), contrast.new_empty(0, dtype=dtype)
+    if not want_grad:
+        return loss, empty, empty.clone(), empty.clone(), empty.clone()
+    grad_anchor = empty.clone() if anchor is None else anchor.new_empty(anchor.shape, dtype=dtype)
+    grad_extra = negatives.new_empty(negatives.shape, dtype=dtype) if grad_negatives else empty.clone()
+    return loss, grad_anchor, contrast.new_empty(contrast.shape, dtype=dtype), grad_extra, loss.new_empty(())
+
+
+def _extra_columns_setup(ctx, inputs, output):
+    anchor, contrast, negatives = inputs[:3]
+    ctx.dtypes = tuple(None if x is None else x.dtype for x in (anchor, contrast, negatives))
+    ctx.save_for_backward(*output[1:])
+
+
+def _extra_columns_backward(ctx, grad_loss, *_grad_outputs):
+    grads = ctx.saved_tensors
+    if grads[1].dim() != 2:
+        raise RuntimeError("fastcl::contrastive_extra_columns was called with want_grad=False: no gradient")
+    needs = ctx.needs_input_grad
+    out = [None] * 13
+    for index in range(3):
+        if needs[index] and grads[index].dim() == 2:
+            out[index] = in_dtype(grads[index] * grad_loss, ctx.dtypes[index])
+    out[7] = grads[3] * grad_loss if needs[7] else None
+    return tuple(out)
+
+
+_contrastive_extra_columns.register_autograd(_extra_columns_backward, setup_context=_extra_columns_setup)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -366,7 +462,9 @@ def _triton_learnable_backward(ctx, grad_loss, *_grad_residuals):
     if need_scale:  # (the gradients already carry grad_loss)
         rows, grad_rows = (contrast, grad_contrast) if anchors_are_contrast else (anchor, grad_anchor)
         dot = torch.linalg.vecdot(rows.to(torch.float32), grad_rows.to(torch.float32)).sum()
-        grad_scale = (dot / (2 * inv_temperature if anchors_are_contrast else inv_temperature)).to(inv_temperature.dtype)
+        grad_scale = (dot / (2 * inv_temperature if anchors_are_contrast else inv_temperature)).to(
+            inv_temperature.dtype
+        )
     return (
         grad_anchor if not anchors_are_contrast and ctx.needs_input_grad[0] else None,
         grad_contrast if ctx.needs_input_grad[1] else None,

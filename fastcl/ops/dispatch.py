@@ -17,6 +17,7 @@ import torch
 from fastcl.ops import custom_ops
 from fastcl.ops import triton as triton_backend
 from fastcl.ops.chunked.autograd import FOLDED_NORMALIZE_DTYPES, chunked_loss
+from fastcl.ops.chunked.negatives import negatives_loss
 from fastcl.ops.problem import TRITON_DTYPES, Problem, compute_dtype
 
 
@@ -57,6 +58,10 @@ def contrastive_loss(
     backend: str,
     two_way: bool = False,
     normalize: bool = False,
+    negatives: Optional[torch.Tensor] = None,
+    negative_labels: Optional[torch.Tensor] = None,
+    in_batch: bool = True,
+    false_negative_margin: Optional[float] = None,
 ) -> torch.Tensor:
     """Mean over anchors of ``loss_i`` (:mod:`fastcl.ops`) as an fp32 scalar; never allocates ``Na x Nc``.
 
@@ -82,6 +87,11 @@ def contrastive_loss(
         normalize: L2-normalise the rows of ``anchor`` and ``contrast`` first (``F.normalize(x, dim=-1)``). The eager
             chunked backend folds it into its autograd node for fp32 / float64 inputs (its Jacobian applied to the
             gradients formed in the forward: no autograd graph of its own); elsewhere ``F.normalize`` runs first.
+        negatives, negative_labels, in_batch, false_negative_margin: contrast columns beyond the batch and the margin
+            (:class:`~fastcl.ops.problem.Problem`; one-way only). Every backend takes them through the chunked
+            extra-column pass (:mod:`fastcl.ops.chunked.negatives`, on the inputs' device: block rows x
+            ``(Nc + M)`` at a time, no ``Na x (Nc + M)`` matrix); the Triton kernels do not take the second column
+            range yet, so ``backend='triton'`` runs that pass too. ``normalize`` normalises ``negatives`` as well.
 
     Both backends run as one ``torch.ops.fastcl`` custom op while compiling (:mod:`fastcl.ops.custom_ops`), so
     ``torch.compile(fullgraph=True)`` traces the loss as a single node with symbolic sizes.
@@ -102,10 +112,21 @@ def contrastive_loss(
         1.0 / temperature if inv_temperature is None else inv_temperature.detach(),
         scale if loss_scale is None else 1.0,
         two_way,
+        negatives,
+        negative_labels,
+        in_batch,
+        false_negative_margin,
     )
     want_grad = torch.is_grad_enabled() and (
-        anchor.requires_grad or contrast.requires_grad or (inv_temperature is not None and inv_temperature.requires_grad)
+        anchor.requires_grad
+        or contrast.requires_grad
+        or (negatives is not None and negatives.requires_grad)
+        or (inv_temperature is not None and inv_temperature.requires_grad)
     )
+    if problem.has_extra_columns:
+        problem = _normalized(problem) if normalize else problem
+        loss = _extra_columns_loss(problem, want_grad, inv_temperature)
+        return loss if loss_scale is None else loss * loss_scale.to(loss.dtype)
     eager_chunked = backend == "chunked" and not torch.compiler.is_compiling()
     fold_normalize = normalize and eager_chunked and want_grad and contrast.dtype in FOLDED_NORMALIZE_DTYPES
     if normalize and not fold_normalize:
@@ -133,9 +154,19 @@ def inverse_temperature(temperature: torch.Tensor, like: torch.Tensor) -> torch.
     return torch.where(torch.isfinite(inverse) & (inverse > 0), inverse, float("nan"))
 
 
+def _extra_columns_loss(problem: Problem, want_grad: bool, inv_temperature) -> torch.Tensor:
+    """A problem with extra columns or a margin (:attr:`~fastcl.ops.problem.Problem.has_extra_columns`): the
+    chunked extra-column pass, eagerly its autograd function, while compiling its custom op."""
+    if torch.compiler.is_compiling():
+        return custom_ops.chunked_negatives(problem, want_grad, inv_temperature)
+    return negatives_loss(problem, want_grad, inv_temperature)
+
+
 def _normalized(problem: Problem) -> Problem:
     """The problem with L2-normalised rows (``F.normalize(x, dim=-1)``), the anchors once when they are the
-    contrast rows."""
-    contrast = torch.nn.functional.normalize(problem.contrast, dim=-1)
-    anchor = None if problem.anchors_are_contrast else torch.nn.functional.normalize(problem.anchor, dim=-1)
-    return problem._replace(anchor=anchor, contrast=contrast)
+    contrast rows; extra rows (``negatives``) too."""
+    normalize = torch.nn.functional.normalize
+    contrast = normalize(problem.contrast, dim=-1)
+    anchor = None if problem.anchors_are_contrast else normalize(problem.anchor, dim=-1)
+    negatives = None if problem.negatives is None else normalize(problem.negatives, dim=-1)
+    return problem._replace(anchor=anchor, contrast=contrast, negatives=negatives)

@@ -25,6 +25,16 @@ class Problem(NamedTuple):
     ``anchor_labels`` / ``contrast_labels`` (int ``[Na]``, ``[Nc]``) or from ``mask`` (float ``[B, B]`` read at
     ``[i % B, j % B]``); with an integer ``self_offset`` anchor i is contrast row ``i + self_offset`` and that pair
     is excluded. ``scale`` multiplies every anchor's loss; ``two_way`` averages both directions (CLIP's loss).
+
+    Extra columns (a memory queue, shared hard negatives): ``negatives [M, D]`` are contrast columns after the
+    ``Nc`` batch columns that are never anchors; with ``negative_labels`` (int ``[M]``) an entry whose label equals
+    the anchor's is a positive, else every entry is a negative. ``in_batch=False`` keeps, of the batch columns,
+    only each anchor's own positive (MoCo's ``[l_pos, queue]`` row; needs ``contrast_labels = arange(Nc)`` and one
+    positive per anchor: ``anchor_labels[i]`` is its column). ``false_negative_margin = m`` (one positive per
+    anchor) drops column j from row i where ``sim_ij > sim_i,pos + m`` (``sim = s * t``, before the temperature).
+    A backend takes the extra rows as a second column range (the chunked backend's :mod:`fastcl.ops.chunked.negatives`
+    scores them with their own products and forms their gradient only when they require grad); nothing
+    ``Na x (Nc + M)`` is formed. :attr:`has_extra_columns` says whether any of these is set.
     """
 
     anchor: Optional[torch.Tensor]
@@ -36,6 +46,20 @@ class Problem(NamedTuple):
     inv_temperature: Union[float, torch.Tensor]  # 1 / t; a 0-dim tensor (no grad) for a tensor temperature
     scale: float
     two_way: bool = False
+    negatives: Optional[torch.Tensor] = None
+    negative_labels: Optional[torch.Tensor] = None
+    in_batch: bool = True
+    false_negative_margin: Optional[float] = None
+
+    @property
+    def has_extra_columns(self) -> bool:
+        """Negatives beyond the batch, a batch restricted to the positive, or a false-negative margin."""
+        return self.negatives is not None or not self.in_batch or self.false_negative_margin is not None
+
+    @property
+    def core(self) -> tuple:
+        """The fields the batch-only custom ops take (everything up to ``two_way``)."""
+        return tuple(self[:9])
 
     @property
     def anchors_are_contrast(self) -> bool:

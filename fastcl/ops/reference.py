@@ -90,3 +90,54 @@ def info_nce_loss_reference(
     if symmetric:
         loss = 0.5 * (loss + F.cross_entropy(logits.T, labels))
     return loss.float() if upcast else loss
+
+
+def extra_columns_loss_reference(
+    anchor: torch.Tensor,
+    contrast: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    contrast_labels: torch.Tensor,
+    negatives: Optional[torch.Tensor],
+    negative_labels: Optional[torch.Tensor] = None,
+    *,
+    self_offset: Optional[int] = None,
+    in_batch: bool = True,
+    false_negative_margin: Optional[float] = None,
+    temperature=0.07,
+    scale=1.0,
+) -> torch.Tensor:
+    """The op with contrast columns beyond the batch, densely: ``anchor [Na, D]`` against ``[contrast; negatives]``
+    (``[Nc + M, D]``), positives where labels are equal (an unlabelled negative is never one), the pair
+    ``(i, i + self_offset)`` left out, with ``in_batch=False`` only each anchor's positive batch column kept, and
+    with ``false_negative_margin = m`` the columns with ``sim_ij > sim_i,pos + m`` left out (one positive per
+    anchor). Returns ``mean_i -scale / P_i sum_{p in P(i)} log softmax_j(s_ij / t)[p]`` (0 for an anchor without a
+    positive). Same dtype rules as :func:`supcon_loss_reference`."""
+    if anchor.dtype in HALF_DTYPES:
+        anchor, contrast = anchor.float(), contrast.float()
+        negatives = None if negatives is None else negatives.float()
+    n_anchor = anchor.shape[0]
+    if negatives is None:
+        negatives = contrast.new_zeros(0, contrast.shape[1])
+    columns = torch.cat([contrast, negatives], 0)
+    sim = anchor @ columns.T
+    positive_batch = anchor_labels[:, None] == contrast_labels[None, :]
+    keep_batch = torch.ones_like(positive_batch)
+    if self_offset is not None:
+        rows = torch.arange(n_anchor, device=anchor.device)
+        keep_batch[rows, rows + self_offset] = False
+    if not in_batch:
+        keep_batch = keep_batch & positive_batch
+    if negative_labels is None:
+        positive_extra = torch.zeros(n_anchor, negatives.shape[0], dtype=torch.bool, device=anchor.device)
+    else:
+        positive_extra = anchor_labels[:, None] == negative_labels[None, :]
+    keep = torch.cat([keep_batch, torch.ones_like(positive_extra)], 1)
+    positive = torch.cat([positive_batch, positive_extra], 1) & keep
+    if false_negative_margin is not None:
+        positive_sim = torch.where(positive, sim, torch.zeros_like(sim)).sum(1, keepdim=True)
+        keep = keep & ~((sim > positive_sim + false_negative_margin) & ~positive)
+    logits = torch.where(keep, sim / temperature, torch.full_like(sim, float("-inf")))
+    log_prob = torch.log_softmax(logits, dim=1)
+    count = positive.sum(1).clamp_min(1).to(sim.dtype)
+    per_anchor = -scale * torch.where(positive, log_prob, torch.zeros_like(log_prob)).sum(1) / count
+    return per_anchor.mean()
