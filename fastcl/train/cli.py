@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--loss", default="supcon", choices=["supcon", "simclr"])
     m.add_argument("--temperature", type=float, default=0.1)
     m.add_argument("--backend", default="auto", choices=["auto", "triton", "chunked", "reference"])
+    m.add_argument("--queue-size", type=int, default=0,
+                   help="MoCo v2: a queue of the last K keys (and labels) as extra contrast columns, the keys from a "
+                        "momentum (EMA) copy of the model; needs --key-momentum (0: off)")
+    m.add_argument("--key-momentum", type=float, default=None,
+                   help="with --queue-size: EMA rate m of the key model, p_k = m p_k + (1 - m) p_q after each step "
+                        "(MoCo: 0.999; --momentum is the optimiser's)")
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=15)
@@ -154,6 +160,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--lr must be a positive number, got {args.lr}")
     if not 0 <= args.momentum < 1:
         raise ConfigError(f"--momentum must lie in [0, 1), got {args.momentum}")
+    _check_queue(args)
     if not 0 <= args.cue_agreement <= 1:
         raise ConfigError(f"--cue-agreement must lie in [0, 1], got {args.cue_agreement}")
     for name in ("temperature", "kappa", "lars_eta"):
@@ -188,6 +195,21 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     _check_device(args.device)
     _check_out(args)
+
+
+def _check_queue(args: argparse.Namespace) -> None:
+    if args.queue_size < 0:
+        raise ConfigError(f"--queue-size must be >= 0 (0: no queue), got {args.queue_size}")
+    if args.queue_size == 0:
+        if args.key_momentum is not None:
+            raise ConfigError(f"--key-momentum {args.key_momentum:g} needs a queue: pass --queue-size K > 0 as well "
+                              f"(or leave --key-momentum out)")
+        return
+    if args.key_momentum is None:
+        raise ConfigError(f"--queue-size {args.queue_size} needs --key-momentum m, the EMA rate of the key model "
+                          f"(MoCo v2: 0.999; short runs: 0.99)")
+    if not (math.isfinite(args.key_momentum) and 0 <= args.key_momentum < 1):
+        raise ConfigError(f"--key-momentum must lie in [0, 1), got {args.key_momentum}")
 
 
 def _check_device(name: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 import fastcl
-from fastcl.losses import NTXentLoss, SupConLoss
+from fastcl.losses import InfoNCELoss, NTXentLoss, SupConLoss
 from fastcl.models import encoders as E
 from fastcl.models import heads as H
 from fastcl.models.contrastive import ContrastiveModel
@@ -40,9 +40,17 @@ def build_model(args: argparse.Namespace, in_channels: int = 3) -> ContrastiveMo
 
 def build_criterion(args: argparse.Namespace, world_size: int = 1) -> nn.Module:
     """SupCon (labels) or SimCLR (NT-Xent) on L2-normalised embeddings; ``gather_distributed=True`` when
-    ``world_size > 1`` (each rank's anchors against the global batch)."""
+    ``world_size > 1`` (each rank's anchors against the global batch). With ``--queue-size`` (MoCo,
+    :func:`fastcl.train.moco.moco_loss`): SupCon with the queries as anchors (``contrast_mode='one'``), or
+    MoCo v2's InfoNCE (own key + queue, one direction; per rank: it has no in-batch columns to gather)."""
+    queue = getattr(args, "queue_size", 0) > 0
+    if queue and args.loss == "simclr":
+        return InfoNCELoss(args.temperature, symmetric=False, in_batch_negatives=False, normalize=True,
+                           backend=args.backend)
     cls = SupConLoss if args.loss == "supcon" else NTXentLoss
     kwargs: dict[str, Any] = {"normalize": True, "backend": args.backend}
+    if queue:
+        kwargs["contrast_mode"] = "one"
     if world_size > 1:
         if "gather_distributed" not in inspect.signature(cls).parameters:
             raise RuntimeError(

@@ -39,6 +39,10 @@ Training details:
   drawn for the whole batch first, so the views are the same whatever ``m`` is. With BatchNorm the step differs
   from the full-batch one (statistics per micro-batch; a warning says so, and micro-batches under
   ``MIN_BATCHNORM_ROWS`` samples are refused); without it, it is the same step.
+* ``--queue-size K --key-momentum m``: MoCo v2 (:mod:`fastcl.train.moco`): a momentum copy of the model embeds
+  the second view into keys, the model the first into queries; the loss adds a queue of the last ``K`` keys (and
+  labels: SupCon positives) as contrast columns; after each step the EMA update, then the keys are enqueued (all
+  ranks' under ``torchrun``). The key model and the queue are in the checkpoint.
 * ``--stream``: ``folder`` / ``urbancars`` images decoded in ``DataLoader`` workers (:mod:`fastcl.train.data.loader`)
   instead of held in memory.
 * ``torchrun``: DDP over ``WORLD_SIZE`` processes (gloo on CPU, NCCL on GPU). ``--batch-size`` is global; each

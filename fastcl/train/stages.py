@@ -47,13 +47,14 @@ from fastcl.train.checkpoint import (
     run_files,
     save_checkpoint,
 )
-from fastcl.train.cli import BASE_LR, MIN_BATCHNORM_ROWS, training_config
+from fastcl.train.cli import BASE_LR, MIN_BATCHNORM_ROWS, build_parser, training_config
 from fastcl.train.data import load_dataset
 from fastcl.train.data.loader import EpochBatchSampler, InMemoryBatches, StreamingBatches, load_streaming
 from fastcl.train.errors import ConfigError, RunError
 from fastcl.train.evaluate import describe_error, quick_probe
 from fastcl.train.factory import build_criterion, build_model, loss_on
 from fastcl.train.gradcache import cached_backward, micro_batches
+from fastcl.train.moco import build_queue, ema_update, key_model_of, moco_loss, normalized_keys
 from fastcl.train.optim import build_optimizer, cosine_with_warmup
 from fastcl.train.progress import ProgressBar
 from fastcl.train.runtime import Dist, autocast, device_name, gather_objects
@@ -88,6 +89,8 @@ class Run:
     optimizer: Any = None
     scheduler: Any = None
     generators: dict[str, torch.Generator] = field(default_factory=dict)
+    key_model: Any = None  # --queue-size: the momentum copy of the model that embeds the keys
+    queue: Any = None  # --queue-size: fastcl.MemoryQueue of the last keys (and labels)
     amp: bool = False
     # progress (what the checkpoint holds)
     epoch: int = 0  # completed epochs
@@ -221,6 +224,11 @@ def build_training(run: Run) -> None:
     run.scheduler = cosine_with_warmup(run.optimizer, run.total_steps,
                                        round(args.warmup_epochs * run.steps_per_epoch))
     run.generators = {"augment": torch.Generator().manual_seed(args.seed + 1)}
+    if args.queue_size:
+        run.key_model = key_model_of(run.model)
+        run.queue = build_queue(args, run.model.out_dim, d.world_size).to(d.device)
+        _log(d, f"MoCo: key model EMA {args.key_momentum:g}, queue of {args.queue_size} keys"
+                f"{' and labels' if run.queue.keeps_labels else ''}")
     torch.manual_seed(args.seed * 1000 + d.rank)  # dropout etc.: a different stream per rank
     run.net = run.model
     if d.enabled:
@@ -236,11 +244,17 @@ def restore_checkpoint(run: Run) -> None:
     found = load_checkpoint(run.out_dir) if args.resume else None
     if found is not None:
         ckpt, path = found
-        diff = {k: (ckpt["config"].get(k), v) for k, v in run.config.items() if ckpt["config"].get(k) != v}
+        saved = training_config(build_parser().parse_args([])) | ckpt["config"]  # options added since: defaults
+        diff = {k: (saved.get(k), v) for k, v in run.config.items() if saved.get(k) != v}
+        if "queue_size" in diff:
+            raise ConfigError(f"--resume: {path} was written with --queue-size {saved['queue_size']}, this run has "
+                              f"--queue-size {args.queue_size}: a run cannot change its queue; use --queue-size "
+                              f"{saved['queue_size']} or another --out")
         if diff:
             raise ConfigError(f"--resume: {path} was written with different training arguments "
                               f"(checkpoint, now): {diff}; use the same arguments or another --out")
         run.model.load_state_dict(ckpt["model"])
+        _restore_queue(run, ckpt, path)
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scheduler.load_state_dict(ckpt["scheduler"])
         rngs = ckpt["rng"]
@@ -265,12 +279,58 @@ def restore_checkpoint(run: Run) -> None:
         run.metrics_file = open(run.path(METRICS), "a")
 
 
+def _restore_queue(run: Run, ckpt: dict[str, Any], path: str) -> None:
+    """The key model and the queue of a ``--queue-size`` checkpoint (the config check has matched the sizes)."""
+    if run.queue is None:
+        return
+    missing = [k for k in ("key_model", "queue") if k not in ckpt]
+    if missing:
+        raise ConfigError(f"--resume: {path} has no {' or '.join(missing)} state although it was written with "
+                          f"--queue-size {run.args.queue_size}: start over with --overwrite")
+    run.key_model.load_state_dict(ckpt["key_model"])
+    run.queue.load_state_dict(ckpt["queue"])
+
+
+def _keys(run: Run, images: Tensor, p2: Tensor) -> Tensor:
+    """The key model's embeddings of view 2 (no gradients), per micro-batch, float32 and L2-normalised."""
+    out = []
+    with torch.no_grad():
+        for s, e in micro_batches(run.local_batch, run.micro):
+            with autocast(run.d.device, run.amp):
+                _, z = run.key_model(run.aug.apply(images[s:e], p2[s:e]))
+            out.append(normalized_keys(z))
+    return torch.cat(out)
+
+
+def _moco_step(run: Run, images: Tensor, labels: Tensor, p1: Tensor, p2: Tensor) -> Tensor:
+    """The backward of a ``--queue-size`` step: queries of view 1 against keys of view 2 and the queue."""
+    args = run.args
+    keys = _keys(run, images, p2)
+
+    def encode(s: int, e: int) -> Tensor:
+        with autocast(run.d.device, run.amp):
+            _, z = run.net(run.aug.apply(images[s:e], p1[s:e]))
+        return z.float()
+
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = cached_backward(encode, run.local_batch, run.micro,
+                           lambda q: moco_loss(run.criterion, args.loss, q, keys, labels, run.queue),
+                           model=run.model, no_sync=run.net.no_sync if run.d.enabled else None)
+    run.optimizer.step()
+    run.scheduler.step()
+    ema_update(run.key_model, run.model, args.key_momentum)
+    run.queue.enqueue(keys, labels if run.queue.keeps_labels else None)
+    return loss
+
+
 def train_step(run: Run, images: Tensor, labels: Tensor) -> float:
     """One optimisation step on this rank's rows of a global batch; returns the (global) loss."""
     args, device = run.args, run.d.device
     lo, hi = run.d.rank * run.local_batch, (run.d.rank + 1) * run.local_batch
     p1 = run.aug.sample(args.batch_size, run.generators["augment"])[lo:hi].to(device)
     p2 = run.aug.sample(args.batch_size, run.generators["augment"])[lo:hi].to(device)
+    if run.queue is not None:
+        return _finite(run, _moco_step(run, images, labels, p1, p2))
 
     def encode(s: int, e: int) -> Tensor:
         x = images[s:e]
@@ -285,6 +345,12 @@ def train_step(run: Run, images: Tensor, labels: Tensor) -> float:
                            model=run.model, no_sync=run.net.no_sync if run.d.enabled else None)
     run.optimizer.step()
     run.scheduler.step()
+    return _finite(run, loss)
+
+
+def _finite(run: Run, loss: Tensor) -> float:
+    """The loss averaged over the ranks, as a number; a non-finite one stops the run."""
+    args = run.args
     if run.d.enabled:
         dist.all_reduce(loss)
         loss /= run.d.world_size
@@ -302,11 +368,17 @@ def write_checkpoint(run: Run) -> None:
         save_checkpoint(run.path(CHECKPOINT), {
             "version": CHECKPOINT_VERSION, "epoch": run.epoch, "epoch_step": run.epoch_step,
             "step": run.global_step, "epoch_loss_sum": run.epoch_loss_sum, "train_time_s": run.train_time,
-            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "model": run.model.state_dict(), **_queue_state(run), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "rng": rngs, "config": run.config,
             "fastcl": str(fastcl.__version__), "torch": str(torch.__version__),
         })
     run.d.barrier()
+
+
+def _queue_state(run: Run) -> dict[str, Any]:
+    if run.queue is None:
+        return {}
+    return {"key_model": run.key_model.state_dict(), "queue": run.queue.state_dict()}
 
 
 def crash_after_steps() -> int:
@@ -330,6 +402,8 @@ def train(run: Run) -> None:
     crash_after = crash_after_steps()
     for epoch in range(run.epoch, args.epochs):
         run.net.train()
+        if run.key_model is not None:
+            run.key_model.train()  # BatchNorm on batch statistics, as the model's
         epoch_start = last = time.perf_counter()
         for images, labels in run.batches.epoch(epoch, run.epoch_step):
             loss = train_step(run, images, labels)

@@ -22,6 +22,8 @@ TINY = ["--train-samples", "128", "--val-samples", "64", "--test-samples", "64",
         "--widths", "8,16", "--proj-dim", "16", "--batch-size", "32", "--dfr-repeats", "2", "--threads", "1",
         "--quiet", "--no-plots"]
 ROBUST_KEYS = ("id_acc", "bg_gap", "coobj_gap", "both_gap", "worst_group_acc")
+# MoCo: a queue of 48 keys wraps within the first epoch (4 steps of 32), so a resumed run needs its exact ring state
+QUEUE = ["--queue-size", "48", "--key-momentum", "0.9"]
 
 
 def env():
@@ -92,20 +94,31 @@ def test_plots_or_a_one_line_notice(tmp_path, capsys):
         assert "plots skipped: matplotlib is not installed" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """The uninterrupted 3-epoch run (in a child process, like the interrupted ones)."""
+@pytest.fixture(scope="module", params=["plain", "queue"])
+def reference_run(request, tmp_path_factory):
+    """``(out, arguments)`` of the uninterrupted 3-epoch run (in a child process, like the interrupted ones): plain
+    SupCon, and MoCo (key model + queue)."""
+    args = [*TINY, *(QUEUE if request.param == "queue" else []), "--epochs", "3"]
     out = str(tmp_path_factory.mktemp("ref") / "run")
-    run_cli([*TINY, "--epochs", "3", "--out", out])
-    return out
+    run_cli([*args, "--out", out])
+    return out, args
 
 
 def assert_same_result(out, ref):
     ckpt, s = load(out)
     ckpt_ref, s_ref = load(ref)
     assert ckpt["epoch"] == ckpt_ref["epoch"] == 3
-    for k, v in ckpt_ref["model"].items():
-        assert torch.equal(ckpt["model"][k], v), k
+    assert set(ckpt) == set(ckpt_ref)
+    states = ["model", "key_model", "queue"] if "queue" in ckpt_ref else ["model"]
+    for state in states:
+        assert set(ckpt[state]) == set(ckpt_ref[state]), state
+        for k, v in ckpt_ref[state].items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(ckpt[state][k], v), (state, k)
+            else:
+                assert ckpt[state][k] == v, (state, k)
+    if "queue" in ckpt_ref:  # it wrapped: full, the write position moved on
+        assert ckpt["queue"]["_extra_state"]["filled"] == 48
     assert s["linear_probe"] == s_ref["linear_probe"]
     assert s["robustness"] == s_ref["robustness"]
     assert s["resumed"] is True
@@ -114,34 +127,36 @@ def assert_same_result(out, ref):
 
 
 def test_crash_mid_epoch_then_resume_reaches_the_same_result(tmp_path, reference_run):
+    ref, args = reference_run
     out = str(tmp_path / "run")
-    crashed = run_cli([*TINY, "--epochs", "3", "--out", out], check=False, crash_after_steps=6)
+    crashed = run_cli([*args, "--out", out], check=False, crash_after_steps=6)
     assert crashed.returncode == 137  # died in epoch 2 without any cleanup
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["step"] == 4
     assert not os.path.exists(os.path.join(out, "summary.json"))
-    resumed = run_cli([*TINY, "--epochs", "3", "--out", out, "--resume"])
+    resumed = run_cli([*args, "--out", out, "--resume"])
     assert "resumed from" in resumed.stderr
-    assert_same_result(out, reference_run)
+    assert_same_result(out, ref)
 
 
 def test_mid_epoch_checkpoint_then_resume_reaches_the_same_result(tmp_path, reference_run):
     """--checkpoint-every 2: a crash after step 6 (2 steps into epoch 2) resumes from step 6, not from step 4."""
+    ref, args = reference_run
     out = str(tmp_path / "run")
-    crashed = run_cli([*TINY, "--epochs", "3", "--out", out, "--checkpoint-every", "2"], check=False,
-                      crash_after_steps=6)
+    crashed = run_cli([*args, "--out", out, "--checkpoint-every", "2"], check=False, crash_after_steps=6)
     assert crashed.returncode == 137
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
     assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (1, 2, 6)
-    resumed = run_cli([*TINY, "--epochs", "3", "--out", out, "--resume"])
+    resumed = run_cli([*args, "--out", out, "--resume"])
     assert "1/3 epochs done and 2 steps of the next, step 6" in resumed.stderr
-    assert_same_result(out, reference_run)
+    assert_same_result(out, ref)
 
 
 def test_sigkill_then_resume_reaches_the_same_result(tmp_path, reference_run):
     """A real kill -9 as soon as the first checkpoint exists (wherever the run is by then)."""
+    ref, args = reference_run
     out = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, "-m", "fastcl.train.pretrain", *TINY, "--epochs", "3", "--out", out],
+    proc = subprocess.Popen([sys.executable, "-m", "fastcl.train.pretrain", *args, "--out", out],
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt_path = os.path.join(out, "checkpoint.pt")
     deadline = time.monotonic() + 240
@@ -150,8 +165,8 @@ def test_sigkill_then_resume_reaches_the_same_result(tmp_path, reference_run):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     torch.load(ckpt_path, map_location="cpu", weights_only=True)  # never a half-written file
-    run_cli([*TINY, "--epochs", "3", "--out", out, "--resume"])
-    assert_same_result(out, reference_run)
+    run_cli([*args, "--out", out, "--resume"])
+    assert_same_result(out, ref)
 
 
 def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path, capsys):
@@ -237,9 +252,12 @@ def test_progress_bar_lines_when_not_a_terminal():
 
 @pytest.mark.skipif("gather_distributed" not in str(inspect.signature(fastcl.SupConLoss)),
                     reason="needs SupConLoss(gather_distributed=True) (fastcl.distributed)")
-@pytest.mark.parametrize("loss", ["supcon", "simclr"])
-def test_torchrun_two_processes_equal_one_process_without_batchnorm(tmp_path, loss):
-    base = [*TINY, "--epochs", "1", "--no-batchnorm", "--loss", loss, "--probe-every", "0", "--device", "cpu"]
+@pytest.mark.parametrize("loss, queue", [("supcon", []), ("simclr", []), ("supcon", QUEUE), ("simclr", QUEUE)],
+                         ids=["supcon", "simclr", "supcon-queue", "simclr-queue"])
+def test_torchrun_two_processes_equal_one_process_without_batchnorm(tmp_path, loss, queue):
+    """With a queue: every rank enqueues the global batch's keys, so the 2-process queue is the 1-process one."""
+    base = [*TINY, *queue, "--epochs", "1", "--no-batchnorm", "--loss", loss, "--probe-every", "0", "--device",
+            "cpu"]
     run_cli([*base, "--out", str(tmp_path / "single")])
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
@@ -249,8 +267,13 @@ def test_torchrun_two_processes_equal_one_process_without_batchnorm(tmp_path, lo
     single, s1 = load(str(tmp_path / "single"))
     ddp, s2 = load(str(tmp_path / "ddp"))
     assert s2["world_size"] == 2
-    for k, v in single["model"].items():
-        torch.testing.assert_close(ddp["model"][k], v, rtol=1e-4, atol=1e-5)
+    for state in ("model", "key_model", "queue") if queue else ("model",):
+        for k, v in single[state].items():
+            if isinstance(v, torch.Tensor):
+                torch.testing.assert_close(ddp[state][k], v, rtol=1e-4, atol=1e-5)
+    if queue:
+        assert ddp["queue"]["_extra_state"] == single["queue"]["_extra_state"]
+        assert ddp["queue"]["_extra_state"]["filled"] == 48
     l1 = [r["loss"] for r in records(str(tmp_path / "single")) if r["type"] == "step"]
     l2 = [r["loss"] for r in records(str(tmp_path / "ddp")) if r["type"] == "step"]
     assert l2 == pytest.approx(l1, rel=1e-4)
