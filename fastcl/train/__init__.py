@@ -9,6 +9,7 @@
 * :mod:`fastcl.train.checkpoint`: the run directory's files: atomic writes, checkpoints, resuming;
 * :mod:`fastcl.train.runtime`: distributed set-up, device, threads, autocast;
 * :mod:`fastcl.train.factory`: the model and the loss from the arguments;
+* :mod:`fastcl.train.moco`: ``--queue-size`` (MoCo v2): the key model, its EMA update, the queue and its loss;
 * :mod:`fastcl.train.progress`, :mod:`fastcl.train.errors`: the progress bar; the two errors a run reports;
 * :mod:`fastcl.train.data`: datasets (the procedural default, CIFAR, folders, UrbanCars) and the batch loaders;
 * :mod:`fastcl.train.augment`, :mod:`fastcl.train.gradcache`, :mod:`fastcl.train.optim`, :mod:`fastcl.train.plots`:
