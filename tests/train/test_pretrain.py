@@ -185,14 +185,18 @@ def test_resume_with_other_training_arguments_is_refused(tmp_path, capsys):
     assert "different training arguments" in capsys.readouterr().err
 
 
-def test_gradcache_run_equals_full_batch_run_without_batchnorm(tmp_path):
-    base = [*TINY, "--epochs", "1", "--no-batchnorm", "--probe-every", "0"]
+@pytest.mark.parametrize("queue", [[], QUEUE], ids=["plain", "queue"])
+def test_gradcache_run_equals_full_batch_run_without_batchnorm(tmp_path, queue):
+    """With a queue the keys are embedded per micro-batch too: same keys, same queue, same step."""
+    base = [*TINY, *queue, "--epochs", "1", "--no-batchnorm", "--probe-every", "0"]
     assert pretrain.main([*base, "--out", str(tmp_path / "full")]) == 0
     assert pretrain.main([*base, "--micro-batch-size", "5", "--out", str(tmp_path / "cached")]) == 0
     full, _ = load(str(tmp_path / "full"))
     cached, _ = load(str(tmp_path / "cached"))
-    for k, v in full["model"].items():
-        torch.testing.assert_close(cached["model"][k], v, rtol=1e-4, atol=1e-5)
+    for state in ("model", "key_model", "queue") if queue else ("model",):
+        for k, v in full[state].items():
+            if isinstance(v, torch.Tensor):
+                torch.testing.assert_close(cached[state][k], v, rtol=1e-4, atol=1e-5)
 
 
 def test_gradcache_with_batchnorm_and_lars_runs(tmp_path):
