@@ -2,14 +2,18 @@
 
 The worker is called as ``worker(rank, *leading, port, out_dir)``, initialises its process group on
 ``tcp://127.0.0.1:port`` and saves its results to ``out_dir/rank{rank}.pt``. The test fails, never hangs, when a
-process does not finish in time or exits with an error.
+process does not finish in time or exits with an error. Once the worker has returned, the process exits at once
+(``os._exit``): the destructors of gloo's threads at interpreter teardown can abort a process whose work is done and
+saved ("terminate called without an active exception"), which is no result of the code under test.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
+import traceback
 from typing import Callable, List
 
 import torch
@@ -22,12 +26,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_then_exit(worker: Callable, args) -> None:
+    try:
+        worker(*args)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawn_ranks(worker: Callable, world: int, out_dir, timeout_s: float, *leading) -> List:
     """Start ``world`` spawned processes running ``worker``; the list of what each rank saved, in rank order."""
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [
-        ctx.Process(target=worker, args=(rank, *leading, port, str(out_dir)), daemon=True) for rank in range(world)
+        ctx.Process(target=_run_then_exit, args=(worker, (rank, *leading, port, str(out_dir))), daemon=True)
+        for rank in range(world)
     ]
     for p in procs:
         p.start()
