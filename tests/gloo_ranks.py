@@ -9,6 +9,7 @@ saved ("terminate called without an active exception"), which is no result of th
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import sys
@@ -17,6 +18,7 @@ import traceback
 from typing import Callable, List
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -24,6 +26,14 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def join_gloo(rank: int, world: int, port: int) -> None:
+    """In a worker: join the gloo process group of ``world`` ranks on ``tcp://127.0.0.1:port`` (60 s timeout)."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )  # fmt: skip
 
 
 def _run_then_exit(worker: Callable, args) -> None:

@@ -16,7 +16,6 @@ global inputs from a seed and keeps its shard; the test process checks:
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import os
 import traceback
@@ -24,7 +23,7 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_ranks import spawn_ranks
+from gloo_ranks import join_gloo, spawn_ranks
 
 import fastcl
 import fastcl.functional as FF
@@ -173,10 +172,7 @@ def _run_learnable(rank, world):
 
 def _worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )  # fmt: skip
+    join_gloo(rank, world, port)
     try:
         result = {"clip": _run_clip(rank, world), "learnable": _run_learnable(rank, world)}
     except Exception:
@@ -213,7 +209,8 @@ def test_equal_shards_equal_open_clip_per_rank(ranks, world, local_loss, with_gr
     for rank in range(world):
         got, want = ranks[rank][world]["clip"][("equal", local_loss, with_grad)]
         for name, g, w in zip(("loss", "d image", "d text", "d p"), got, want):
-            torch.testing.assert_close(g, w, **TOL, msg=lambda m, rank=rank, name=name: f"rank {rank} of {world}, {name}: {m}")
+            where = f"rank {rank} of {world}, {name}"
+            torch.testing.assert_close(g, w, **TOL, msg=lambda m, where=where: f"{where}: {m}")
         assert abs(float(want[3])) > 1e-4
 
 

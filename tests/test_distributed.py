@@ -15,7 +15,6 @@ process then checks, in float64:
 
 from __future__ import annotations
 
-import datetime
 import os
 import time
 import traceback
@@ -24,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from float64_reference import info_nce_float64, supcon_float64
-from gloo_ranks import spawn_ranks
+from gloo_ranks import join_gloo, spawn_ranks
 
 import fastcl.functional as FF
 from fastcl import SupConLoss
@@ -221,13 +220,7 @@ def _bad_inputs(rank, world, group):
 
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    join_gloo(rank, WORLD, port)
     pair = dist.new_group([0, 1])  # collective: every rank calls it
     results = {}
     import fastcl.distributed as D

@@ -5,14 +5,13 @@ own anchors (so the average over ranks is the one-process gradient)."""
 
 from __future__ import annotations
 
-import datetime
 import os
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_ranks import spawn_ranks
+from gloo_ranks import join_gloo, spawn_ranks
 
 from fastcl import functional as FF
 
@@ -85,8 +84,7 @@ def _run_case(name, spec, rank, group):
 
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    join_gloo(rank, WORLD, port)
     pair = dist.new_group([0, 1])
     results = {}
     try:

@@ -3,13 +3,12 @@ queue on every rank of a gloo run (2 and 3 ranks, uneven and empty shards)."""
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_ranks import spawn_ranks
+from gloo_ranks import join_gloo, spawn_ranks
 
 from fastcl import MemoryQueue
 
@@ -141,10 +140,7 @@ def _global_steps(world):
 
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )  # fmt: skip
+    join_gloo(rank, WORLD, port)
     pair = dist.new_group([0, 1])
     results = {}
     for world, group in ((2, pair), (3, None)):

@@ -10,14 +10,13 @@ a real DistributedDataParallel model, and that with equal shards each rank retur
 
 from __future__ import annotations
 
-import datetime
 import os
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_ranks import spawn_ranks
+from gloo_ranks import join_gloo, spawn_ranks
 from sigmoid_peers import open_clip_loss
 
 import fastcl
@@ -158,13 +157,7 @@ def _bad_inputs(rank, world, group):
 
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    join_gloo(rank, WORLD, port)
     pair = dist.new_group([0, 1])
     results = {}
     try:
