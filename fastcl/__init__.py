@@ -6,7 +6,7 @@
 
 from fastcl import functional
 from fastcl.clip import ClipLoss
-from fastcl.losses import InfoNCELoss, NTXentLoss, SupConLoss
+from fastcl.losses import InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss
 from fastcl.memory_queue import MemoryQueue
 from fastcl.models import ContrastiveModel, collect_representations, encoders, heads
 
@@ -17,6 +17,7 @@ __all__ = [
     "NTXentLoss",
     "InfoNCELoss",
     "ClipLoss",
+    "SigLipLoss",
     "MemoryQueue",
     "ContrastiveModel",
     "collect_representations",
@@ -25,7 +26,3 @@ __all__ = [
     "heads",
     "__version__",
 ]
-
-from fastcl.losses import SigLipLoss
-
-__all__ += ["SigLipLoss"]

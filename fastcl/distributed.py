@@ -43,10 +43,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fastcl import _extension, _layout
+from fastcl import _sigmoid_inputs as SI
 from fastcl import _validation as V
 from fastcl.ops.dispatch import contrastive_loss
+from fastcl.ops.sigmoid.dispatch import sigmoid_loss_op
 
-__all__ = ["all_gather_with_grad", "supcon_loss_distributed", "nt_xent_loss_distributed", "info_nce_loss_distributed"]
+__all__ = [
+    "all_gather_with_grad",
+    "supcon_loss_distributed",
+    "nt_xent_loss_distributed",
+    "info_nce_loss_distributed",
+    "sigmoid_loss_distributed",
+]
 
 _META_LEN = 24  # int64 entries per rank in the metadata all-gather (fixed, so it never depends on the input)
 _MAX_TRAILING_DIMS = 8  # all_gather_with_grad: x may have up to 1 + 8 dims
@@ -649,7 +657,6 @@ _INFONCE_AGREEMENT = _Agreement(
 # The sigmoid (SigLIP) loss
 # ----------------------------------------------------------------------------------------------------------------
 
-__all__ += ["sigmoid_loss_distributed"]
 _OP_SIGMOID = 7
 
 
@@ -676,8 +683,6 @@ def sigmoid_loss_distributed(
     returns ``W * (sum over its images' pairs) / B``, ``B = sum_r b_r``: the rank mean is the one-process loss on
     the concatenated batch and DDP's averaged gradients are its gradients.
     """
-    from fastcl import _sigmoid_inputs as SI
-
     rank, world = _rank_and_world(group)
     what = "sigmoid_loss(gather_distributed=True)"
 
@@ -718,8 +723,6 @@ def sigmoid_loss_distributed(
         all_image_labels=all_image_labels,
         image_offset=sum(image_counts[:rank]) if all_image_labels is not None else 0,
     )
-    from fastcl.ops.sigmoid.dispatch import sigmoid_loss_op
-
     return sigmoid_loss_op(problem, backend)
 
 

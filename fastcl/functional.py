@@ -14,12 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from fastcl import _layout
+from fastcl import _sigmoid_inputs as SI
 from fastcl import _validation as V
 from fastcl.ops.dispatch import contrastive_loss
 from fastcl.ops.problem import index_range
 from fastcl.ops.reference import extra_columns_loss_reference, info_nce_loss_reference, supcon_loss_reference
+from fastcl.ops.sigmoid.dispatch import sigmoid_loss_op
+from fastcl.ops.sigmoid.reference import sigmoid_loss_reference
 
-__all__ = ["supcon_loss", "nt_xent_loss", "info_nce_loss"]
+__all__ = ["supcon_loss", "nt_xent_loss", "info_nce_loss", "sigmoid_loss"]
 
 
 def supcon_loss(
@@ -416,8 +419,6 @@ def _checked_info_nce_inputs(query, key, labels, temperature, symmetric, backend
 # The sigmoid (SigLIP) loss
 # ----------------------------------------------------------------------------------------------------------------
 
-__all__ += ["sigmoid_loss"]
-
 
 def sigmoid_loss(
     image: torch.Tensor,
@@ -467,8 +468,6 @@ def sigmoid_loss(
         >>> logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
         >>> loss = sigmoid_loss(img, txt, logit_scale.exp(), logit_bias)
     """
-    from fastcl import _sigmoid_inputs as SI
-
     if gather_distributed:
         from fastcl.distributed import sigmoid_loss_distributed
 
@@ -491,9 +490,5 @@ def sigmoid_loss(
     if backend == "reference":
         if normalize:
             problem = problem._replace(image=F.normalize(problem.image, dim=-1), text=F.normalize(problem.text, dim=-1))
-        from fastcl.ops.sigmoid.reference import sigmoid_loss_reference
-
         return sigmoid_loss_reference(problem)
-    from fastcl.ops.sigmoid.dispatch import sigmoid_loss_op
-
     return sigmoid_loss_op(problem, backend, normalize)

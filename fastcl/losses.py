@@ -9,8 +9,9 @@ from torch import nn
 
 from fastcl import _validation as V
 from fastcl import functional as FF
+from fastcl._sigmoid_inputs import check_weighting
 
-__all__ = ["SupConLoss", "NTXentLoss", "InfoNCELoss"]
+__all__ = ["SupConLoss", "NTXentLoss", "InfoNCELoss", "SigLipLoss"]
 
 
 def _check_distributed(gather_distributed: bool, backend: str) -> bool:
@@ -241,8 +242,6 @@ class InfoNCELoss(nn.Module):
 # The sigmoid (SigLIP) loss
 # ----------------------------------------------------------------------------------------------------------------
 
-__all__ += ["SigLipLoss"]
-
 
 class SigLipLoss(nn.Module):
     """SigLIP's sigmoid loss, called as open_clip's ``SigLipLoss``: ``(image_features, text_features, logit_scale,
@@ -278,8 +277,6 @@ class SigLipLoss(nn.Module):
         group=None,
     ) -> None:
         super().__init__()
-        from fastcl._sigmoid_inputs import check_weighting
-
         self.weighting = check_weighting(weighting)
         self.normalize = bool(normalize)
         self.backend = V.check_backend(backend)
