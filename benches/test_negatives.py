@@ -133,7 +133,7 @@ def test_info_nce_with_queue(benchmark, impl, n, m):
     rate = _RATE[DEVICE]
     tensors = _inputs(n, m, DEVICE)
     _step(impl, *tensors)  # warm-up (and the gradients' buffers)
-    rounds = 3 if n * m <= 1024 * 16384 else 1
+    rounds = 15 if n * m <= 2**21 else (3 if n * m <= 1024 * 16384 else 1)
     benchmark.pedantic(_step, args=(impl, *tensors), rounds=rounds, iterations=1)
     floor = (6.0 * n * m * DIM + 6.0 * n * n * DIM) / rate
     median = benchmark.stats.stats.median

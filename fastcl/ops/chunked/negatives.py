@@ -2,13 +2,17 @@
 restricted to each anchor's positive (MoCo), and the false-negative margin (:class:`~fastcl.ops.problem.Problem`'s
 ``negatives`` / ``negative_labels`` / ``in_batch`` / ``false_negative_margin``).
 
-One pass over blocks of anchor rows. Each block's logits are two products, ``A_r @ C.T`` over the ``Nc`` batch
-columns (or, with ``in_batch=False``, one dot product per row with its positive) and ``A_r @ Q.T`` over the ``M``
-extra rows, joined into one ``[rows, Nc' + M]`` block (``Nc' = Nc`` or 1) whose log-sum-exp, positive sum and
-``dL/ds`` are formed in place; nothing ``Na x (Nc + M)`` is kept. The gradients are formed in the same pass for
-``grad_output = 1`` (the backward only scales them): ``dA_r = dS_b @ C + dS_q @ Q``, ``dC += dS_b.T @ A_r``, and
-``dQ += dS_q.T @ A_r`` only when the extra rows require grad (MNRL's hard negatives): a detached queue costs its two
-forward-direction products per block and nothing more.
+One pass over blocks of anchor rows. Each block's logits are two products written side by side into one reused
+``[rows, Nc' + M]`` buffer: ``A_r @ C.T`` over the ``Nc`` batch columns (or, with ``in_batch=False``, one dot
+product per row with its positive: ``Nc' = 1``) and ``A_r @ Q.T`` over the ``M`` extra rows. The buffer is
+exponentiated in place (no row max when every logit is small enough); nothing ``Na x (Nc + M)`` is kept. With
+``in_batch`` the positive pairs never touch the block: their logit sums and their share of the gradients are class
+sums over the columns that can be positive (the batch, and labelled extra rows), ``O((N + M) D)``; with
+``in_batch=False`` each row's one positive is its first column. The gradients are formed in the
+same pass for ``grad_output = 1`` (the backward only scales them), the softmax share through the block's exps with
+the row factors on the ``[rows, D]`` sides: ``dA_r = f (E_b @ C + E_q @ Q)``, ``dC += E_b.T @ (f A_r)``, and
+``dQ += E_q.T @ (f A_r)`` only when the extra rows require grad (MNRL's hard negatives): a detached queue costs its
+two forward-direction products per block and nothing more.
 
 Row ``i``'s loss is ``-scale / P_i * sum_j w_ij log softmax_j(s_ij)`` over the kept columns, ``w_ij = 1`` for a
 positive (equal labels; a labelled extra row with the anchor's label included), ``P_i = max(W_i, 1)``: the op's
@@ -31,6 +35,7 @@ _FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda
 # Bytes of one block's logits on an accelerator: the block's few [rows, Nc + M] temporaries stay a few times this
 # (at Nc + M = 69,632 that is 120 rows, still a full-width GEMM on a GPU); on CPU the chunked backend's budget.
 _ACCELERATOR_BLOCK_BYTES = 32 * 1024 * 1024
+_MIN_BLOCK_ROWS, _MAX_BLOCK_BYTES = 64, 64 * 1024 * 1024
 
 
 class _Columns(NamedTuple):
@@ -64,36 +69,52 @@ def _columns(problem: Problem) -> _Columns:
 
 
 def _block_rows(n_anchor: int, n_columns: int, device: torch.device) -> int:
+    """Rows per block: the logits budget over ``4 (Nb + M)`` bytes, but at least 64 rows while such a block stays
+    within 64 MiB, and never fewer than 16. Thinner products run far below the square-sgemm rate R: at D = 128 on
+    one Xeon thread the two large ones ran at 0.43 / 0.63 R with 31 rows and 0.55 / 0.78 R with 64."""
+    width = 4 * max(n_columns, 1)
     budget = passes.block_bytes("cpu") if device.type == "cpu" else _ACCELERATOR_BLOCK_BYTES
-    return max(1, min(n_anchor, max(16, budget // (4 * max(n_columns, 1)))))
+    least = min(_MIN_BLOCK_ROWS, max(16, _MAX_BLOCK_BYTES // width))
+    return max(1, min(n_anchor, max(least, budget // width)))
 
 
-def _block_logits(cols: _Columns, problem: Problem, start: int, stop: int):
-    """``(logits [r, Nb + M], w_batch [r, Nb], w_extra [r, M] or None, Nb)`` of anchors ``start:stop`` (``Nb = Nc``,
-    or 1 with ``in_batch=False``), excluded pairs at ``-inf`` (the self pair, columns beyond the margin) with
-    weight 0."""
-    scaled = cols.anchor[start:stop] * cols.inv_temperature  # (1 / t on the [r, D] rows, not on the logits)
-    rows = torch.arange(start, stop, device=scaled.device)
+def _shift_free(scaled_anchor: Tensor, cols: _Columns) -> bool:
+    """Every logit small enough to exponentiate as it is (:func:`~fastcl.ops.chunked.passes._shift_free`, over the
+    batch columns and the extra rows)."""
+    return passes._shift_free(scaled_anchor, cols.contrast) and (
+        cols.negatives.shape[0] == 0 or passes._shift_free(scaled_anchor, cols.negatives)
+    )
+
+
+def _column_positives(cols: _Columns, problem: Problem, scaled_anchor: Tensor):
+    """``(positives, columns)``: the positive pairs of an ``in_batch`` problem as class sums over the columns that
+    can be positive (:class:`~fastcl.ops.chunked.passes._Positives`): the batch columns, and the extra rows when
+    they are labelled (``columns`` is then ``[C; Q]``, else ``C``)."""
+    columns, labels = cols.contrast, cols.contrast_labels
+    if cols.negative_labels is not None and cols.negatives.shape[0] > 0:
+        columns = torch.cat([cols.contrast, cols.negatives])
+        labels = torch.cat([cols.contrast_labels, cols.negative_labels.to(labels.dtype)])
+    positives = passes._label_positives(scaled_anchor, columns, cols.anchor_labels, labels, problem.self_offset)
+    return positives, columns
+
+
+def _block_logits(logits: Tensor, cols: _Columns, problem: Problem, scaled: Tensor, start: int, stop: int) -> None:
+    """Fill ``logits [r, Nb + M]`` for anchors ``start:stop`` (``scaled``: their rows times ``1 / t``): the batch
+    columns (``Nb = Nc``, or with ``in_batch=False`` only the positive's, ``Nb = 1``), then the extra rows; excluded
+    pairs (the self pair, columns beyond the margin) at ``-inf``."""
+    n_batch = logits.shape[1] - cols.negatives.shape[0]
     labels = cols.anchor_labels[start:stop]
     if problem.in_batch:
-        batch = torch.mm(scaled, cols.contrast.T)
-        w_batch = torch.eq(labels[:, None], cols.contrast_labels[None, :]).to(scaled.dtype)
+        torch.mm(scaled, cols.contrast.T, out=logits[:, :n_batch])
     else:  # the positive's column only (contrast ids are arange(Nc): the label is the column)
-        batch = torch.linalg.vecdot(scaled, cols.contrast[labels])[:, None]
-        w_batch = scaled.new_ones(stop - start, 1)
-    n_batch = batch.shape[1]
-    logits = torch.cat([batch, torch.mm(scaled, cols.negatives.T)], 1)
-    del batch
-    w_extra = None
-    if cols.negative_labels is not None:
-        w_extra = torch.eq(labels[:, None], cols.negative_labels[None, :]).to(scaled.dtype)
+        logits[:, 0] = torch.linalg.vecdot(scaled, cols.contrast[labels])
+    if n_batch < logits.shape[1]:
+        torch.mm(scaled, cols.negatives.T, out=logits[:, n_batch:])
+    local = torch.arange(stop - start, device=scaled.device)
     if problem.self_offset is not None:
-        self_column = rows + problem.self_offset
-        logits[rows - start, self_column] = float("-inf")
-        w_batch[rows - start, self_column] = 0.0
+        logits[local, local + start + problem.self_offset] = float("-inf")
     if cols.margin is not None:
         _drop_beyond_margin(logits, labels if problem.in_batch else torch.zeros_like(labels), cols)
-    return logits, w_batch, w_extra, n_batch
 
 
 def _drop_beyond_margin(logits: Tensor, positive_column: Tensor, cols: _Columns) -> None:
@@ -109,40 +130,66 @@ def _drop_beyond_margin(logits: Tensor, positive_column: Tensor, cols: _Columns)
 def negatives_forward(problem: Problem, want_grad: bool, grad_negatives: bool):
     """``(loss, dA, dC, dQ)``: the mean loss (compute dtype) and, with ``want_grad``, the gradients for
     ``grad_output = 1`` of the anchor role, the batch-column role and (``grad_negatives``) the extra rows; else
-    None. When the anchors are the contrast rows, ``dA`` and ``dC`` are the two roles of that one input."""
+    None. When the anchors are the contrast rows, ``dA`` and ``dC`` are the two roles of that one input.
+
+    Per block of anchor rows the batch and extra-row products are written side by side into one reused
+    ``[r, Nb + M]`` buffer and exponentiated in place (without a row max when every logit is small enough,
+    :func:`_shift_free`). The positives never touch the block: with ``in_batch`` their logit sums and their share
+    of the gradients are class sums over the columns (``O((N + M) D)``); with ``in_batch=False`` each row's one
+    positive is its first column. The softmax share of the gradients scales the ``[r, D]`` sides of its products
+    (``dA_r = f (E @ [C; Q])``, ``dC += E_b^T (f A_r)``), so the block is read by the products and nothing else."""
     cols = _columns(problem)
-    n_anchor, n_columns = cols.anchor.shape[0], cols.contrast.shape[0] + cols.negatives.shape[0]
+    n_anchor, n_extra = cols.anchor.shape[0], cols.negatives.shape[0]
+    n_batch = cols.contrast.shape[0] if problem.in_batch else 1
+    width = n_batch + n_extra
+    scaled_anchor = cols.anchor * cols.inv_temperature
+    shift_free = _shift_free(scaled_anchor, cols)
+    positives = columns = None
+    if problem.in_batch:
+        positives, columns = _column_positives(cols, problem, scaled_anchor)
+    labelled_extra = columns is not None and columns.shape[0] > cols.contrast.shape[0]
+    grad_anchor = grad_columns = grad_extra = coef_pos_all = None
+    if want_grad:
+        grad_anchor = torch.empty_like(cols.anchor)
+        # one buffer for the batch columns' and the extra rows' gradients: the labelled extra rows' positive share
+        # is subtracted over [C; Q] at once
+        n_grad_rows = cols.contrast.shape[0] + (n_extra if labelled_extra or grad_negatives else 0)
+        grad_columns = cols.contrast.new_zeros(n_grad_rows, cols.contrast.shape[1])
+        if grad_negatives:
+            grad_extra = grad_columns[cols.contrast.shape[0] :]
+        coef_pos_all = torch.empty(n_anchor, dtype=cols.anchor.dtype, device=cols.anchor.device)
+    grad_contrast = None if grad_columns is None else grad_columns[: cols.contrast.shape[0]]
     total = cols.anchor.new_zeros(())
-    grad_anchor = torch.empty_like(cols.anchor) if want_grad else None
-    grad_contrast = torch.zeros_like(cols.contrast) if want_grad else None
-    grad_extra = torch.zeros_like(cols.negatives) if want_grad and grad_negatives else None
-    step = _block_rows(n_anchor, n_columns, cols.anchor.device)
+    step = _block_rows(n_anchor, width, cols.anchor.device)
+    buffer = cols.anchor.new_empty(min(step, n_anchor) * width)
     for start in range(0, n_anchor, step):
         stop = min(start + step, n_anchor)
-        logits, w_batch, w_extra, n_batch = _block_logits(cols, problem, start, stop)
-        pos_sum, weight = _positive_sums(logits[:, :n_batch], w_batch)
-        if w_extra is not None:
-            extra_sum, extra_weight = _positive_sums(logits[:, n_batch:], w_extra)
-            pos_sum, weight = pos_sum + extra_sum, weight + extra_weight
-        exps, sums, lse = _exponentials(logits)
-        del logits
+        logits = buffer[: (stop - start) * width].view(stop - start, width)
+        _block_logits(logits, cols, problem, scaled_anchor[start:stop], start, stop)
+        if problem.in_batch:
+            pos_sum, weight = positives.pos_logit_sum[start:stop], positives.pos_weight[start:stop]
+        else:
+            pos_sum, weight = logits[:, 0].clone(), logits.new_ones(stop - start)
+        exps, sums, lse = _exponentials(logits, shift_free)
         total = total + row_losses(pos_sum, weight, lse, problem.scale).sum()
         if want_grad:
-            grads = (grad_anchor, grad_contrast, grad_extra)
-            _block_gradients(cols, problem, (start, stop), (exps, w_batch, w_extra, n_batch), (sums, weight), grads)
-        del exps, w_batch, w_extra
+            grads = (grad_anchor, grad_contrast, grad_extra, coef_pos_all)
+            _block_gradients(cols, problem, (start, stop), exps, (sums, weight), grads)
+    if want_grad and problem.in_batch:  # the positives' share, all rows at once
+        positives.subtract_gradients(grad_anchor, grad_columns[: columns.shape[0]], cols.anchor, columns, coef_pos_all)
+    if grad_extra is not None:  # (its own storage: the op's outputs may not alias one another)
+        grad_extra = grad_extra.clone()
     return total / n_anchor, grad_anchor, grad_contrast, grad_extra
 
 
-def _positive_sums(logits: Tensor, w: Tensor):
-    """``(sum_j w_ij s_ij, sum_j w_ij)`` per row, excluded (``-inf``) entries, whose weight is 0, counted as 0."""
-    finite = torch.where(logits == float("-inf"), 0.0, logits)
-    return torch.linalg.vecdot(w, finite), w.sum(1)
-
-
-def _exponentials(logits: Tensor):
-    """``(exps, sums, lse)``: ``exp(s_ij - max_i)`` in place of the logits, their row sums, and the row
-    log-sum-exp (``-inf`` for a row with no column; its exps and sum are 0)."""
+def _exponentials(logits: Tensor, shift_free: bool):
+    """``(exps, sums, lse)``: ``exp(s_ij - shift_i)`` in place of the logits (``shift = 0`` when
+    ``shift_free``, else the row max), their row sums, and the row log-sum-exp (``-inf`` for a row with no column;
+    its exps and sum are 0)."""
+    if shift_free:
+        exps = logits.exp_()
+        sums = exps.sum(1)
+        return exps, sums, torch.log(sums)
     row_max = logits.amax(1)
     shift = torch.where(row_max == float("-inf"), 0.0, row_max)
     exps = logits.sub_(shift[:, None]).exp_()
@@ -150,31 +197,38 @@ def _exponentials(logits: Tensor):
     return exps, sums, shift + torch.log(sums)
 
 
-def _block_gradients(cols: _Columns, problem: Problem, span, block, stats, grads) -> None:
-    """Turn the block's exps into ``dL/ds`` in place and accumulate the three gradients (``dQ`` when asked)."""
-    (start, stop), (exps, w_batch, w_extra, n_batch), (sums, weight) = span, block, stats
-    grad_anchor, grad_contrast, grad_extra = grads
+def _block_gradients(cols: _Columns, problem: Problem, span, exps: Tensor, stats, grads) -> None:
+    """Accumulate the softmax share of the three gradients (``dQ`` when asked) from the block's exps; store the
+    rows' positive coefficients (``in_batch``: subtracted after the loop) or subtract the positive's share now
+    (``in_batch=False``: one column)."""
+    (start, stop), (sums, weight) = span, stats
+    grad_anchor, grad_contrast, grad_extra, coef_pos_all = grads
     coef_softmax, coef_pos = grad_coefficients(weight, problem.scale)
     factor = cols.inv_temperature / cols.anchor.shape[0]  # dL/d(a . c) = dL/ds / t, and the mean's 1 / Na
     coef_pos = coef_pos.mul_(factor)
-    # softmax = exps / sums: one pass turns the exps into the softmax part of dL/ds (a row with no column: 0)
-    row_factor = torch.where(sums == 0, 0.0, coef_softmax.mul_(factor) / sums)
-    dlogits = exps.mul_(row_factor[:, None])
-    dlogits[:, :n_batch].sub_(w_batch * coef_pos[:, None])
-    if w_extra is not None:
-        dlogits[:, n_batch:].sub_(w_extra * coef_pos[:, None])
+    # dL/ds_ij = f_i exps_ij - coef_pos_i w_ij, f_i = coef_softmax_i / (t Na sums_i) (a row with no column: 0)
+    row_factor = torch.where(sums == 0, 0.0, coef_softmax.mul_(factor) / sums)[:, None]
+    n_batch = exps.shape[1] - cols.negatives.shape[0]
+    exps_batch, exps_extra = exps[:, :n_batch], exps[:, n_batch:]
     anchor = cols.anchor[start:stop]
-    d_batch, d_extra = dlogits[:, :n_batch], dlogits[:, n_batch:]
+    weighted_anchor = anchor * row_factor
+    grad_rows = grad_anchor[start:stop]
     if problem.in_batch:
-        grad_anchor[start:stop] = torch.mm(d_batch, cols.contrast)
-        grad_contrast.addmm_(d_batch.T, anchor)
+        torch.mm(exps_batch, cols.contrast, out=grad_rows)
+        grad_contrast.addmm_(exps_batch.T, weighted_anchor)
+        coef_pos_all[start:stop] = coef_pos
     else:
         positive = cols.anchor_labels[start:stop]
-        grad_anchor[start:stop] = d_batch * cols.contrast[positive]
-        grad_contrast.index_add_(0, positive, d_batch * anchor)
-    grad_anchor[start:stop].addmm_(d_extra, cols.negatives)
+        positive_rows = cols.contrast[positive]
+        torch.mul(positive_rows, exps_batch, out=grad_rows)
+        grad_contrast.index_add_(0, positive, exps_batch * weighted_anchor - coef_pos[:, None] * anchor)
+    if exps_extra.shape[1] > 0:
+        grad_rows.addmm_(exps_extra, cols.negatives)
+    grad_rows.mul_(row_factor)
+    if not problem.in_batch:
+        grad_rows.addcmul_(positive_rows, coef_pos[:, None], value=-1.0)
     if grad_extra is not None:
-        grad_extra.addmm_(d_extra.T, anchor)
+        grad_extra.addmm_(exps_extra.T, weighted_anchor)
 
 
 class _NegativesFunction(torch.autograd.Function):

@@ -9,10 +9,11 @@ so nothing waits for other blocks) and consumed by two more products, ``dX_r = s
 forward and backward together, in ``O(N D + r M)`` memory, and nothing is recomputed: the backward only scales the
 stored gradients by ``grad_output``.
 
-The default pairing (image i with text ``i + pair_offset``) touches only the block's diagonal: the whole block is
-evaluated as negatives and its ``r`` positive entries are overwritten from their own logits, so a positive's loss
-and gradient never come from a difference of large terms. With labels the block's positive mask is formed from the
-ids (a few more elementwise passes, :func:`~fastcl.ops.sigmoid.problem.pair_terms`), and SigLIP+ weights apply there.
+The default pairing (image i with text ``i + pair_offset``) touches only the block's diagonal: its ``r`` positive
+logits are negated in place, so the block holds ``t = -z l`` and one ``softplus`` / ``sigmoid`` pass serves every
+pair; a positive's loss and gradient never come from a difference of large terms. With labels the block's positive
+mask is formed from the ids (a few more elementwise passes, :func:`~fastcl.ops.sigmoid.problem.pair_terms`), and
+SigLIP+ weights apply there.
 Half-precision inputs are computed in fp32, float64 stays float64.
 """
 
@@ -33,6 +34,7 @@ Tensor = torch.Tensor
 _ENV_BYTES = os.environ.get("FASTCL_SIGMOID_CHUNK_BYTES")
 _BYTES_PER_THREAD = 8 * 1024 * 1024
 _MIN_BLOCK_ROWS = 64  # at very large M the byte budget alone would give products too thin to run fast
+_ZERO = {dtype: torch.zeros((), dtype=dtype) for dtype in (torch.float32, torch.float64)}  # a beta=0 addmm's input
 
 
 def block_rows(n_image: int, n_text: int, device: torch.device) -> int:
@@ -76,29 +78,32 @@ def chunked_forward(problem: SigmoidProblem, want_grad: bool):
 def _single_block(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, inv_norm: float, offset: int, want_grad: bool):
     """The whole default-pairing problem as one ``[N, M]`` block (small N): the same math as the block loop in the
     fewest operations (each costs a few microseconds of dispatch at this size). On CPU the scale is read as a number
-    (free there) and folded into the products' ``alpha``."""
+    (free there) and folded into the products' ``alpha``.
+
+    The block holds ``t = -z l`` (the positive pairs' logits negated in place), so the loss is ``sum softplus(t)``
+    and ``dL/dl = -z sigmoid(t)`` (the same negation again); the gradient is formed divided by the norm, so ``ds``
+    and ``db`` come out of their reductions already normalised."""
     on_cpu = x.device.type == "cpu"
     if on_cpu:
         scale = scale.item()
-        logits = torch.addmm(bias, x, y.T, alpha=scale)
+        signed = torch.addmm(bias, x, y.t(), alpha=scale)
     else:
-        logits = torch.addmm(bias, x * scale, y.T)
-    positive = logits.diagonal(offset)
-    negated = positive.neg()
-    threshold = softplus_threshold(logits.dtype)
-    softplus = torch._C._nn.softplus(logits, 1, threshold)
-    softplus.diagonal(offset).copy_(torch._C._nn.softplus(negated, 1, threshold))
-    loss = softplus.sum().mul_(inv_norm)
+        signed = torch.addmm(bias, x * scale, y.t())
+    positive = signed.diagonal(offset)
+    positive.neg_()
+    loss = torch._C._nn.softplus(signed, 1, softplus_threshold(signed.dtype)).sum().mul_(inv_norm)
     if not want_grad:
         return loss, None, None, None, None
-    positive_grad = torch.sigmoid(negated).neg_()
-    grad = logits.sigmoid_()
-    grad.diagonal(offset).copy_(positive_grad)
-    coef = scale * inv_norm
-    grad_dot_text = torch.mm(grad, y)
-    d_scale = torch.dot(grad_dot_text.view(-1), x.reshape(-1)).mul_(inv_norm)
-    d_bias = grad.sum().mul_(inv_norm)
-    return loss, grad_dot_text.mul_(coef), torch.mm(grad.T, x).mul_(coef), d_scale, d_bias
+    grad = signed.sigmoid_().mul_(inv_norm)  # sigmoid(-z l) / norm
+    positive.neg_()  # -z sigmoid(-z l) / norm = dL/dl / norm
+    grad_dot_text = torch.mm(grad, y)  # sum_j dL/dl_ij y_j / norm
+    d_scale = torch.dot(grad_dot_text.view(-1), x.reshape(-1))
+    d_bias = grad.sum()
+    if on_cpu:
+        d_text = torch.addmm(_ZERO[grad.dtype], grad.t(), x, beta=0, alpha=scale)
+    else:
+        d_text = torch.mm(grad.t(), x).mul_(scale)
+    return loss, grad_dot_text.mul_(scale), d_text, d_scale, d_bias
 
 
 def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -112,18 +117,16 @@ def _block(buffer: Tensor, height: int, width: int) -> Tensor:
 
 def _paired_block(logits: Tensor, softplus_buffer: Tensor, first_pair: int, state, want_grad: bool) -> Optional[Tensor]:
     """Default pairing: the loss of a ``[M, r]`` block whose image c pairs with text ``first_pair + c``, and (with
-    ``want_grad``) ``dL/dl`` in place of the logits."""
+    ``want_grad``) ``dL/dl`` in place of the logits. The positive entries are negated in place first, so the block
+    holds ``t = -z l``: the loss is ``softplus(t)`` and ``dL/dl = -z sigmoid(t)`` (the positives negated again)."""
     positive = logits[first_pair:].diagonal()
-    negated = positive.neg()  # -l of the positive pairs (t = -z l)
+    positive.neg_()
     threshold = softplus_threshold(logits.dtype)
-    softplus = torch._C._nn.softplus(logits, 1, threshold, out=_block(softplus_buffer, *logits.shape))
-    softplus[first_pair:].diagonal().copy_(torch._C._nn.softplus(negated, 1, threshold))
-    state.add_loss(softplus.sum())
+    state.add_loss(torch._C._nn.softplus(logits, 1, threshold, out=_block(softplus_buffer, *logits.shape)).sum())
     if not want_grad:
         return None
-    positive_grad = torch.sigmoid(negated).neg_()
-    grad = torch.sigmoid(logits, out=logits)
-    positive.copy_(positive_grad)
+    grad = logits.sigmoid_()
+    positive.neg_()
     return grad
 
 
