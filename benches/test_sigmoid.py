@@ -77,7 +77,7 @@ def _chunked(image, text, scale, bias):
 
 
 def _rounds(n):
-    return 3 if n >= 4096 else (10 if n >= 1024 else 30)
+    return 3 if n >= 4096 else (10 if n >= 1024 else (30 if n >= 512 else 300))
 
 
 def _interleaved_medians(fns, rounds):

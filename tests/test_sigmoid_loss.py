@@ -216,12 +216,33 @@ def test_forward_only_matches_with_gradients():
 
 
 def test_second_derivative_is_refused():
-    image, text, s, b = _leaves(5, 5, 3)
+    image, text, s, b = _leaves(129, 129, 3)  # above the small problems that run under native autograd
     loss = FF.sigmoid_loss(image, text, s, b, backend="chunked")
     (g,) = torch.autograd.grad(loss, s, create_graph=False)
     assert torch.isfinite(g)
     with pytest.raises(RuntimeError, match="create_graph"):
         torch.autograd.grad(FF.sigmoid_loss(image, text, s, b, backend="chunked"), s, create_graph=True)
+
+
+@pytest.mark.parametrize("n", [1, 7, 128])
+def test_small_problem_runs_native_autograd_with_reference_numbers(n):
+    """N M <= 16,384 (default pairing, gradients wanted): five native ops; loss, first and second derivatives equal
+    the float64 reference."""
+    image, text, s, b = _leaves(n, n, 5, seed=n)
+    problem_loss = FF.sigmoid_loss(image, text, s, b, backend="chunked")
+    assert problem_loss.grad_fn.name() == "MulBackward0"  # native autograd, not the one-pass function
+    expected = FF.sigmoid_loss(image, text, s, b, backend="reference")
+    torch.testing.assert_close(problem_loss, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(problem_loss, [image, text, s, b], create_graph=True)
+    expected_grads = torch.autograd.grad(expected, [image, text, s, b], create_graph=True)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    second = torch.autograd.grad(grads[2], [s, b])
+    expected_second = torch.autograd.grad(expected_grads[2], [s, b])
+    for got, want in zip(second, expected_second):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    big = _leaves(129, 129, 5)
+    assert FF.sigmoid_loss(*big, backend="chunked").grad_fn.name() != "MulBackward0"
 
 
 BAD_CALLS = [

@@ -52,6 +52,8 @@ def sigmoid_loss_op(problem: SigmoidProblem, backend: str, normalize: bool = Fal
             return triton_backend.forward(p, precision, True)
         return chunked.chunked_forward(p, True)
 
+    if want_grad and backend == "chunked" and chunked.takes_small_problem(problem):
+        return chunked.autograd_small_loss(problem)
     if want_grad:
         return loss_with_gradients(problem, forward)
     if backend == "triton":
