@@ -226,7 +226,7 @@ def test_second_derivative_is_refused():
 
 @pytest.mark.parametrize("n", [1, 7, 128])
 def test_small_problem_runs_native_autograd_with_reference_numbers(n):
-    """N M <= 16,384 (default pairing, gradients wanted): five native ops; loss, first and second derivatives equal
+    """N M <= 16,384 (default pairing, gradients wanted): six native ops; loss, first and second derivatives equal
     the float64 reference."""
     image, text, s, b = _leaves(n, n, 5, seed=n)
     problem_loss = FF.sigmoid_loss(image, text, s, b, backend="chunked")

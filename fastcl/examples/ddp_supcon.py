@@ -13,6 +13,7 @@ that process's gradients).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -69,6 +70,12 @@ def main(argv=None) -> None:
         line = f"rank {rank}/{world} step {step} samples {size} loss {loss.item():.4f} global {mean.item() / world:.4f}"
         sys.stdout.write(line + "\n")  # one write per line: the ranks share the terminal
         sys.stdout.flush()
+    # Release what holds the process group (the DDP model, the last step's graph) before destroying it, so that its
+    # gloo worker threads finish while Python still runs: a worker that drops the last reference to a tensor during
+    # interpreter shutdown aborts the process ("terminate called without an active exception"; PyTorch 2.13 with
+    # gloo, 1 to 2 runs in 40 on a busy 2-core machine, a plain DDP script included).
+    del model, optimizer, loss, mean
+    gc.collect()
     dist.destroy_process_group()
 
 

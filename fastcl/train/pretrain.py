@@ -57,6 +57,7 @@ Training details:
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -132,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
         if d.enabled and dist.is_initialized():
+            # the run's DDP model and graphs hold the group: collect them first, so its gloo worker threads finish
+            # while Python still runs (one that drops the last reference to a tensor during interpreter shutdown
+            # aborts the process; see fastcl/examples/ddp_supcon.py)
+            gc.collect()
             dist.destroy_process_group()
 
 

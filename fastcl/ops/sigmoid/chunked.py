@@ -61,11 +61,12 @@ def takes_small_problem(problem: SigmoidProblem) -> bool:
 
 
 def autograd_small_loss(problem: SigmoidProblem) -> Tensor:
-    """The loss of a small default-pairing problem (:func:`takes_small_problem`) as five native ops under PyTorch's
+    """The loss of a small default-pairing problem (:func:`takes_small_problem`) as six native ops under PyTorch's
     own autograd: ``softplus(-z (s X Y^T + b))`` summed, ``-z`` a cached sign block. At this size the fixed cost of
     a custom autograd function (about 30 us for its forward and backward on one CPU thread) is as large as the work
-    itself, and autograd's own nodes cost a few microseconds each, so this beats both the one-pass op and open_clip's
-    dense graph (1.3-1.5x at N = 64-128, benches/RESULTS.md). Its ``[N, M]`` intermediates are at most 64 KiB each."""
+    itself, and autograd's own nodes cost a few microseconds each: these ops alone run 1.3-1.5x faster than
+    open_clip's dense graph at N = 64-128 (benches/RESULTS.md). Its ``[N, M]`` intermediates are at most 64 KiB
+    each."""
     dtype = compute_dtype(problem.text)
     x, y = _as(problem.image, dtype), _as(problem.text, dtype)
     scale, bias = _as(problem.logit_scale, dtype), _as(problem.logit_bias, dtype)
