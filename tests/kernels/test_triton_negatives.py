@@ -55,8 +55,9 @@ INFO_NCE_MODES = {
 
 
 @pytest.mark.parametrize("mode", sorted(INFO_NCE_MODES))
-@pytest.mark.parametrize("sizes", [(5, 5, 1, 3), (13, 17, 7, 16), (37, 37, 33, 16), (9, 11, 0, 3)])
+@pytest.mark.parametrize("sizes", [(5, 5, 1, 3), (13, 17, 7, 16), (37, 37, 33, 16), (9, 11, 0, 3), (9, 11, 19, 40)])
 def test_info_nce_one_way(mode, sizes):
+    """D = 3, 16: one feature tile; D = 40 (fp32): looped feature tiles in the logits products of both ranges."""
     n_query, n_key, n_extra, dim = sizes
     labels = torch.randperm(n_key, generator=torch.Generator().manual_seed(3))[:n_query]
 
@@ -88,7 +89,7 @@ def test_info_nce_two_way_with_negatives_is_refused():
 
 @pytest.mark.parametrize("contrast_mode", ["all", "one"])
 @pytest.mark.parametrize("labelled", [True, False])
-@pytest.mark.parametrize("sizes", [(7, 2, 7, 3), (11, 2, 33, 16)])
+@pytest.mark.parametrize("sizes", [(7, 2, 7, 3), (11, 2, 33, 16), (5, 2, 9, 40)])
 def test_supcon_with_queue(contrast_mode, labelled, sizes):
     bsz, n_views, n_extra, dim = sizes
     labels = torch.randint(0, 4, (bsz,), generator=torch.Generator().manual_seed(11))
@@ -110,6 +111,18 @@ def test_nt_xent_with_negatives(n_extra):
         return FF.nt_xent_loss(z_a, z_b, negatives=neg, temperature=0.3, backend=backend)
 
     _assert_matches(loss, (_rand(19, 16, seed=15), _rand(19, 16, seed=16), _rand(n_extra, 16, seed=17)))
+
+
+@pytest.mark.parametrize("mode", ["plain", "moco_margin"])
+def test_feature_dim_beyond_one_output_tile(mode):
+    """D = 300: looped logits tiles and two output feature tiles of the anchor gradient (fp32: 256 wide), so the
+    extra range's output operand is read at a feature offset."""
+
+    def loss(q, k, neg, backend):
+        return FF.info_nce_loss(q, k, negatives=neg, symmetric=False, temperature=0.5, backend=backend,
+                                **INFO_NCE_MODES[mode])  # fmt: skip
+
+    _assert_matches(loss, (_rand(7, 300, seed=35), _rand(7, 300, seed=36), _rand(18, 300, seed=37)))
 
 
 def test_half_precision_queue():
