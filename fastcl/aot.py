@@ -154,16 +154,17 @@ def _roles(config, autotuned, fixed) -> list:
     )
 
 
-def covering_configs(label: str, dim: int, element_size: int) -> list:
+def covering_configs(label: str, dim: int, element_size: int, extra: bool = False) -> list:
     """The fixed, the widest (largest tile, fewest warps: most values per thread) and the deepest (most stages,
-    then the largest tile) of the variant's launchable configs, without repeats."""
+    then the largest tile) of the variant's launchable configs (``extra``: its extra-column form's), without
+    repeats."""
     from fastcl.kernels import tiling
 
     dim = tiling.launch_dim(dim)
-    configs = tiling.launchable_configs(label, dim, element_size)
+    configs = tiling.launchable_configs(label, dim, element_size, extra)
     size = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
     picked = [
-        tiling.fixed_config(label, dim, element_size),
+        tiling.fixed_config(label, dim, element_size, extra=extra),
         max(configs, key=lambda c: (size(c), -c.num_warps, c.num_stages)),
         max(configs, key=lambda c: (c.num_stages, size(c), -c.num_warps)),
     ]
@@ -252,7 +253,8 @@ def extra_columns_selection(dtypes, dims, archs, full: bool) -> list:
     """The lowering jobs of the extra-column kernels (:data:`EXTRA_COLUMN_VARIANTS`; labels, no mask: extra columns
     take none). ``full``: every launchable config x flag set x dtype x precision x arch. Else the covering sample:
     per variant, dim and dtype pair (bf16 / fp16, tf32x3 / tf32: the same configs) the fixed, widest and deepest
-    configs once each, the pair's member, the arch, the flag set and the temperature's form in turn."""
+    configs once each, the pair's member, the arch, the flag set and the temperature's form in turn. The configs are
+    the extra-column forms' own (``tiling.launchable_configs(..., extra=True)``)."""
     from fastcl.kernels import tiling
 
     jobs = []
@@ -264,10 +266,10 @@ def extra_columns_selection(dtypes, dims, archs, full: bool) -> list:
                 seen = tiling.launch_dim(dim)
                 for dtype, precision in members if full else members[:1]:
                     element_size = DTYPES[dtype][1]
-                    fixed = tiling.fixed_config(label, seen, element_size)
-                    autotuned = tiling.autotune_configs(label, seen, element_size)
-                    configs = (tiling.launchable_configs(label, seen, element_size) if full
-                               else covering_configs(label, dim, element_size))  # fmt: skip
+                    fixed = tiling.fixed_config(label, seen, element_size, extra=True)
+                    autotuned = tiling.autotune_configs(label, seen, element_size, extra=True)
+                    configs = (tiling.launchable_configs(label, seen, element_size, extra=True) if full
+                               else covering_configs(label, dim, element_size, extra=True))  # fmt: skip
                     for c, config in enumerate(configs):
                         roles = _roles(config, autotuned, fixed)
                         if full:

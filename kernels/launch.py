@@ -82,8 +82,9 @@ def _autotuned(name, configs):
     def prune(configs, named_args, **kwargs):
         dim = named_args["dim"]
         two_way = kwargs.get("TWO_WAY", named_args.get("TWO_WAY", False))
+        extra = any(kwargs.get(flag, named_args.get(flag, False)) for flag in ("HAS_EXTRA", "HAS_MARGIN"))
         element_size = named_args["anchor_ptr"].element_size()
-        return autotune_configs(variant_name(name, two_way), dim, element_size, configs)
+        return autotune_configs(variant_name(name, two_way), dim, element_size, configs, extra)
 
     return triton.autotune(
         configs=configs,
@@ -96,16 +97,16 @@ def _autotuned(name, configs):
 _tuned = {}
 
 
-def _kernel_and_config(variant, dim, element_size):
-    """``(kernel, config)`` for a :data:`KERNEL_VARIANTS` name: the raw kernel and its one config, or the autotuned
-    kernel and None."""
+def _kernel_and_config(variant, dim, element_size, extra=False):
+    """``(kernel, config)`` for a :data:`KERNEL_VARIANTS` name (``extra``: its extra-column form, the tiling's
+    configs for it): the raw kernel and its one config, or the autotuned kernel and None."""
     name = variant.split("[")[0]
     configs = tuning_configs()
     if len(configs) == 1:
         return RAW_KERNELS[name], configs[0]
     if not autotuning_enabled():
         candidates = list(fixed_preference(variant, dim, element_size)) + configs
-        return RAW_KERNELS[name], fixed_config(variant, dim, element_size, candidates)
+        return RAW_KERNELS[name], fixed_config(variant, dim, element_size, candidates, extra)
     if name not in _tuned:  # built on first use so importing fastcl compiles nothing
         _tuned[name] = _autotuned(name, configs)
     return _tuned[name], None
@@ -291,7 +292,12 @@ def _check_labels(anchor, contrast, anchor_labels, contrast_labels) -> None:
 
 def _launch(name, grid_of, leading, args: _LaunchArgs, scalars, constexprs):
     variant = variant_name(name, constexprs.get("TWO_WAY", False))
-    kernel, config = _kernel_and_config(variant, args.dim, args.element_size)
+    keywords = args.keywords.get(name, {})
+    extra = bool(keywords.get("HAS_EXTRA") or keywords.get("HAS_MARGIN"))
+    if extra:  # the extra-column form's configs (fastcl.kernels.tiling)
+        kernel, config = _kernel_and_config(variant, args.dim, args.element_size, True)
+    else:
+        kernel, config = _kernel_and_config(variant, args.dim, args.element_size)
     with _device_guard(args.device):
         if config is not None:
             meta = dict(config.kwargs)
@@ -301,13 +307,13 @@ def _launch(name, grid_of, leading, args: _LaunchArgs, scalars, constexprs):
                 *args.tensors,
                 *scalars,
                 **constexprs,
-                **args.keywords.get(name, {}),
+                **keywords,
                 **meta,
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
             )
         else:
-            kernel[grid_of](*leading, *args.tensors, *scalars, **constexprs, **args.keywords.get(name, {}))
+            kernel[grid_of](*leading, *args.tensors, *scalars, **constexprs, **keywords)
 
 
 # Small batches: split the reduction range (columns in the forward and bwd_anchor, rows in bwd_contrast) over one

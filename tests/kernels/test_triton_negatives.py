@@ -314,3 +314,57 @@ def test_autotuned_launches_key_on_the_extra_column_flags(monkeypatch):
     q, k = (x.to(DEVICE, torch.float16) for x in inputs[:2])
     FF.info_nce_loss(q, k, symmetric=False, backend="triton")  # the batch alone: its own tuning entry
     assert len(launch._tuned["fwd"].cache) == 2
+
+
+@pytest.mark.parametrize("element_size", [2, 4])
+@pytest.mark.parametrize("dim", [16, 64, 100, 128, 256, 512, 1024])
+@pytest.mark.parametrize("kernel", ["fwd", "bwd_anchor", "bwd_anchor[two_way]", "bwd_contrast"])
+def test_extra_column_forms_launch_their_own_configs(kernel, dim, element_size):
+    """The extra-column forms launch their variant's configs less those that spilled there (fp32: their own
+    lists where the variant's spilled), every one within the filter on both archs, the fixed one among them."""
+    from fastcl.kernels import tiling
+
+    configs = tiling.launchable_configs(kernel, dim, element_size, extra=True)
+    fixed = tiling.config_key(tiling.fixed_config(kernel, dim, element_size, extra=True))
+    keys = [tiling.config_key(c) for c in configs]
+    assert configs and fixed in keys
+    for config in configs:
+        for limit in tiling.SHARED_MEMORY_LIMITS.values():
+            assert tiling.keep_config(config, dim, element_size, kernel, shared_limit=limit, extra=True)
+    single = tiling.block_d_for(dim, element_size)[1]
+    if element_size == 4:
+        allowed = [tiling.config_key(c) for c in tiling._fp32_configs(kernel, dim, extra=True)]
+        assert set(keys) <= set(allowed) and fixed == allowed[0]
+        if (kernel, single) in tiling.FP32_EXTRA_COLUMN_CONFIGS:
+            spilled = {tiling.config_key(c) for c in tiling._fp32_configs(kernel, dim)} - set(allowed)
+            assert spilled and not spilled & set(keys)
+    else:
+        assert not set(keys) & tiling.EXTRA_COLUMN_SPILLS.get((kernel, single), frozenset())
+
+
+def test_fixed_configs_of_the_extra_column_forms(monkeypatch):
+    """With autotuning off, the launches with the second column range or the margin take their forms' fixed
+    configs; the extra rows' own gradient without a margin is the plain contrast-gradient kernel."""
+    from fastcl.kernels import tiling
+
+    monkeypatch.setenv("FASTCL_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(launch, "tuning_configs", lambda: tiling.CONFIGS)
+    chosen = []
+    kernel_and_config = launch._kernel_and_config
+
+    def spy(variant, dim, element_size, extra=False):
+        kernel, config = kernel_and_config(variant, dim, element_size, extra)
+        chosen.append((variant, extra, tiling.config_key(config)))
+        return kernel, config
+
+    monkeypatch.setattr(launch, "_kernel_and_config", spy)
+
+    def loss(q, k, neg, backend):
+        return FF.info_nce_loss(q, k, negatives=neg, symmetric=False, backend=backend)
+
+    _assert_matches(loss, (_rand(9, 16, seed=80), _rand(9, 16, seed=81), _rand(11, 16, seed=82)))
+    expected = [(variant, extra, tiling.config_key(tiling.fixed_config(variant, 16, 4, extra=extra)))
+                for variant, extra in (("fwd", True), ("bwd_anchor", True), ("bwd_contrast", False),
+                                       ("bwd_contrast", False))]  # fmt: skip
+    assert chosen == expected
+    assert chosen[1][2] != tiling.config_key(tiling.fixed_config("bwd_anchor", 16, 4))  # its own list
