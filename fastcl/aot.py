@@ -19,6 +19,7 @@ core instruction, any kept config spills (every dtype and precision), or the sel
     python -m fastcl.aot --full --mask            # the same with a [B, B] mask instead of labels
     python -m fastcl.aot --full --dtype fp32 --dim 300 --variant two-tower --arch 90
     python -m fastcl.aot --arch 90 --dtype bf16 --dtype fp16 --dtype fp32 --dim 128 --dim 1024 --table
+    python -m fastcl.aot --full --extra-columns only   # the extra-column forms (HAS_EXTRA, EXTRA_LABELS, HAS_MARGIN)
     python -m fastcl.aot --op sigmoid --full      # the sigmoid (SigLIP) kernel: every variant, source, dtype, arch
                                                   # the README's "GPU resources" rows (fixed configs, markdown)
 
@@ -26,7 +27,10 @@ The covering sample (default without ``--full``, :func:`covering_selection`): ev
 precision x D bucket (D = 3, 64, 100, 256, 1000: one tile of 16, 64 and 128, the widest single tile, looped tiles;
 odd D included) with the variant's fixed, widest and deepest launchable configs; the fixed config on sm_80 and
 sm_90, the others on each arch in turn, and the positive source (labels, mask) and self exclusion (self-excluded,
-two-tower) cycled per variant, dtype and precision, so each of them meets every variant on both archs.
+two-tower) cycled per variant, dtype and precision, so each of them meets every variant on both archs. It also
+holds the kernels' extra-column forms (:func:`extra_columns_selection`: the forward and anchor-gradient kernels with
+the second column range, with and without its labels and with the margin, and the contrast-gradient kernel with the
+margin), each covering config once per dtype pair.
 """
 
 from __future__ import annotations
@@ -49,6 +53,31 @@ KERNEL_VARIANTS = (
     ("_contrastive_bwd_contrast_kernel", "bwd_contrast", {"TWO_WAY": False}),
     ("_contrastive_bwd_contrast_kernel", "bwd_contrast[two_way]", {"TWO_WAY": True}),
 )
+# The kernels' extra contrast columns (fastcl.kernels.jit, HAS_EXTRA / EXTRA_LABELS / HAS_MARGIN): (kernel, label,
+# extra constexprs, the flag sets a launch compiles). The forward and the anchor-gradient kernel (one way, and TWO_WAY
+# for the anchors-are-contrast route) stream the extra rows with or without their labels, one way also with the
+# margin; the contrast-gradient kernel takes the margin (its launch over the extra rows is the plain kernel).
+EXTRA_COLUMN_VARIANTS = (
+    ("_contrastive_fwd_kernel", "fwd", {}, (("HAS_EXTRA",), ("HAS_EXTRA", "EXTRA_LABELS"), ("HAS_EXTRA", "HAS_MARGIN"))),
+    ("_contrastive_bwd_anchor_kernel", "bwd_anchor", {"TWO_WAY": False},
+     (("HAS_EXTRA",), ("HAS_EXTRA", "EXTRA_LABELS"), ("HAS_EXTRA", "HAS_MARGIN"))),
+    ("_contrastive_bwd_anchor_kernel", "bwd_anchor[two_way]", {"TWO_WAY": True},
+     (("HAS_EXTRA",), ("HAS_EXTRA", "EXTRA_LABELS"))),
+    ("_contrastive_bwd_contrast_kernel", "bwd_contrast", {"TWO_WAY": False}, (("HAS_MARGIN",),)),
+)  # fmt: skip
+# The parameters of the extra column range, all with defaults (None, False) that a launch without it leaves as they
+# are: the flags and the runtime arguments.
+EXTRA_COLUMN_PARAMETERS = (
+    "HAS_EXTRA",
+    "EXTRA_LABELS",
+    "HAS_MARGIN",
+    "extra_ptr",
+    "extra_label_ptr",
+    "threshold_ptr",
+    "n_extra",
+    "stride_extra",
+    "stride_extra_label",
+)
 # dtype -> (torch dtype name, element size, input precisions a launch can use)
 DTYPES = {
     "bf16": ("bfloat16", 2, ("ieee",)),
@@ -68,6 +97,7 @@ ARCHS = (80, 90)
 SPILLS_REPORTED_ONLY = ()
 RECORD_KEYS = (
     "kernel",
+    "extra_columns",
     "has_mask",
     "exclude_self",
     "scale_from_ptr",
@@ -89,11 +119,13 @@ RECORD_KEYS = (
 
 def _job(
     kernel_name, label, variant, config, roles, dtype, precision, dim, arch, has_mask, exclude_self,
-    scale_from_ptr=False,
+    scale_from_ptr=False, extra_columns=(),
 ) -> dict:
     """One lowering; ``scale_from_ptr``: the kernel reads ``log2(e) / t`` from a device pointer (a tensor,
-    learnable, temperature) instead of taking it as a float argument."""
+    learnable, temperature) instead of taking it as a float argument; ``extra_columns``: the extra-column flags on
+    (``HAS_EXTRA``, ``EXTRA_LABELS``, ``HAS_MARGIN``; :data:`EXTRA_COLUMN_VARIANTS`)."""
     return dict(
+        extra_columns=list(extra_columns),
         kernel_name=kernel_name,
         kernel=label,
         variant=variant,
@@ -122,16 +154,17 @@ def _roles(config, autotuned, fixed) -> list:
     )
 
 
-def covering_configs(label: str, dim: int, element_size: int) -> list:
+def covering_configs(label: str, dim: int, element_size: int, extra: bool = False) -> list:
     """The fixed, the widest (largest tile, fewest warps: most values per thread) and the deepest (most stages,
-    then the largest tile) of the variant's launchable configs, without repeats."""
+    then the largest tile) of the variant's launchable configs (``extra``: its extra-column form's), without
+    repeats."""
     from fastcl.kernels import tiling
 
     dim = tiling.launch_dim(dim)
-    configs = tiling.launchable_configs(label, dim, element_size)
+    configs = tiling.launchable_configs(label, dim, element_size, extra)
     size = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
     picked = [
-        tiling.fixed_config(label, dim, element_size),
+        tiling.fixed_config(label, dim, element_size, extra=extra),
         max(configs, key=lambda c: (size(c), -c.num_warps, c.num_stages)),
         max(configs, key=lambda c: (c.num_stages, size(c), -c.num_warps)),
     ]
@@ -212,6 +245,50 @@ def covering_selection(dtypes, dims, archs, kernels=None) -> list:
     return jobs
 
 
+# dtype / precision pairs that choose the same configs (the covering sample lowers each config once per pair)
+CONFIG_PAIRS = ((("bf16", "ieee"), ("fp16", "ieee")), (("fp32", "tf32x3"), ("fp32", "tf32")))
+
+
+def extra_columns_selection(dtypes, dims, archs, full: bool) -> list:
+    """The lowering jobs of the extra-column kernels (:data:`EXTRA_COLUMN_VARIANTS`; labels, no mask: extra columns
+    take none). ``full``: every launchable config x flag set x dtype x precision x arch. Else the covering sample:
+    per variant, dim and dtype pair (bf16 / fp16, tf32x3 / tf32: the same configs) the fixed, widest and deepest
+    configs once each, the pair's member, the arch, the flag set and the temperature's form in turn. The configs are
+    the extra-column forms' own (``tiling.launchable_configs(..., extra=True)``)."""
+    from fastcl.kernels import tiling
+
+    jobs = []
+    for p, pair in enumerate(CONFIG_PAIRS):
+        members = [(dtype, precision) for dtype, precision in pair if dtype in dtypes]
+        for kernel_name, label, variant, flag_sets in EXTRA_COLUMN_VARIANTS:
+            turn = 0
+            for d, dim in enumerate(dims):
+                seen = tiling.launch_dim(dim)
+                for dtype, precision in members if full else members[:1]:
+                    element_size = DTYPES[dtype][1]
+                    fixed = tiling.fixed_config(label, seen, element_size, extra=True)
+                    autotuned = tiling.autotune_configs(label, seen, element_size, extra=True)
+                    configs = (tiling.launchable_configs(label, seen, element_size, extra=True) if full
+                               else covering_configs(label, dim, element_size, extra=True))  # fmt: skip
+                    for c, config in enumerate(configs):
+                        roles = _roles(config, autotuned, fixed)
+                        if full:
+                            for flags in flag_sets:
+                                for arch in archs:
+                                    jobs.append(_job(kernel_name, label, variant, config, roles, dtype, precision,
+                                                     dim, arch, False, True, False, flags))  # fmt: skip
+                            continue
+                        dtype_now, precision_now = members[(d + c) % len(members)]
+                        flags = flag_sets[turn % len(flag_sets)]
+                        scale = (turn // len(flag_sets)) % 2 == 1
+                        turn += 1
+                        arch = archs[(p + d + c) % len(archs)]
+                        self_pair = label.endswith("[two_way]") or "EXTRA_LABELS" in flags  # SupCon; else InfoNCE
+                        jobs.append(_job(kernel_name, label, variant, config, roles, dtype_now, precision_now, dim,
+                                         arch, False, self_pair, scale, flags))  # fmt: skip
+    return jobs
+
+
 def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
     """Positional and keyword arguments shaped like a real launch of ``fn`` (mock tensors: aligned pointers)."""
     import torch
@@ -254,13 +331,14 @@ def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
     )
     if "SCALE_FROM_PTR" in fn.arg_names:  # (the contrastive kernels: the temperature's form)
         constexprs["SCALE_FROM_PTR"] = job.get("scale_from_ptr", False)
+    constexprs.update(_extra_column_arguments(fn, job, torch_dtype, dim, n))
     if "TWO_WAY" in constexprs:
         constexprs["RECOMPUTE_TRANSPOSED"] = constexprs["TWO_WAY"] and launch.recompute_transposed(torch_dtype)
         constexprs["BLOCK_D_OUT"] = tiling.output_block_d_for(dim, DTYPES[job["dtype"]][1], constexprs["TWO_WAY"])
         constexprs["EXP_REUSE"] = constexprs["TWO_WAY"] and launch.reuse_transposed_exp(torch_dtype)
     args = []
     for name in fn.arg_names:
-        if name in constexprs:
+        if name in constexprs or name in EXTRA_COLUMN_PARAMETERS:
             continue
         if name in ("anchor_ptr", "contrast_ptr", "grad_anchor_ptr", "grad_contrast_ptr"):
             args.append(MockTensor(torch_dtype))
@@ -271,6 +349,23 @@ def launch_arguments(fn, job: dict, n: int = 4096) -> tuple:
         else:
             args.append(values[name])
     return args, constexprs
+
+
+def _extra_column_arguments(fn, job: dict, torch_dtype, dim: int, n: int) -> dict:
+    """The keyword arguments of the job's extra-column flags (``job['extra_columns']``) and of the parameters they
+    read, passed only when on, as a launch passes them (left out, they are None: compile-time constants, and the
+    kernel compiles exactly as without them)."""
+    import torch
+    from triton.runtime.jit import MockTensor
+
+    keywords = {flag: True for flag in job.get("extra_columns", ()) if flag in fn.arg_names}
+    if keywords.get("HAS_EXTRA"):
+        keywords.update(extra_ptr=MockTensor(torch_dtype), n_extra=n, stride_extra=dim)
+        if keywords.get("EXTRA_LABELS"):
+            keywords.update(extra_label_ptr=MockTensor(torch.int64), stride_extra_label=1)
+    if keywords.get("HAS_MARGIN"):
+        keywords.update(threshold_ptr=MockTensor(torch.float32))
+    return keywords
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -379,7 +474,8 @@ def markdown_table(records) -> str:
     (the ``scale_from_ptr`` form of a config is lowered and checked too, but not tabled twice)."""
     order = {dtype: i for i, dtype in enumerate(DTYPES)}
     rows = sorted(
-        (r for r in records if "fixed" in r.get("roles", ()) and not r.get("scale_from_ptr")),
+        (r for r in records
+         if "fixed" in r.get("roles", ()) and not r.get("scale_from_ptr") and not r.get("extra_columns")),
         key=lambda r: (r["arch"], r["dim"], order.get(r["dtype"], len(order)), r["input_precision"], r["kernel"]),
     )
     archs = sorted({r["arch"] for r in rows})
@@ -430,6 +526,12 @@ def _parser() -> argparse.ArgumentParser:
         help="--full: self-excluded (EXCLUDE_SELF) and/or two-tower rows; default both",
     )
     parser.add_argument(
+        "--extra-columns",
+        choices=["with", "none", "only"],
+        help="the kernels' extra-column forms (HAS_EXTRA / EXTRA_LABELS / HAS_MARGIN): with the others, none, or "
+        "only them; default: with them in the covering sample, none with --full or --table",
+    )
+    parser.add_argument(
         "--op", choices=["contrastive", "sigmoid"], action="append", help="the ops' kernels to lower; default both"
     )
     parser.add_argument("--json", metavar="PATH", help="write the records (a JSON list) here")
@@ -455,8 +557,10 @@ def fp_fusion_setting() -> str:
 def _print_record(record) -> bool:
     """Print one lowering's row; whether it breaks an invariant (:func:`violations`)."""
     source = ("M" if record.get("has_mask") else "L") + ("x" if record.get("exclude_self", True) else "-")
+    extra = {"HAS_EXTRA": "+q", "EXTRA_LABELS": "l", "HAS_MARGIN": "+m"}
+    kernel = record["kernel"] + "".join(extra[flag] for flag in record.get("extra_columns") or ())
     prefix = (
-        f"{record['kernel']:22s} {source:3s} {record['arch']:6s} {record['dtype']:5s} {record['input_precision']:6s} "
+        f"{kernel:22s} {source:3s} {record['arch']:6s} {record['dtype']:5s} {record['input_precision']:6s} "
         f"{record['dim']:5d} {record['block_m']:4d} {record['block_n']:4d} {record['num_warps']:3d} "
         f"{record['num_stages']:3d}"
     )
@@ -488,9 +592,15 @@ def main(argv=None) -> int:
         todo = [job for job in todo if "fixed" in job["roles"]]
     else:
         todo = selection(dtypes, dims, args.arch or ARCHS, args.full, args.mask, args.kernel, variants)
+    extra_columns = args.extra_columns or ("none" if args.full or args.table else "with")
+    if extra_columns == "only":
+        todo = []
+    if extra_columns != "none" and not args.mask:  # (extra columns take labels, never a mask)
+        extra = extra_columns_selection(dtypes, dims, args.arch or ARCHS, args.full)
+        todo += [job for job in extra if not args.kernel or job["kernel"] in args.kernel]
     if args.op and "contrastive" not in args.op:
         todo = []
-    if not args.kernel and (not args.op or "sigmoid" in args.op):
+    if not args.kernel and (not args.op or "sigmoid" in args.op) and extra_columns != "only":
         todo += sigmoid_selection(dtypes, args.dim or SIGMOID_DIMS, args.arch or ARCHS, args.full)
     what = f"full, mask={args.mask}" if args.full else ("fixed configs" if args.table else "covering sample")
     print(f"fastcl AOT: {len(todo)} lowerings ({what}), dims={list(dims)}")

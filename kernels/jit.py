@@ -13,6 +13,15 @@ anchors are the contrast rows (SupCon 'all', NT-Xent) the first kernel alone for
 (``TWO_WAY``); symmetric two-tower InfoNCE uses the same flag in both kernels, so each tile serves both directions.
 Nothing ``N x N`` is ever allocated.
 
+Extra contrast columns (a memory queue, shared hard negatives; ``HAS_EXTRA``): the forward and the anchor-gradient
+kernel stream a second column range, the ``n_extra`` rows at ``extra_ptr``, after the batch columns, into the same
+row statistics and the same ``dA`` accumulator. Extra rows are never anchors and have no self pair; with
+``EXTRA_LABELS`` an extra row whose label (``extra_label_ptr``) equals the anchor's is a positive, else none is. Their
+own gradient is the contrast-gradient kernel launched with the extra rows as its contrast set. ``HAS_MARGIN`` (one
+way) drops column j from row i where ``x_ij > threshold_i`` (``threshold_ptr``: the positive's dot plus the margin,
+formed by the launcher) unless it is a positive; NaN dots compare false and stay. With the flags off these
+arguments are None (compile-time constants) and the kernels compile exactly as without them.
+
 Called only by :mod:`fastcl.kernels.launch` (and lowered ahead of time by :mod:`fastcl.aot`); the tile sizes they
 are launched with come from :mod:`fastcl.kernels.tiling`.
 """
@@ -42,8 +51,18 @@ NOT_SPECIALIZED = (
     "stride_mask_col",
     "stride_mask_t_row",
     "stride_mask_t_col",
+    "n_extra",
+    "stride_extra_label",
 )
-NOT_ALIGNMENT_SPECIALIZED = ("anchor_label_ptr", "contrast_label_ptr", "mask_ptr", "mask_t_ptr", "grad_output_ptr")
+NOT_ALIGNMENT_SPECIALIZED = (
+    "anchor_label_ptr",
+    "contrast_label_ptr",
+    "mask_ptr",
+    "mask_t_ptr",
+    "grad_output_ptr",
+    "extra_label_ptr",
+    "threshold_ptr",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,6 +151,41 @@ def _pair_weights(
         col_labels = tl.load(contrast_label_ptr + cols.to(tl.int64) * stride_contrast_label, mask=col_valid, other=0)
         w = tl.where(valid & (row_labels[:, None] == col_labels[None, :]), 1.0, 0.0)
     return w, valid
+
+
+@triton.jit
+def _extra_pair_weights(cols, row_valid, col_valid, row_labels, extra_label_ptr, stride_extra_label,
+                        EXTRA_LABELS: tl.constexpr):  # fmt: skip
+    """``(w, valid)`` ``[BLOCK_M, BLOCK_N]`` of a tile of extra columns: no self pair; positives where the extra
+    row's label equals the anchor's (``EXTRA_LABELS``), else none."""
+    valid = row_valid[:, None] & col_valid[None, :]
+    if EXTRA_LABELS:  # (rows past the end are never stored: only the columns' range masks the weights)
+        col_labels = tl.load(extra_label_ptr + cols.to(tl.int64) * stride_extra_label, mask=col_valid, other=0)
+        w = tl.where(col_valid[None, :] & (row_labels[:, None] == col_labels[None, :]), 1.0, 0.0)
+    else:
+        w = tl.zeros(valid.shape, dtype=tl.float32)
+    return w, valid
+
+
+@triton.jit
+def _within_margin(valid, w, dots, threshold):
+    """``valid`` without the non-positive pairs whose dot exceeds the row's ``threshold`` (the false-negative
+    margin); a NaN dot or threshold compares false and the pair stays in."""
+    return tl.where((dots > threshold[:, None]) & (w == 0.0), False, valid)
+
+
+@triton.jit
+def _update_row_stats(dots, w, valid, run_max, run_sum, pos_sum, pos_weight, logit_scale_log2):
+    """The running row statistics ``(max, sum of exp2, positive dot sum, positive weight)`` with one more tile."""
+    pos_sum += tl.sum(w * dots, axis=1)
+    pos_weight += tl.sum(w, axis=1)
+    dots = tl.where(valid, dots, float("-inf"))
+    new_max = tl.maximum(run_max, tl.max(dots, axis=1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # all -inf so far: avoid (-inf) - (-inf)
+    run_sum = run_sum * tl.exp2(logit_scale_log2 * (run_max - shift)) + tl.sum(
+        tl.exp2(logit_scale_log2 * (dots - shift[:, None])), axis=1
+    )
+    return new_max, run_sum, pos_sum, pos_weight
 
 
 @triton.jit
@@ -263,12 +317,22 @@ def _contrastive_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SCALE_FROM_PTR: tl.constexpr,
+    extra_ptr=None,
+    extra_label_ptr=None,
+    threshold_ptr=None,
+    n_extra=None,
+    stride_extra=None,
+    stride_extra_label=None,
+    HAS_EXTRA: tl.constexpr = False,
+    EXTRA_LABELS: tl.constexpr = False,
+    HAS_MARGIN: tl.constexpr = False,
 ):
     """Row statistics of one block of anchors over this program's share of the contrast columns (grid axis 1
     splits the columns; the shares are combined in a fixed order by ``contrastive_forward``): the running max of the
     dots, the sum of ``exp2(logit_scale_log2 * (x - max))``, the positive-logit sum (natural units) and the positive
     weight, each stored at ``[split, row]``. ``n_*_bucket`` only key the autotuner (the next power of two of the
-    sizes)."""
+    sizes). ``HAS_EXTRA``: this program's share of the extra columns too (module notes); ``HAS_MARGIN``: the
+    false-negative margin in both ranges."""
     if SCALE_FROM_PTR:  # a learnable temperature: log2(e) / t read on the device (no host sync)
         logit_scale_log2 = tl.load(logit_scale_log2).to(tl.float32)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -282,6 +346,9 @@ def _contrastive_fwd_kernel(
     run_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     pos_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     pos_weight = tl.zeros([BLOCK_M], dtype=tl.float32)
+    threshold = run_sum
+    if HAS_MARGIN:
+        threshold = tl.load(threshold_ptr + rows, mask=row_valid, other=0.0)
     col_begin, col_end = _split_range(n_contrast, BLOCK_N, 1)
     for col_start in range(col_begin, col_end, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
@@ -323,15 +390,31 @@ def _contrastive_fwd_kernel(
             HAS_MASK,
             EXCLUDE_SELF,
         )
-        pos_sum += tl.sum(w * dots, axis=1)
-        pos_weight += tl.sum(w, axis=1)
-        dots = tl.where(valid, dots, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(dots, axis=1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # all -inf so far: avoid (-inf) - (-inf)
-        run_sum = run_sum * tl.exp2(logit_scale_log2 * (run_max - shift)) + tl.sum(
-            tl.exp2(logit_scale_log2 * (dots - shift[:, None])), axis=1
+        if HAS_MARGIN:
+            valid = _within_margin(valid, w, dots, threshold)
+        run_max, run_sum, pos_sum, pos_weight = _update_row_stats(
+            dots, w, valid, run_max, run_sum, pos_sum, pos_weight, logit_scale_log2
         )
-        run_max = new_max
+    if HAS_EXTRA:  # the extra columns: the same statistics over this program's share of them
+        extra_begin, extra_end = _split_range(n_extra, BLOCK_N, 1)
+        for extra_start in range(extra_begin, extra_end, BLOCK_N):
+            cols = extra_start + tl.arange(0, BLOCK_N)
+            col_valid = cols < extra_end
+            q_tile = a_tile
+            if SINGLE_D_TILE:
+                q_tile = _load_rows(extra_ptr, cols, col_valid, stride_extra, 0, dim, BLOCK_D)
+            dots = _dots_tile(
+                anchor_ptr, extra_ptr, a_tile, q_tile, rows, cols, row_valid, col_valid, dim, stride_anchor,
+                stride_extra, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D_TILE, INPUT_PRECISION,
+            )  # fmt: skip
+            w, valid = _extra_pair_weights(
+                cols, row_valid, col_valid, row_labels, extra_label_ptr, stride_extra_label, EXTRA_LABELS
+            )
+            if HAS_MARGIN:
+                valid = _within_margin(valid, w, dots, threshold)
+            run_max, run_sum, pos_sum, pos_weight = _update_row_stats(
+                dots, w, valid, run_max, run_sum, pos_sum, pos_weight, logit_scale_log2
+            )
 
     out = tl.program_id(1).to(tl.int64) * n_anchor + rows
     tl.store(max_ptr + out, run_max, mask=row_valid)
@@ -364,13 +447,15 @@ def _backward_dlogits_tile(
     INPUT_PRECISION: tl.constexpr, SINGLE_D_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     mask_t_ptr, stride_mask_t_row, stride_mask_t_col, EXP_REUSE: tl.constexpr,
+    threshold, HAS_MARGIN: tl.constexpr,
 ):  # fmt: skip
     """The recomputed ``dS`` tile ``[BLOCK_M, BLOCK_N]`` both backward kernels multiply (plus ``dS'^T`` if TWO_WAY).
 
     Its entries are O(scale): the loss scale and ``grad_output`` are applied to the fp32 accumulator after the
     products, so a GradScaler's 2**16 never meets the fp16/bf16 cast of ``dS``. TWO_WAY reads the mask's
     transposed copy ``mask_t`` for the reverse weights; ``EXP_REUSE`` (only without RECOMPUTE_TRANSPOSED) rescales
-    this tile's probabilities into the reverse direction's instead of a second exp per pair."""
+    this tile's probabilities into the reverse direction's instead of a second exp per pair. ``HAS_MARGIN`` (one
+    way only): the pairs beyond the rows' ``threshold`` leave the softmax."""
     dots = _dots_tile(
         anchor_ptr, contrast_ptr, a_tile, c_tile, rows, cols, row_valid, col_valid, dim, stride_anchor,
         stride_contrast, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D_TILE, INPUT_PRECISION,
@@ -379,6 +464,8 @@ def _backward_dlogits_tile(
         rows, cols, row_valid, col_valid, row_labels, contrast_label_ptr, stride_contrast_label, mask_ptr,
         mask_period, stride_mask_row, stride_mask_col, self_offset, HAS_MASK, EXCLUDE_SELF,
     )  # fmt: skip
+    if HAS_MARGIN:
+        valid = _within_margin(valid, w, dots, threshold)
     probs = _probs_tile(dots, lse_raw, valid, logit_scale_log2)
     dlogits = _dlogits_tile(probs, coef_softmax, coef_pos, w)
     if TWO_WAY:
@@ -447,6 +534,15 @@ def _contrastive_bwd_anchor_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SCALE_FROM_PTR: tl.constexpr,
+    extra_ptr=None,
+    extra_label_ptr=None,
+    threshold_ptr=None,
+    n_extra=None,
+    stride_extra=None,
+    stride_extra_label=None,
+    HAS_EXTRA: tl.constexpr = False,
+    EXTRA_LABELS: tl.constexpr = False,
+    HAS_MARGIN: tl.constexpr = False,
 ):
     """``dA[rows, d-tile] = grad_output * grad_scale * sum_j dS_ij c_j``; grid (anchor blocks, output feature tiles).
 
@@ -454,6 +550,9 @@ def _contrastive_bwd_anchor_kernel(
     statistics ``col_*``), whose logits are the transpose of the same tile, so ``dS + dS'^T`` is formed from one
     recomputed tile. With ``A = C`` (SupCon 'all' mode: ``col_*`` are the row statistics) this kernel alone gives
     the whole gradient ``(dS + dS^T) C``: two tile products instead of four.
+
+    ``HAS_EXTRA``: ``dA`` also sums ``dS_iq q_q`` over this program's share of the extra columns (one way: extra
+    rows are never anchors, so no reverse term); ``HAS_MARGIN`` (one way): the false-negative margin in both ranges.
     """
     if SCALE_FROM_PTR:  # a learnable temperature: log2(e) / t read on the device (no host sync)
         logit_scale_log2 = tl.load(logit_scale_log2).to(tl.float32)
@@ -465,6 +564,9 @@ def _contrastive_bwd_anchor_kernel(
         anchor_label_ptr, stride_anchor_label, lse_ptr, coef_softmax_ptr, coef_pos_ptr, rows, row_valid,
         not HAS_MASK,
     )  # fmt: skip
+    threshold = lse_raw
+    if HAS_MARGIN:
+        threshold = tl.load(threshold_ptr + rows, mask=row_valid, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D_OUT], dtype=tl.float32)
     col_begin, col_end = _split_range(n_contrast, BLOCK_N, 2)
@@ -490,10 +592,33 @@ def _contrastive_bwd_anchor_kernel(
             stride_mask_row, stride_mask_col, self_offset, logit_scale_log2,
             HAS_MASK, EXCLUDE_SELF, TWO_WAY, RECOMPUTE_TRANSPOSED, INPUT_PRECISION, SINGLE_D_TILE,
             BLOCK_M, BLOCK_N, BLOCK_D, mask_t_ptr, stride_mask_t_row, stride_mask_t_col, EXP_REUSE,
+            threshold, HAS_MARGIN,
         )  # fmt: skip
         if not SINGLE_D_TILE:  # loaded here, the [BLOCK_N, BLOCK_D_OUT] tile is not live across the logits loop
             c_tile = _load_rows(contrast_ptr, cols, col_valid, stride_contrast, d_out, dim, BLOCK_D_OUT)
         acc = tl.dot(dlogits.to(c_tile.dtype), c_tile, acc, input_precision=INPUT_PRECISION)
+    if HAS_EXTRA:  # dS_q @ Q over this program's share of the extra columns (as above, one way)
+        extra_begin, extra_end = _split_range(n_extra, BLOCK_N, 2)
+        for extra_start in range(extra_begin, extra_end, BLOCK_N):
+            cols = extra_start + tl.arange(0, BLOCK_N)
+            col_valid = cols < extra_end
+            if SINGLE_D_TILE:
+                q_tile = _load_rows(extra_ptr, cols, col_valid, stride_extra, d_out, dim, BLOCK_D_OUT)
+            else:
+                q_tile = tl.zeros([BLOCK_N, BLOCK_D], dtype=extra_ptr.dtype.element_ty)
+            dots = _dots_tile(
+                anchor_ptr, extra_ptr, a_tile, q_tile, rows, cols, row_valid, col_valid, dim, stride_anchor,
+                stride_extra, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D_TILE, INPUT_PRECISION,
+            )  # fmt: skip
+            w, valid = _extra_pair_weights(
+                cols, row_valid, col_valid, row_labels, extra_label_ptr, stride_extra_label, EXTRA_LABELS
+            )
+            if HAS_MARGIN:
+                valid = _within_margin(valid, w, dots, threshold)
+            dlogits = _dlogits_tile(_probs_tile(dots, lse_raw, valid, logit_scale_log2), coef_softmax, coef_pos, w)
+            if not SINGLE_D_TILE:
+                q_tile = _load_rows(extra_ptr, cols, col_valid, stride_extra, d_out, dim, BLOCK_D_OUT)
+            acc = tl.dot(dlogits.to(q_tile.dtype), q_tile, acc, input_precision=INPUT_PRECISION)
 
     d = d_out + tl.arange(0, BLOCK_D_OUT)
     grad_output = tl.load(grad_output_ptr).to(tl.float32)
@@ -555,10 +680,14 @@ def _contrastive_bwd_contrast_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SCALE_FROM_PTR: tl.constexpr,
+    threshold_ptr=None,
+    HAS_MARGIN: tl.constexpr = False,
 ):
     """``dC[cols, d-tile] = grad_output * grad_scale * sum_i dS_ij a_i``; grid (contrast blocks, feature tiles).
 
     ``TWO_WAY`` adds the reverse direction's ``dS'^T`` as in the anchor kernel (two-tower InfoNCE, symmetric).
+    ``HAS_MARGIN`` (one way): the false-negative margin. Extra rows get their gradient from this kernel with them
+    as the contrast set (no self pair; without labels a ``[1, 1]`` zero mask: no positive).
     """
     if SCALE_FROM_PTR:  # a learnable temperature: log2(e) / t read on the device (no host sync)
         logit_scale_log2 = tl.load(logit_scale_log2).to(tl.float32)
@@ -588,6 +717,9 @@ def _contrastive_bwd_contrast_kernel(
             anchor_label_ptr, stride_anchor_label, lse_ptr, coef_softmax_ptr, coef_pos_ptr, rows, row_valid,
             not HAS_MASK,
         )  # fmt: skip
+        threshold = lse_raw
+        if HAS_MARGIN:
+            threshold = tl.load(threshold_ptr + rows, mask=row_valid, other=0.0)
         dlogits = _backward_dlogits_tile(
             anchor_ptr, contrast_ptr, a_tile, c_tile, rows, cols, row_valid, col_valid, row_labels,
             lse_raw, coef_softmax, coef_pos, col_lse_raw, col_coef_softmax, col_coef_pos,
@@ -595,6 +727,7 @@ def _contrastive_bwd_contrast_kernel(
             stride_mask_row, stride_mask_col, self_offset, logit_scale_log2,
             HAS_MASK, EXCLUDE_SELF, TWO_WAY, RECOMPUTE_TRANSPOSED, INPUT_PRECISION, SINGLE_D_TILE,
             BLOCK_M, BLOCK_N, BLOCK_D, mask_t_ptr, stride_mask_t_row, stride_mask_t_col, EXP_REUSE,
+            threshold, HAS_MARGIN,
         )  # fmt: skip
         if not SINGLE_D_TILE:  # loaded here, the [BLOCK_M, BLOCK_D_OUT] tile is not live across the logits loop
             a_tile = _load_rows(anchor_ptr, rows, row_valid, stride_anchor, d_out, dim, BLOCK_D_OUT)

@@ -7,7 +7,8 @@ Called by the Triton backend :mod:`fastcl.ops.triton` (through the ``fastcl::con
 Layout: config choice (autotuned, fixed or deterministic; every choice passes ``keep_config``) -> :class:`_LaunchArgs`
 (the kernels' view of one call, prepared once) -> ``contrastive_forward`` / ``contrastive_backward`` (launches under
 the tensors' CUDA device, split reductions combined in a fixed order) -> ``triton_route`` / ``triton_forward`` /
-``triton_backward`` on a :class:`~fastcl.ops.problem.Problem`.
+``triton_backward`` on a :class:`~fastcl.ops.problem.Problem`, and ``triton_extra_forward`` /
+``triton_extra_backward`` for a problem with extra contrast columns (the kernels' second column range).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from fastcl.ops.problem import (
 )
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 # The interpreter runs numpy per program: small tiles keep multi-tile loops exercised on small test shapes.
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)
 
@@ -70,19 +72,23 @@ RAW_KERNELS = {
     "bwd_anchor": _contrastive_bwd_anchor_kernel,
     "bwd_contrast": _contrastive_bwd_contrast_kernel,
 }
-_AUTOTUNE_KEY = ["n_anchor_bucket", "n_contrast_bucket", "dim", "HAS_MASK", "EXCLUDE_SELF", "INPUT_PRECISION"]
+# (each kernel keys on those it takes; the extra-column flags are passed only when on, so a batch-only launch keys
+# on the others as before)
+_AUTOTUNE_KEY = ["n_anchor_bucket", "n_contrast_bucket", "dim", "HAS_MASK", "EXCLUDE_SELF", "INPUT_PRECISION",
+                 "HAS_EXTRA", "EXTRA_LABELS", "HAS_MARGIN"]  # fmt: skip
 
 
 def _autotuned(name, configs):
     def prune(configs, named_args, **kwargs):
         dim = named_args["dim"]
         two_way = kwargs.get("TWO_WAY", named_args.get("TWO_WAY", False))
+        extra = any(kwargs.get(flag, named_args.get(flag, False)) for flag in ("HAS_EXTRA", "HAS_MARGIN"))
         element_size = named_args["anchor_ptr"].element_size()
-        return autotune_configs(variant_name(name, two_way), dim, element_size, configs)
+        return autotune_configs(variant_name(name, two_way), dim, element_size, configs, extra)
 
     return triton.autotune(
         configs=configs,
-        key=_AUTOTUNE_KEY + ([] if name == "fwd" else ["TWO_WAY"]),
+        key=[key for key in _AUTOTUNE_KEY + ["TWO_WAY"] if key in RAW_KERNELS[name].arg_names],
         prune_configs_by={"early_config_prune": prune},
         do_bench=AUTOTUNE_DO_BENCH,
     )(RAW_KERNELS[name])
@@ -91,16 +97,16 @@ def _autotuned(name, configs):
 _tuned = {}
 
 
-def _kernel_and_config(variant, dim, element_size):
-    """``(kernel, config)`` for a :data:`KERNEL_VARIANTS` name: the raw kernel and its one config, or the autotuned
-    kernel and None."""
+def _kernel_and_config(variant, dim, element_size, extra=False):
+    """``(kernel, config)`` for a :data:`KERNEL_VARIANTS` name (``extra``: its extra-column form, the tiling's
+    configs for it): the raw kernel and its one config, or the autotuned kernel and None."""
     name = variant.split("[")[0]
     configs = tuning_configs()
     if len(configs) == 1:
         return RAW_KERNELS[name], configs[0]
     if not autotuning_enabled():
         candidates = list(fixed_preference(variant, dim, element_size)) + configs
-        return RAW_KERNELS[name], fixed_config(variant, dim, element_size, candidates)
+        return RAW_KERNELS[name], fixed_config(variant, dim, element_size, candidates, extra)
     if name not in _tuned:  # built on first use so importing fastcl compiles nothing
         _tuned[name] = _autotuned(name, configs)
     return _tuned[name], None
@@ -215,6 +221,9 @@ class _LaunchArgs:
             # a tensor inverse temperature (a learnable one): the kernels read log2(e) / t from a device pointer
             SCALE_FROM_PTR=torch.is_tensor(problem.inv_temperature),
         )
+        # the extra column range and the margin (_with_extra_columns): keyword arguments per kernel, none by default
+        self.n_extra = 0
+        self.keywords = {}
 
 
 def aligned_rows(x: torch.Tensor) -> torch.Tensor:
@@ -283,7 +292,12 @@ def _check_labels(anchor, contrast, anchor_labels, contrast_labels) -> None:
 
 def _launch(name, grid_of, leading, args: _LaunchArgs, scalars, constexprs):
     variant = variant_name(name, constexprs.get("TWO_WAY", False))
-    kernel, config = _kernel_and_config(variant, args.dim, args.element_size)
+    keywords = args.keywords.get(name, {})
+    extra = bool(keywords.get("HAS_EXTRA") or keywords.get("HAS_MARGIN"))
+    if extra:  # the extra-column form's configs (fastcl.kernels.tiling)
+        kernel, config = _kernel_and_config(variant, args.dim, args.element_size, True)
+    else:
+        kernel, config = _kernel_and_config(variant, args.dim, args.element_size)
     with _device_guard(args.device):
         if config is not None:
             meta = dict(config.kwargs)
@@ -293,12 +307,13 @@ def _launch(name, grid_of, leading, args: _LaunchArgs, scalars, constexprs):
                 *args.tensors,
                 *scalars,
                 **constexprs,
+                **keywords,
                 **meta,
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
             )
         else:
-            kernel[grid_of](*leading, *args.tensors, *scalars, **constexprs)
+            kernel[grid_of](*leading, *args.tensors, *scalars, **constexprs, **keywords)
 
 
 # Small batches: split the reduction range (columns in the forward and bwd_anchor, rows in bwd_contrast) over one
@@ -330,12 +345,15 @@ def split_count(output_programs: int, reduce_length: int, device: torch.device) 
     return max(1, min(triton.cdiv(wanted, max(output_programs, 1)), reduce_length // MIN_SPLIT_LENGTH))
 
 
-def contrastive_forward(args: _LaunchArgs, inv_temperature):
+def contrastive_forward(args: _LaunchArgs, inv_temperature, positive_dots=None):
     """Row statistics ``(lse_raw, pos_logit_sum, pos_weight)``, each fp32 ``[Na]`` (``lse_raw / t`` is the natural
     log-sum-exp of the logits). With the columns split over ``S`` programs per anchor block, the kernel writes
     ``[S, Na]`` partial (max, scaled sum, positive-logit sum, positive weight) and they are combined here in a
-    fixed order; ``S == 1`` gives exactly the single-pass statistics."""
-    splits = split_count(triton.cdiv(args.n_anchor, NOMINAL_BLOCK), args.n_contrast, args.device)
+    fixed order; ``S == 1`` gives exactly the single-pass statistics. ``positive_dots`` (fp32 ``[Na]``): one more
+    column per row, a positive with that dot, combined as one more share (the batch column of ``in_batch=False``,
+    whose batch range the kernel then skips)."""
+    n_columns = args.n_contrast + args.n_extra
+    splits = split_count(triton.cdiv(args.n_anchor, NOMINAL_BLOCK), n_columns, args.device)
     parts = [torch.empty(splits, args.n_anchor, dtype=torch.float32, device=args.device) for _ in range(4)]
     _launch(
         "fwd",
@@ -347,6 +365,11 @@ def contrastive_forward(args: _LaunchArgs, inv_temperature):
     )
     run_max, run_sum, pos_logit_sum, pos_weight = parts
     scale_log2 = _scale_log2(inv_temperature)
+    if positive_dots is not None:
+        one = torch.ones_like(positive_dots)[None]
+        run_max, run_sum = torch.cat([run_max, positive_dots[None]]), torch.cat([run_sum, one])
+        pos_logit_sum = torch.cat([pos_logit_sum, (positive_dots * (scale_log2 * LN2))[None]])
+        pos_weight = torch.cat([pos_weight, one])
     top = run_max.max(dim=0).values
     shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
     total = (run_sum * torch.exp2(scale_log2 * (run_max - shift))).sum(dim=0)
@@ -402,7 +425,7 @@ def contrastive_backward(
     common = (d_tiles, grad_output, args, (_scale_log2(inv_temperature), grad_scale), constexprs)
     grad_anchor = grad_contrast = None
     if need_anchor:
-        grad_anchor = _backward_kernel("bwd_anchor", args.anchor, args.n_contrast, "BLOCK_M", *common)
+        grad_anchor = _backward_kernel("bwd_anchor", args.anchor, args.n_contrast + args.n_extra, "BLOCK_M", *common)
     if need_contrast and not anchors_are_contrast:
         grad_contrast = _backward_kernel("bwd_contrast", args.contrast, args.n_anchor, "BLOCK_N", *common)
     return grad_anchor, grad_contrast
@@ -526,3 +549,176 @@ def _same_labels(anchor_labels, contrast_labels, mask) -> bool:
         and anchor_labels.stride() == contrast_labels.stride()
         and anchor_labels.data_ptr() == contrast_labels.data_ptr()
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Extra contrast columns (Problem.negatives / negative_labels / in_batch / false_negative_margin): the kernels'
+# second column range
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_extra_columns(problem: Problem, route: str) -> None:
+    """Raise a ``ValueError`` naming the argument when the kernels' extra column range cannot take ``problem``."""
+    if problem.two_way or route == TWO_WAY:
+        raise ValueError("negatives / in_batch=False / false_negative_margin are one-way: two_way must be False")
+    if problem.mask is not None:
+        raise ValueError("negatives with a mask: the mask has no entries for the extra rows; pass labels instead")
+    if route == ANCHORS_ARE_CONTRAST and (not problem.in_batch or problem.false_negative_margin is not None):
+        raise ValueError("in_batch=False and false_negative_margin take the one-way route, not anchors_are_contrast")
+    if not problem.in_batch and problem.self_offset is not None:
+        raise ValueError("in_batch=False keeps only each anchor's positive column: self_offset must be None")
+    negatives, labels = problem.negatives, problem.negative_labels
+    if negatives is not None:
+        contrast = problem.contrast
+        if negatives.dim() != 2 or negatives.shape[1] != contrast.shape[1]:
+            raise ValueError(f"negatives must have shape [M, {contrast.shape[1]}], got {tuple(negatives.shape)}")
+        if negatives.dtype != contrast.dtype or negatives.device != contrast.device:
+            raise ValueError(
+                f"negatives ({negatives.dtype} on {negatives.device}) must share the contrast rows' dtype and device "
+                f"({contrast.dtype} on {contrast.device})"
+            )
+    if labels is not None:
+        if negatives is None:
+            raise ValueError("negative_labels were given without negatives")
+        if labels.shape != (negatives.shape[0],) or labels.device != negatives.device:
+            raise ValueError(f"negative_labels must be a [{negatives.shape[0]}] tensor on {negatives.device}")
+        if labels.is_floating_point() or labels.is_complex():
+            raise TypeError(f"negative_labels must be an integer tensor, got {labels.dtype}")
+    if problem.anchor_labels is None or problem.contrast_labels is None:
+        raise ValueError("extra columns need anchor_labels and contrast_labels (a mask has no entries for them)")
+
+
+def _positive_dots(args: _LaunchArgs, problem: Problem):
+    """fp32 ``[Na]`` dots of each anchor with its positive batch column ``anchor_labels[i]`` (``in_batch=False``:
+    the row's one batch column; the margin's reference), else None. An ``O(Na * D)`` gather and product."""
+    if problem.in_batch and problem.false_negative_margin is None:
+        return None
+    positive = args.contrast.index_select(0, problem.anchor_labels.to(torch.int64))
+    return torch.linalg.vecdot(args.anchor.to(torch.float32), positive.to(torch.float32))
+
+
+def _with_extra_columns(args: _LaunchArgs, problem: Problem, positive_dots) -> _LaunchArgs:
+    """A shallow copy of ``args`` that launches with the extra column range (``negatives``, ``HAS_EXTRA``), the
+    margin's per-row threshold (``positive_dots + margin``, ``HAS_MARGIN``) and, for ``in_batch=False``, no batch
+    range (its one column is ``positive_dots``, :func:`contrastive_forward`). Also ``args.extra``: the aligned extra
+    rows (or None)."""
+    out = object.__new__(_LaunchArgs)
+    out.__dict__.update(args.__dict__)
+    out.extra = None
+    forward_keywords, margin_keywords = {}, {}
+    if problem.negatives is not None:
+        extra, labels = aligned_rows(problem.negatives), problem.negative_labels
+        if extra.shape[1] != args.dim:
+            raise ValueError(f"negatives must have {args.feature_dim} features, got {problem.negatives.shape[1]}")
+        out.extra, out.n_extra = extra, extra.shape[0]
+        forward_keywords.update(
+            extra_ptr=extra,
+            extra_label_ptr=labels,
+            n_extra=out.n_extra,
+            stride_extra=extra.stride(0),
+            stride_extra_label=None if labels is None else labels.stride(0),
+            HAS_EXTRA=True,
+            EXTRA_LABELS=labels is not None,
+        )
+    if problem.false_negative_margin is not None:
+        threshold = (positive_dots + float(problem.false_negative_margin)).contiguous()
+        margin_keywords = dict(threshold_ptr=threshold, HAS_MARGIN=True)
+    forward_keywords.update(margin_keywords)
+    out.keywords = {"fwd": forward_keywords, "bwd_anchor": forward_keywords, "bwd_contrast": margin_keywords}
+    if not problem.in_batch:  # the kernels skip the batch range
+        sizes = list(args.sizes)
+        sizes[1], sizes[12] = 0, 1  # n_contrast, n_contrast_bucket
+        out.sizes, out.n_contrast = tuple(sizes), 0
+    return out
+
+
+def triton_extra_forward(problem: Problem, route: str, input_precision=None):
+    """``(loss, residuals)`` of a problem with extra columns (:attr:`~fastcl.ops.problem.Problem.has_extra_columns`;
+    ``route`` :data:`ANCHORS_ARE_CONTRAST` or :data:`ONE_WAY`): ``residuals = (pos_weight [Na], lse_raw [Na],
+    positive_dots [Na] or [0])``, fp32, ``positive_dots`` only with ``in_batch=False`` or a margin."""
+    check_extra_columns(problem, route)
+    inv_temperature, scale = problem.inv_temperature, problem.scale
+    args = _LaunchArgs(problem, input_precision=input_precision)
+    positive_dots = _positive_dots(args, problem)
+    launch_args = _with_extra_columns(args, problem, positive_dots)
+    seed = None if problem.in_batch else positive_dots
+    lse, pos_logit_sum, pos_weight = contrastive_forward(launch_args, inv_temperature, seed)
+    loss = row_losses(pos_logit_sum, pos_weight, lse * inv_temperature, scale).mean()
+    if positive_dots is None:
+        positive_dots = lse.new_empty(0)
+    return loss, (pos_weight, lse, positive_dots)
+
+
+def triton_extra_backward(
+    grad_output,
+    problem: Problem,
+    residuals,
+    route: str,
+    need_anchor=True,
+    need_contrast=True,
+    need_negatives=True,
+    input_precision=None,
+):
+    """``(grad_anchor, grad_contrast, grad_negatives)`` of ``grad_output * loss`` for :func:`triton_extra_forward`
+    (None where not needed; with ``route == ANCHORS_ARE_CONTRAST`` the whole gradient of the one input is
+    ``grad_anchor``). ``dA`` sums both column ranges in one kernel; the extra rows' gradient is the
+    contrast-gradient kernel over them, launched only with ``need_negatives``; with ``in_batch=False`` the batch
+    column's share (one column per anchor) is an ``O(Na * D)`` product here."""
+    check_extra_columns(problem, route)
+    pos_weight, lse, positive_dots = residuals
+    positive_dots = positive_dots if positive_dots.numel() else None
+    args = _LaunchArgs(problem, two_way=route != ONE_WAY, input_precision=input_precision)
+    launch_args = _with_extra_columns(args, problem, positive_dots)
+    if not torch.is_tensor(grad_output):
+        grad_output = torch.tensor(float(grad_output), device=args.device)
+    grad_output = grad_output.detach().to(device=args.device, dtype=torch.float32).reshape(1)
+    coef_softmax, coef_pos = grad_coefficients(pos_weight, problem.scale)
+    row_stats = (lse, coef_softmax, coef_pos)
+    col_stats = row_stats if route == ANCHORS_ARE_CONTRAST else None
+    inv_temperature = problem.inv_temperature
+    grad_scale = inv_temperature / args.n_anchor
+    grad_anchor, grad_contrast = contrastive_backward(
+        launch_args,
+        grad_output,
+        inv_temperature,
+        row_stats,
+        col_stats,
+        grad_scale=grad_scale,
+        need_anchor=need_anchor or route == ANCHORS_ARE_CONTRAST,
+        need_contrast=need_contrast and problem.in_batch,
+    )
+    if not problem.in_batch:  # the one batch column per anchor: dS_i,pos c_pos into dA, dS_i,pos a_i into dC
+        factor = grad_output * (grad_scale.detach().to(torch.float32) if torch.is_tensor(grad_scale) else grad_scale)
+        probs = torch.exp2(_scale_log2(inv_temperature) * (positive_dots - lse))
+        d_positive = (coef_softmax * probs - coef_pos) * factor
+        columns = problem.anchor_labels.to(torch.int64)
+        if grad_anchor is not None:
+            positive = args.contrast.index_select(0, columns).to(torch.float32)
+            grad_anchor = (grad_anchor.to(torch.float32) + d_positive[:, None] * positive).to(args.anchor.dtype)
+        if need_contrast:
+            grad_contrast = torch.zeros(args.contrast.shape, dtype=torch.float32, device=args.device)
+            grad_contrast.index_add_(0, columns, d_positive[:, None] * args.anchor.to(torch.float32))
+            grad_contrast = grad_contrast.to(args.contrast.dtype)
+    grad_extra = None
+    if need_negatives and launch_args.extra is not None:
+        grad_extra = _extra_rows_gradient(launch_args, problem, grad_output, row_stats, grad_scale)
+    return _trimmed(grad_anchor, args.feature_dim), _trimmed(grad_contrast, args.feature_dim), _trimmed(
+        grad_extra, args.feature_dim
+    )
+
+
+def _extra_rows_gradient(args: _LaunchArgs, problem: Problem, grad_output, row_stats, grad_scale):
+    """``dQ = dS_q^T @ A``: the contrast-gradient kernel with the extra rows as its contrast set (no self pair; the
+    positives from ``negative_labels``, or none: a ``[1, 1]`` zero mask)."""
+    if args.n_extra == 0:
+        return torch.zeros_like(args.extra)
+    labels = problem.negative_labels
+    mask = torch.zeros(1, 1, dtype=torch.float32, device=args.device) if labels is None else None
+    columns = Problem(args.anchor, args.extra, problem.anchor_labels, labels, mask, None, problem.inv_temperature,
+                      problem.scale)  # fmt: skip
+    extra_args = _LaunchArgs(columns, input_precision=args.constexprs["INPUT_PRECISION"])
+    extra_args.keywords = {"bwd_contrast": args.keywords["bwd_contrast"]}
+    _, grad_extra = contrastive_backward(
+        extra_args, grad_output, problem.inv_temperature, row_stats, None, grad_scale=grad_scale, need_anchor=False
+    )
+    return grad_extra

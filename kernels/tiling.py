@@ -171,11 +171,28 @@ FP32_CONFIGS_BY_OUTPUT_TILE = {
 }
 
 
+# The extra-column forms of a variant (the kernels with HAS_EXTRA or HAS_MARGIN, fastcl.kernels.jit: a second column
+# range, or the margin's threshold, live next to the variant's values) launch the variant's configs except where
+# those spill (``python -m fastcl.aot --full --extra-columns only``: 18 of 648 lowerings at D = 3, 64, 100, 256, 1000,
+# 8-32 B): fp32 takes these lists where the variant's spilled, per feature tiling (one tile or looped), preferred
+# first; the other dtypes leave out the configs of EXTRA_COLUMN_SPILLS.
+FP32_EXTRA_COLUMN_CONFIGS = {
+    ("fwd", True): (_cfg(64, 32, 8, 2), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 2)),  # 32 x 32 spilled 32 B (sm_90)
+    ("bwd_anchor", True): (_cfg(64, 32, 8, 2), _cfg(32, 32, 8, 1)),  # 64 x 32, 1 stage spilled 8 B (sm_80, tf32)
+    ("bwd_anchor", False): (_cfg(32, 32, 8, 1),),  # 2 stages spilled 16-24 B (sm_90, tf32)
+    ("bwd_anchor[two_way]", False): (_cfg(64, 32, 8, 1), _cfg(32, 32, 8, 2)),  # 2 stages spilled 8 B (sm_90, tf32)
+    ("bwd_contrast", False): (_cfg(32, 32, 8, 1), _cfg(32, 64, 8, 1)),  # 2 stages spilled 16 B (sm_90, tf32)
+}
+# bf16 / fp16 forward with the second column range, one feature tile: 64 x 32 with 8 warps spilled 8 B on sm_80
+# (D = 100, 3 stages; D = 256, 2 stages).
+EXTRA_COLUMN_SPILLS = {("fwd", True): frozenset({(64, 32, 8, 2), (64, 32, 8, 3)})}
+
+
 # fp32 autotunes among its FP32_CONFIGS: those CONFIGS lacks are appended to it, autotuned for fp32 only.
 _HALF_CANDIDATE_KEYS = frozenset((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in CONFIGS)
 _FP32_ONLY = {
     (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c
-    for configs in (*FP32_CONFIGS.values(), *FP32_CONFIGS_BY_OUTPUT_TILE.values())
+    for configs in (*FP32_CONFIGS.values(), *FP32_CONFIGS_BY_OUTPUT_TILE.values(), *FP32_EXTRA_COLUMN_CONFIGS.values())
     for c in configs
 }
 _FP32_ONLY = {key: c for key, c in _FP32_ONLY.items() if key not in _HALF_CANDIDATE_KEYS}
@@ -254,15 +271,19 @@ def keep_config(
     element_size: int,
     kernel: str = "bwd_anchor",
     shared_limit: int = SHARED_MEMORY_BUDGET,
+    extra: bool = False,
 ) -> bool:
     """Whether ``config`` fits ``kernel`` (a :data:`KERNEL_VARIANTS` name) at feature dim ``dim``: its shared memory
     (:func:`shared_memory_estimate`) within ``shared_limit`` (default: the smallest of :data:`SHARED_MEMORY_LIMITS`)
     and its live fp32 tile values (:func:`register_estimate`) within :data:`REGISTER_BUDGET` per thread; fp32
-    inputs: one of the spill-free :data:`FP32_CONFIGS` of the variant and feature tiling (output-tile width)."""
+    inputs: one of the spill-free :data:`FP32_CONFIGS` of the variant and feature tiling (output-tile width).
+    ``extra``: the variant's extra-column form (:data:`FP32_EXTRA_COLUMN_CONFIGS`, :data:`EXTRA_COLUMN_SPILLS`)."""
     if shared_memory_estimate(config, dim, element_size, kernel) > shared_limit:
         return False
     if element_size == 4:
-        return config_key(config) in {config_key(c) for c in _fp32_configs(kernel, dim)}
+        return config_key(config) in {config_key(c) for c in _fp32_configs(kernel, dim, extra)}
+    if extra and config_key(config) in EXTRA_COLUMN_SPILLS.get((kernel, block_d_for(dim, element_size)[1]), ()):
+        return False
     if kernel.endswith("[two_way]") and min(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) >= 64:
         return False  # the exp reuse keeps p_ij live next to dS: 64x64 two-way tiles spilled 16-472 B (D = 16, 64)
     budget = REGISTER_BUDGET
@@ -276,9 +297,12 @@ def keep_config(
     return register_estimate(config, dim, element_size, kernel) <= budget
 
 
-def _fp32_configs(kernel: str, dim: int) -> tuple:
-    """The variant's :data:`FP32_CONFIGS` at this feature tiling (:data:`FP32_CONFIGS_BY_OUTPUT_TILE` first)."""
+def _fp32_configs(kernel: str, dim: int, extra: bool = False) -> tuple:
+    """The variant's :data:`FP32_CONFIGS` at this feature tiling (:data:`FP32_CONFIGS_BY_OUTPUT_TILE` first; its
+    extra-column form's :data:`FP32_EXTRA_COLUMN_CONFIGS` before both)."""
     single = block_d_for(dim, 4)[1]
+    if extra and (kernel, single) in FP32_EXTRA_COLUMN_CONFIGS:
+        return FP32_EXTRA_COLUMN_CONFIGS[(kernel, single)]
     if kernel != "fwd" and not single:
         by_width = FP32_CONFIGS_BY_OUTPUT_TILE.get((kernel, output_block_d_for(dim, 4, kernel.endswith("[two_way]"))))
         if by_width:
@@ -293,34 +317,37 @@ def fixed_preference(kernel: str, dim: int, element_size: int) -> tuple:
     return FIXED_PREFERENCE
 
 
-def fixed_config(kernel: str, dim: int, element_size: int, candidates=None) -> triton.Config:
+def fixed_config(kernel: str, dim: int, element_size: int, candidates=None, extra: bool = False) -> triton.Config:
     """The one config used without autotuning: the first of ``candidates`` (default :func:`fixed_preference`) that
     :func:`keep_config` keeps, else the last preference (the smallest, which fits everywhere). fp32: the first of
-    the variant's :data:`FP32_CONFIGS` (whatever the candidates)."""
+    the variant's :data:`FP32_CONFIGS` (whatever the candidates). ``extra``: of the variant's extra-column form."""
     if element_size == 4:
-        return _fp32_configs(kernel, dim)[0]
+        return _fp32_configs(kernel, dim, extra)[0]
     for config in candidates if candidates is not None else fixed_preference(kernel, dim, element_size):
-        if keep_config(config, dim, element_size, kernel):
+        if keep_config(config, dim, element_size, kernel, extra=extra):
             return config
     return FIXED_PREFERENCE[-1]
 
 
-def autotune_configs(kernel: str, dim: int, element_size: int, configs=None) -> list:
-    """The configs the autotuner times for this kernel variant, feature dim and dtype (never empty)."""
+def autotune_configs(kernel: str, dim: int, element_size: int, configs=None, extra: bool = False) -> list:
+    """The configs the autotuner times for this kernel variant (``extra``: its extra-column form), feature dim and
+    dtype (never empty)."""
     configs = CONFIGS if configs is None else configs
     kept = [
         c
         for c in configs
-        if keep_config(c, dim, element_size, kernel) and (element_size == 4 or config_key(c) not in _FP32_ONLY)
+        if keep_config(c, dim, element_size, kernel, extra=extra)
+        and (element_size == 4 or config_key(c) not in _FP32_ONLY)
     ]
-    return kept or [fixed_config(kernel, dim, element_size)]
+    return kept or [fixed_config(kernel, dim, element_size, extra=extra)]
 
 
-def launchable_configs(kernel: str, dim: int, element_size: int) -> list:
-    """Every config a GPU launch can use for this kernel variant / feature dim / dtype: the autotuned set and the
-    fixed (also deterministic and fallback) config. ``python -m fastcl.aot`` lowers exactly these."""
-    configs = autotune_configs(kernel, dim, element_size)
-    fixed = fixed_config(kernel, dim, element_size)
+def launchable_configs(kernel: str, dim: int, element_size: int, extra: bool = False) -> list:
+    """Every config a GPU launch can use for this kernel variant (``extra``: its extra-column form) / feature dim /
+    dtype: the autotuned set and the fixed (also deterministic and fallback) config. ``python -m fastcl.aot``
+    lowers exactly these."""
+    configs = autotune_configs(kernel, dim, element_size, extra=extra)
+    fixed = fixed_config(kernel, dim, element_size, extra=extra)
     return configs + [fixed] if all(config_key(fixed) != config_key(c) for c in configs) else configs
 
 

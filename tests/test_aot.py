@@ -174,6 +174,7 @@ def test_main_writes_json_and_fails_on_a_broken_invariant(monkeypatch, tmp_path,
     assert aot.main(["--dtype", "bf16", "--dim", "128", "--arch", "90"]) == 1
     monkeypatch.setattr(aot, "selection", lambda *a, **k: [])
     monkeypatch.setattr(aot, "sigmoid_selection", lambda *a, **k: [])  # (the sigmoid kernel's jobs, added by main)
+    monkeypatch.setattr(aot, "extra_columns_selection", lambda *a, **k: [])  # (the extra-column forms', too)
     assert aot.main(["--dtype", "bf16", "--dim", "128"]) == 1
     assert "empty selection" in capsys.readouterr().out
 
@@ -238,3 +239,58 @@ def test_markdown_table_of_records():
     assert lines[8] == "| fwd | bf16 | 128 | 64x64, 8, 2 | 208 | 0 | 49,664 | wgmma |"
     assert len(lines) == 9
     assert aot.markdown_table([dict(base, arch="sm_90")]).splitlines()[0] == aot.TABLE_HEADER.splitlines()[0]
+
+
+def test_extra_column_forms_in_the_covering_sample():
+    """The kernels' extra-column forms: every variant of :data:`aot.EXTRA_COLUMN_VARIANTS` with each of its flag
+    sets, each covering config once per dtype pair (bf16 / fp16, tf32x3 / tf32), both archs per variant; the
+    batch-only sample is unchanged."""
+    from fastcl.kernels import tiling
+
+    extra = aot.extra_columns_selection(list(aot.DTYPES), aot.CI_DIMS, aot.ARCHS, full=False)
+    assert 30 < len(extra) < 80
+    assert all(not j["has_mask"] for j in extra)
+    for kernel_name, label, variant, flag_sets in aot.EXTRA_COLUMN_VARIANTS:
+        jobs = [j for j in extra if j["kernel"] == label and j["variant"] == variant]
+        assert {tuple(j["extra_columns"]) for j in jobs} == set(flag_sets)
+        assert {j["arch"] for j in jobs} == set(aot.ARCHS)
+        for pair in aot.CONFIG_PAIRS:
+            element_size = aot.DTYPES[pair[0][0]][1]
+            for dim in aot.CI_DIMS:
+                covering = aot.covering_configs(label, dim, element_size, extra=True)
+                lowered = [tiling.config_key(config) for config in covering]
+                at = [(j["block_m"], j["block_n"], j["num_warps"], j["num_stages"]) for j in jobs
+                      if (j["dtype"], j["input_precision"]) in pair and j["dim"] == dim]  # fmt: skip
+                assert sorted(at) == sorted(lowered)
+    base = aot.selection(list(aot.DTYPES), aot.CI_DIMS, aot.ARCHS, full=False)
+    assert all(not j["extra_columns"] for j in base)
+
+
+def test_launch_arguments_leave_the_extra_range_out_unless_on():
+    """Without its flags a lowering passes none of the extra range's parameters (they stay None: compile-time
+    constants, so the kernel compiles as without them); with them, the pointers and sizes a launch passes."""
+    from fastcl.kernels import jit
+
+    jobs = aot.extra_columns_selection(["bf16"], [64], [90], full=False)
+    job = next(j for j in jobs if j["kernel"] == "fwd")
+    fn = jit._contrastive_fwd_kernel
+    args, keywords = aot.launch_arguments(fn, dict(job, extra_columns=[]))
+    assert not set(aot.EXTRA_COLUMN_PARAMETERS) & set(keywords)
+    assert len(args) + len(keywords) == len(fn.arg_names) - len(aot.EXTRA_COLUMN_PARAMETERS)
+    _, keywords = aot.launch_arguments(fn, dict(job, extra_columns=["HAS_EXTRA", "EXTRA_LABELS", "HAS_MARGIN"]))
+    assert set(aot.EXTRA_COLUMN_PARAMETERS) <= set(keywords)
+    job = next(j for j in jobs if j["kernel"] == "bwd_contrast")
+    _, keywords = aot.launch_arguments(jit._contrastive_bwd_contrast_kernel, job)
+    assert keywords["HAS_MARGIN"] and "threshold_ptr" in keywords and "extra_ptr" not in keywords
+
+
+def test_an_extra_column_kernel_lowers_clean():
+    jobs = [
+        j
+        for j in aot.extra_columns_selection(["bf16"], [128], [90], full=True)
+        if j["kernel"] == "bwd_anchor" and "fixed" in j["roles"] and j["extra_columns"] == ["HAS_EXTRA", "HAS_MARGIN"]
+    ]
+    assert len(jobs) == 1
+    record = _in_subprocess(f"from fastcl import aot; print(repr(aot.compile_one({jobs[0]!r})))")
+    assert aot.violations(record) == [] and record["mma"] == "wgmma"
+    assert record["extra_columns"] == ["HAS_EXTRA", "HAS_MARGIN"]

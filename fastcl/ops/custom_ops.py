@@ -476,6 +476,168 @@ _contrastive_triton_learnable.register_autograd(_triton_learnable_backward, setu
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# fastcl::contrastive_triton_extra and its backward: the Triton kernels with extra contrast columns (negatives beyond
+# the batch, the MoCo row form, the false-negative margin; the kernels' second column range)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def triton_extra(problem: Problem, route: str, precision: str, inv_temperature: Optional[Tensor] = None) -> Tensor:
+    """The loss of ``fastcl::contrastive_triton_extra`` on ``problem`` (``anchor`` None exactly for the route
+    ``ANCHORS_ARE_CONTRAST``); a tensor ``inv_temperature`` (a learnable temperature: ``problem.inv_temperature``
+    is its value) is read on the device and gets ``dL/du`` from the op's backward."""
+    value = 0.0 if inv_temperature is not None else float(problem.inv_temperature)
+    return torch.ops.fastcl.contrastive_triton_extra(
+        problem.anchor, problem.contrast, problem.negatives, problem.anchor_labels, problem.contrast_labels,
+        problem.negative_labels, problem.self_offset, value, inv_temperature, problem.scale, problem.in_batch,
+        problem.false_negative_margin, route, precision,
+    )[0]  # fmt: skip
+
+
+def _extra_problem(anchor, contrast, negatives, anchor_labels, contrast_labels, negative_labels, self_offset,
+                   inv_temperature, learnable_inv_temperature, scale, in_batch, false_negative_margin) -> Problem:  # fmt: skip
+    u = inv_temperature if learnable_inv_temperature is None else learnable_inv_temperature
+    return Problem(
+        anchor, contrast, anchor_labels, contrast_labels, None, self_offset, u, scale, False, negatives,
+        negative_labels, in_batch, false_negative_margin,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("fastcl::contrastive_triton_extra", mutates_args=())
+def _contrastive_triton_extra(
+    anchor: Optional[Tensor],
+    contrast: Tensor,
+    negatives: Optional[Tensor],
+    anchor_labels: Tensor,
+    contrast_labels: Tensor,
+    negative_labels: Optional[Tensor],
+    self_offset: Optional[int],
+    inv_temperature: float,
+    learnable_inv_temperature: Optional[Tensor],
+    scale: float,
+    in_batch: bool,
+    false_negative_margin: Optional[float],
+    route: str,
+    precision: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, pos_weight [Na], lse [Na], positive_dots [Na] or [0])`` (``triton_extra_forward``; the dots with each
+    anchor's positive only with ``in_batch=False`` or a margin). ``learnable_inv_temperature``: ``u = 1 / t`` a
+    0-dim fp32 tensor read on the device (``inv_temperature`` is then ignored), whose gradient the backward gives."""
+    problem = _extra_problem(anchor, contrast, negatives, anchor_labels, contrast_labels, negative_labels,
+                             self_offset, inv_temperature, learnable_inv_temperature, scale, in_batch,
+                             false_negative_margin)  # fmt: skip
+    return triton_backend.extra_columns_forward(problem, route, precision)
+
+
+@_contrastive_triton_extra.register_fake
+def _contrastive_triton_extra_fake(anchor, contrast, negatives, *settings):
+    in_batch, margin = settings[7], settings[8]
+    n_anchor = contrast.shape[0] if anchor is None else anchor.shape[0]
+    f32 = torch.float32
+    positive_dots = n_anchor if (not in_batch or margin is not None) else 0
+    return (
+        contrast.new_empty((), dtype=f32),
+        contrast.new_empty(n_anchor, dtype=f32),
+        contrast.new_empty(n_anchor, dtype=f32),
+        contrast.new_empty(positive_dots, dtype=f32),
+    )
+
+
+@torch.library.custom_op("fastcl::contrastive_triton_extra_backward", mutates_args=())
+def _contrastive_triton_extra_backward(
+    grad_output: Tensor,
+    anchor: Optional[Tensor],
+    contrast: Tensor,
+    negatives: Optional[Tensor],
+    anchor_labels: Tensor,
+    contrast_labels: Tensor,
+    negative_labels: Optional[Tensor],
+    pos_weight: Tensor,
+    lse: Tensor,
+    positive_dots: Tensor,
+    self_offset: Optional[int],
+    inv_temperature: float,
+    learnable_inv_temperature: Optional[Tensor],
+    scale: float,
+    in_batch: bool,
+    false_negative_margin: Optional[float],
+    route: str,
+    precision: str,
+    need_anchor: bool,
+    need_contrast: bool,
+    need_negatives: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dA, dC, dQ)`` in the input dtypes (empty ``[0]`` where not needed; with ``anchor`` None the whole gradient
+    of the one input is ``dC``)."""
+    problem = _extra_problem(anchor, contrast, negatives, anchor_labels, contrast_labels, negative_labels,
+                             self_offset, inv_temperature, learnable_inv_temperature, scale, in_batch,
+                             false_negative_margin)  # fmt: skip
+    residuals = (pos_weight, lse, positive_dots)
+    needs = (need_anchor, need_contrast, need_negatives)
+    return triton_backend.extra_columns_backward(grad_output, problem, residuals, route, precision, needs)
+
+
+@_contrastive_triton_extra_backward.register_fake
+def _contrastive_triton_extra_backward_fake(grad_output, anchor, contrast, negatives, *rest):
+    need_anchor, need_contrast, need_negatives = rest[-3:]
+    empty = contrast.new_empty(0)
+    grad_anchor = anchor.new_empty(anchor.shape) if anchor is not None and need_anchor else empty.clone()
+    grad_contrast = contrast.new_empty(contrast.shape) if anchor is None or need_contrast else empty.clone()
+    grad_extra = negatives.new_empty(negatives.shape) if negatives is not None and need_negatives else empty.clone()
+    return grad_anchor, grad_contrast, grad_extra
+
+
+def _triton_extra_setup(ctx, inputs, output):
+    anchor, contrast, negatives, anchor_labels, contrast_labels, negative_labels = inputs[:6]
+    self_offset, inv_temperature, learnable, scale, in_batch, margin, route, precision = inputs[6:]
+    ctx.save_for_backward(
+        anchor, contrast, negatives, anchor_labels, contrast_labels, negative_labels, *output[1:], learnable
+    )
+    ctx.settings = (self_offset, inv_temperature, scale, in_batch, margin, route, precision)
+
+
+def _triton_extra_backward(ctx, grad_loss, *_grad_residuals):
+    """The input gradients, and with a learnable temperature ``dL/du`` from them (the loss depends on the rows only
+    through ``u * A @ [C; Q].T``, the margin's mask being piecewise constant): ``<A, dL/dA> / u``, or when the
+    anchors are the contrast rows (one kernel forms both roles' sum) ``(<X, dL/dX> + <Q, dL/dQ>) / (2u)``, which
+    forms the extra rows' gradient for it even when they need none."""
+    anchor, contrast, negatives, anchor_labels, contrast_labels, negative_labels, *residuals, learnable = (
+        ctx.saved_tensors
+    )
+    self_offset, inv_temperature, scale, in_batch, margin, route, precision = ctx.settings
+    needs = ctx.needs_input_grad
+    anchors_are_contrast = anchor is None
+    need_scale = learnable is not None and needs[8]
+    need_anchor = not anchors_are_contrast and (needs[0] or need_scale)
+    need_contrast = needs[1] or anchors_are_contrast
+    need_negatives = negatives is not None and (needs[2] or (need_scale and anchors_are_contrast))
+    grad_anchor, grad_contrast, grad_extra = torch.ops.fastcl.contrastive_triton_extra_backward(
+        grad_loss, anchor, contrast, negatives, anchor_labels, contrast_labels, negative_labels, *residuals,
+        self_offset, inv_temperature, learnable, scale, in_batch, margin, route, precision, need_anchor,
+        need_contrast, need_negatives,
+    )  # fmt: skip
+    grad_scale = None
+    if need_scale:  # (the gradients already carry grad_loss)
+        f32 = torch.float32
+        if anchors_are_contrast:
+            dot = torch.linalg.vecdot(contrast.to(f32), grad_contrast.to(f32)).sum()
+            if negatives is not None:
+                dot = dot + torch.linalg.vecdot(negatives.to(f32), grad_extra.to(f32)).sum()
+            grad_scale = dot / (2 * learnable)
+        else:
+            grad_scale = torch.linalg.vecdot(anchor.to(f32), grad_anchor.to(f32)).sum() / learnable
+        grad_scale = grad_scale.to(learnable.dtype)
+    return (
+        grad_anchor if need_anchor and needs[0] else None,
+        grad_contrast if needs[1] else None,
+        grad_extra if negatives is not None and needs[2] else None,
+        None, None, None, None, None, grad_scale, None, None, None, None, None,
+    )  # fmt: skip
+
+
+_contrastive_triton_extra.register_autograd(_triton_extra_backward, setup_context=_triton_extra_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # fastcl::sigmoid_loss (the SigLIP op, both backends)
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -88,10 +88,12 @@ def contrastive_loss(
             chunked backend folds it into its autograd node for fp32 / float64 inputs (its Jacobian applied to the
             gradients formed in the forward: no autograd graph of its own); elsewhere ``F.normalize`` runs first.
         negatives, negative_labels, in_batch, false_negative_margin: contrast columns beyond the batch and the margin
-            (:class:`~fastcl.ops.problem.Problem`; one-way only). Every backend takes them through the chunked
-            extra-column pass (:mod:`fastcl.ops.chunked.negatives`, on the inputs' device: block rows x
-            ``(Nc + M)`` at a time, no ``Na x (Nc + M)`` matrix); the Triton kernels do not take the second column
-            range yet, so ``backend='triton'`` runs that pass too. ``normalize`` normalises ``negatives`` as well.
+            (:class:`~fastcl.ops.problem.Problem`; one-way only). ``backend='chunked'`` takes them through the
+            chunked extra-column pass (:mod:`fastcl.ops.chunked.negatives`: block rows x ``(Nc + M)`` at a time),
+            ``backend='triton'`` as the kernels' second column range (``fastcl::contrastive_triton_extra``: the
+            extra rows streamed after the batch columns, their gradient from the contrast-gradient kernel only when
+            they require grad); neither forms an ``Na x (Nc + M)`` matrix. ``normalize`` normalises ``negatives``
+            as well.
 
     Both backends run as one ``torch.ops.fastcl`` custom op while compiling (:mod:`fastcl.ops.custom_ops`), so
     ``torch.compile(fullgraph=True)`` traces the loss as a single node with symbolic sizes.
@@ -125,7 +127,10 @@ def contrastive_loss(
     )
     if problem.has_extra_columns:
         problem = _normalized(problem) if normalize else problem
-        loss = _extra_columns_loss(problem, want_grad, inv_temperature)
+        if backend == "triton":
+            loss = _triton_extra_columns_loss(problem, inv_temperature)
+        else:
+            loss = _extra_columns_loss(problem, want_grad, inv_temperature)
         return loss if loss_scale is None else loss * loss_scale.to(loss.dtype)
     eager_chunked = backend == "chunked" and not torch.compiler.is_compiling()
     fold_normalize = normalize and eager_chunked and want_grad and contrast.dtype in FOLDED_NORMALIZE_DTYPES
@@ -160,6 +165,16 @@ def _extra_columns_loss(problem: Problem, want_grad: bool, inv_temperature) -> t
     if torch.compiler.is_compiling():
         return custom_ops.chunked_negatives(problem, want_grad, inv_temperature)
     return negatives_loss(problem, want_grad, inv_temperature)
+
+
+def _triton_extra_columns_loss(problem: Problem, inv_temperature) -> torch.Tensor:
+    """A problem with extra columns or a margin on the Triton kernels' second column range (its custom op, eagerly
+    too: nothing ``Na x (Nc + M)`` is formed)."""
+    triton_backend.check_inputs(problem.contrast)
+    route = triton_backend.extra_columns_route(problem)
+    precision = triton_backend.input_precision(problem.contrast.dtype)
+    problem = triton_backend.unit_column_stride(problem, route)
+    return custom_ops.triton_extra(problem, route, precision, inv_temperature)
 
 
 def _normalized(problem: Problem) -> Problem:

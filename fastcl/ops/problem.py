@@ -33,8 +33,9 @@ class Problem(NamedTuple):
     positive per anchor: ``anchor_labels[i]`` is its column). ``false_negative_margin = m`` (one positive per
     anchor) drops column j from row i where ``sim_ij > sim_i,pos + m`` (``sim = s * t``, before the temperature).
     A backend takes the extra rows as a second column range (the chunked backend's :mod:`fastcl.ops.chunked.negatives`
-    scores them with their own products and forms their gradient only when they require grad); nothing
-    ``Na x (Nc + M)`` is formed. :attr:`has_extra_columns` says whether any of these is set.
+    scores them with their own products; the Triton kernels stream them after the batch columns, ``HAS_EXTRA``) and
+    forms their gradient only when they require grad; nothing ``Na x (Nc + M)`` is formed. :attr:`has_extra_columns`
+    says whether any of these is set.
     """
 
     anchor: Optional[torch.Tensor]

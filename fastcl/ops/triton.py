@@ -1,9 +1,12 @@
-"""The Triton backend: input checks, the route, and the launcher calls behind ``fastcl::contrastive_triton``.
+"""The Triton backend: input checks, the route, and the launcher calls behind ``fastcl::contrastive_triton`` and
+``fastcl::contrastive_triton_extra``.
 
 :func:`fastcl.ops.dispatch.contrastive_loss` checks the inputs (:func:`check_inputs`) and picks the route
-(:func:`route`); the custom ops of :mod:`fastcl.ops.custom_ops` (one node for ``torch.compile``, with their
-autograd) call :func:`forward` / :func:`backward`, which run the launcher of :mod:`fastcl.kernels.launch`.
-At that boundary ``anchor`` None means the route :data:`ANCHORS_ARE_CONTRAST` (one backward kernel for both roles).
+(:func:`route`, or :func:`extra_columns_route` for a problem with extra contrast columns); the custom ops of
+:mod:`fastcl.ops.custom_ops` (one node for ``torch.compile``, with their autograd) call :func:`forward` /
+:func:`backward` (:func:`extra_columns_forward` / :func:`extra_columns_backward`: the kernels' second column range),
+which run the launcher of :mod:`fastcl.kernels.launch`. At that boundary ``anchor`` None means the route
+:data:`ANCHORS_ARE_CONTRAST` (one backward kernel for both roles).
 """
 
 from __future__ import annotations
@@ -160,4 +163,51 @@ def backward(
     return (
         empty.clone() if grad_anchor is None else grad_anchor,
         empty if grad_contrast is None else grad_contrast,
+    )
+
+
+def extra_columns_route(problem: Problem) -> str:
+    """The route of a problem with extra columns: :data:`ANCHORS_ARE_CONTRAST` where :func:`route` gives it and
+    every batch column is kept without a margin (one backward kernel forms both roles of the batch columns plus
+    the extra columns' share of the anchors' gradient), else :data:`ONE_WAY` (the only direction extra columns
+    have)."""
+    if problem.two_way:
+        raise ValueError("negatives / in_batch=False / false_negative_margin are one-way: two_way must be False")
+    if problem.in_batch and problem.false_negative_margin is None and route(problem) == ANCHORS_ARE_CONTRAST:
+        return ANCHORS_ARE_CONTRAST
+    return ONE_WAY
+
+
+def extra_columns_forward(problem: Problem, route: str, precision: str):
+    """``(loss, pos_weight [Na], lse [Na], positive_dots [Na] or [0])``, distinct tensors (the kernels' second
+    column range, :func:`fastcl.kernels.launch.triton_extra_forward`)."""
+    from fastcl.kernels.launch import triton_extra_forward
+
+    loss, (pos_weight, lse, positive_dots) = triton_extra_forward(_launcher_problem(problem), route, precision)
+    return loss, pos_weight, lse, positive_dots
+
+
+def extra_columns_backward(grad_output, problem: Problem, residuals, route: str, precision: str, needs):
+    """``(dA, dC, dQ)`` in the input dtypes for ``needs = (anchor, contrast, negatives)`` (empty ``[0]`` where not
+    needed or absent; when the anchors are the contrast rows the whole gradient of that input is ``dC``)."""
+    from fastcl.kernels.launch import triton_extra_backward
+
+    need_anchor, need_contrast, need_negatives = needs
+    grad_anchor, grad_contrast, grad_extra = triton_extra_backward(
+        grad_output,
+        _launcher_problem(problem),
+        residuals,
+        route,
+        need_anchor=need_anchor,
+        need_contrast=need_contrast,
+        need_negatives=need_negatives,
+        input_precision=precision,
+    )
+    if problem.anchors_are_contrast:  # the whole gradient is grad_anchor, and it belongs to the one input
+        grad_anchor, grad_contrast = None, grad_anchor
+    empty = problem.contrast.new_empty(0)
+    return (
+        empty.clone() if grad_anchor is None else grad_anchor,
+        empty.clone() if grad_contrast is None else grad_contrast,
+        empty.clone() if grad_extra is None else grad_extra,
     )

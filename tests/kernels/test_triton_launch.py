@@ -214,16 +214,18 @@ def test_sizes_and_offsets_are_not_specialized():
     every_name = set().union(*(kernel.arg_names for kernel in launch.RAW_KERNELS.values()))
     assert set(jit.NOT_SPECIALIZED) <= every_name and set(jit.NOT_ALIGNMENT_SPECIALIZED) <= every_name  # no stale names
     backward_only = {"stride_mask_t_row", "stride_mask_t_col", "mask_t_ptr"}  # the transposed mask of TWO_WAY
+    extra_range = {"n_extra", "stride_extra_label", "extra_label_ptr"}  # the second column range (fwd, bwd_anchor)
     for name, kernel in launch.RAW_KERNELS.items():
         names = set(kernel.arg_names)
         assert (backward_only <= names) == (name != "fwd")
+        assert (extra_range <= names) == (name != "bwd_contrast") and "threshold_ptr" in names
         not_specialized = set(jit.NOT_SPECIALIZED)  # applied by @triton.jit; tests/test_aot.py checks the params
-        assert {"n_anchor", "n_contrast", "self_offset", "mask_period", "n_anchor_bucket"} <= not_specialized
-        assert not_specialized - backward_only <= names
-        assert not {"dim", "stride_anchor", "stride_contrast"} & not_specialized
+        assert {"n_anchor", "n_contrast", "self_offset", "mask_period", "n_anchor_bucket", "n_extra"} <= not_specialized
+        assert not_specialized - backward_only - extra_range <= names
+        assert not {"dim", "stride_anchor", "stride_contrast", "stride_extra"} & not_specialized
         not_aligned = set(jit.NOT_ALIGNMENT_SPECIALIZED)
-        assert {"anchor_label_ptr", "contrast_label_ptr", "mask_ptr"} <= not_aligned & names
-        assert not {"anchor_ptr", "contrast_ptr"} & not_aligned
+        assert {"anchor_label_ptr", "contrast_label_ptr", "mask_ptr", "threshold_ptr"} <= not_aligned & names
+        assert not {"anchor_ptr", "contrast_ptr", "extra_ptr"} & not_aligned
 
 
 def test_fp32_uses_tensor_core_precisions(monkeypatch):

@@ -393,10 +393,25 @@ def test_opcheck_extra_columns():
     torch.library.opcheck(op, (None, c, q, labels, labels, labels[:5], 0, u.detach(), 0.5, True, None, False, False))
 
 
-def test_triton_backend_routes_to_the_extra_column_pass():
+@pytest.mark.triton
+def test_triton_backend_runs_the_extra_columns_in_its_kernels(monkeypatch):
+    """``backend='triton'`` takes the extra columns as its kernels' second column range (never the chunked pass;
+    tests/kernels/test_triton_negatives.py covers it in full) and, as for the batch alone, float32 / float16 /
+    bfloat16 rows only."""
+    from conftest import DEVICE
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the chunked extra-column pass ran")
+
+    monkeypatch.setattr(fastcl.ops.dispatch, "negatives_loss", refuse)
+    monkeypatch.setattr(fastcl.ops.custom_ops, "negatives_forward", refuse)
     q, k, neg = _rand(9, 4, seed=160), _rand(9, 4, seed=161), _rand(6, 4, seed=162)
     expected = FF.info_nce_loss(q, k, negatives=neg, symmetric=False, backend="reference")
-    _assert_close(FF.info_nce_loss(q, k, negatives=neg, symmetric=False, backend="triton"), expected)
+    on_device = [x.detach().to(DEVICE, torch.float32) for x in (q, k, neg)]
+    loss = FF.info_nce_loss(*on_device[:2], negatives=on_device[2], symmetric=False, backend="triton")
+    assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
+    with pytest.raises(TypeError, match="float64"):
+        FF.info_nce_loss(q, k, negatives=neg, symmetric=False, backend="triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
