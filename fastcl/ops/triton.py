@@ -157,13 +157,7 @@ def backward(
         need_contrast=need_contrast,
         input_precision=precision,
     )
-    if problem.anchors_are_contrast:  # the whole gradient is grad_anchor, and it belongs to the one input
-        grad_anchor, grad_contrast = None, grad_anchor
-    empty = problem.contrast.new_empty(0)
-    return (
-        empty.clone() if grad_anchor is None else grad_anchor,
-        empty if grad_contrast is None else grad_contrast,
-    )
+    return _input_gradients(problem, grad_anchor, grad_contrast)
 
 
 def extra_columns_route(problem: Problem) -> str:
@@ -203,11 +197,14 @@ def extra_columns_backward(grad_output, problem: Problem, residuals, route: str,
         need_negatives=need_negatives,
         input_precision=precision,
     )
-    if problem.anchors_are_contrast:  # the whole gradient is grad_anchor, and it belongs to the one input
+    return _input_gradients(problem, grad_anchor, grad_contrast, grad_extra)
+
+
+def _input_gradients(problem: Problem, grad_anchor, grad_contrast, *more):
+    """The launcher's gradients as the custom ops return them: when the anchors are the contrast rows the whole
+    gradient (the launcher's ``grad_anchor``) belongs to the one input, ``dC``; a fresh empty ``[0]`` for each
+    gradient not formed (a custom op's outputs may not alias each other)."""
+    if problem.anchors_are_contrast:
         grad_anchor, grad_contrast = None, grad_anchor
     empty = problem.contrast.new_empty(0)
-    return (
-        empty.clone() if grad_anchor is None else grad_anchor,
-        empty.clone() if grad_contrast is None else grad_contrast,
-        empty.clone() if grad_extra is None else grad_extra,
-    )
+    return tuple(empty.clone() if grad is None else grad for grad in (grad_anchor, grad_contrast, *more))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from autotune_timing import host_timer
 from conftest import DEVICE
 from float64_reference import info_nce_float64, supcon_float64
 
@@ -150,17 +151,9 @@ def test_shared_tiles_routes(monkeypatch):
 @pytest.mark.skipif(DEVICE == "cuda", reason="interpreter-only: on a GPU the real autotuner runs")
 def test_autotuned_launch_path_with_pruning(monkeypatch):
     """The autotuner wrapper (keys, pruning, launch grid from the chosen config), timed on the host."""
-    import time
-
     import triton
 
     from fastcl.kernels import launch, tiling
-
-    def host_timer(fn, quantiles=None):
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        return [elapsed, elapsed, elapsed] if quantiles else elapsed
 
     configs = [
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),

@@ -6,6 +6,7 @@ gradient launch for it), ``grad_output`` scaling, NaN propagation, a learnable t
 
 import pytest
 import torch
+from autotune_timing import host_timer
 from conftest import DEVICE
 
 import fastcl
@@ -286,15 +287,7 @@ def test_fullgraph_compile_matches_eager():
 def test_autotuned_launches_key_on_the_extra_column_flags(monkeypatch):
     """The autotuner wrapper (timed on the host) launches the extra-column forms and tunes them apart from the
     batch-only launches of the same sizes."""
-    import time
-
     import triton
-
-    def host_timer(fn, quantiles=None):
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        return [elapsed, elapsed, elapsed] if quantiles else elapsed
 
     configs = [
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
