@@ -19,6 +19,22 @@ from fastcl import aot
 SUBPROCESS_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
+@pytest.fixture(autouse=True)
+def _drop_kernel_modules_imported_here():
+    """``aot.main()`` (called in this process by some tests) drops TRITON_INTERPRET and may import a kernel module
+    for the first time, so its ``@triton.jit`` functions are compiled-mode ones; the interpreter tests after it must
+    not inherit them (``0 active drivers``). Modules under ``fastcl.kernels`` first imported during a test are
+    forgotten after it and import afresh, under the session's setting, when next used."""
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.startswith("fastcl.kernels."):
+            del sys.modules[name]
+            parent, _, child = name.rpartition(".")
+            if hasattr(sys.modules.get(parent), child):
+                delattr(sys.modules[parent], child)
+
+
 def _in_subprocess(code: str):
     out = subprocess.run(
         [sys.executable, "-c", code], env=SUBPROCESS_ENV, capture_output=True, text=True, check=True
