@@ -172,6 +172,10 @@ class _LaunchArgs:
     stride (the mask itself when symmetric, :func:`transposed_mask`), so the reverse weights ``mask[j % B, i % B]``
     are read along rows (``mask_t_strides``)."""
 
+    # positions in ``sizes`` (the kernels' integer arguments, in their order) that a launch without the batch
+    # columns (``in_batch=False``, :func:`_with_extra_columns`) overrides
+    SIZE_N_CONTRAST, SIZE_N_CONTRAST_BUCKET = 1, 12
+
     def __init__(self, problem: Problem, two_way: bool = False, input_precision=None):
         anchor, contrast, mask, self_offset = problem.anchor_rows, problem.contrast, problem.mask, problem.self_offset
         anchor_labels, contrast_labels = problem.anchor_labels, problem.contrast_labels
@@ -627,7 +631,7 @@ def _with_extra_columns(args: _LaunchArgs, problem: Problem, positive_dots) -> _
     out.keywords = {"fwd": forward_keywords, "bwd_anchor": forward_keywords, "bwd_contrast": margin_keywords}
     if not problem.in_batch:  # the kernels skip the batch range
         sizes = list(args.sizes)
-        sizes[1], sizes[12] = 0, 1  # n_contrast, n_contrast_bucket
+        sizes[_LaunchArgs.SIZE_N_CONTRAST], sizes[_LaunchArgs.SIZE_N_CONTRAST_BUCKET] = 0, 1
         out.sizes, out.n_contrast = tuple(sizes), 0
     return out
 

@@ -526,3 +526,14 @@ def test_two_way_symmetric_mask_gradients_match_chunked():
         loss.backward()
         grads[backend] = torch.cat([a.grad, c.grad]).cpu()
     assert torch.allclose(grads["triton"], grads["chunked"], rtol=1e-4, atol=1e-6)
+
+
+def test_named_size_positions_are_the_kernels_arguments():
+    """``_LaunchArgs.sizes`` is passed positionally from ``n_anchor`` on; the positions a launch without the batch
+    columns overrides name those arguments in every kernel."""
+    kernels = (jit._contrastive_fwd_kernel, jit._contrastive_bwd_anchor_kernel, jit._contrastive_bwd_contrast_kernel)
+    for kernel in kernels:
+        names = kernel.arg_names
+        first = names.index("n_anchor")
+        assert names[first + launch._LaunchArgs.SIZE_N_CONTRAST] == "n_contrast"
+        assert names[first + launch._LaunchArgs.SIZE_N_CONTRAST_BUCKET] == "n_contrast_bucket"
