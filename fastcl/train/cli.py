@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--key-momentum", type=float, default=None,
                    help="with --queue-size: EMA rate m of the key model, p_k = m p_k + (1 - m) p_q after each step "
                         "(MoCo: 0.999; --momentum is the optimiser's)")
+    m.add_argument("--queue-negatives-only", action="store_true",
+                   help="with --queue-size and --loss supcon: every queue key is a negative (MoCo's queue beside the "
+                        "batch's SupCon positives); by default a queue key with the anchor's label is a positive")
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=15)
@@ -200,6 +203,9 @@ def check_args(args: argparse.Namespace) -> None:
 def _check_queue(args: argparse.Namespace) -> None:
     if args.queue_size < 0:
         raise ConfigError(f"--queue-size must be >= 0 (0: no queue), got {args.queue_size}")
+    if args.queue_negatives_only and (args.queue_size == 0 or args.loss != "supcon"):
+        raise ConfigError("--queue-negatives-only needs --queue-size K > 0 and --loss supcon (with --loss simclr "
+                          "every queue key is a negative already)")
     if args.queue_size == 0:
         if args.key_momentum is not None:
             raise ConfigError(f"--key-momentum {args.key_momentum:g} needs a queue: pass --queue-size K > 0 as well "

@@ -44,17 +44,19 @@ def build_queue(args: argparse.Namespace, dim: int, world_size: int = 1) -> Memo
     return MemoryQueue(args.queue_size, dim, labels=args.loss == "supcon", gather_distributed=world_size > 1)
 
 
-def moco_loss(criterion: nn.Module, kind: str, q: Tensor, k: Tensor, labels: Tensor, queue: MemoryQueue) -> Tensor:
+def moco_loss(criterion: nn.Module, kind: str, q: Tensor, k: Tensor, labels: Tensor, queue: MemoryQueue,
+              queue_positives: bool = True) -> Tensor:  # fmt: skip
     """The loss of queries ``q [B, D]`` (gradients) and keys ``k [B, D]`` (no gradients) with the queue's columns.
 
     ``supcon``: ``criterion`` a ``SupConLoss(contrast_mode='one')`` on ``[q, k]`` (anchors: the queries; contrast:
-    the batch's queries and keys, the queue's keys; a queue key with the anchor's label is a positive).
+    the batch's queries and keys, the queue's keys; a queue key with the anchor's label is a positive, or with
+    ``queue_positives=False``, ``--queue-negatives-only``, every queue key is a negative).
     ``simclr``: ``criterion`` an ``InfoNCELoss(symmetric=False, in_batch_negatives=False)``: each query against its
     own key and the queue (MoCo v2).
     """
     if kind == "supcon":
         return criterion(torch.stack([q, k], dim=1), labels, negatives=queue.negatives,
-                         negative_labels=queue.labels)
+                         negative_labels=queue.labels if queue_positives else None)
     return criterion(q, k, negatives=queue.negatives)
 
 

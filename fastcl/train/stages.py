@@ -314,7 +314,8 @@ def _moco_step(run: Run, images: Tensor, labels: Tensor, p1: Tensor, p2: Tensor)
 
     run.optimizer.zero_grad(set_to_none=True)
     loss = cached_backward(encode, run.local_batch, run.micro,
-                           lambda q: moco_loss(run.criterion, args.loss, q, keys, labels, run.queue),
+                           lambda q: moco_loss(run.criterion, args.loss, q, keys, labels, run.queue,
+                                               not args.queue_negatives_only),
                            model=run.model, no_sync=run.net.no_sync if run.d.enabled else None)
     run.optimizer.step()
     run.scheduler.step()

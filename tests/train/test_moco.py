@@ -88,6 +88,22 @@ def test_moco_loss_supcon_equals_the_float64_reference(filled):
     torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-6)
 
 
+def test_moco_loss_supcon_with_a_negatives_only_queue():
+    """--queue-negatives-only: the queue keys are columns but never positives, even with the anchor's label."""
+    torch.manual_seed(3)
+    b, d = 6, 3
+    queue = build_queue(_args("supcon"), d)
+    queue.enqueue(torch.randn(7, d), torch.tensor([0, 1, 2, 0, 1, 2, 0]))
+    q, k = torch.randn(b, d, requires_grad=True), torch.randn(b, d)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    loss = moco_loss(build_criterion(_args("supcon")), "supcon", q, k, labels, queue, queue_positives=False)
+    never = torch.full((7,), -1)  # a label no anchor has
+    ref = _supcon_reference(q, k, labels, queue.negatives, never, 0.2)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    with_positives = moco_loss(build_criterion(_args("supcon")), "supcon", q, k, labels, queue)
+    assert abs(with_positives.item() - loss.item()) > 1e-3  # the queue's labels matter by default
+
+
 @pytest.mark.parametrize("filled", [5, 8])
 def test_moco_loss_simclr_is_moco_v2_infonce(filled):
     torch.manual_seed(filled)
@@ -120,6 +136,20 @@ def test_a_queue_run_keeps_the_last_keys_and_the_key_model_follows(tmp_path):
     assert not torch.equal(c2["key_model"][w], ckpt_of(out)["key_model"][w])
 
 
+def test_a_negatives_only_queue_run_trains_another_trajectory(tmp_path):
+    """--queue-negatives-only reaches the loss: the same run with and without it ends with other weights, and the
+    flag is part of the checkpoint's training arguments."""
+    runs = {}
+    for name, extra in (("labelled", []), ("negatives", ["--queue-negatives-only"])):
+        out = str(tmp_path / name)
+        assert pretrain.main([*TINY, "--epochs", "1", "--queue-size", "80", "--key-momentum", "0.9", *extra,
+                              "--out", out]) == 0  # fmt: skip
+        runs[name] = ckpt_of(out)
+    assert runs["negatives"]["config"]["queue_negatives_only"] is True
+    w = next(k for k in runs["labelled"]["model"] if k.endswith("weight"))
+    assert not torch.equal(runs["labelled"]["model"][w], runs["negatives"]["model"][w])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--queue-size", "-1", "--key-momentum", "0.99"], "--queue-size must be >= 0 (0: no queue), got -1"),
     (["--queue-size", "64"], "--queue-size 64 needs --key-momentum m"),
@@ -127,6 +157,9 @@ def test_a_queue_run_keeps_the_last_keys_and_the_key_model_follows(tmp_path):
     (["--queue-size", "64", "--key-momentum", "-0.1"], "--key-momentum must lie in [0, 1), got -0.1"),
     (["--queue-size", "64", "--key-momentum", "nan"], "--key-momentum must lie in [0, 1), got nan"),
     (["--key-momentum", "0.99"], "--key-momentum 0.99 needs a queue: pass --queue-size K > 0"),
+    (["--queue-negatives-only"], "--queue-negatives-only needs --queue-size K > 0 and --loss supcon"),
+    (["--queue-size", "64", "--key-momentum", "0.9", "--loss", "simclr", "--queue-negatives-only"],
+     "--queue-negatives-only needs --queue-size K > 0 and --loss supcon"),
 ])
 def test_queue_flags_are_checked_before_training(tmp_path, capsys, args, message):
     out = str(tmp_path / "o")
