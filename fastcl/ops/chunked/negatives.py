@@ -36,6 +36,8 @@ _FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda
 # (at Nc + M = 69,632 that is 120 rows, still a full-width GEMM on a GPU); on CPU the chunked backend's budget.
 _ACCELERATOR_BLOCK_BYTES = 32 * 1024 * 1024
 _MIN_BLOCK_ROWS, _MAX_BLOCK_BYTES = 64, 64 * 1024 * 1024
+# Largest log of a softmax product's entry the shift-free path allows (fp32 overflows above 88.7, float64 709.8)
+_PRODUCT_BOUND = {torch.float32: 80.0, torch.float64: 700.0}
 
 
 class _Columns(NamedTuple):
@@ -79,11 +81,19 @@ def _block_rows(n_anchor: int, n_columns: int, device: torch.device) -> int:
 
 
 def _shift_free(scaled_anchor: Tensor, cols: _Columns) -> bool:
-    """Every logit small enough to exponentiate as it is (:func:`~fastcl.ops.chunked.passes._shift_free`, over the
-    batch columns and the extra rows)."""
-    return passes._shift_free(scaled_anchor, cols.contrast) and (
-        cols.negatives.shape[0] == 0 or passes._shift_free(scaled_anchor, cols.negatives)
-    )
+    """Every logit small enough to exponentiate as it is (the bound of
+    :func:`~fastcl.ops.chunked.passes._shift_free`, ``max|a| max|c| / t``, over the batch columns and the extra
+    rows), and the softmax products ``E @ [C; Q]`` it feeds finite too: their entries are sums of up to
+    ``Nc + M`` terms ``exp(s_ij) c_jk``, at most ``exp(bound) max|c| (Nc + M)``. Checked on CPU only (a scalar
+    read); NaN and inf fail it."""
+    columns = [c for c in (cols.contrast, cols.negatives) if c.shape[0] > 0]
+    if scaled_anchor.device.type != "cpu" or scaled_anchor.shape[0] == 0 or not columns:
+        return False
+    column_norm = torch.stack([torch.linalg.vector_norm(c, dim=1).amax() for c in columns]).amax()
+    bound = torch.linalg.vector_norm(scaled_anchor, dim=1).amax() * column_norm
+    product = bound + torch.log(column_norm * sum(c.shape[0] for c in columns))
+    dtype = scaled_anchor.dtype
+    return bool((bound <= passes._SHIFT_FREE_BOUND[dtype]) & (product <= _PRODUCT_BOUND[dtype]))
 
 
 def _column_positives(cols: _Columns, problem: Problem, scaled_anchor: Tensor):
