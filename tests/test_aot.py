@@ -266,7 +266,7 @@ def test_extra_column_forms_in_the_covering_sample():
     extra = aot.extra_columns_selection(list(aot.DTYPES), aot.CI_DIMS, aot.ARCHS, full=False)
     assert 30 < len(extra) < 80
     assert all(not j["has_mask"] for j in extra)
-    for kernel_name, label, variant, flag_sets in aot.EXTRA_COLUMN_VARIANTS:
+    for _kernel_name, label, variant, flag_sets in aot.EXTRA_COLUMN_VARIANTS:
         jobs = [j for j in extra if j["kernel"] == label and j["variant"] == variant]
         assert {tuple(j["extra_columns"]) for j in jobs} == set(flag_sets)
         assert {j["arch"] for j in jobs} == set(aot.ARCHS)

@@ -144,10 +144,11 @@ def negatives_forward(problem: Problem, want_grad: bool, grad_negatives: bool):
 
     Per block of anchor rows the batch and extra-row products are written side by side into one reused
     ``[r, Nb + M]`` buffer and exponentiated in place (without a row max when every logit is small enough,
-    :func:`_shift_free`). The positives never touch the block: with ``in_batch`` their logit sums and their share
+    :func:`_shift_free`). With ``in_batch`` the positives never touch the block: their logit sums and their share
     of the gradients are class sums over the columns (``O((N + M) D)``); with ``in_batch=False`` each row's one
     positive is its first column. The softmax share of the gradients scales the ``[r, D]`` sides of its products
-    (``dA_r = f (E @ [C; Q])``, ``dC += E_b^T (f A_r)``), so the block is read by the products and nothing else."""
+    (``dA_r = f (E @ [C; Q])``, ``dC += E_b^T (f A_r)``), so after the exp and its row sums only the products read
+    the block."""
     cols = _columns(problem)
     n_anchor, n_extra = cols.anchor.shape[0], cols.negatives.shape[0]
     n_batch = cols.contrast.shape[0] if problem.in_batch else 1
