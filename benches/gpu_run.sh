@@ -4,35 +4,39 @@
 #
 #   OUT=/some/dir bash benches/gpu_run.sh
 #
-# Stages (each time-boxed; the whole run keeps to FASTCL_GPU_BUDGET_S, default 560 s; logs and results in $OUT):
+# Stages, in this order (each time-boxed; the whole run keeps to FASTCL_GPU_BUDGET_S, default 560 s; logs and results
+# in $OUT). The measurements open issues wait on come first, so a run cut short by the budget still answers them:
 #   env       nvidia-smi, python / torch / triton versions                     -> env.txt
-#   install   pip install --no-deps --no-build-isolation -e .  (+ any wheels in $FASTCL_WHEELS, offline)
-#   aot       python -m fastcl.aot --json (the covering sample, sm_80 + sm_90), in the background while the tests run
+#   install   the peer wheels in $FASTCL_WHEELS (default .whl/ when present; benches/gpu_wheels.sh fetches them) into
+#             a --target folder put on PYTHONPATH, then pip install --no-deps --no-build-isolation -e . (offline)
+#   aot       python -m fastcl.aot --json (the covering sample, sm_80 + sm_90), in the background (CPU only)
 #                                                                                            -> aot.json
-#   tests     python -m pytest tests -q (the tests detect CUDA; FASTCL_TRITON_AUTOTUNE=0: correctness only)
 #   correct   benches/gpu_correctness.py: triton vs float64 at N=16384, fp32 / bf16 / fp16   -> correctness.json
-#   checks    benches/gpu_checks.py: |logits| ~ 1e5 gradients, tf32x3 / tf32 accuracy, fp16 with a 2**16 / 2**20
-#             loss scale, the device guard (two GPUs), deterministic mode                     -> checks.json
+#   checks    benches/gpu_checks.py: first the bitwise probe of the logits product (64- vs 32-row tiles, x_ij vs
+#             x_ji), then |logits| ~ 1e5 gradients, tf32x3 / tf32 accuracy, fp16 with a 2**16 / 2**20 loss
+#             scale, the learnable scale, the device guard (two GPUs), deterministic mode       -> checks.json
+#   sigmoid   benches/gpu_sigmoid.py: the sigmoid loss's Triton accuracy (bf16 / fp16 / fp32) and B = 65,536,
+#             D = 768 bf16 fwd+bwd against siglip-kernel and open_clip's SigLipLoss             -> sigmoid.json
+#   negatives FASTCL_BENCH_NM=4096x65536 FASTCL_BENCH_DTYPE=bf16 pytest benches/test_negatives.py: InfoNCE with a
+#             queue (N = 4096, M = 65536, fwd+bwd), fastcl's extra-column pass against the dense formula on the
+#             same card, time and max_memory_allocated                                    -> negatives.json
+#   tests     python -m pytest tests -q (the tests detect CUDA; FASTCL_TRITON_AUTOTUNE=0: correctness only)
 #   small_n   benches/gpu_small_n.py: N = 512 .. 65536, fp32 (tf32x3) and bf16, SupCon and symmetric InfoNCE,
 #             fwd+bwd against the dense reference and Inf-CL (FASTCL_TRITON_AUTOTUNE=0)          -> small_n.json
 #   targets   pytest benches/test_targets.py -m "not huge" (autotuned: ~14 configs x 3 kernels compiled per
 #             kernel variant, which is most of this stage's time)                          -> targets.json
 #   huge      pytest benches/test_targets.py -m huge (N = 2**20, FASTCL_TRITON_AUTOTUNE=0) -> huge.json
-#   sigmoid   benches/gpu_sigmoid.py: the sigmoid loss's Triton accuracy (bf16 / fp16 / fp32) and B = 65,536,
-#             D = 768 bf16 fwd+bwd against open_clip's SigLipLoss and siglip-kernel             -> sigmoid.json
 #   sweep     FASTCL_BENCH_QUICK=1 pytest benches/test_losses.py (FASTCL_TRITON_AUTOTUNE=0) -> sweep.json
 #   clip      FASTCL_BENCH_QUICK=1 pytest benches/test_clip_scale.py: learnable-scale CLIP loss, fastcl (Triton,
 #             chunked) against open_clip's ClipLoss (skipped where open_clip_torch is not installed)  -> clip.json
-#   negatives FASTCL_BENCH_NM=4096x65536 FASTCL_BENCH_DTYPE=bf16 pytest benches/test_negatives.py: InfoNCE with a
-#             queue (N = 4096, M = 65536, fwd+bwd), fastcl's extra-column pass against the dense formula on the
-#             same card, time and max_memory_allocated                                    -> negatives.json
 #   report    benches/report.py                                                  -> report.md, bench-*.png
 # At the end everything is packed into $OUT/gpu_run.tar.gz; summary.txt and report.md stay beside it
 # (FASTCL_GPU_KEEP_LOOSE=0 removes the loose files, for transports that take few files).
 #
 # Environment: OUT (default ./gpu_out), PYTHON (default python3), FASTCL_GPU_BUDGET_S, FASTCL_WHEELS (a folder of
-# wheels to install offline first, e.g. pytorch-metric-learning and inf-cl for the peer comparisons),
-# FASTCL_GPU_RUN_DRY=1 (no GPU: exercise the plumbing on CPU at toy sizes).
+# wheels installed offline first: the peers open_clip_torch, siglip-kernel, pytorch-metric-learning, inf-cl;
+# default $ROOT/.whl when it holds any), FASTCL_GPU_RUN_DRY=1 (no GPU: exercise the plumbing on CPU at toy sizes;
+# CI runs it).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -102,15 +106,23 @@ if [[ "$DRY" != 1 ]] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.
 fi
 
 # ---- install (offline) ----------------------------------------------------------------------------------------
+# The peer wheels go to a folder of their own on PYTHONPATH (set here, so every later stage sees them); fastcl itself
+# is an editable install without its dependencies (the image's torch and triton stay).
+WHEELS="${FASTCL_WHEELS:-}"
+if [[ -z "$WHEELS" ]] && compgen -G "$ROOT/.whl/*.whl" >/dev/null; then WHEELS="$ROOT/.whl"; fi
+if [[ -n "$WHEELS" ]] && compgen -G "$WHEELS/*.whl" >/dev/null; then
+    PEER_SITE="$(mktemp -d "${TMPDIR:-/tmp}/fastcl-peers.XXXXXX")"
+    export PYTHONPATH="$PEER_SITE${PYTHONPATH:+:$PYTHONPATH}"
+    export WHEELS PEER_SITE
+fi
 install() {
-    local wheels="${FASTCL_WHEELS:-}"
-    if [[ -n "$wheels" ]] && compgen -G "$wheels/*.whl" >/dev/null; then
-        "$PY" -m pip install --no-index --no-deps --no-build-isolation "$wheels"/*.whl
+    if [[ -n "${PEER_SITE:-}" ]]; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$PEER_SITE" "$WHEELS"/*.whl
     fi
     "$PY" -m pip install --no-deps --no-build-isolation -e .
     "$PY" -c "import fastcl, fastcl.kernels.launch; print('fastcl', fastcl.__version__, 'from', fastcl.__file__)"
     "$PY" -c "import pytest_benchmark" || { echo "pytest-benchmark is required (carry its wheel in FASTCL_WHEELS)"; exit 1; }
-    for mod in matplotlib pytorch_metric_learning inf_cl; do
+    for mod in matplotlib pytorch_metric_learning inf_cl siglip_kernel open_clip; do
         if "$PY" -c "import $mod" 2>/dev/null; then echo "have $mod"; else echo "missing $mod (optional)"; fi
     done
 }
@@ -118,18 +130,11 @@ export -f install
 export PY
 stage install 60 bash -c 'set -euo pipefail; install'
 
-# ---- AOT lowering in the background (CPU only) while the tests use the GPU ------------------------------------
+# ---- AOT lowering in the background (CPU only) while the GPU stages run ---------------------------------------
 AOT_ARGS=(--json "$OUT/aot.json")
 if [[ "$DRY" == 1 ]]; then AOT_ARGS+=(--arch 90 --dtype bf16 --dim 128 --jobs 2); else AOT_ARGS+=(--jobs 8); fi
 (timeout 150 "$PY" -m fastcl.aot "${AOT_ARGS[@]}" >"$OUT/aot.log" 2>&1; echo $? >"$OUT/aot.rc") &
 AOT_PID=$!
-
-# ---- tests ----------------------------------------------------------------------------------------------------
-if [[ "$DRY" == 1 ]]; then
-    stage tests 60 "$PY" -m pytest tests -q --collect-only
-else
-    stage tests 120 env FASTCL_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -q -p no:cacheprovider
-fi
 
 # ---- correctness at large N -----------------------------------------------------------------------------------
 if [[ "$DRY" == 1 ]]; then
@@ -140,15 +145,12 @@ else
         --json "$OUT/correctness.json"
 fi
 
-# ---- on-card checks of what the interpreter cannot show, and everyday batch sizes --------------------------------
+# ---- on-card checks of what the interpreter cannot show ---------------------------------------------------------
 if [[ "$DRY" == 1 ]]; then
     stage checks 120 env TRITON_INTERPRET=1 "$PY" benches/gpu_checks.py --device cpu --n 40 --d 16 \
         --json "$OUT/checks.json"
-    stage small_n 120 env TRITON_INTERPRET=1 "$PY" benches/gpu_small_n.py --device cpu --n 32 48 --d 16 --reps 1 \
-        --dtypes fp32 --json "$OUT/small_n.json"
 else
-    stage checks 45 env FASTCL_TRITON_AUTOTUNE=0 "$PY" benches/gpu_checks.py --n 4096 --json "$OUT/checks.json"
-    stage small_n 90 env FASTCL_TRITON_AUTOTUNE=0 "$PY" benches/gpu_small_n.py --reps 5 --json "$OUT/small_n.json"
+    stage checks 90 env FASTCL_TRITON_AUTOTUNE=0 "$PY" benches/gpu_checks.py --n 4096 --json "$OUT/checks.json"
 fi
 
 # ---- the sigmoid (SigLIP) loss: on-card accuracy, then B = 65,536, D = 768, bf16 against open_clip / siglip-kernel --
@@ -156,7 +158,27 @@ if [[ "$DRY" == 1 ]]; then
     stage sigmoid 120 env TRITON_INTERPRET=1 "$PY" benches/gpu_sigmoid.py --device cpu --n 40 --d 24 --check-n 24 \
         --reps 1 --json "$OUT/sigmoid.json"
 else
-    stage sigmoid 90 "$PY" benches/gpu_sigmoid.py --n 65536 --d 768 --json "$OUT/sigmoid.json"
+    stage sigmoid 120 "$PY" benches/gpu_sigmoid.py --n 65536 --d 768 --json "$OUT/sigmoid.json"
+fi
+
+# ---- InfoNCE with a queue of extra negatives, against the dense formula -------------------------------------------
+BENCH=("$PY" -m pytest -q -rs -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,max,rounds)
+if [[ "$DRY" == 1 ]]; then
+    stage negatives 60 env FASTCL_BENCH_NM=64x256 "${BENCH[@]}" benches/test_negatives.py \
+        --benchmark-json "$OUT/negatives.json"
+else
+    stage negatives 60 env FASTCL_BENCH_NM=4096x65536 FASTCL_BENCH_DTYPE=bf16 \
+        "${BENCH[@]}" benches/test_negatives.py --benchmark-json "$OUT/negatives.json"
+fi
+
+# ---- the test suite on the card, then everyday batch sizes --------------------------------------------------------
+if [[ "$DRY" == 1 ]]; then
+    stage tests 60 "$PY" -m pytest tests -q --collect-only
+    stage small_n 120 env TRITON_INTERPRET=1 "$PY" benches/gpu_small_n.py --device cpu --n 32 48 --d 16 --reps 1 \
+        --dtypes fp32 --json "$OUT/small_n.json"
+else
+    stage tests 120 env FASTCL_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -q -p no:cacheprovider
+    stage small_n 90 env FASTCL_TRITON_AUTOTUNE=0 "$PY" benches/gpu_small_n.py --reps 5 --json "$OUT/small_n.json"
 fi
 
 wait "$AOT_PID" || true
@@ -165,11 +187,11 @@ if [[ "$AOT_RC" != 0 ]]; then FAILED=1; fi
 note "$([[ "$AOT_RC" == 0 ]] && echo 'ok   ' || echo 'FAIL ') aot: rc=$AOT_RC; log aot.log; $(tail -n 1 "$OUT/aot.log" 2>/dev/null)"
 
 # ---- benchmarks -----------------------------------------------------------------------------------------------
-BENCH=("$PY" -m pytest -q -rs -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,max,rounds)
 if [[ "$DRY" == 1 ]]; then
     export FASTCL_BENCH_N=256 FASTCL_BENCH_MODES=fwd+bwd FASTCL_BENCH_QUICK=1
     stage targets 60 "${BENCH[@]}" benches/test_targets.py -k gpu --benchmark-json "$OUT/targets.json"
     stage sweep 120 "${BENCH[@]}" benches/test_losses.py --benchmark-json "$OUT/sweep.json"
+    stage clip 60 "${BENCH[@]}" benches/test_clip_scale.py -k 256 --benchmark-json "$OUT/clip.json"
 else
     stage targets 210 "${BENCH[@]}" benches/test_targets.py -m "targets and not huge" \
         --benchmark-json "$OUT/targets.json"
@@ -179,8 +201,6 @@ else
         "${BENCH[@]}" benches/test_losses.py --benchmark-json "$OUT/sweep.json"
     stage clip 60 env FASTCL_TRITON_AUTOTUNE=0 FASTCL_BENCH_QUICK=1 \
         "${BENCH[@]}" benches/test_clip_scale.py --benchmark-json "$OUT/clip.json"
-    stage negatives 60 env FASTCL_BENCH_NM=4096x65536 FASTCL_BENCH_DTYPE=bf16 \
-        "${BENCH[@]}" benches/test_negatives.py --benchmark-json "$OUT/negatives.json"
 fi
 
 # ---- report ---------------------------------------------------------------------------------------------------

@@ -119,17 +119,11 @@ def _timed(fn, tensors, reps, device):
 
 
 def _candidates(device):
+    """The implementations timed, in the order they run: fastcl, then the peers, open_clip's dense loss last (at
+    B = 65,536 it needs several B x B logits tensors and is the likeliest to run out of memory or time)."""
     c = {
         "fastcl triton": lambda x, y, ls, b: FF.sigmoid_loss(x, y, ls.exp(), b, backend="triton"),
-        "fastcl chunked": lambda x, y, ls, b: FF.sigmoid_loss(x, y, ls.exp(), b, backend="chunked"),
     }
-    loss_module = _open_clip_loss()
-    if loss_module is not None:
-        dense = loss_module.SigLipLoss()
-        c["open_clip SigLipLoss (dense)"] = lambda x, y, ls, b: dense(x, y, ls.exp(), b)
-        if "chunk_size" in inspect.signature(loss_module.SigLipLoss).parameters:
-            chunked = loss_module.SigLipLoss(chunk_size=4096)
-            c["open_clip SigLipLoss (chunk_size=4096)"] = lambda x, y, ls, b: chunked(x, y, ls.exp(), b)
     if device == "cuda":
         try:
             import siglip_kernel as sk
@@ -145,19 +139,26 @@ def _candidates(device):
             )
         except Exception as exc:
             print(f"siglip-kernel unavailable: {type(exc).__name__}: {exc}")
+    c["fastcl chunked"] = lambda x, y, ls, b: FF.sigmoid_loss(x, y, ls.exp(), b, backend="chunked")
+    loss_module = _open_clip_loss()
+    if loss_module is not None:
+        if "chunk_size" in inspect.signature(loss_module.SigLipLoss).parameters:
+            chunked = loss_module.SigLipLoss(chunk_size=4096)
+            c["open_clip SigLipLoss (chunk_size=4096)"] = lambda x, y, ls, b: chunked(x, y, ls.exp(), b)
+        dense = loss_module.SigLipLoss()
+        c["open_clip SigLipLoss (dense)"] = lambda x, y, ls, b: dense(x, y, ls.exp(), b)
     return c
 
 
 def bench(n, d, dtype, device, reps):
+    """One timing row per implementation (:func:`_candidates`), yielded as each finishes."""
     image, text, scale, bias = _inputs(n, d, dtype, device, seed=1)
     tensors = [image, text, scale.log(), bias]
-    rows = []
     for name, fn in _candidates(device).items():
         result = _timed(fn, tensors, reps, device)
-        rows.append(dict(name=name, n=n, d=d, dtype=str(dtype).split(".")[-1], **result))
         shown = f"{result['ms']:.2f} ms, {result['peak_mib']:.0f} MiB" if "ms" in result else result["error"]
         print(f"{name:42s} {shown}", flush=True)
-    return rows
+        yield dict(name=name, n=n, d=d, dtype=str(dtype).split(".")[-1], **result)
 
 
 def main(argv=None) -> int:
@@ -172,16 +173,25 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device (use --device cpu with TRITON_INTERPRET=1 for a plumbing check)")
         return 2
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
     checks = check_accuracy(args.check_n, 128, args.device)
     for r in checks:
         print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['check']:28s} error {r['error']:.2e} (tol {r['tolerance']:.0e})")
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    timings = bench(args.n, args.d, dtype, args.device, args.reps)
     failed = sum(not r["ok"] for r in checks)
-    if args.json:
-        device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
-        with open(args.json, "w") as f:
-            json.dump({"device": device, "failed": failed, "checks": checks, "timings": timings}, f, indent=1)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    timings = []
+
+    def dump(complete):  # rewritten after every row: a time-boxed run that is cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": device, "failed": failed, "checks": checks, "timings": timings,
+                           "complete": complete}, f, indent=1)  # fmt: skip
+
+    dump(False)
+    for row in bench(args.n, args.d, dtype, args.device, args.reps):
+        timings.append(row)
+        dump(False)
+    dump(True)
     return 1 if failed else 0
 
 
