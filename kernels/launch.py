@@ -22,6 +22,7 @@ import triton
 from fastcl.kernels.jit import _contrastive_bwd_anchor_kernel, _contrastive_bwd_contrast_kernel, _contrastive_fwd_kernel
 from fastcl.kernels.tiling import (
     CONFIGS,
+    aligned_rows,
     autotune_configs,
     backward_output_tiles,
     block_d_for,
@@ -29,6 +30,7 @@ from fastcl.kernels.tiling import (
     fixed_preference,
     launch_dim,
     output_block_d_for,
+    trimmed_grad,
     variant_name,
 )
 from fastcl.ops.problem import (
@@ -228,26 +230,6 @@ class _LaunchArgs:
         # the extra column range and the margin (_with_extra_columns): keyword arguments per kernel, none by default
         self.n_extra = 0
         self.keywords = {}
-
-
-def aligned_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as the kernels are compiled for it: unit column stride, the feature dim and the row stride multiples
-    of 16 elements and a 16-byte aligned base, so that every tile load is vectorized and every launch compiles one
-    of the aligned variants :func:`fastcl.kernels.tiling.keep_config` was calibrated on (element-wise loads of
-    unaligned rows, D = 100 or 300, spilled 8-272 B in the same configs). Other embeddings are copied once into a
-    zero-padded ``[N, launch_dim(D)]`` tensor (an O(N * D) copy next to the O(N^2 * D) loss; zero columns add
-    nothing to the dots, and their gradient columns are dropped, :func:`_trimmed`)."""
-    dim = x.shape[1]
-    if x.stride(1) == 1 and dim == launch_dim(dim) and x.stride(0) % 16 == 0 and x.data_ptr() % 16 == 0:
-        return x
-    return torch.nn.functional.pad(x, (0, launch_dim(dim) - dim)).contiguous()
-
-
-def _trimmed(grad, feature_dim: int):
-    """The gradient of the caller's ``[N, D]`` rows from the kernels' padded ``[N, launch_dim(D)]`` one."""
-    if grad is None or grad.shape[1] == feature_dim:
-        return grad
-    return grad[:, :feature_dim].contiguous()
 
 
 # The last mask a two-way backward read, its version and its transpose (the mask itself when symmetric), held so
@@ -541,7 +523,7 @@ def triton_backward(
         need_anchor=need_anchor or route == ANCHORS_ARE_CONTRAST,
         need_contrast=need_contrast,
     )
-    return tuple(_trimmed(grad, args.feature_dim) for grad in grads)
+    return tuple(trimmed_grad(grad, args.feature_dim) for grad in grads)
 
 
 def _same_labels(anchor_labels, contrast_labels, mask) -> bool:
@@ -706,7 +688,7 @@ def triton_extra_backward(
     grad_extra = None
     if need_negatives and launch_args.extra is not None:
         grad_extra = _extra_rows_gradient(launch_args, problem, grad_output, row_stats, grad_scale)
-    return _trimmed(grad_anchor, args.feature_dim), _trimmed(grad_contrast, args.feature_dim), _trimmed(
+    return trimmed_grad(grad_anchor, args.feature_dim), trimmed_grad(grad_contrast, args.feature_dim), trimmed_grad(
         grad_extra, args.feature_dim
     )
 

@@ -20,7 +20,14 @@ import torch
 import triton
 
 from fastcl.kernels.sigmoid_jit import _sigmoid_side_kernel
-from fastcl.kernels.tiling import block_d_for, fixed_config, launch_dim, output_block_d_for
+from fastcl.kernels.tiling import (
+    aligned_rows,
+    block_d_for,
+    fixed_config,
+    launch_dim,
+    output_block_d_for,
+    trimmed_grad,
+)
 
 # The interpreter runs numpy per program: small tiles keep multi-tile loops exercised on small test shapes.
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)
@@ -132,10 +139,13 @@ def _launch(
 def sigmoid_forward(problem, precision: str, want_grad: bool):
     """``(loss, d_image, d_text, d_scale, d_bias)`` fp32 (for grad_output = 1; gradients None without
     ``want_grad``) of a :class:`~fastcl.ops.sigmoid.problem.SigmoidProblem`."""
-    image, text = problem.image.contiguous(), problem.text.contiguous()
+    # the rows as the kernel is compiled for them (and lowered by ``python -m fastcl.aot``): zero-padded to a
+    # multiple of 16 features with an aligned row stride, copied only where they are not already
+    feature_dim = problem.image.shape[1]
+    image, text = aligned_rows(problem.image), aligned_rows(problem.text)
     scale = problem.logit_scale.detach().to(torch.float32).reshape(1).contiguous()
     bias = problem.logit_bias.detach().to(torch.float32).reshape(1).contiguous()
-    ids = (problem.image_ids, problem.text_ids)
+    ids = tuple(None if x is None else x.contiguous() for x in (problem.image_ids, problem.text_ids))  # read [i]
     weights = (problem.row_weight, problem.col_weight)
     if weights[0] is not None:
         weights = tuple(w.to(torch.float32).contiguous() for w in weights)
@@ -176,7 +186,7 @@ def sigmoid_forward(problem, precision: str, want_grad: bool):
     loss, d_scale, d_bias = (stats[:, k].sum() for k in range(3))  # three fresh tensors, fixed order
     if not want_grad:
         return loss, None, None, None, None
-    return loss, d_image, d_text, d_scale, d_bias
+    return loss, trimmed_grad(d_image, feature_dim), trimmed_grad(d_text, feature_dim), d_scale, d_bias
 
 
 class _nothing:

@@ -9,12 +9,13 @@ formulation's FLOPs (:func:`backward_flops`).
 
 Every config a launch can use (autotuned, fixed, deterministic, fallback) passes :func:`keep_config`, whose shared
 memory and register estimates were calibrated on sm_80 / sm_90 lowerings (``python -m fastcl.aot``; the sweep is
-summarised in ``docs/triton-configs.md``). Plain Python: imports no kernel, and is read by
-:mod:`fastcl.kernels.launch` and :mod:`fastcl.aot`.
+summarised in ``docs/triton-configs.md``). Plain Python: imports no kernel, and is read by the launchers
+(:mod:`fastcl.kernels.launch`, :mod:`fastcl.kernels.sigmoid_launch`) and :mod:`fastcl.aot`.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 
 from fastcl.ops.problem import ANCHORS_ARE_CONTRAST, ONE_WAY, TWO_WAY
@@ -40,9 +41,29 @@ MAX_OUTPUT_D_TILE_FP32_TWO_WAY = 128
 
 def launch_dim(dim: int) -> int:
     """The feature dim the kernels see for embeddings of ``dim`` features: ``dim`` rounded up to a multiple of 16
-    (the launcher pads other rows with zero columns, ``fastcl.kernels.launch.aligned_rows``), so every launch
+    (the launchers pad other rows with zero columns, :func:`aligned_rows`), so every launch
     compiles the 16-divisible, vectorized variant of its tiling."""
     return -(-dim // 16) * 16
+
+
+def aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the kernels (both ops) are compiled for it: unit column stride, the feature dim and the row stride
+    multiples of 16 elements and a 16-byte aligned base, so that every tile load is vectorized and every launch
+    compiles one of the aligned variants :func:`keep_config` was calibrated on and ``python -m fastcl.aot`` lowers
+    (element-wise loads of unaligned rows, D = 100 or 300, spilled 8-272 B in the same configs). Other embeddings
+    are copied once into a zero-padded ``[N, launch_dim(D)]`` tensor (an O(N * D) copy next to the O(N^2 * D)
+    loss; zero columns add nothing to the dots, and their gradient columns are dropped, :func:`trimmed_grad`)."""
+    dim = x.shape[1]
+    if x.stride(1) == 1 and dim == launch_dim(dim) and x.stride(0) % 16 == 0 and x.data_ptr() % 16 == 0:
+        return x
+    return torch.nn.functional.pad(x, (0, launch_dim(dim) - dim)).contiguous()
+
+
+def trimmed_grad(grad, feature_dim: int):
+    """The gradient of the caller's ``[N, D]`` rows from the kernels' padded ``[N, launch_dim(D)]`` one."""
+    if grad is None or grad.shape[1] == feature_dim:
+        return grad
+    return grad[:, :feature_dim].contiguous()
 
 
 def block_d_for(dim: int, element_size: int = 2) -> tuple[int, bool]:

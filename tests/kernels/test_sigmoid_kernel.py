@@ -122,3 +122,57 @@ def test_opcheck_triton_custom_op():
     image, text, s, b = _leaves(6, 9, 3)
     args = (image, text, s.requires_grad_(), b, None, None, None, None, 6.0, 2, "triton", "tf32x3", True)
     torch.library.opcheck(torch.ops.fastcl.sigmoid_loss.default, args)
+
+
+def test_odd_feature_dims_launch_on_zero_padded_aligned_rows(monkeypatch):
+    """D = 20 (rows of 80 bytes: neither the dim nor the row stride a multiple of 16): the kernel sees rows of
+    launch_dim(20) = 32 with an aligned row stride, the variant ``python -m fastcl.aot`` lowers; the gradients come
+    back as contiguous ``[N, 20]`` and match float64. Aligned rows are passed as they are."""
+    from fastcl.kernels import sigmoid_launch
+
+    seen = []
+    real_launch = sigmoid_launch._launch
+
+    def spy(rows, cols, *rest):
+        seen.append((rows.shape[1], rows.stride(0), cols.shape[1], cols.stride(0), rows.data_ptr() % 16))
+        return real_launch(rows, cols, *rest)
+
+    monkeypatch.setattr(sigmoid_launch, "_launch", spy)
+    image, text, s, b = _leaves(11, 11, 40, seed=9)
+    odd = [image[:, 3:23], text[:, 3:23], s, b]
+    _compare(
+        lambda *t: FF.sigmoid_loss(*t, normalize=False, backend="triton"),
+        lambda *t: FF.sigmoid_loss(*t, normalize=False, backend="reference"),
+        odd,
+    )
+    assert seen and all(view == (32, 32, 32, 32, 0) for view in seen), seen
+    d_image = _run(lambda *t: FF.sigmoid_loss(*t, normalize=False, backend="triton"), odd)[1][0]
+    assert d_image.shape == (11, 20) and d_image.is_contiguous()
+    seen.clear()
+    aligned = [image[:, :32].contiguous(), text[:, :32].contiguous(), s, b]
+    with torch.no_grad():
+        FF.sigmoid_loss(*aligned, normalize=False, backend="triton")
+    assert seen == [(32, 32, 32, 32, 0)]
+
+
+def test_strided_labels_are_read_by_index():
+    """Labels that are a column of a larger tensor (stride 2 / 3): the kernel reads ids by row index, so the launcher
+    passes them contiguous; the loss and gradients are the reference's."""
+    leaves = _leaves(12, 20, 6, seed=10)
+    gen = torch.Generator().manual_seed(11)
+    image_labels = torch.randint(0, 4, (12, 2), generator=gen)[:, 0]
+    text_labels = torch.randint(0, 4, (20, 3), generator=gen)[:, 2]
+    assert not image_labels.is_contiguous() and not text_labels.is_contiguous()
+    for weighting in ("uniform", "siglip_plus"):
+        kw = dict(text_labels=text_labels, weighting=weighting)
+        _compare(
+            lambda *t, kw=kw: FF.sigmoid_loss(*t, image_labels, backend="triton", **kw),
+            lambda *t, kw=kw: FF.sigmoid_loss(*t, image_labels, backend="reference", **kw),
+            leaves,
+        )
+    square = _leaves(12, 12, 6, seed=12)
+    _compare(
+        lambda *t: FF.sigmoid_loss(*t, image_labels, backend="triton"),
+        lambda *t: FF.sigmoid_loss(*t, image_labels, backend="reference"),
+        square,
+    )
