@@ -3,7 +3,8 @@
     python benches/gpu_checks.py [--json out.json]
 
 - large_logits: fp32, embeddings of norm 100 (|logits| ~ 1e5): Triton gradients within 1e-5 (max-abs relative) of
-  float64, for symmetric InfoNCE, SupCon 'all' and 'one' (the tile-sharing routes rely on bitwise-equal dots);
+  float64, for symmetric and one-way InfoNCE, SupCon 'all' and 'one' (the backward relies on recomputing the
+  forward's dots bitwise; on sm_90 the fp32 one-way backward runs 32-row tiles against the forward's 64);
 - tf32x3: fp32 with TF32 off at unit norm: loss and gradients at fp32-level accuracy against float64 (1e-5), and
   with ``allow_tf32 = True`` at TF32 level (5e-3);
 - loss_scale: fp16 SupCon 'all', NT-Xent and symmetric InfoNCE with grad_output 2**16 and 2**20: finite and within
@@ -69,6 +70,7 @@ def check_large_logits(n, d, device):
     labels = torch.randint(0, 10, (n // 2,), generator=g).to(device)
     cases = [
         ("info_nce_symmetric", "info_nce", [q, k], {}, 0.07),
+        ("info_nce_one_way", "info_nce", [q, k], {"symmetric": False}, 0.07),
         ("supcon_all", "supcon", [feats], {"labels": labels}, 0.01),
         ("supcon_one", "supcon", [feats], {"labels": labels, "mode": "one"}, 0.01),
     ]
