@@ -188,6 +188,32 @@ def test_low_precision_inputs_against_float64(small_blocks, dtype, tol):
     assert abs(loss.double() - theirs[0]) < 0.1 * abs(theirs[0])
 
 
+@pytest.mark.parametrize(
+    "n, labelled, rows",
+    [(12, False, None), (129, False, None), (129, False, 7), (40, True, None), (40, True, 7)],
+    ids=["native-autograd", "single-block", "paired-blocks", "labelled-block", "labelled-blocks"],
+)
+def test_autocast_region_computes_in_float32(monkeypatch, n, labelled, rows):
+    """Called inside ``torch.autocast`` (open_clip computes its loss there), the fused op still computes fp32
+    inputs in fp32 on every chunked route: the loss and gradients of the same call outside the region."""
+    if rows is not None:
+        monkeypatch.setattr(chunked, "block_rows", lambda n_image, n_text, device: rows)
+    image, text, s, b = _leaves(n, n, 6, dtype=torch.float32, scale=10.0, bias=-5.0, seed=15)
+    labels = torch.arange(n) % 5 if labelled else None
+
+    def fn(*t):
+        return FF.sigmoid_loss(*t, labels, backend="chunked")
+
+    def in_autocast(*t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(*t)
+
+    expected = _grads(fn, (image, text, s, b))
+    loss, grads = _grads(in_autocast, (image, text, s, b))
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    _assert_close((loss, grads), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_nan_in_nan_out():
     image, text, s, b = _leaves(6, 6, 4)
     poisoned = image.detach().clone()
