@@ -37,8 +37,8 @@ def check_logit_param(name: str, value, like: torch.Tensor, positive: bool) -> t
     """``logit_scale`` / ``logit_bias`` -> a 0-dim floating tensor on ``like``'s device (a Python number becomes a
     constant tensor of the compute dtype; a tensor keeps its dtype and its autograd history).
 
-    Values: finite, and > 0 for the scale. Checked eagerly on CPU tensors (a scalar read); on an accelerator by an
-    asynchronous device assert (no host sync; it fails at the next synchronisation); not while compiling.
+    Values: finite, and > 0 for the scale. Checked eagerly on CPU tensors (a scalar read); on an accelerator and while
+    compiling by a device assert (no host read; on an accelerator it fails at the next synchronisation).
     """
     if value is None and not positive:
         return torch.zeros((), dtype=compute_dtype(like), device=like.device)
@@ -54,14 +54,13 @@ def check_logit_param(name: str, value, like: torch.Tensor, positive: bool) -> t
         value = value.reshape(())
     if value.device != like.device:
         value = value.to(like.device)
-    if not torch.compiler.is_compiling():
-        _check_value(name, value, positive)
+    _check_value(name, value, positive)
     return value
 
 
 def _check_value(name: str, value: torch.Tensor, positive: bool) -> None:
     rule = "finite and > 0" if positive else "finite"
-    if value.device.type == "cpu":
+    if value.device.type == "cpu" and not torch.compiler.is_compiling():
         number = value.item()
         if not math.isfinite(number) or (positive and not number > 0):
             raise ValueError(f"{name} must be {rule}, got {number}")

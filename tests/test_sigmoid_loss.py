@@ -327,6 +327,36 @@ def test_compile_fullgraph_matches_eager():
     _assert_close(got, eager, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_call_checks_logit_scale_and_bias(backend):
+    """Compiled, the values are checked by a device assert (no host read while tracing): a scale that is not finite
+    and > 0, or a bias that is not finite, raises instead of giving a loss; valid values give the eager numbers."""
+    torch._dynamo.reset()
+    image, text, _, _ = _leaves(7, 7, 4, dtype=torch.float32)
+
+    def with_tensors(x, y, scale, bias):
+        return FF.sigmoid_loss(x, y, scale, bias, backend=backend)
+
+    compiled = torch.compile(with_tensors, fullgraph=True, backend="aot_eager")
+    valid = (torch.tensor(3.0), torch.tensor(-1.0))
+    torch.testing.assert_close(compiled(image, text, *valid), with_tensors(image, text, *valid))
+    for scale, bias, message in (
+        (-1.0, 0.0, "logit_scale must be finite and > 0"),
+        (0.0, 0.0, "logit_scale must be finite and > 0"),
+        (float("nan"), 0.0, "logit_scale must be finite and > 0"),
+        (3.0, float("inf"), "logit_bias must be finite"),
+    ):
+        with pytest.raises(RuntimeError, match=message):
+            compiled(image, text, torch.tensor(scale), torch.tensor(bias))
+
+    def with_a_number(x, y):
+        return FF.sigmoid_loss(x, y, -2.0, backend=backend)
+
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="logit_scale must be finite and > 0"):
+        torch.compile(with_a_number, fullgraph=True, backend="aot_eager")(image, text)
+
+
 def test_opcheck_custom_op():
     image, text, s, b = _leaves(6, 9, 3, dtype=torch.float32)
     labels, text_labels = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([0, 0, 1, 2, 2, 3, 4, 5, 5])
