@@ -214,6 +214,22 @@ def test_autocast_region_computes_in_float32(monkeypatch, n, labelled, rows):
     _assert_close((loss, grads), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("n, labelled", [(9, True), (140, False)], ids=["labelled", "one-pass-default-pairing"])
+def test_torch_func_grad_equals_backward(n, labelled):
+    """``torch.func.grad`` through the one-pass op (labels, or a default pairing above the native-autograd size):
+    the gradients of both towers, logit_scale and logit_bias that ``backward`` gives, scaled by grad_output."""
+    image, text, s, b = _leaves(n, n, 5, dtype=torch.float32, seed=16)
+    labels = torch.arange(n) % 4 if labelled else None
+
+    def loss(*t):
+        return 1.5 * FF.sigmoid_loss(*t, labels, backend="chunked")
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2, 3))(*(t.detach() for t in (image, text, s, b)))
+    expected = _grads(loss, (image, text, s, b))[1]
+    for name, g, e in zip(("image", "text", "logit_scale", "logit_bias"), got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7, msg=lambda m, n=name: f"d{n}: {m}")
+
+
 def test_nan_in_nan_out():
     image, text, s, b = _leaves(6, 6, 4)
     poisoned = image.detach().clone()
