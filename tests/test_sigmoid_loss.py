@@ -217,7 +217,8 @@ def test_autocast_region_computes_in_float32(monkeypatch, n, labelled, rows):
 @pytest.mark.parametrize("n, labelled", [(9, True), (140, False)], ids=["labelled", "one-pass-default-pairing"])
 def test_torch_func_grad_equals_backward(n, labelled):
     """``torch.func.grad`` through the one-pass op (labels, or a default pairing above the native-autograd size):
-    the gradients of both towers, logit_scale and logit_bias that ``backward`` gives, scaled by grad_output."""
+    the gradients of both towers, logit_scale and logit_bias that ``backward`` gives, scaled by grad_output. A nested
+    ``torch.func.grad`` (a second derivative) raises, as ``create_graph=True`` does."""
     image, text, s, b = _leaves(n, n, 5, dtype=torch.float32, seed=16)
     labels = torch.arange(n) % 4 if labelled else None
 
@@ -228,6 +229,10 @@ def test_torch_func_grad_equals_backward(n, labelled):
     expected = _grads(loss, (image, text, s, b))[1]
     for name, g, e in zip(("image", "text", "logit_scale", "logit_bias"), got, expected):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7, msg=lambda m, n=name: f"d{n}: {m}")
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.func.grad(torch.func.grad(lambda scale: loss(image.detach(), text.detach(), scale, b.detach())))(
+            s.detach()
+        )
 
 
 def test_nan_in_nan_out():

@@ -59,8 +59,9 @@ class SigmoidFunction(torch.autograd.Function):
 
 class TransformableSigmoidFunction(torch.autograd.Function):
     """:class:`SigmoidFunction` in the setup_context form, which ``torch.func`` transforms need: outputs
-    ``backend_forward``'s ``(loss, dX, dY, ds, db)``, the gradients non-differentiable; backward scales them by
-    ``grad_output`` without reading it."""
+    ``backend_forward``'s ``(loss, dX, dY, ds, db)``; backward scales the gradients by ``grad_output`` without
+    reading it, and raises where a transform differentiates through them (a nested ``torch.func.grad``: a second
+    derivative, which would otherwise treat them as constants)."""
 
     @staticmethod
     def forward(image, text, logit_scale, logit_bias, problem: SigmoidProblem, backend_forward: Callable):
@@ -70,10 +71,17 @@ class TransformableSigmoidFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.dtypes = tuple(t.dtype for t in inputs[:4])
         ctx.save_for_backward(*output[1:])
-        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, grad_loss, *_grad_gradients):
+    def backward(ctx, grad_loss, *grad_gradients):
+        if any(g is not None for g in grad_gradients):
+            raise RuntimeError(
+                "fastcl's sigmoid loss forms first derivatives only: a second derivative through the loss (nested "
+                "torch.func transforms) would silently treat them as constants; use backend='reference' for that"
+            )
+        if grad_loss is None:
+            return (None,) * 6
         grads = input_gradients(ctx.needs_input_grad[:4], ctx.dtypes, grad_loss, *ctx.saved_tensors, eager=False)
         return *grads, None, None
 
