@@ -1,4 +1,5 @@
-"""Input checks of the sigmoid (SigLIP) loss, shared by its functional form, its module and its gathered form.
+"""Input checks of the sigmoid (SigLIP) loss, shared by its functional form, its module and its gathered form
+(:func:`scalar_tensor` also by ``ClipLoss``'s ``logit_bias``).
 
 Every error names the argument and what was expected.
 """
@@ -42,6 +43,15 @@ def check_logit_param(name: str, value, like: torch.Tensor, positive: bool) -> t
     """
     if value is None and not positive:
         return torch.zeros((), dtype=compute_dtype(like), device=like.device)
+    value = scalar_tensor(name, value, like)
+    _check_value(name, value, positive)
+    return value
+
+
+def scalar_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
+    """A real number or a one-element floating-point tensor -> a 0-dim tensor on ``like``'s device (a number becomes
+    a constant tensor of the compute dtype; a tensor keeps its dtype and its autograd history); its value is not
+    read. Raises TypeError / ValueError naming ``name`` for anything else."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         value = torch.tensor(float(value), dtype=compute_dtype(like), device=like.device)
     if not isinstance(value, torch.Tensor):
@@ -54,7 +64,6 @@ def check_logit_param(name: str, value, like: torch.Tensor, positive: bool) -> t
         value = value.reshape(())
     if value.device != like.device:
         value = value.to(like.device)
-    _check_value(name, value, positive)
     return value
 
 
