@@ -1,4 +1,5 @@
-"""Input checks of the sigmoid (SigLIP) loss, shared by its functional form, its module and its gathered form.
+"""Input checks of the sigmoid (SigLIP) loss, shared by its functional form, its module and its gathered form
+(:func:`scalar_tensor` also by ``ClipLoss``'s ``logit_bias``).
 
 Every error names the argument and what was expected.
 """
@@ -37,11 +38,20 @@ def check_logit_param(name: str, value, like: torch.Tensor, positive: bool) -> t
     """``logit_scale`` / ``logit_bias`` -> a 0-dim floating tensor on ``like``'s device (a Python number becomes a
     constant tensor of the compute dtype; a tensor keeps its dtype and its autograd history).
 
-    Values: finite, and > 0 for the scale. Checked eagerly on CPU tensors (a scalar read); on an accelerator by an
-    asynchronous device assert (no host sync; it fails at the next synchronisation); not while compiling.
+    Values: finite, and > 0 for the scale. Checked eagerly on CPU tensors (a scalar read); on an accelerator and while
+    compiling by a device assert (no host read; on an accelerator it fails at the next synchronisation).
     """
     if value is None and not positive:
         return torch.zeros((), dtype=compute_dtype(like), device=like.device)
+    value = scalar_tensor(name, value, like)
+    _check_value(name, value, positive)
+    return value
+
+
+def scalar_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
+    """A real number or a one-element floating-point tensor -> a 0-dim tensor on ``like``'s device (a number becomes
+    a constant tensor of the compute dtype; a tensor keeps its dtype and its autograd history); its value is not
+    read. Raises TypeError / ValueError naming ``name`` for anything else."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         value = torch.tensor(float(value), dtype=compute_dtype(like), device=like.device)
     if not isinstance(value, torch.Tensor):
@@ -54,14 +64,12 @@ def check_logit_param(name: str, value, like: torch.Tensor, positive: bool) -> t
         value = value.reshape(())
     if value.device != like.device:
         value = value.to(like.device)
-    if not torch.compiler.is_compiling():
-        _check_value(name, value, positive)
     return value
 
 
 def _check_value(name: str, value: torch.Tensor, positive: bool) -> None:
     rule = "finite and > 0" if positive else "finite"
-    if value.device.type == "cpu":
+    if value.device.type == "cpu" and not torch.compiler.is_compiling():
         number = value.item()
         if not math.isfinite(number) or (positive and not number > 0):
             raise ValueError(f"{name} must be {rule}, got {number}")

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastcl import _sigmoid_inputs as SI
 from fastcl import _validation as V
 from fastcl import functional as FF
 from fastcl.distributed import _meta_device, _rank_and_world, all_gather_with_grad
@@ -59,8 +60,8 @@ class ClipLoss(nn.Module):
         ``forward(image_features [B, D], text_features [B, D], logit_scale, logit_bias=None, output_dict=False)``:
         normalised features as open_clip passes them (no normalisation here), ``logit_scale`` a number or a 0-dim
         tensor (``model.logit_scale.exp()``). Returns the scalar loss, or ``{"contrastive_loss": loss}``. A
-        ``logit_bias`` adds the same constant to every logit, which a softmax ignores: the loss is unchanged and the
-        bias gets a zero gradient (as open_clip's, up to rounding).
+        ``logit_bias`` (a number or a 0-dim tensor) adds the same constant to every logit, which a softmax ignores:
+        the loss is unchanged and the bias gets a zero gradient (as open_clip's, up to rounding).
 
     Example:
         >>> loss = fastcl.ClipLoss()(img, txt, model.logit_scale.exp())
@@ -96,7 +97,7 @@ class ClipLoss(nn.Module):
     ):
         loss = self._loss(image_features, text_features, logit_scale)
         if logit_bias is not None:  # (softmax is shift-invariant: no effect on the loss, a zero gradient)
-            loss = loss + torch.as_tensor(logit_bias, device=loss.device).to(loss.dtype).mul(0).sum()
+            loss = loss + SI.scalar_tensor("logit_bias", logit_bias, text_features).to(loss.dtype).mul(0)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _loss(self, image, text, logit_scale):

@@ -103,6 +103,31 @@ def test_output_dict_bias_and_errors():
         fastcl.ClipLoss()(img, txt, torch.ones(2))
 
 
+def test_logit_bias_is_one_number():
+    """``logit_bias`` is one constant added to every logit (no effect on the loss, a zero gradient): a number, a
+    0-dim or a one-element tensor. A bias of any other shape (open_clip would add it logit by logit, changing its
+    loss) or kind raises, naming the argument; a NaN bias gives a NaN loss, as open_clip's."""
+    img, txt = _inputs([6], 4)
+    s = torch.tensor(10.0, dtype=torch.float64)
+    plain = fastcl.ClipLoss()(img, txt, s)
+    for bias in (-2.0, torch.tensor(-2.0), torch.tensor([-2.0], requires_grad=True)):
+        loss = fastcl.ClipLoss()(img, txt, s, bias)
+        torch.testing.assert_close(loss, plain, **TOL)
+        if isinstance(bias, torch.Tensor) and bias.requires_grad:
+            (grad_bias,) = torch.autograd.grad(loss, bias)
+            assert grad_bias.shape == (1,) and grad_bias.item() == 0
+    assert torch.isnan(fastcl.ClipLoss()(img, txt, s, float("nan")))
+    for bias, error in (
+        (torch.zeros(6, 6), ValueError),
+        (torch.zeros(2), ValueError),
+        (torch.tensor(1), TypeError),
+        ("-2", TypeError),
+        ([-2.0], TypeError),
+    ):
+        with pytest.raises(error, match="logit_bias"):
+            fastcl.ClipLoss()(img, txt, s, bias)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Across ranks: the workers
 # ----------------------------------------------------------------------------------------------------------------

@@ -188,6 +188,53 @@ def test_low_precision_inputs_against_float64(small_blocks, dtype, tol):
     assert abs(loss.double() - theirs[0]) < 0.1 * abs(theirs[0])
 
 
+@pytest.mark.parametrize(
+    "n, labelled, rows",
+    [(12, False, None), (129, False, None), (129, False, 7), (40, True, None), (40, True, 7)],
+    ids=["native-autograd", "single-block", "paired-blocks", "labelled-block", "labelled-blocks"],
+)
+def test_autocast_region_computes_in_float32(monkeypatch, n, labelled, rows):
+    """Called inside ``torch.autocast`` (open_clip computes its loss there), the fused op still computes fp32
+    inputs in fp32 on every chunked route: the loss and gradients of the same call outside the region."""
+    if rows is not None:
+        monkeypatch.setattr(chunked, "block_rows", lambda n_image, n_text, device: rows)
+    image, text, s, b = _leaves(n, n, 6, dtype=torch.float32, scale=10.0, bias=-5.0, seed=15)
+    labels = torch.arange(n) % 5 if labelled else None
+
+    def fn(*t):
+        return FF.sigmoid_loss(*t, labels, backend="chunked")
+
+    def in_autocast(*t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(*t)
+
+    expected = _grads(fn, (image, text, s, b))
+    loss, grads = _grads(in_autocast, (image, text, s, b))
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    _assert_close((loss, grads), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n, labelled", [(9, True), (140, False)], ids=["labelled", "one-pass-default-pairing"])
+def test_torch_func_grad_equals_backward(n, labelled):
+    """``torch.func.grad`` through the one-pass op (labels, or a default pairing above the native-autograd size):
+    the gradients of both towers, logit_scale and logit_bias that ``backward`` gives, scaled by grad_output. A nested
+    ``torch.func.grad`` (a second derivative) raises, as ``create_graph=True`` does."""
+    image, text, s, b = _leaves(n, n, 5, dtype=torch.float32, seed=16)
+    labels = torch.arange(n) % 4 if labelled else None
+
+    def loss(*t):
+        return 1.5 * FF.sigmoid_loss(*t, labels, backend="chunked")
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2, 3))(*(t.detach() for t in (image, text, s, b)))
+    expected = _grads(loss, (image, text, s, b))[1]
+    for name, g, e in zip(("image", "text", "logit_scale", "logit_bias"), got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7, msg=lambda m, n=name: f"d{n}: {m}")
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.func.grad(torch.func.grad(lambda scale: loss(image.detach(), text.detach(), scale, b.detach())))(
+            s.detach()
+        )
+
+
 def test_nan_in_nan_out():
     image, text, s, b = _leaves(6, 6, 4)
     poisoned = image.detach().clone()
@@ -299,6 +346,36 @@ def test_compile_fullgraph_matches_eager():
     eager = _grads(fn, (image, text, s.detach().log(), b))
     got = _grads(compiled, (image, text, s.detach().log(), b))
     _assert_close(got, eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_call_checks_logit_scale_and_bias(backend):
+    """Compiled, the values are checked by a device assert (no host read while tracing): a scale that is not finite
+    and > 0, or a bias that is not finite, raises instead of giving a loss; valid values give the eager numbers."""
+    torch._dynamo.reset()
+    image, text, _, _ = _leaves(7, 7, 4, dtype=torch.float32)
+
+    def with_tensors(x, y, scale, bias):
+        return FF.sigmoid_loss(x, y, scale, bias, backend=backend)
+
+    compiled = torch.compile(with_tensors, fullgraph=True, backend="aot_eager")
+    valid = (torch.tensor(3.0), torch.tensor(-1.0))
+    torch.testing.assert_close(compiled(image, text, *valid), with_tensors(image, text, *valid))
+    for scale, bias, message in (
+        (-1.0, 0.0, "logit_scale must be finite and > 0"),
+        (0.0, 0.0, "logit_scale must be finite and > 0"),
+        (float("nan"), 0.0, "logit_scale must be finite and > 0"),
+        (3.0, float("inf"), "logit_bias must be finite"),
+    ):
+        with pytest.raises(RuntimeError, match=message):
+            compiled(image, text, torch.tensor(scale), torch.tensor(bias))
+
+    def with_a_number(x, y):
+        return FF.sigmoid_loss(x, y, -2.0, backend=backend)
+
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="logit_scale must be finite and > 0"):
+        torch.compile(with_a_number, fullgraph=True, backend="aot_eager")(image, text)
 
 
 def test_opcheck_custom_op():

@@ -8,6 +8,8 @@ The public API (:func:`fastcl.functional.sigmoid_loss`, :class:`fastcl.SigLipLos
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +35,22 @@ def sigmoid_loss_op(problem: SigmoidProblem, backend: str, normalize: bool = Fal
     differentiable in both towers, ``logit_scale`` and ``logit_bias``; never allocates ``N x M``.
 
     ``normalize`` L2-normalises both towers first (``F.normalize(x, dim=-1)``, whose backward autograd runs).
+    Inside a ``torch.autocast`` region it runs with autocast off on the towers' device: it computes in its own
+    precision (fp32, float64 kept), as the Triton kernels do.
     """
+    with _autocast_off(problem.text.device):
+        return _loss(problem, backend, normalize)
+
+
+def _autocast_off(device: torch.device):
+    """A context in which ``device``'s autocast is off (nothing to do where it is not on)."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _loss(problem: SigmoidProblem, backend: str, normalize: bool) -> torch.Tensor:
     backend = resolve_backend(backend, problem.text)
     if backend not in ("chunked", "triton"):
         raise ValueError(f"backend {backend!r} has no fused implementation of the sigmoid loss")
