@@ -18,7 +18,7 @@ from fastcl.ops import custom_ops
 from fastcl.ops import triton as triton_backend
 from fastcl.ops.chunked.autograd import FOLDED_NORMALIZE_DTYPES, chunked_loss
 from fastcl.ops.chunked.negatives import negatives_loss
-from fastcl.ops.problem import TRITON_DTYPES, Problem, compute_dtype
+from fastcl.ops.problem import TRITON_DTYPES, Problem, autocast_off, compute_dtype
 
 
 def triton_available() -> bool:
@@ -101,54 +101,57 @@ def contrastive_loss(
     backend = resolve_backend(backend, contrast)
     if backend not in ("triton", "chunked"):
         raise ValueError(f"backend {backend!r} has no fused implementation here")
-    # a tensor temperature: u = 1 / t as a tensor (the op's gradient flows to it); a tensor scale multiplies the loss
-    inv_temperature = inverse_temperature(temperature, contrast) if isinstance(temperature, torch.Tensor) else None
-    loss_scale = scale if isinstance(scale, torch.Tensor) else None
-    problem = Problem(
-        None if anchor is contrast else anchor,  # SupCon 'all' / NT-Xent: the anchors are the contrast rows
-        contrast,
-        anchor_labels,
-        contrast_labels,
-        mask,
-        self_offset,
-        1.0 / temperature if inv_temperature is None else inv_temperature.detach(),
-        scale if loss_scale is None else 1.0,
-        two_way,
-        negatives,
-        negative_labels,
-        in_batch,
-        false_negative_margin,
-    )
-    want_grad = torch.is_grad_enabled() and (
-        anchor.requires_grad
-        or contrast.requires_grad
-        or (negatives is not None and negatives.requires_grad)
-        or (inv_temperature is not None and inv_temperature.requires_grad)
-    )
-    if problem.has_extra_columns:
-        problem = _normalized(problem) if normalize else problem
+    with autocast_off(contrast.device):  # the op's own precision inside torch.autocast (autocast_off)
+        # a tensor temperature: u = 1 / t as a tensor (the op's gradient flows to it); a tensor scale multiplies
+        # the loss
+        tensor_temperature = isinstance(temperature, torch.Tensor)
+        inv_temperature = inverse_temperature(temperature, contrast) if tensor_temperature else None
+        loss_scale = scale if isinstance(scale, torch.Tensor) else None
+        problem = Problem(
+            None if anchor is contrast else anchor,  # SupCon 'all' / NT-Xent: the anchors are the contrast rows
+            contrast,
+            anchor_labels,
+            contrast_labels,
+            mask,
+            self_offset,
+            1.0 / temperature if inv_temperature is None else inv_temperature.detach(),
+            scale if loss_scale is None else 1.0,
+            two_way,
+            negatives,
+            negative_labels,
+            in_batch,
+            false_negative_margin,
+        )
+        want_grad = torch.is_grad_enabled() and (
+            anchor.requires_grad
+            or contrast.requires_grad
+            or (negatives is not None and negatives.requires_grad)
+            or (inv_temperature is not None and inv_temperature.requires_grad)
+        )
+        if problem.has_extra_columns:
+            problem = _normalized(problem) if normalize else problem
+            if backend == "triton":
+                loss = _triton_extra_columns_loss(problem, inv_temperature)
+            else:
+                loss = _extra_columns_loss(problem, want_grad, inv_temperature)
+            return loss if loss_scale is None else loss * loss_scale.to(loss.dtype)
+        eager_chunked = backend == "chunked" and not torch.compiler.is_compiling()
+        fold_normalize = normalize and eager_chunked and want_grad and contrast.dtype in FOLDED_NORMALIZE_DTYPES
+        if normalize and not fold_normalize:
+            problem = _normalized(problem)
         if backend == "triton":
-            loss = _triton_extra_columns_loss(problem, inv_temperature)
+            triton_backend.check_inputs(problem.contrast)
+            route = triton_backend.route(problem)
+            precision = triton_backend.input_precision(problem.contrast.dtype)  # the backward's too
+            problem = triton_backend.unit_column_stride(problem, route)
+            loss = custom_ops.triton(problem, route, precision, inv_temperature)
+        elif eager_chunked:
+            # Eagerly the same computation without the custom op's dispatch (schema binding, the op's autograd
+            # wrapper, output aliasing checks): ~0.5 ms a call on a 2-core CPU, as much as the whole loss at N = 64.
+            loss = chunked_loss(problem, want_grad, fold_normalize, inv_temperature)
         else:
-            loss = _extra_columns_loss(problem, want_grad, inv_temperature)
+            loss = custom_ops.chunked(problem, want_grad, inv_temperature)
         return loss if loss_scale is None else loss * loss_scale.to(loss.dtype)
-    eager_chunked = backend == "chunked" and not torch.compiler.is_compiling()
-    fold_normalize = normalize and eager_chunked and want_grad and contrast.dtype in FOLDED_NORMALIZE_DTYPES
-    if normalize and not fold_normalize:
-        problem = _normalized(problem)
-    if backend == "triton":
-        triton_backend.check_inputs(problem.contrast)
-        route = triton_backend.route(problem)
-        precision = triton_backend.input_precision(problem.contrast.dtype)  # the backward's too
-        problem = triton_backend.unit_column_stride(problem, route)
-        loss = custom_ops.triton(problem, route, precision, inv_temperature)
-    elif eager_chunked:
-        # Eagerly the same computation without the custom op's dispatch (schema binding, the op's autograd
-        # wrapper, output aliasing checks): ~0.5 ms a call on a 2-core CPU, as much as the whole loss at N = 64.
-        loss = chunked_loss(problem, want_grad, fold_normalize, inv_temperature)
-    else:
-        loss = custom_ops.chunked(problem, want_grad, inv_temperature)
-    return loss if loss_scale is None else loss * loss_scale.to(loss.dtype)
 
 
 def inverse_temperature(temperature: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

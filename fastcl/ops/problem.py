@@ -6,6 +6,7 @@ launcher import their math from here, never from the module that dispatches to t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple, Optional, Union
 
@@ -87,6 +88,16 @@ class Problem(NamedTuple):
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the op computes in for inputs like ``x``: float64 stays float64, everything else fp32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def autocast_off(device: torch.device):
+    """A context in which ``device``'s autocast is off (nothing to do where it is not on): the ops compute in their
+    own precision (:func:`compute_dtype`) inside a ``torch.autocast`` region, as their Triton kernels do; autocast
+    would otherwise turn the chunked path's block products into bf16 / fp16 next to its fp32 buffers."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 def row_losses(pos_logit_sum: torch.Tensor, pos_weight: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:

@@ -196,3 +196,46 @@ def test_chunked_second_derivative_raises():
         torch.autograd.grad(loss, encoder.weight, create_graph=True)
     loss = FF.supcon_loss(features, torch.tensor([0, 1, 0, 2, 1, 0]), normalize=True, backend="chunked")
     torch.autograd.grad(loss, encoder.weight)  # first derivatives as usual
+
+
+@pytest.mark.parametrize(
+    "case", ["supcon_all", "supcon_one", "nt_xent", "info_nce", "info_nce_one_way", "queue", "learnable"]
+)
+def test_autocast_region_computes_in_float32(case):
+    """Inside torch.autocast (bf16 products on CPU, as a mixed-precision training loop runs its loss) the chunked
+    backend computes in fp32: loss and gradients at fp32 accuracy against float64, an fp32 loss, on every route
+    (the extra-column pass too)."""
+    import fastcl.functional as FF
+
+    gen = torch.Generator().manual_seed(15)
+    feats = torch.nn.functional.normalize(torch.randn(9, 2, 16, generator=gen), dim=-1)
+    labels = torch.randint(0, 3, (9,), generator=gen)
+    query, key, queue = (torch.randn(n, 16, generator=gen) for n in (9, 9, 20))
+    calls = {
+        "supcon_all": ([feats], lambda f, be: FF.supcon_loss(f, labels, backend=be)),
+        "supcon_one": ([feats], lambda f, be: FF.supcon_loss(f, labels, contrast_mode="one", backend=be)),
+        "nt_xent": ([query, key], lambda q, k, be: FF.nt_xent_loss(q, k, backend=be)),
+        "info_nce": ([query, key], lambda q, k, be: FF.info_nce_loss(q, k, backend=be)),
+        "info_nce_one_way": ([query, key], lambda q, k, be: FF.info_nce_loss(q, k, symmetric=False, backend=be)),
+        "queue": (
+            [query, key],
+            lambda q, k, be: FF.info_nce_loss(q, k, negatives=queue.to(q.dtype), symmetric=False, backend=be),
+        ),
+        "learnable": (
+            [query, key, torch.tensor(2.0)],
+            lambda q, k, p, be: FF.info_nce_loss(q, k, logit_scale=p.exp(), backend=be),
+        ),
+    }
+    inputs, call = calls[case]
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = call(*leaves, "chunked")
+    grads = torch.autograd.grad(loss, leaves)
+    ref_leaves = [x.double().requires_grad_() for x in inputs]
+    ref = call(*ref_leaves, "reference")
+    ref_grads = torch.autograd.grad(ref, ref_leaves)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-6, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)

@@ -8,12 +8,11 @@ The public API (:func:`fastcl.functional.sigmoid_loss`, :class:`fastcl.SigLipLos
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from fastcl.ops import custom_ops
+from fastcl.ops.problem import autocast_off
 from fastcl.ops.sigmoid import chunked
 from fastcl.ops.sigmoid import triton as triton_backend
 from fastcl.ops.sigmoid.autograd import loss_with_gradients
@@ -38,16 +37,8 @@ def sigmoid_loss_op(problem: SigmoidProblem, backend: str, normalize: bool = Fal
     Inside a ``torch.autocast`` region it runs with autocast off on the towers' device: it computes in its own
     precision (fp32, float64 kept), as the Triton kernels do.
     """
-    with _autocast_off(problem.text.device):
+    with autocast_off(problem.text.device):
         return _loss(problem, backend, normalize)
-
-
-def _autocast_off(device: torch.device):
-    """A context in which ``device``'s autocast is off (nothing to do where it is not on)."""
-    kind = device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-        return torch.autocast(kind, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _loss(problem: SigmoidProblem, backend: str, normalize: bool) -> torch.Tensor:
