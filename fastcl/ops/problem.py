@@ -136,10 +136,14 @@ def index_range(n: int, device: torch.device) -> torch.Tensor:
     """``arange(n)`` int64 on ``device``: eagerly one cached tensor per ``(n, device)``, so the chunked routes
     recognise the default pairing (ids ``0..n-1``) by identity instead of comparing, and small calls skip an
     allocation. Only for labels the library itself passes to the op and never writes (nothing hands them back to
-    the caller); a fresh tensor while compiling."""
-    if torch.compiler.is_compiling():
+    the caller); a fresh tensor while compiling and under ``torch.func`` transforms (a tensor made there is the
+    transform's, and must not outlive it in the cache)."""
+    if torch.compiler.is_compiling() or (_FUNCTORCH_ACTIVE is not None and _FUNCTORCH_ACTIVE()):
         return torch.arange(n, device=device)
     return _cached_index_range(n, device)
+
+
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
 def in_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -239,3 +239,55 @@ def test_autocast_region_computes_in_float32(case):
     for got, want in zip(grads, ref_grads):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_func_then_eager_calls_share_no_transform_tensor():
+    """A first call under torch.func.grad (the default-pairing ids made inside the transform) and eager calls after
+    it: the ids cached for eager calls are never the transform's (which cannot outlive it), so the eager loss and
+    the transform's gradient match the reference."""
+    import fastcl.functional as FF
+    import fastcl.ops.problem
+
+    fastcl.ops.problem._cached_index_range.cache_clear()
+    gen = torch.Generator().manual_seed(16)
+    query, key = torch.randn(13, 5, generator=gen), torch.randn(13, 5, generator=gen)
+    func_grad = torch.func.grad(lambda q: FF.info_nce_loss(q, key, backend="chunked"))(query)
+    eager = FF.info_nce_loss(query, key, backend="chunked")
+    q = query.clone().requires_grad_()
+    ref = FF.info_nce_loss(q, key, backend="reference")
+    ref.backward()
+    torch.testing.assert_close(eager, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(func_grad, q.grad, rtol=1e-4, atol=1e-6)
+    again = torch.func.grad(lambda q: FF.info_nce_loss(q, key, backend="chunked"))(query)
+    torch.testing.assert_close(again, func_grad)
+
+
+def test_nested_torch_func_transforms_raise_on_chunked():
+    """A second derivative by nested torch.func transforms (grad of grad in a learnable logit scale, jacrev of grad
+    in the features) raises on the chunked backend, as create_graph=True does, instead of treating the stored
+    first derivatives as constants; the first derivatives under the same transforms are the reference's."""
+    import fastcl.functional as FF
+
+    gen = torch.Generator().manual_seed(17)
+    query = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    key = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    log_scale = torch.tensor(1.0, dtype=torch.float64)
+
+    def in_scale(p, backend):
+        return FF.info_nce_loss(query, key, logit_scale=p.exp(), backend=backend)
+
+    def in_query(q, backend):
+        return FF.info_nce_loss(q, key, temperature=0.5, backend=backend)
+
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.func.grad(torch.func.grad(lambda p: in_scale(p, "chunked")))(log_scale)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.func.jacrev(torch.func.grad(lambda q: in_query(q, "chunked")))(query)
+    torch.testing.assert_close(
+        torch.func.grad(lambda p: in_scale(p, "chunked"))(log_scale),
+        torch.func.grad(lambda p: in_scale(p, "reference"))(log_scale),
+    )
+    torch.testing.assert_close(
+        torch.func.grad(lambda q: in_query(q, "chunked"))(query),
+        torch.func.grad(lambda q: in_query(q, "reference"))(query),
+    )

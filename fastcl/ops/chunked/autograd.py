@@ -105,8 +105,10 @@ def _fused_chunked(anchor, contrast, problem: Problem, normalize: bool, inv_temp
 
 class _ChunkedFunction(torch.autograd.Function):
     """The eager chunked op under ``torch.func`` transforms (which need the setup_context form): outputs
-    ``(loss, dA, dC)`` of :func:`_fused_chunked` like the custom op, backward scales the stored gradients by
-    ``grad_output``; no custom-op dispatch."""
+    ``(loss, dA, dC, dL/du)`` of :func:`_fused_chunked` like the custom op, backward scales the stored gradients by
+    ``grad_output``; no custom-op dispatch. A transform that differentiates through those gradients (a nested
+    ``torch.func.grad`` or ``jacrev``: a second derivative) reaches them as outputs of this node, and the backward
+    raises there, as ``create_graph=True`` does eagerly: it would otherwise treat them as constants."""
 
     forward = staticmethod(_fused_chunked)
 
@@ -114,11 +116,21 @@ class _ChunkedFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         save_gradients(ctx, inputs[0], inputs[1], output)
         ctx.grad_scale = output[3]
-        ctx.mark_non_differentiable(output[1], output[2], output[3])
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_a, _grad_c, _grad_s):
+    def backward(ctx, grad_loss, grad_a, grad_c, grad_s):
+        if grad_a is not None or grad_c is not None or grad_s is not None:
+            raise RuntimeError(_FIRST_DERIVATIVES_ONLY)
+        if grad_loss is None:
+            return (None,) * 5
         return *input_gradients(ctx, grad_loss, *ctx.saved_tensors), None, None, _scale_input_gradient(ctx, grad_loss)
+
+
+_FIRST_DERIVATIVES_ONLY = (
+    "fastcl's chunked backend forms first derivatives only: a second derivative through the loss (create_graph=True, "
+    "nested torch.func transforms) would silently treat them as constants; use backend='reference' for that"
+)
 
 
 def _scale_input_gradient(ctx, grad_loss):
@@ -142,10 +154,7 @@ class _EagerChunkedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if torch.is_grad_enabled():  # create_graph=True: the stored first derivatives would enter as constants
-            raise RuntimeError(
-                "fastcl's chunked backend forms first derivatives only: create_graph=True (a second derivative "
-                "through the loss) would silently treat them as constants; use backend='reference' for that"
-            )
+            raise RuntimeError(_FIRST_DERIVATIVES_ONLY)
         grad_scale = _scale_input_gradient(ctx, grad_loss)
         return *input_gradients(ctx, grad_loss, *ctx.saved_tensors), None, None, grad_scale
 
