@@ -472,6 +472,28 @@ def test_torch_func_grad_through_negatives():
         _assert_close(a, b)
 
 
+def test_nested_torch_func_transforms_are_refused():
+    """A second derivative by nested transforms (grad of grad in a learnable logit scale, jacrev of grad in the
+    queries) raises on the extra-column pass, as create_graph=True does, instead of treating the stored first
+    derivatives as constants (the reference's second derivative in the scale is 1.88)."""
+    q, k, neg = _rand(6, 5, seed=213, grad=False), _rand(6, 5, seed=214, grad=False), _rand(10, 5, seed=215, grad=False)
+
+    def in_scale(p, backend):
+        return FF.info_nce_loss(q, k, negatives=neg, symmetric=False, logit_scale=p.exp(), backend=backend)
+
+    def in_query(x, backend):
+        return FF.info_nce_loss(x, k, negatives=neg, symmetric=False, temperature=0.5, backend=backend)
+
+    log_scale = torch.tensor(1.0, dtype=F64)
+    assert torch.func.grad(torch.func.grad(lambda p: in_scale(p, "reference")))(log_scale).abs() > 0.1
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.func.grad(torch.func.grad(lambda p: in_scale(p, "chunked")))(log_scale)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.func.jacrev(torch.func.grad(lambda x: in_query(x, "chunked")))(q)
+    _assert_close(torch.func.grad(lambda p: in_scale(p, "chunked"))(log_scale),
+                  torch.func.grad(lambda p: in_scale(p, "reference"))(log_scale))  # fmt: skip
+
+
 def test_create_graph_is_refused():
     q, k, neg = _rand(6, 3, seed=210), _rand(6, 3, seed=211), _rand(4, 3, seed=212)
     loss = FF.info_nce_loss(q, k, negatives=neg, symmetric=False)

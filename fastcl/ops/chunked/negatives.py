@@ -267,15 +267,20 @@ class _NegativesFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.dtypes = tuple(None if x is None else x.dtype for x in inputs[:3])
         ctx.save_for_backward(*output[1:])
-        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, grad_loss, *_grad_outputs):
-        if torch.is_grad_enabled() and not _FUNCTORCH_ACTIVE():  # create_graph=True: would treat them as constants
+    def backward(ctx, grad_loss, *grad_outputs):
+        # create_graph=True, or a nested torch.func transform reaching the stored gradients (outputs of this node):
+        # a second derivative, which would treat them as constants
+        nested = any(g is not None for g in grad_outputs)
+        if nested or (torch.is_grad_enabled() and not _FUNCTORCH_ACTIVE()):
             raise RuntimeError(
-                "fastcl's chunked backend forms first derivatives only (create_graph=True would treat them as "
-                "constants); use backend='reference' for a second derivative"
+                "fastcl's chunked backend forms first derivatives only (create_graph=True or nested torch.func "
+                "transforms would treat them as constants); use backend='reference' for a second derivative"
             )
+        if grad_loss is None:
+            return (None,) * 6
         needs = ctx.needs_input_grad
         out = [None] * 6
         for index, grad in enumerate(ctx.saved_tensors[:3]):
