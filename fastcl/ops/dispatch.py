@@ -18,7 +18,7 @@ from fastcl.ops import custom_ops
 from fastcl.ops import triton as triton_backend
 from fastcl.ops.chunked.autograd import FOLDED_NORMALIZE_DTYPES, chunked_loss
 from fastcl.ops.chunked.negatives import negatives_loss
-from fastcl.ops.problem import TRITON_DTYPES, Problem, autocast_off, compute_dtype
+from fastcl.ops.problem import TRITON_DTYPES, Problem, autocast_off, compute_dtype, functorch_transforms_active
 
 
 def triton_available() -> bool:
@@ -31,7 +31,17 @@ _warned_fallback = []
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """``'auto'`` -> ``'triton'`` on CUDA tensors when the Triton kernels import, else ``'chunked'``; CUDA tensors
-    that fall back to ``'chunked'`` for want of the kernels warn once per process, saying why."""
+    that fall back to ``'chunked'`` for want of the kernels warn once per process, saying why. Under ``torch.func``
+    transforms ``'auto'`` is ``'chunked'`` (on any device): the Triton backend runs as custom ops, whose autograd
+    the transforms do not take, so ``'triton'`` is an error there."""
+    if functorch_transforms_active():
+        if backend == "triton":
+            raise ValueError(
+                "backend='triton' runs as torch.library custom ops, which torch.func transforms (grad, vjp, jacrev, "
+                "vmap) cannot differentiate; use backend='chunked' (any device) or 'auto' under torch.func"
+            )
+        if backend == "auto":
+            return "chunked"
     if backend != "auto":
         return backend
     if not (x.is_cuda and x.dtype in TRITON_DTYPES):

@@ -138,12 +138,15 @@ def index_range(n: int, device: torch.device) -> torch.Tensor:
     allocation. Only for labels the library itself passes to the op and never writes (nothing hands them back to
     the caller); a fresh tensor while compiling and under ``torch.func`` transforms (a tensor made there is the
     transform's, and must not outlive it in the cache)."""
-    if torch.compiler.is_compiling() or (_FUNCTORCH_ACTIVE is not None and _FUNCTORCH_ACTIVE()):
+    if torch.compiler.is_compiling() or functorch_transforms_active():
         return torch.arange(n, device=device)
     return _cached_index_range(n, device)
 
 
-_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+def functorch_transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vjp``, ``jacrev``, ``vmap``) is running: the ops then take
+    their autograd nodes in the setup_context form, and cache nothing made inside."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def in_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -291,3 +291,26 @@ def test_nested_torch_func_transforms_raise_on_chunked():
         torch.func.grad(lambda q: in_query(q, "chunked"))(query),
         torch.func.grad(lambda q: in_query(q, "reference"))(query),
     )
+
+
+def test_torch_func_takes_the_chunked_backend():
+    """Under torch.func transforms 'auto' resolves to 'chunked' (the Triton backend runs as custom ops, which the
+    transforms cannot differentiate) and an explicit 'triton' is a ValueError naming the backend and the way out;
+    outside them nothing changes."""
+    import fastcl.functional as FF
+    from fastcl.ops.dispatch import resolve_backend
+
+    gen = torch.Generator().manual_seed(18)
+    query, key = torch.randn(7, 16, generator=gen), torch.randn(7, 16, generator=gen)
+    seen = []
+
+    def loss(q, backend):
+        seen.append(resolve_backend(backend, q))
+        return FF.info_nce_loss(q, key, backend=backend)
+
+    grad = torch.func.grad(lambda q: loss(q, "auto"))(query)
+    assert seen == ["chunked"]
+    torch.testing.assert_close(grad, torch.func.grad(lambda q: loss(q, "reference"))(query), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="backend='triton'.*torch.func.*backend='chunked'"):
+        torch.func.grad(lambda q: FF.info_nce_loss(q, key, backend="triton"))(query)
+    assert resolve_backend("triton", query) == "triton"

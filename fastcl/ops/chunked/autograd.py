@@ -15,7 +15,7 @@ from typing import Tuple
 import torch
 
 from fastcl.ops.chunked import passes
-from fastcl.ops.problem import Problem, compute_dtype, in_dtype, index_range
+from fastcl.ops.problem import Problem, compute_dtype, functorch_transforms_active, in_dtype, index_range
 
 Tensor = torch.Tensor
 
@@ -23,7 +23,6 @@ Tensor = torch.Tensor
 # (fp16 / bf16 rows are normalised in their own dtype by F.normalize first)
 _NORMALIZE_EPS = 1e-12
 FOLDED_NORMALIZE_DTYPES = (torch.float32, torch.float64)
-_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
 def save_gradients(ctx, anchor, contrast, output) -> None:
@@ -171,7 +170,7 @@ def chunked_loss(problem: Problem, want_grad: bool, normalize: bool = False, inv
             return _one_positive_loss(problem, one_positive, inv_temperature)
     if want_grad:
         args = (problem.anchor, problem.contrast, problem, normalize, inv_temperature)
-        if _FUNCTORCH_ACTIVE is None or _FUNCTORCH_ACTIVE():
+        if functorch_transforms_active():
             return _ChunkedFunction.apply(*args)[0]
         return _EagerChunkedFunction.apply(*args)
     # (anchors that are the contrast rows take the half-matrix route forward: half the products)

@@ -26,11 +26,17 @@ from typing import NamedTuple, Optional
 import torch
 
 from fastcl.ops.chunked import passes
-from fastcl.ops.problem import Problem, compute_dtype, grad_coefficients, in_dtype, row_losses
+from fastcl.ops.problem import (
+    Problem,
+    compute_dtype,
+    functorch_transforms_active,
+    grad_coefficients,
+    in_dtype,
+    row_losses,
+)
 
 Tensor = torch.Tensor
 
-_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 # Bytes of one block's logits on an accelerator: the block's few [rows, Nc + M] temporaries stay a few times this
 # (at Nc + M = 69,632 that is 120 rows, still a full-width GEMM on a GPU); on CPU the chunked backend's budget.
@@ -274,7 +280,7 @@ class _NegativesFunction(torch.autograd.Function):
         # create_graph=True, or a nested torch.func transform reaching the stored gradients (outputs of this node):
         # a second derivative, which would treat them as constants
         nested = any(g is not None for g in grad_outputs)
-        if nested or (torch.is_grad_enabled() and not _FUNCTORCH_ACTIVE()):
+        if nested or (torch.is_grad_enabled() and not functorch_transforms_active()):
             raise RuntimeError(
                 "fastcl's chunked backend forms first derivatives only (create_graph=True or nested torch.func "
                 "transforms would treat them as constants); use backend='reference' for a second derivative"

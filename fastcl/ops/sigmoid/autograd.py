@@ -12,10 +12,10 @@ from typing import Callable
 
 import torch
 
+from fastcl.ops.problem import functorch_transforms_active
 from fastcl.ops.sigmoid.problem import SigmoidProblem
 
 Tensor = torch.Tensor
-_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
 def input_gradients(needs, dtypes, grad_loss, d_image, d_text, d_scale, d_bias, eager: bool = True):
@@ -89,6 +89,6 @@ class TransformableSigmoidFunction(torch.autograd.Function):
 def loss_with_gradients(problem: SigmoidProblem, backend_forward: Callable) -> Tensor:
     """The loss of ``problem`` with an autograd node that owns the gradients ``backend_forward`` formed."""
     args = (problem.image, problem.text, problem.logit_scale, problem.logit_bias, problem, backend_forward)
-    if _FUNCTORCH_ACTIVE is None or _FUNCTORCH_ACTIVE():
+    if functorch_transforms_active():
         return TransformableSigmoidFunction.apply(*args)[0]
     return SigmoidFunction.apply(*args)
