@@ -17,7 +17,7 @@ from fastcl import _layout
 from fastcl import _sigmoid_inputs as SI
 from fastcl import _validation as V
 from fastcl.ops.dispatch import contrastive_loss
-from fastcl.ops.problem import index_range
+from fastcl.ops.problem import compute_dtype, index_range
 from fastcl.ops.reference import extra_columns_loss_reference, info_nce_loss_reference, supcon_loss_reference
 from fastcl.ops.sigmoid.dispatch import sigmoid_loss_op
 from fastcl.ops.sigmoid.reference import sigmoid_loss_reference
@@ -202,7 +202,7 @@ def _checked_supcon_inputs(features, labels, mask, contrast_mode, backend):
     if labels is not None:
         labels = V.check_labels("labels", labels, bsz, features.device, allow_float=True)
     if mask is not None:
-        mask = V.check_mask(mask, bsz, features.device)
+        mask = V.check_mask(mask, bsz, features.device, compute_dtype(features))
     return features, labels, mask
 
 

@@ -181,6 +181,38 @@ def test_chunked_low_precision_inputs(dtype, tol):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-9)])
+@pytest.mark.parametrize("positives", ["labels", "mask", "simclr"])
+def test_supcon_raw_rows_whose_self_pair_dwarfs_every_other_column(backend, dtype, tol, positives):
+    """Unnormalised rows (norm ~11) at t = 0.07: each self logit |x|^2 / t ~ 1800 exceeds every other column's by
+    far more than exp's range; the self pair is not in the denominator, so the loss and gradient stay finite."""
+    features = torch.randn(8, 2, 128, dtype=dtype)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 3, 3])
+    kwargs = dict(labels=labels if positives == "labels" else None)
+    kwargs["mask"] = torch.rand(8, 8, dtype=torch.float64) if positives == "mask" else None
+    loss, grad = _value_and_grad(lambda x: FF.supcon_loss(x, **kwargs, backend=backend), features)
+    ref_loss, ref_grad = _value_and_grad(lambda x: supcon_float64(x, **kwargs), features.double())
+    assert loss.item() > 100.0  # ~ (1800 - 150) * 0.07 / 0.07 per anchor
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=tol, atol=0)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("contrast_mode", ["all", "one"])
+def test_float64_mask_weights_enter_the_float64_loss_unrounded(backend, contrast_mode):
+    """Float64 features with a float64 mask: weights float32 cannot hold (1 + 2**-30, random reals) are used as
+    they are, so loss and gradient match the float64 formula to float64 accuracy."""
+    features = _features(6, 2, 5, normalize=False) * 3
+    mask = torch.rand(6, 6, dtype=torch.float64)
+    mask[:, ::2] = 1 + 2.0**-30
+    kwargs = dict(mask=mask, temperature=0.1, contrast_mode=contrast_mode)
+    loss, grad = _value_and_grad(lambda x: FF.supcon_loss(x, **kwargs, backend=backend), features)
+    ref_loss, ref_grad = _value_and_grad(lambda x: supcon_float64(x, **kwargs), features)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-13, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_anchor_without_positive_contributes_zero(backend):
     features = _features(5, 1, 4)
     labels = torch.tensor([0, 0, 1, 2, 3])  # samples 2, 3, 4 have no positive (single view)
