@@ -251,6 +251,19 @@ def test_nan_in_gives_nan_out(backend, where):
     assert torch.isnan(FF.info_nce_loss(q, k, backend=backend))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("in_batch,margin", [(True, None), (True, 0.1), (False, None), (False, 0.1)])
+def test_info_nce_query_scoring_minus_inf_against_every_column_gives_nan(backend, in_batch, margin):
+    """A query at -inf along a direction where every key and extra row is positive scores -inf against all of them,
+    its positive included: its log-softmax is -inf - (-inf), undefined, so the loss is NaN (never +inf)."""
+    query = torch.randn(5, 4, dtype=torch.float64)
+    query[2] = torch.tensor([float("-inf"), 0.0, 0.0, 0.0])
+    key, negatives = torch.randn(5, 4, dtype=torch.float64).abs(), torch.randn(3, 4, dtype=torch.float64).abs()
+    loss = FF.info_nce_loss(query, key, negatives=negatives, in_batch_negatives=in_batch,
+                            false_negative_margin=margin, symmetric=False, normalize=False, backend=backend)  # fmt: skip
+    assert torch.isnan(loss)
+
+
 def test_forward_without_grad_matches():
     features, labels = _features(20, 2, 8), torch.randint(0, 3, (20,))
     with torch.no_grad():
