@@ -259,8 +259,8 @@ def test_info_nce_query_scoring_minus_inf_against_every_column_gives_nan(backend
     query = torch.randn(5, 4, dtype=torch.float64)
     query[2] = torch.tensor([float("-inf"), 0.0, 0.0, 0.0])
     key, negatives = torch.randn(5, 4, dtype=torch.float64).abs(), torch.randn(3, 4, dtype=torch.float64).abs()
-    loss = FF.info_nce_loss(query, key, negatives=negatives, in_batch_negatives=in_batch,
-                            false_negative_margin=margin, symmetric=False, normalize=False, backend=backend)  # fmt: skip
+    columns = dict(negatives=negatives, in_batch_negatives=in_batch, false_negative_margin=margin)
+    loss = FF.info_nce_loss(query, key, **columns, symmetric=False, normalize=False, backend=backend)
     assert torch.isnan(loss)
 
 
