@@ -105,8 +105,9 @@ def supcon_loss(
         return _supcon_with_negatives(features, labels, mask, negatives, negative_labels, temperature,
                                       base_temperature, **settings)  # fmt: skip
     same_temperatures = base_temperature is temperature  # (NT-Xent: scale exactly 1, no gradient through t / t)
-    temperature = V.check_temperature("temperature", temperature)
-    base_temperature = V.check_temperature("base_temperature", base_temperature)
+    temperature = _fp32_at_least(V.check_temperature("temperature", temperature))
+    base_temperature = _fp32_at_least(V.check_temperature("base_temperature", base_temperature))
+    base_temperature = temperature if same_temperatures else base_temperature  # (one fp32 copy of a half tensor)
     features, labels, mask = _checked_supcon_inputs(features, labels, mask, contrast_mode, backend)
     bsz, n_views = features.shape[0], features.shape[1]
     if backend == "reference":
@@ -149,8 +150,9 @@ def _supcon_with_negatives(features, labels, mask, negatives, negative_labels, t
                            contrast_mode, normalize, backend):  # fmt: skip
     """:func:`supcon_loss` with ``negatives [M, D]`` (and ``negative_labels [M]``) as extra contrast columns."""
     same_temperatures = base_temperature is temperature
-    temperature = V.check_temperature("temperature", temperature)
-    base_temperature = V.check_temperature("base_temperature", base_temperature)
+    temperature = _fp32_at_least(V.check_temperature("temperature", temperature))
+    base_temperature = _fp32_at_least(V.check_temperature("base_temperature", base_temperature))
+    base_temperature = temperature if same_temperatures else base_temperature  # (one fp32 copy of a half tensor)
     if mask is not None:
         raise ValueError("negatives with a mask: the mask has no entries for the extra rows; pass labels instead")
     if negative_labels is not None and labels is None:
@@ -379,13 +381,22 @@ def _nan_unless_positive(temperature):
     return torch.where(torch.isfinite(temperature) & (temperature > 0), temperature, float("nan"))
 
 
+def _fp32_at_least(temperature):
+    """A half-precision tensor temperature (a learnable one of an fp16 / bf16 model) as fp32, differentiably (its
+    value is exact in fp32): the loss is computed in fp32, and a ``t / base_t`` or ``1 / logit_scale`` rounded to
+    half precision would shift it by up to half an ulp of that dtype. Anything else as it is."""
+    if isinstance(temperature, torch.Tensor) and temperature.dtype in (torch.float16, torch.bfloat16):
+        return temperature.float()
+    return temperature
+
+
 def _temperature_of(temperature, logit_scale):
     """The temperature of :func:`info_nce_loss` from its ``temperature`` / ``logit_scale`` arguments (checked)."""
     if logit_scale is None:
-        return 0.07 if temperature is None else V.check_temperature("temperature", temperature)
+        return 0.07 if temperature is None else _fp32_at_least(V.check_temperature("temperature", temperature))
     if temperature is not None:
         raise ValueError("pass either temperature or logit_scale (= 1 / temperature), not both")
-    logit_scale = V.check_temperature("logit_scale", logit_scale)
+    logit_scale = _fp32_at_least(V.check_temperature("logit_scale", logit_scale))
     return torch.reciprocal(logit_scale) if isinstance(logit_scale, torch.Tensor) else 1.0 / logit_scale
 
 

@@ -212,6 +212,36 @@ def test_float64_mask_weights_enter_the_float64_loss_unrounded(backend, contrast
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_temperature_tensors_enter_the_fp32_loss_exactly(backend, dtype):
+    """A learnable temperature or logit_scale of a half-precision model (0.1 and 100, exact in fp32 once rounded
+    to ``dtype``): the fp32 loss and its gradient are those of the same value as an fp32 tensor; no ``t / base_t``
+    or ``1 / logit_scale`` rounded to ``dtype`` (up to 2e-3 of the loss in bf16)."""
+    features, labels = _features(8, 2, 16, dtype=torch.float32), torch.randint(0, 3, (8,))
+    query, key = torch.randn(8, 16), torch.randn(8, 16)
+    negatives = dict(negatives=query[:3])
+    calls = [
+        (lambda t: FF.supcon_loss(features, labels, temperature=t, backend=backend), 0.1),
+        (lambda t: FF.supcon_loss(features, labels, temperature=t, base_temperature=t, backend=backend), 0.1),
+        (lambda t: FF.supcon_loss(features, labels, temperature=t, **negatives, backend=backend), 0.1),
+        (lambda t: FF.nt_xent_loss(query, key, temperature=t, backend=backend), 0.1),
+        (lambda t: FF.nt_xent_loss(query, key, temperature=t, **negatives, backend=backend), 0.1),
+        (lambda t: FF.info_nce_loss(query, key, temperature=t, backend=backend), 0.1),
+        (lambda s: FF.info_nce_loss(query, key, logit_scale=s, backend=backend), 100.0),
+        (lambda s: FF.info_nce_loss(query, key, logit_scale=s, symmetric=False, **negatives, backend=backend), 100.0),
+    ]
+    for call, value in calls:
+        half = torch.tensor(value, dtype=dtype, requires_grad=True)
+        single = half.detach().float().requires_grad_()
+        loss, expected = call(half), call(single)
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+        (grad,), (expected_grad,) = torch.autograd.grad(loss, half), torch.autograd.grad(expected, single)
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad, expected_grad.to(dtype), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_anchor_without_positive_contributes_zero(backend):
     features = _features(5, 1, 4)
