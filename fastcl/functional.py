@@ -8,6 +8,7 @@ op of :mod:`fastcl.ops` (:func:`fastcl.ops.dispatch.contrastive_loss`; or to the
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import torch
@@ -25,6 +26,24 @@ from fastcl.ops.sigmoid.reference import sigmoid_loss_reference
 __all__ = ["supcon_loss", "nt_xent_loss", "info_nce_loss", "sigmoid_loss"]
 
 
+def _without_autocast(loss_fn):
+    """``loss_fn`` run with autocast off on its first argument's device when a caller's autocast region is active
+    there: the losses pick their compute dtypes themselves (fp32 for half-precision inputs, as autocast itself runs
+    softmax and cross-entropy), and autocast's half-precision matrix products inside them would mix dtypes (the
+    chunked backend's ops refuse that) or round the loss. The value is that of the same call outside autocast."""
+
+    @functools.wraps(loss_fn)
+    def loss_outside_autocast(first, *args, **kwargs):
+        device_type = first.device.type if isinstance(first, torch.Tensor) else "cpu"
+        if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+            return loss_fn(first, *args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return loss_fn(first, *args, **kwargs)
+
+    return loss_outside_autocast
+
+
+@_without_autocast
 def supcon_loss(
     features: torch.Tensor,
     labels: Optional[torch.Tensor] = None,
@@ -208,6 +227,7 @@ def _checked_supcon_inputs(features, labels, mask, contrast_mode, backend):
     return features, labels, mask
 
 
+@_without_autocast
 def nt_xent_loss(
     z_a: torch.Tensor,
     z_b: torch.Tensor,
@@ -250,6 +270,7 @@ def nt_xent_loss(
     )
 
 
+@_without_autocast
 def info_nce_loss(
     query: torch.Tensor,
     key: torch.Tensor,

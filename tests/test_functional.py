@@ -242,6 +242,31 @@ def test_half_precision_temperature_tensors_enter_the_fp32_loss_exactly(backend,
         torch.testing.assert_close(grad, expected_grad.to(dtype), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, pytest.param("triton", marks=pytest.mark.triton)])
+def test_losses_called_under_autocast_are_the_losses_without_it(backend):
+    """Called inside ``torch.autocast("cpu", dtype=torch.bfloat16)`` (a training step's mixed-precision region):
+    the losses compute in their own dtypes, so value, dtype and gradient are those of the same call outside it."""
+    features, labels = _features(6, 2, 5, dtype=torch.float32), torch.tensor([0, 1, 0, 2, 1, 0])
+    mask, negatives = torch.rand(6, 6), torch.randn(3, 5)
+    calls = [
+        lambda x: FF.supcon_loss(x, labels, temperature=0.3, backend=backend),
+        lambda x: FF.supcon_loss(x, mask=mask, contrast_mode="one", normalize=True, backend=backend),
+        lambda x: FF.supcon_loss(x, labels, negatives=negatives, negative_labels=labels[:3], backend=backend),
+        lambda x: FF.nt_xent_loss(x[:, 0], x[:, 1], backend=backend),
+        lambda x: FF.info_nce_loss(x[:, 0], x[:, 1], backend=backend),
+        lambda x: FF.info_nce_loss(x[:, 0], x[:, 1], symmetric=False, negatives=negatives, backend=backend),
+    ]
+    for call in calls:
+        expected, expected_grad = _value_and_grad(call, features)
+        x = features.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = call(x)
+        (grad,) = torch.autograd.grad(loss, x)
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_anchor_without_positive_contributes_zero(backend):
     features = _features(5, 1, 4)
