@@ -192,7 +192,7 @@ def test_supcon_raw_rows_whose_self_pair_dwarfs_every_other_column(backend, dtyp
     kwargs["mask"] = torch.rand(8, 8, dtype=torch.float64) if positives == "mask" else None
     loss, grad = _value_and_grad(lambda x: FF.supcon_loss(x, **kwargs, backend=backend), features)
     ref_loss, ref_grad = _value_and_grad(lambda x: supcon_float64(x, **kwargs), features.double())
-    assert loss.item() > 100.0  # ~ (1800 - 150) * 0.07 / 0.07 per anchor
+    assert 100.0 < loss.item() < float("inf")  # each positive scores far below its row's best other column
     torch.testing.assert_close(loss.double(), ref_loss, rtol=tol, atol=0)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=tol, atol=tol)
 
