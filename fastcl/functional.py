@@ -9,6 +9,7 @@ op of :mod:`fastcl.ops` (:func:`fastcl.ops.dispatch.contrastive_loss`; or to the
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Optional, Union
 
 import torch
@@ -32,13 +33,16 @@ def _without_autocast(loss_fn):
     softmax and cross-entropy), and autocast's half-precision matrix products inside them would mix dtypes (the
     chunked backend's ops refuse that) or round the loss. The value is that of the same call outside autocast."""
 
+    first_name = next(iter(inspect.signature(loss_fn).parameters))  # (features, z_a, query: passed either way)
+
     @functools.wraps(loss_fn)
-    def loss_outside_autocast(first, *args, **kwargs):
+    def loss_outside_autocast(*args, **kwargs):
+        first = args[0] if args else kwargs.get(first_name)
         device_type = first.device.type if isinstance(first, torch.Tensor) else "cpu"
         if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
-            return loss_fn(first, *args, **kwargs)
+            return loss_fn(*args, **kwargs)
         with torch.autocast(device_type, enabled=False):
-            return loss_fn(first, *args, **kwargs)
+            return loss_fn(*args, **kwargs)
 
     return loss_outside_autocast
 

@@ -255,6 +255,9 @@ def test_losses_called_under_autocast_are_the_losses_without_it(backend):
         lambda x: FF.nt_xent_loss(x[:, 0], x[:, 1], backend=backend),
         lambda x: FF.info_nce_loss(x[:, 0], x[:, 1], backend=backend),
         lambda x: FF.info_nce_loss(x[:, 0], x[:, 1], symmetric=False, negatives=negatives, backend=backend),
+        lambda x: FF.supcon_loss(labels=labels, features=x, backend=backend),  # every argument by keyword
+        lambda x: FF.nt_xent_loss(z_b=x[:, 1], z_a=x[:, 0], backend=backend),
+        lambda x: FF.info_nce_loss(key=x[:, 1], query=x[:, 0], backend=backend),
     ]
     for call in calls:
         expected, expected_grad = _value_and_grad(call, features)
