@@ -156,8 +156,9 @@ def dense_label_ids(labels: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(sorted_ids).scatter_(0, order, sorted_ids)
 
 
-def check_mask(mask: torch.Tensor, bsz: int, device: torch.device) -> torch.Tensor:
-    """A ``[bsz, bsz]`` positive-pair mask (bool or non-negative weights) -> float32 on ``device``.
+def check_mask(mask: torch.Tensor, bsz: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A ``[bsz, bsz]`` positive-pair mask (bool or non-negative weights) -> ``dtype`` on ``device`` (the loss's compute
+    dtype: float32, or float64 for float64 features, whose weights then enter the loss unrounded).
 
     Negative weights are a ``ValueError``: the loss is a weighted mean of log-probabilities, and a negative weight
     turns it into a reward for pushing that pair apart (the loss can go below 0 without bound), which is never what a
@@ -172,7 +173,7 @@ def check_mask(mask: torch.Tensor, bsz: int, device: torch.device) -> torch.Tens
         raise TypeError(f"mask must be a real (bool, int or float) tensor, got dtype {mask.dtype}")
     if tuple(mask.shape) != (bsz, bsz):
         raise ValueError(f"mask must have shape [bsz, bsz] = [{bsz}, {bsz}], got {tuple(mask.shape)}")
-    mask = mask.to(device=device, dtype=torch.float32).contiguous()
+    mask = mask.to(device=device, dtype=dtype).contiguous()
     message = "mask must hold non-negative weights (negative weights would reward separating that pair)"
     # amin: no [bsz, bsz] temporary (a NaN weight makes the minimum NaN; the loss is NaN then anyway)
     if torch.compiler.is_compiling():

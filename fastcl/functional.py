@@ -8,6 +8,8 @@ op of :mod:`fastcl.ops` (:func:`fastcl.ops.dispatch.contrastive_loss`; or to the
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Optional, Union
 
 import torch
@@ -17,7 +19,7 @@ from fastcl import _layout
 from fastcl import _sigmoid_inputs as SI
 from fastcl import _validation as V
 from fastcl.ops.dispatch import contrastive_loss
-from fastcl.ops.problem import index_range
+from fastcl.ops.problem import compute_dtype, index_range
 from fastcl.ops.reference import extra_columns_loss_reference, info_nce_loss_reference, supcon_loss_reference
 from fastcl.ops.sigmoid.dispatch import sigmoid_loss_op
 from fastcl.ops.sigmoid.reference import sigmoid_loss_reference
@@ -25,6 +27,27 @@ from fastcl.ops.sigmoid.reference import sigmoid_loss_reference
 __all__ = ["supcon_loss", "nt_xent_loss", "info_nce_loss", "sigmoid_loss"]
 
 
+def _without_autocast(loss_fn):
+    """``loss_fn`` run with autocast off on its first argument's device when a caller's autocast region is active
+    there: the losses pick their compute dtypes themselves (fp32 for half-precision inputs, as autocast itself runs
+    softmax and cross-entropy), and autocast's half-precision matrix products inside them would mix dtypes (the
+    chunked backend's ops refuse that) or round the loss. The value is that of the same call outside autocast."""
+
+    first_name = next(iter(inspect.signature(loss_fn).parameters))  # (features, z_a, query: passed either way)
+
+    @functools.wraps(loss_fn)
+    def loss_outside_autocast(*args, **kwargs):
+        first = args[0] if args else kwargs.get(first_name)
+        device_type = first.device.type if isinstance(first, torch.Tensor) else "cpu"
+        if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+            return loss_fn(*args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return loss_fn(*args, **kwargs)
+
+    return loss_outside_autocast
+
+
+@_without_autocast
 def supcon_loss(
     features: torch.Tensor,
     labels: Optional[torch.Tensor] = None,
@@ -105,8 +128,9 @@ def supcon_loss(
         return _supcon_with_negatives(features, labels, mask, negatives, negative_labels, temperature,
                                       base_temperature, **settings)  # fmt: skip
     same_temperatures = base_temperature is temperature  # (NT-Xent: scale exactly 1, no gradient through t / t)
-    temperature = V.check_temperature("temperature", temperature)
-    base_temperature = V.check_temperature("base_temperature", base_temperature)
+    temperature = _fp32_at_least(V.check_temperature("temperature", temperature))
+    base_temperature = _fp32_at_least(V.check_temperature("base_temperature", base_temperature))
+    base_temperature = temperature if same_temperatures else base_temperature  # (one fp32 copy of a half tensor)
     features, labels, mask = _checked_supcon_inputs(features, labels, mask, contrast_mode, backend)
     bsz, n_views = features.shape[0], features.shape[1]
     if backend == "reference":
@@ -149,8 +173,9 @@ def _supcon_with_negatives(features, labels, mask, negatives, negative_labels, t
                            contrast_mode, normalize, backend):  # fmt: skip
     """:func:`supcon_loss` with ``negatives [M, D]`` (and ``negative_labels [M]``) as extra contrast columns."""
     same_temperatures = base_temperature is temperature
-    temperature = V.check_temperature("temperature", temperature)
-    base_temperature = V.check_temperature("base_temperature", base_temperature)
+    temperature = _fp32_at_least(V.check_temperature("temperature", temperature))
+    base_temperature = _fp32_at_least(V.check_temperature("base_temperature", base_temperature))
+    base_temperature = temperature if same_temperatures else base_temperature  # (one fp32 copy of a half tensor)
     if mask is not None:
         raise ValueError("negatives with a mask: the mask has no entries for the extra rows; pass labels instead")
     if negative_labels is not None and labels is None:
@@ -202,10 +227,11 @@ def _checked_supcon_inputs(features, labels, mask, contrast_mode, backend):
     if labels is not None:
         labels = V.check_labels("labels", labels, bsz, features.device, allow_float=True)
     if mask is not None:
-        mask = V.check_mask(mask, bsz, features.device)
+        mask = V.check_mask(mask, bsz, features.device, compute_dtype(features))
     return features, labels, mask
 
 
+@_without_autocast
 def nt_xent_loss(
     z_a: torch.Tensor,
     z_b: torch.Tensor,
@@ -248,6 +274,7 @@ def nt_xent_loss(
     )
 
 
+@_without_autocast
 def info_nce_loss(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -379,13 +406,22 @@ def _nan_unless_positive(temperature):
     return torch.where(torch.isfinite(temperature) & (temperature > 0), temperature, float("nan"))
 
 
+def _fp32_at_least(temperature):
+    """A half-precision tensor temperature (a learnable one of an fp16 / bf16 model) as fp32, differentiably (its
+    value is exact in fp32): the loss is computed in fp32, and a ``t / base_t`` or ``1 / logit_scale`` rounded to
+    half precision would shift it by up to half an ulp of that dtype. Anything else as it is."""
+    if isinstance(temperature, torch.Tensor) and temperature.dtype in (torch.float16, torch.bfloat16):
+        return temperature.float()
+    return temperature
+
+
 def _temperature_of(temperature, logit_scale):
     """The temperature of :func:`info_nce_loss` from its ``temperature`` / ``logit_scale`` arguments (checked)."""
     if logit_scale is None:
-        return 0.07 if temperature is None else V.check_temperature("temperature", temperature)
+        return 0.07 if temperature is None else _fp32_at_least(V.check_temperature("temperature", temperature))
     if temperature is not None:
         raise ValueError("pass either temperature or logit_scale (= 1 / temperature), not both")
-    logit_scale = V.check_temperature("logit_scale", logit_scale)
+    logit_scale = _fp32_at_least(V.check_temperature("logit_scale", logit_scale))
     return torch.reciprocal(logit_scale) if isinstance(logit_scale, torch.Tensor) else 1.0 / logit_scale
 
 

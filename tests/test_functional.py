@@ -181,6 +181,96 @@ def test_chunked_low_precision_inputs(dtype, tol):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-9)])
+@pytest.mark.parametrize("positives", ["labels", "mask", "simclr"])
+def test_supcon_raw_rows_whose_self_pair_dwarfs_every_other_column(backend, dtype, tol, positives):
+    """Unnormalised rows (norm ~11) at t = 0.07: each self logit |x|^2 / t ~ 1800 exceeds every other column's by
+    far more than exp's range; the self pair is not in the denominator, so the loss and gradient stay finite."""
+    features = torch.randn(8, 2, 128, dtype=dtype)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 3, 3])
+    kwargs = dict(labels=labels if positives == "labels" else None)
+    kwargs["mask"] = torch.rand(8, 8, dtype=torch.float64) if positives == "mask" else None
+    loss, grad = _value_and_grad(lambda x: FF.supcon_loss(x, **kwargs, backend=backend), features)
+    ref_loss, ref_grad = _value_and_grad(lambda x: supcon_float64(x, **kwargs), features.double())
+    assert 100.0 < loss.item() < float("inf")  # each positive scores far below its row's best other column
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=tol, atol=0)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("contrast_mode", ["all", "one"])
+def test_float64_mask_weights_enter_the_float64_loss_unrounded(backend, contrast_mode):
+    """Float64 features with a float64 mask: weights float32 cannot hold (1 + 2**-30, random reals) are used as
+    they are, so loss and gradient match the float64 formula to float64 accuracy."""
+    features = _features(6, 2, 5, normalize=False) * 3
+    mask = torch.rand(6, 6, dtype=torch.float64)
+    mask[:, ::2] = 1 + 2.0**-30
+    kwargs = dict(mask=mask, temperature=0.1, contrast_mode=contrast_mode)
+    loss, grad = _value_and_grad(lambda x: FF.supcon_loss(x, **kwargs, backend=backend), features)
+    ref_loss, ref_grad = _value_and_grad(lambda x: supcon_float64(x, **kwargs), features)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-13, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_temperature_tensors_enter_the_fp32_loss_exactly(backend, dtype):
+    """A learnable temperature or logit_scale of a half-precision model (0.1 and 100, exact in fp32 once rounded
+    to ``dtype``): the fp32 loss and its gradient are those of the same value as an fp32 tensor; no ``t / base_t``
+    or ``1 / logit_scale`` rounded to ``dtype`` (up to 2e-3 of the loss in bf16)."""
+    features, labels = _features(8, 2, 16, dtype=torch.float32), torch.randint(0, 3, (8,))
+    query, key = torch.randn(8, 16), torch.randn(8, 16)
+    negatives = dict(negatives=query[:3])
+    calls = [
+        (lambda t: FF.supcon_loss(features, labels, temperature=t, backend=backend), 0.1),
+        (lambda t: FF.supcon_loss(features, labels, temperature=t, base_temperature=t, backend=backend), 0.1),
+        (lambda t: FF.supcon_loss(features, labels, temperature=t, **negatives, backend=backend), 0.1),
+        (lambda t: FF.nt_xent_loss(query, key, temperature=t, backend=backend), 0.1),
+        (lambda t: FF.nt_xent_loss(query, key, temperature=t, **negatives, backend=backend), 0.1),
+        (lambda t: FF.info_nce_loss(query, key, temperature=t, backend=backend), 0.1),
+        (lambda s: FF.info_nce_loss(query, key, logit_scale=s, backend=backend), 100.0),
+        (lambda s: FF.info_nce_loss(query, key, logit_scale=s, symmetric=False, **negatives, backend=backend), 100.0),
+    ]
+    for call, value in calls:
+        half = torch.tensor(value, dtype=dtype, requires_grad=True)
+        single = half.detach().float().requires_grad_()
+        loss, expected = call(half), call(single)
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+        (grad,), (expected_grad,) = torch.autograd.grad(loss, half), torch.autograd.grad(expected, single)
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad, expected_grad.to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, pytest.param("triton", marks=pytest.mark.triton)])
+def test_losses_called_under_autocast_are_the_losses_without_it(backend):
+    """Called inside ``torch.autocast("cpu", dtype=torch.bfloat16)`` (a training step's mixed-precision region):
+    the losses compute in their own dtypes, so value, dtype and gradient are those of the same call outside it."""
+    features, labels = _features(6, 2, 5, dtype=torch.float32), torch.tensor([0, 1, 0, 2, 1, 0])
+    mask, negatives = torch.rand(6, 6), torch.randn(3, 5)
+    calls = [
+        lambda x: FF.supcon_loss(x, labels, temperature=0.3, backend=backend),
+        lambda x: FF.supcon_loss(x, mask=mask, contrast_mode="one", normalize=True, backend=backend),
+        lambda x: FF.supcon_loss(x, labels, negatives=negatives, negative_labels=labels[:3], backend=backend),
+        lambda x: FF.nt_xent_loss(x[:, 0], x[:, 1], backend=backend),
+        lambda x: FF.info_nce_loss(x[:, 0], x[:, 1], backend=backend),
+        lambda x: FF.info_nce_loss(x[:, 0], x[:, 1], symmetric=False, negatives=negatives, backend=backend),
+        lambda x: FF.supcon_loss(labels=labels, features=x, backend=backend),  # every argument by keyword
+        lambda x: FF.nt_xent_loss(z_b=x[:, 1], z_a=x[:, 0], backend=backend),
+        lambda x: FF.info_nce_loss(key=x[:, 1], query=x[:, 0], backend=backend),
+    ]
+    for call in calls:
+        expected, expected_grad = _value_and_grad(call, features)
+        x = features.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = call(x)
+        (grad,) = torch.autograd.grad(loss, x)
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_anchor_without_positive_contributes_zero(backend):
     features = _features(5, 1, 4)
     labels = torch.tensor([0, 0, 1, 2, 3])  # samples 2, 3, 4 have no positive (single view)
@@ -217,6 +307,19 @@ def test_nan_in_gives_nan_out(backend, where):
     q, k = torch.randn(4, 3), torch.randn(4, 3)
     k[1, 1] = float("nan")
     assert torch.isnan(FF.info_nce_loss(q, k, backend=backend))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("in_batch,margin", [(True, None), (True, 0.1), (False, None), (False, 0.1)])
+def test_info_nce_query_scoring_minus_inf_against_every_column_gives_nan(backend, in_batch, margin):
+    """A query at -inf along a direction where every key and extra row is positive scores -inf against all of them,
+    its positive included: its log-softmax is -inf - (-inf), undefined, so the loss is NaN (never +inf)."""
+    query = torch.randn(5, 4, dtype=torch.float64)
+    query[2] = torch.tensor([float("-inf"), 0.0, 0.0, 0.0])
+    key, negatives = torch.randn(5, 4, dtype=torch.float64).abs(), torch.randn(3, 4, dtype=torch.float64).abs()
+    columns = dict(negatives=negatives, in_batch_negatives=in_batch, false_negative_margin=margin)
+    loss = FF.info_nce_loss(query, key, **columns, symmetric=False, normalize=False, backend=backend)
+    assert torch.isnan(loss)
 
 
 def test_forward_without_grad_matches():

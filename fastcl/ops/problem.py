@@ -104,10 +104,13 @@ def row_losses(pos_logit_sum: torch.Tensor, pos_weight: torch.Tensor, lse: torch
     """Per-anchor losses ``[Na]`` from the fp32 row statistics.
 
     An anchor with no positive gets 0 (as SupContrast's current code does). An anchor with an empty denominator
-    (a single-column problem with self excluded) has ``lse = -inf`` and no positive; it also gets 0. NaN stays NaN.
+    (a single-column problem with self excluded) has ``lse = -inf`` and no positive; it also gets 0. An anchor with
+    a positive and ``lse = -inf`` (every column, its positives included, at ``-inf``: infinite inputs) has an
+    undefined log-softmax and gets NaN. NaN stays NaN.
     """
-    positives = torch.where(pos_weight < 1e-6, torch.ones_like(pos_weight), pos_weight)
-    lse = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
+    no_positive = pos_weight < 1e-6
+    positives = torch.where(no_positive, torch.ones_like(pos_weight), pos_weight)
+    lse = torch.where((lse == float("-inf")) & no_positive, torch.zeros_like(lse), lse)
     return -scale * (pos_logit_sum - pos_weight * lse) / positives
 
 

@@ -50,13 +50,17 @@ def supcon_loss_reference(
         anchor_feature, anchor_count = contrast_feature, n_views
 
     logits = anchor_feature @ contrast_feature.T / temperature
-    logits = logits - logits.max(dim=1, keepdim=True).values.detach()  # stability only
     mask = mask.repeat(anchor_count, n_views)
     n_anchor = bsz * anchor_count
     logits_mask = torch.ones_like(mask)
     logits_mask[torch.arange(n_anchor, device=device), torch.arange(n_anchor, device=device)] = 0  # no self-pairs
     mask = mask * logits_mask
-    exp_logits = torch.exp(logits) * logits_mask
+    # stability only: shift each row by its largest logit in the denominator; the self pair stays out of both (raw
+    # rows' self logits |x|^2 / t can exceed every other column's by more than exp's range: exp would give 0 / inf)
+    kept = logits_mask.bool()
+    row_max = torch.where(kept, logits, float("-inf")).amax(dim=1, keepdim=True).detach()
+    logits = logits - torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
+    exp_logits = torch.exp(torch.where(kept, logits, float("-inf")))
     denominator = exp_logits.sum(1, keepdim=True)
     # an anchor with no contrast column at all (one sample, one view) has no term and no positive: its loss is 0, as
     # in the fused backends (an empty sum of 1 keeps log() and its gradient finite; the row's positive mask is 0)
