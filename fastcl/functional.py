@@ -19,7 +19,7 @@ from fastcl import _layout
 from fastcl import _sigmoid_inputs as SI
 from fastcl import _validation as V
 from fastcl.ops.dispatch import contrastive_loss
-from fastcl.ops.problem import compute_dtype, index_range
+from fastcl.ops.problem import autocast_off, compute_dtype, index_range
 from fastcl.ops.reference import extra_columns_loss_reference, info_nce_loss_reference, supcon_loss_reference
 from fastcl.ops.sigmoid.dispatch import sigmoid_loss_op
 from fastcl.ops.sigmoid.reference import sigmoid_loss_reference
@@ -29,19 +29,18 @@ __all__ = ["supcon_loss", "nt_xent_loss", "info_nce_loss", "sigmoid_loss"]
 
 def _without_autocast(loss_fn):
     """``loss_fn`` run with autocast off on its first argument's device when a caller's autocast region is active
-    there: the losses pick their compute dtypes themselves (fp32 for half-precision inputs, as autocast itself runs
-    softmax and cross-entropy), and autocast's half-precision matrix products inside them would mix dtypes (the
-    chunked backend's ops refuse that) or round the loss. The value is that of the same call outside autocast."""
+    there (:func:`fastcl.ops.problem.autocast_off`, which the fused ops' dispatch points also take): the losses pick
+    their compute dtypes themselves (fp32 for half-precision inputs, as autocast itself runs softmax and
+    cross-entropy), and autocast's half-precision matrix products inside them would mix dtypes (the chunked
+    backend's ops refuse that) or round the loss, the reference backend's too. The value is that of the same call
+    outside autocast."""
 
     first_name = next(iter(inspect.signature(loss_fn).parameters))  # (features, z_a, query: passed either way)
 
     @functools.wraps(loss_fn)
     def loss_outside_autocast(*args, **kwargs):
         first = args[0] if args else kwargs.get(first_name)
-        device_type = first.device.type if isinstance(first, torch.Tensor) else "cpu"
-        if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
-            return loss_fn(*args, **kwargs)
-        with torch.autocast(device_type, enabled=False):
+        with autocast_off(first.device if isinstance(first, torch.Tensor) else torch.device("cpu")):
             return loss_fn(*args, **kwargs)
 
     return loss_outside_autocast
@@ -456,6 +455,7 @@ def _checked_info_nce_inputs(query, key, labels, temperature, symmetric, backend
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@_without_autocast
 def sigmoid_loss(
     image: torch.Tensor,
     text: torch.Tensor,

@@ -189,20 +189,28 @@ def test_low_precision_inputs_against_float64(small_blocks, dtype, tol):
 
 
 @pytest.mark.parametrize(
-    "n, labelled, rows",
-    [(12, False, None), (129, False, None), (129, False, 7), (40, True, None), (40, True, 7)],
-    ids=["native-autograd", "single-block", "paired-blocks", "labelled-block", "labelled-blocks"],
+    "n, labelled, rows, backend",
+    [
+        (12, False, None, "chunked"),
+        (129, False, None, "chunked"),
+        (129, False, 7, "chunked"),
+        (40, True, None, "chunked"),
+        (40, True, 7, "chunked"),
+        (40, True, None, "reference"),
+    ],
+    ids=["native-autograd", "single-block", "paired-blocks", "labelled-block", "labelled-blocks", "reference"],
 )
-def test_autocast_region_computes_in_float32(monkeypatch, n, labelled, rows):
-    """Called inside ``torch.autocast`` (open_clip computes its loss there), the fused op still computes fp32
-    inputs in fp32 on every chunked route: the loss and gradients of the same call outside the region."""
+def test_autocast_region_computes_in_float32(monkeypatch, n, labelled, rows, backend):
+    """Called inside ``torch.autocast`` (open_clip computes its loss there), the loss still computes fp32 inputs in
+    fp32 on every chunked route and on the reference backend: the loss and gradients of the same call outside the
+    region."""
     if rows is not None:
         monkeypatch.setattr(chunked, "block_rows", lambda n_image, n_text, device: rows)
     image, text, s, b = _leaves(n, n, 6, dtype=torch.float32, scale=10.0, bias=-5.0, seed=15)
     labels = torch.arange(n) % 5 if labelled else None
 
     def fn(*t):
-        return FF.sigmoid_loss(*t, labels, backend="chunked")
+        return FF.sigmoid_loss(*t, labels, backend=backend)
 
     def in_autocast(*t):
         with torch.autocast("cpu", dtype=torch.bfloat16):
