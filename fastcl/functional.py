@@ -106,6 +106,9 @@ def supcon_loss(
         >>> loss = supcon_loss(feats, labels=torch.randint(0, 3, (8,)), temperature=0.1)
     """
     _refuse_margin("supcon_loss", false_negative_margin)
+    same_temperatures = base_temperature is temperature
+    temperature = _fp32_at_least(temperature)  # (before every route: the gathered one forms t / base_t too)
+    base_temperature = temperature if same_temperatures else _fp32_at_least(base_temperature)
     if gather_distributed:
         from fastcl.distributed import supcon_loss_distributed
 
@@ -127,9 +130,8 @@ def supcon_loss(
         return _supcon_with_negatives(features, labels, mask, negatives, negative_labels, temperature,
                                       base_temperature, **settings)  # fmt: skip
     same_temperatures = base_temperature is temperature  # (NT-Xent: scale exactly 1, no gradient through t / t)
-    temperature = _fp32_at_least(V.check_temperature("temperature", temperature))
-    base_temperature = _fp32_at_least(V.check_temperature("base_temperature", base_temperature))
-    base_temperature = temperature if same_temperatures else base_temperature  # (one fp32 copy of a half tensor)
+    temperature = V.check_temperature("temperature", temperature)
+    base_temperature = V.check_temperature("base_temperature", base_temperature)
     features, labels, mask = _checked_supcon_inputs(features, labels, mask, contrast_mode, backend)
     bsz, n_views = features.shape[0], features.shape[1]
     if backend == "reference":
@@ -172,9 +174,8 @@ def _supcon_with_negatives(features, labels, mask, negatives, negative_labels, t
                            contrast_mode, normalize, backend):  # fmt: skip
     """:func:`supcon_loss` with ``negatives [M, D]`` (and ``negative_labels [M]``) as extra contrast columns."""
     same_temperatures = base_temperature is temperature
-    temperature = _fp32_at_least(V.check_temperature("temperature", temperature))
-    base_temperature = _fp32_at_least(V.check_temperature("base_temperature", base_temperature))
-    base_temperature = temperature if same_temperatures else base_temperature  # (one fp32 copy of a half tensor)
+    temperature = V.check_temperature("temperature", temperature)
+    base_temperature = V.check_temperature("base_temperature", base_temperature)
     if mask is not None:
         raise ValueError("negatives with a mask: the mask has no entries for the extra rows; pass labels instead")
     if negative_labels is not None and labels is None:

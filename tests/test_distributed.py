@@ -431,6 +431,27 @@ def test_single_process_is_the_plain_loss():
     assert torch.allclose(FF.nt_xent_loss(q, k, gather_distributed=True), FF.nt_xent_loss(q, k), rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gathered_supcon_takes_a_half_precision_temperature_as_fp32(dtype):
+    """A learnable temperature of a half-precision model (a bf16 / fp16 0-dim tensor) with a float base
+    temperature: the gathered form's ``t / base_t`` is formed in fp32 as the one-process loss's is, so both give the
+    same loss and temperature gradient (a half-precision quotient is off by up to 2**-9 relative)."""
+    feats = torch.nn.functional.normalize(torch.randn(6, 2, DIM), dim=-1)
+    labels = torch.randint(0, 3, (6,))
+    results = []
+    for gathered in (False, True):
+        t = torch.tensor(0.1013, dtype=dtype, requires_grad=True)
+        loss = FF.supcon_loss(feats, labels, temperature=t, base_temperature=0.07, gather_distributed=gathered)
+        loss.backward()
+        results.append((loss.detach(), t.grad.float()))
+    exact = FF.supcon_loss(feats.double(), labels, temperature=torch.tensor(0.1013, dtype=dtype).double(),
+                           base_temperature=0.07)  # fmt: skip
+    for loss, _ in results:
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss.double(), exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=0)
+
+
 def test_single_process_empty_batch_and_errors():
     feats = torch.zeros(0, 2, DIM, requires_grad=True)
     loss = FF.supcon_loss(feats, gather_distributed=True)
