@@ -84,7 +84,8 @@ class MemoryQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, labels: Optional[torch.Tensor] = None) -> None:
-        """Append ``keys`` ``[n, dim]`` (and ``labels`` ``[n]``), dropping the oldest entries beyond ``size``.
+        """Append ``keys`` ``[n, dim]`` (and integer or bool ``labels`` ``[n]`` or ``[n, 1]``, stored as int64),
+        dropping the oldest entries beyond ``size``.
 
         With ``gather_distributed`` each rank passes its own keys (``n`` may differ between ranks, 0 included) and
         every rank appends all of them in rank order. Keys are stored detached, in the queue's dtype.
@@ -121,11 +122,13 @@ class MemoryQueue(nn.Module):
             return keys.detach(), None
         if labels is None:
             raise ValueError("this queue keeps labels (MemoryQueue(..., labels=True)): pass labels [n] with the keys")
+        if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] == 1:
+            labels = labels.reshape(-1)  # [n, 1], as the losses take them
         if not isinstance(labels, torch.Tensor) or labels.shape != (keys.shape[0],):
             shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"labels must have shape [n] = [{keys.shape[0]}] (one per key), got {shape}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if labels.is_floating_point() or labels.is_complex():  # (bool labels are classes 0 / 1, as in the losses)
+            raise TypeError(f"labels must be an integer (or bool) tensor, got {labels.dtype}")
         return keys.detach(), labels.to(device=self.keys.device, dtype=torch.int64)
 
     def _gathered(self, keys, labels):

@@ -99,6 +99,14 @@ def test_dtype_follows_the_module():
     assert queue.negatives.dtype == torch.float16 and queue.labels.tolist()[-1] == 7
 
 
+def test_labels_in_the_losses_forms():
+    """``[n, 1]`` and bool labels, which the losses take, enter the queue as ``[n]`` int64 class ids."""
+    queue = MemoryQueue(6, 2)
+    queue.enqueue(torch.randn(2, 2), torch.tensor([[3], [5]], dtype=torch.int32))
+    queue.enqueue(torch.randn(2, 2), torch.tensor([True, False]))
+    assert queue.labels.dtype == torch.int64 and queue.labels.tolist() == [3, 5, 1, 0]
+
+
 @pytest.mark.parametrize(
     "call, error, match",
     [
