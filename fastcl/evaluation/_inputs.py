@@ -15,7 +15,8 @@ def _as_tensor(x: Any, name: str) -> Tensor:
         import numpy as np
 
         if isinstance(x, np.ndarray):
-            return torch.from_numpy(x)
+            # torch.from_numpy shares memory and cannot take negative strides (a reversed view, x[::-1])
+            return torch.from_numpy(x.copy() if any(s < 0 for s in x.strides) else x)
     except ImportError:  # pragma: no cover - numpy is a dependency
         pass
     raise TypeError(f"{name} must be a torch.Tensor (or numpy array), got {type(x).__name__}")
