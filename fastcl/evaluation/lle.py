@@ -9,6 +9,7 @@ Amplifies Others" (CVPR 2023): one linear head per distribution shift and a shif
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -187,8 +188,11 @@ def fit_last_layer_ensemble(
         _positive_int(num_classes, "num_classes")
         if seen > num_classes:
             raise ValueError(f"labels go up to {seen - 1} but num_classes={num_classes}")
-    if not isinstance(shift_weight, (int, float)) or isinstance(shift_weight, bool) or not shift_weight >= 0:
-        raise ValueError(f"shift_weight must be a number >= 0, got {shift_weight!r}")
+    if not isinstance(shift_weight, numbers.Real) or isinstance(shift_weight, bool) or not (
+        math.isfinite(shift_weight) and shift_weight >= 0
+    ):
+        raise ValueError(f"shift_weight must be a finite number >= 0, got {shift_weight!r}")
+    shift_weight = float(shift_weight)
     out_dtype = x.dtype if x.dtype.is_floating_point else torch.float32
     xd = x.to(dtype)
     mean, std = _standardizer(xd, standardize)

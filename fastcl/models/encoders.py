@@ -15,6 +15,7 @@ exposes the integer attribute ``out_dim``, so a projection head can be sized fro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Union
 
@@ -285,7 +286,7 @@ class MLPEncoder(nn.Module):
         """``x [B, *] -> h [B, out_dim]``."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim < 2 or x[0].numel() != self.in_dim:
+        if x.ndim < 2 or math.prod(x.shape[1:]) != self.in_dim:
             raise ValueError(f"x must have shape [B, *] with {self.in_dim} features per sample, "
                              f"got {tuple(x.shape)}")
         x = x.flatten(1)

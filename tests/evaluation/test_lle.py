@@ -195,3 +195,11 @@ def test_lle_standardisation_is_folded_into_the_module():
         fit_last_layer_ensemble(x32, y, s, 2)
     with pytest.raises(ValueError, match="shift_weight"):
         fit_last_layer_ensemble(x32, y, s, 3, shift_weight=-1.0)
+
+
+def test_lle_fit_rejects_infinite_shift_weight():
+    x, y, s = _shift_data(n_per=20, seed=3)
+    with pytest.raises(ValueError, match="shift_weight must be a finite number >= 0"):
+        fit_last_layer_ensemble(x, y, s, 3, shift_weight=float("inf"))
+    with pytest.raises(ValueError, match="shift_weight must be a finite number >= 0"):
+        fit_last_layer_ensemble(x, y, s, 3, shift_weight=float("nan"))

@@ -186,3 +186,12 @@ def test_group_balanced_probe_on_balanced_groups_equals_plain_probe():
     torch.testing.assert_close(bal.weight, plain.weight, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="train_groups must have shape"):
         group_balanced_linear_probe(x, y, y[:5], x, y)
+
+
+def test_probe_accepts_reversed_numpy_views():
+    g = torch.Generator().manual_seed(9)
+    xtr, ytr = clusters(90, 6.0 * torch.eye(3, 4), g)
+    flipped = linear_probe(xtr.numpy()[::-1], ytr.numpy()[::-1], xtr.numpy()[:, ::-1][:, ::-1], ytr.numpy())
+    ref = linear_probe(xtr.flip(0), ytr.flip(0), xtr, ytr)
+    assert torch.equal(flipped.weight, ref.weight) and torch.equal(flipped.test_pred, ref.test_pred)
+    assert flipped.test_acc == ref.test_acc == 1.0

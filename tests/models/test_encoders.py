@@ -195,3 +195,11 @@ def test_as_encoder_passthrough_and_wrap():
         as_encoder(enc, out_dim=3)
     wrapped = as_encoder(nn.Linear(4, 6), out_dim=6)
     assert isinstance(wrapped, WrappedEncoder) and wrapped.out_dim == 6
+
+
+def test_mlp_encoder_empty_batch_in_eval_mode():
+    enc = MLPEncoder(12, hidden_dims=(8, 4)).eval()
+    h = enc(torch.randn(0, 3, 4))
+    assert h.shape == (0, 4)
+    with pytest.raises(ValueError, match="12 features"):
+        enc(torch.randn(0, 13))
