@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
@@ -91,8 +92,8 @@ class ContrastiveModel(nn.Module):
                 raise ValueError(f"views[{i}] has shape {tuple(v.shape)}, expected {tuple(shape)}")
         n_views, bsz = len(views), shape[0]
         h, z = self(torch.cat(list(views), dim=0))
-        return (h.reshape(n_views, bsz, -1).transpose(0, 1),
-                z.reshape(n_views, bsz, -1).transpose(0, 1))
+        return (h.reshape(n_views, bsz, math.prod(h.shape[1:])).transpose(0, 1),
+                z.reshape(n_views, bsz, math.prod(z.shape[1:])).transpose(0, 1))
 
 
 def _pool(out: Tensor, pool: str) -> Tensor:
@@ -100,7 +101,7 @@ def _pool(out: Tensor, pool: str) -> Tensor:
     on the tapped output, must not change the recorded values)."""
     if out.ndim > 2 and pool == "avg":
         return out.mean(dim=tuple(range(2, out.ndim)))
-    return out.reshape(out.shape[0], -1).clone()
+    return out.reshape(out.shape[0], math.prod(out.shape[1:])).clone()  # explicit size: an empty batch too
 
 
 class LayerTaps:

@@ -170,3 +170,15 @@ def test_bad_layer_specs():
     twice = nn.Sequential(shared, nn.ReLU(), shared)
     with pytest.raises(RuntimeError, match="more than once"):
         collect_representations(twice, x, ["0"])
+
+
+def test_empty_batch_in_eval_mode():
+    model = small_model().eval()
+    h, z = model.forward_views([torch.randn(0, 6), torch.randn(0, 6)])
+    assert h.shape == (0, 2, 8) and z.shape == (0, 2, 4)
+    conv = ContrastiveModel(ConvNet(widths=(4, 8)), LinearHead(8, 2))
+    reps = collect_representations(conv, torch.randn(0, 3, 5, 5), ["encoder.blocks.0", "encoder", "head"])
+    assert {n: tuple(r.shape) for n, r in reps.items()} == {"encoder.blocks.0": (0, 4), "encoder": (0, 8),
+                                                             "head": (0, 2)}
+    flat = collect_representations(conv, torch.randn(0, 3, 5, 5), ["encoder.blocks.0"], pool="flatten")
+    assert flat["encoder.blocks.0"].shape == (0, 4 * 5 * 5)
