@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -58,9 +59,10 @@ def _binary(a: Any, n: int, name: str) -> Tensor:
 
 
 def _positive_int(v: Any, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+    """A positive Python or numpy integer (not bool), returned as a Python int."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
+    return int(v)
 
 
 def _accuracy(pred: Tensor, y: Tensor) -> float:

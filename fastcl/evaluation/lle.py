@@ -172,7 +172,7 @@ def fit_last_layer_ensemble(
         with parameters in ``feats.dtype`` (float32 for integer features).
     """
     _check_probe_args(weight_decay, max_iter, tol, dtype)
-    _positive_int(num_shifts, "num_shifts")
+    num_shifts = _positive_int(num_shifts, "num_shifts")
     x = _features(feats, "feats")
     n, d = x.shape
     if n == 0:
@@ -185,7 +185,7 @@ def fit_last_layer_ensemble(
     if num_classes is None:
         num_classes = seen
     else:
-        _positive_int(num_classes, "num_classes")
+        num_classes = _positive_int(num_classes, "num_classes")
         if seen > num_classes:
             raise ValueError(f"labels go up to {seen - 1} but num_classes={num_classes}")
     if not isinstance(shift_weight, numbers.Real) or isinstance(shift_weight, bool) or not (

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -203,3 +204,12 @@ def test_lle_fit_rejects_infinite_shift_weight():
         fit_last_layer_ensemble(x, y, s, 3, shift_weight=float("inf"))
     with pytest.raises(ValueError, match="shift_weight must be a finite number >= 0"):
         fit_last_layer_ensemble(x, y, s, 3, shift_weight=float("nan"))
+
+
+def test_lle_fit_accepts_numpy_scalar_arguments():
+    x, y, s = _shift_data(n_per=30, seed=4)
+    ens = fit_last_layer_ensemble(x, y, s, np.int64(3), num_classes=np.int64(3), shift_weight=np.float32(0.5),
+                                  max_iter=np.int64(100))
+    ref = fit_last_layer_ensemble(x, y, s, 3, num_classes=3, shift_weight=0.5, max_iter=100)
+    assert (ens.num_shifts, ens.num_classes) == (3, 3) and isinstance(ens.num_shifts, int)
+    assert torch.equal(ens.weight, ref.weight) and torch.equal(ens.shift_predictor.weight, ref.shift_predictor.weight)

@@ -1,4 +1,5 @@
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,3 +196,18 @@ def test_probe_accepts_reversed_numpy_views():
     ref = linear_probe(xtr.flip(0), ytr.flip(0), xtr, ytr)
     assert torch.equal(flipped.weight, ref.weight) and torch.equal(flipped.test_pred, ref.test_pred)
     assert flipped.test_acc == ref.test_acc == 1.0
+
+
+def test_probe_accepts_numpy_scalar_arguments():
+    g = torch.Generator().manual_seed(10)
+    x, y = clusters(90, 6.0 * torch.eye(3, 4), g)
+    groups = group_ids(y, torch.arange(90) % 2)
+    ref = linear_probe(x, y, x, y, num_classes=4, weight_decay=1e-3, max_iter=50, tol=1e-6)
+    res = linear_probe(x, y, x, y, num_classes=np.int64(4), weight_decay=np.float64(1e-3), max_iter=np.int64(50),
+                       tol=np.float64(1e-6))
+    assert torch.equal(res.weight, ref.weight) and res.weight.shape == (4, 4) and res.test_acc == ref.test_acc == 1.0
+    assert linear_probe(x, y, x, y, weight_decay=np.float32(1e-3)).test_acc == 1.0
+    bal = group_balanced_linear_probe(x, y, groups, x, y, num_repeats=np.int64(2), seed=np.int64(3))
+    assert torch.equal(bal.weight, group_balanced_linear_probe(x, y, groups, x, y, num_repeats=2, seed=3).weight)
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        linear_probe(x, y, x, y, num_classes=np.float64(4.0))
