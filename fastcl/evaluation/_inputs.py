@@ -27,8 +27,8 @@ def _features(x: Any, name: str) -> Tensor:
     x = _as_tensor(x, name)
     if x.ndim != 2:
         raise ValueError(f"{name} must have shape [N, D], got {tuple(x.shape)}")
-    if not (x.dtype.is_floating_point or x.dtype in (torch.int32, torch.int64, torch.uint8)):
-        raise TypeError(f"{name} must be a real-valued tensor, got {x.dtype}")
+    if x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be a floating-point or integer tensor, got {x.dtype}")
     if x.dtype.is_floating_point and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return x

@@ -211,3 +211,23 @@ def test_probe_accepts_numpy_scalar_arguments():
     assert torch.equal(bal.weight, group_balanced_linear_probe(x, y, groups, x, y, num_repeats=2, seed=3).weight)
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
         linear_probe(x, y, x, y, num_classes=np.float64(4.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int32])
+def test_probe_accepts_integer_features(dtype):
+    g = torch.Generator().manual_seed(11)
+    x, y = clusters(60, 6.0 * torch.eye(2, 3), g)
+    scaled = (x.clamp(-10, 10) * 10).round()  # in [-100, 100]
+    xi = (scaled + 100 if dtype == torch.uint8 else scaled).to(dtype)
+    res = linear_probe(xi, y, xi, y)
+    ref = linear_probe(xi.double(), y, xi.double(), y)
+    assert torch.equal(res.weight, ref.weight) and res.test_acc == ref.test_acc == 1.0
+    assert torch.equal(res.predict(xi), ref.test_pred)
+
+
+def test_probe_rejects_bool_and_complex_features_by_name():
+    x, y = torch.randn(6, 2), torch.tensor([0, 1] * 3)
+    with pytest.raises(TypeError, match=r"test_feats must be a floating-point or integer tensor, got torch\.bool"):
+        linear_probe(x, y, x > 0, y)
+    with pytest.raises(TypeError, match=r"train_feats must be a floating-point or integer tensor, got torch\.complex64"):
+        linear_probe(x.to(torch.complex64), y, x, y)
