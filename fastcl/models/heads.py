@@ -110,10 +110,11 @@ class FixedReweightingHead(nn.Module):
         self.register_buffer("scales", self._exact_scales(torch.get_default_dtype()))
 
     def _exact_scales(self, dtype: torch.dtype) -> Tensor:
-        """``kappa**-i`` computed in float64 on the CPU and rounded once to ``dtype``."""
+        """``kappa**-i`` computed in float64 on the CPU and rounded once to ``dtype``; checked for overflow except
+        while compiling (the check reads values: a graph break)."""
         exact = torch.pow(torch.tensor(self.kappa, dtype=torch.float64), -torch.arange(self.dim, dtype=torch.float64))
         scales = exact.to(dtype)
-        if not torch.isfinite(scales).all():
+        if not torch.compiler.is_compiling() and not torch.isfinite(scales).all():
             raise ValueError(f"FixedReweightingHead(dim={self.dim}, kappa={self.kappa}): the last scale "
                              f"kappa**-(dim-1) = {float(exact[-1]):.3g} overflows {dtype}; use a kappa closer to 1 "
                              "or a smaller dim")

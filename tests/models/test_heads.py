@@ -162,3 +162,14 @@ def test_fixed_reweighting_head_rejects_overflowing_scales():
         head.half()
     # large kappa underflows the last scales to 0 (documented), it does not raise
     assert FixedReweightingHead(64, kappa=1e10).scales[-1] == 0
+
+
+def test_fixed_reweighting_head_compiles_fullgraph_for_every_input_dtype():
+    head = FixedReweightingHead(5, kappa=3.0)
+    compiled = torch.compile(head, fullgraph=True)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        h = torch.randn(3, 5, generator=torch.Generator().manual_seed(1)).to(dtype)
+        assert compiled(h).dtype == dtype
+        torch.testing.assert_close(compiled(h), head(h))  # bf16: Inductor multiplies in float32, then rounds
+    h64 = torch.randn(2, 5, dtype=torch.float64)
+    torch.testing.assert_close(compiled(h64), h64 * float64_scales(5, 3.0), rtol=1e-15, atol=0)
