@@ -130,7 +130,8 @@ def last_layer_ensemble_loss(
     for name, t, bound in (("targets", targets, c), ("shifts", shifts, k)):
         if b > 0 and (t.min() < 0 or t.max() >= bound):
             raise ValueError(f"{name} must lie in [0, {bound}), got values in [{int(t.min())}, {int(t.max())}]")
-    own = logits[torch.arange(b, device=logits.device), shifts.to(logits.device)]  # [B, C]
+    targets, shifts = targets.to(logits.device), shifts.to(logits.device)
+    own = logits[torch.arange(b, device=logits.device), shifts]  # [B, C]
     return F.cross_entropy(own, targets) + shift_weight * F.cross_entropy(shift_logits, shifts)
 
 

@@ -213,3 +213,15 @@ def test_lle_fit_accepts_numpy_scalar_arguments():
     ref = fit_last_layer_ensemble(x, y, s, 3, num_classes=3, shift_weight=0.5, max_iter=100)
     assert (ens.num_shifts, ens.num_classes) == (3, 3) and isinstance(ens.num_shifts, int)
     assert torch.equal(ens.weight, ref.weight) and torch.equal(ens.shift_predictor.weight, ref.shift_predictor.weight)
+
+
+def test_lle_loss_takes_labels_on_another_device():
+    # labels on the CPU, logits on another device (the meta device stands in for an accelerator)
+    logits, shift_logits = make_lle().train()(X)
+    targets, shifts = torch.tensor([1, 0]), torch.tensor([1, 0])
+    loss = last_layer_ensemble_loss(logits.to("meta"), shift_logits.to("meta"), targets, shifts)
+    assert loss.device.type == "meta" and loss.shape == ()
+    ce_cls = ((math.log(math.e ** 3 + 1) - 0.0) + (math.log(math.e ** 3 + math.e ** -1) - 3.0)) / 2
+    ce_shift = ((math.log(math.e + math.e ** 2) - 2.0) + (math.log(math.e ** 3 + math.e ** -1) - 3.0)) / 2
+    cpu = last_layer_ensemble_loss(logits, shift_logits, targets, shifts)
+    assert cpu.item() == pytest.approx(ce_cls + ce_shift, rel=1e-6)
