@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fastcl._validation import check_positive_int as _check_positive_int
+from fastcl.models.encoders import _check_batchnorm_batch
 
 __all__ = ["FixedReweightingHead", "IdentityHead", "LinearHead", "MLPHead"]
 
@@ -49,6 +50,7 @@ class MLPHead(nn.Module):
     ``hidden_dim``, then a final ``Linear(hidden_dim, out_dim)`` with bias. ``num_layers=1`` is a
     single linear layer (``hidden_dim`` unused). Shapes: ``h [B, in_dim] -> z [B, out_dim]``
     (``[..., in_dim]`` is also accepted when there is no BatchNorm).
+    With BatchNorm, a batch of one sample in train mode raises ``ValueError`` (no batch statistics).
     """
 
     def __init__(
@@ -75,6 +77,8 @@ class MLPHead(nn.Module):
         _check_features(h, self.in_dim, "h")
         if self.batchnorm and self.num_layers > 1 and h.ndim != 2:
             raise ValueError(f"h must have shape [B, {self.in_dim}] (BatchNorm1d), got {tuple(h.shape)}")
+        if h.ndim == 2:
+            _check_batchnorm_batch(self, h.shape[0], "MLPHead")
         return self.net(h)
 
 

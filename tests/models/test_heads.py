@@ -173,3 +173,15 @@ def test_fixed_reweighting_head_compiles_fullgraph_for_every_input_dtype():
         torch.testing.assert_close(compiled(h), head(h))  # bf16: Inductor multiplies in float32, then rounds
     h64 = torch.randn(2, 5, dtype=torch.float64)
     torch.testing.assert_close(compiled(h64), h64 * float64_scales(5, 3.0), rtol=1e-15, atol=0)
+
+
+def test_mlp_head_single_sample_needs_eval_mode():
+    head = MLPHead(4, 8, 2)
+    with pytest.raises(ValueError, match="MLPHead needs at least 2 samples per batch in train mode"):
+        head(torch.randn(1, 4))
+    h = torch.randn(5, 4)
+    head(h)
+    head.eval()
+    torch.testing.assert_close(head(h[:1]), head(h)[:1])
+    assert MLPHead(4, 8, 2, batchnorm=False)(h[:1]).shape == (1, 2)
+    assert MLPHead(4, 8, 2, num_layers=1)(h[:1]).shape == (1, 2)
