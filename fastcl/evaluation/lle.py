@@ -58,10 +58,13 @@ class LastLayerEnsemble(nn.Module):
         self.shift_predictor.reset_parameters()
 
     def forward_all(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``x [B, in_features] -> (logits [B, K, C], shift_logits [B, K])``."""
+        """``x [B, in_features] -> (logits [B, K, C], shift_logits [B, K])``; integer ``x`` is cast to the
+        parameters' dtype."""
         _check_features(x, self.in_features)
         if x.ndim != 2:
             raise ValueError(f"x must have shape [B, {self.in_features}], got {tuple(x.shape)}")
+        if not (x.is_floating_point() or x.is_complex()):
+            x = x.to(self.weight.dtype)  # integer features (e.g. those fit_last_layer_ensemble was fitted on)
         logits = torch.einsum("bd,kcd->bkc", x, self.weight)
         if self.bias is not None:
             logits = logits + self.bias

@@ -225,3 +225,16 @@ def test_lle_loss_takes_labels_on_another_device():
     ce_shift = ((math.log(math.e + math.e ** 2) - 2.0) + (math.log(math.e ** 3 + math.e ** -1) - 3.0)) / 2
     cpu = last_layer_ensemble_loss(logits, shift_logits, targets, shifts)
     assert cpu.item() == pytest.approx(ce_cls + ce_shift, rel=1e-6)
+
+
+def test_lle_fitted_on_integer_features_takes_them_raw():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 10, (60, 3), generator=g)
+    y, s = (x[:, 0] > 4).long(), torch.arange(60) % 2
+    ens = fit_last_layer_ensemble(x, y, s, 2)
+    assert ens.weight.dtype == torch.float32
+    out = ens(x)
+    assert out.dtype == torch.float32 and torch.equal(out, ens(x.float()))
+    assert (out.argmax(1) == y).double().mean() == 1.0
+    logits, shift_logits = ens.forward_all(x.to(torch.uint8))
+    assert torch.equal(logits, ens.forward_all(x.float())[0])
