@@ -195,7 +195,7 @@ def collect_representations(
         pool: how to reduce feature maps ``[B, C, ...]`` to ``[B, D]``: ``"avg"`` or ``"flatten"``.
         batch_size: chunk size when ``data`` is a tensor.
         device: where to run; default: the device of the model's first parameter (else CPU).
-        return_targets: also return the concatenated second element of each batch.
+        return_targets: also return the concatenated second element of each batch (a 0-d target counts as [1]).
 
     Returns:
         ``{name: Tensor [N, D_name]}`` on CPU, or ``(that dict, targets [N])`` when
@@ -233,7 +233,7 @@ def collect_representations(
                 if return_targets:
                     if not isinstance(y, Tensor):
                         raise TypeError(f"return_targets=True but batch {i} has no target tensor")
-                    targets.append(y.detach().cpu())
+                    targets.append(torch.atleast_1d(y.detach().cpu()))  # a 0-d target of a one-sample batch
                 taps.clear()
                 model(x.to(device))
                 for n in taps.layers:
