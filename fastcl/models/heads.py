@@ -124,7 +124,7 @@ class FixedReweightingHead(nn.Module):
                              "or a smaller dim")
         return scales
 
-    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202 - nn.Module's signature
+    def _apply(self, fn, *args, **kwargs):
         # A dtype conversion (``.to(dtype)``, ``.half()``, ...) rounds the scales from float64 again instead of
         # converting the old rounded values, so a round trip through a low precision leaves them exact.
         super()._apply(fn, *args, **kwargs)

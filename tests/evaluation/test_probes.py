@@ -229,5 +229,5 @@ def test_probe_rejects_bool_and_complex_features_by_name():
     x, y = torch.randn(6, 2), torch.tensor([0, 1] * 3)
     with pytest.raises(TypeError, match=r"test_feats must be a floating-point or integer tensor, got torch\.bool"):
         linear_probe(x, y, x > 0, y)
-    with pytest.raises(TypeError, match=r"train_feats must be a floating-point or integer tensor, got torch\.complex64"):
+    with pytest.raises(TypeError, match=r"train_feats must be a floating-point or integer tensor, got torch\.complex"):
         linear_probe(x.to(torch.complex64), y, x, y)
