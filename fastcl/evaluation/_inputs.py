@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -15,7 +16,8 @@ def _as_tensor(x: Any, name: str) -> Tensor:
         import numpy as np
 
         if isinstance(x, np.ndarray):
-            return torch.from_numpy(x)
+            # torch.from_numpy shares memory and cannot take negative strides (a reversed view, x[::-1])
+            return torch.from_numpy(x.copy() if any(s < 0 for s in x.strides) else x)
     except ImportError:  # pragma: no cover - numpy is a dependency
         pass
     raise TypeError(f"{name} must be a torch.Tensor (or numpy array), got {type(x).__name__}")
@@ -25,8 +27,8 @@ def _features(x: Any, name: str) -> Tensor:
     x = _as_tensor(x, name)
     if x.ndim != 2:
         raise ValueError(f"{name} must have shape [N, D], got {tuple(x.shape)}")
-    if not (x.dtype.is_floating_point or x.dtype in (torch.int32, torch.int64, torch.uint8)):
-        raise TypeError(f"{name} must be a real-valued tensor, got {x.dtype}")
+    if x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be a floating-point or integer tensor, got {x.dtype}")
     if x.dtype.is_floating_point and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return x
@@ -57,9 +59,10 @@ def _binary(a: Any, n: int, name: str) -> Tensor:
 
 
 def _positive_int(v: Any, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+    """A positive Python or numpy integer (not bool), returned as a Python int."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
+    return int(v)
 
 
 def _accuracy(pred: Tensor, y: Tensor) -> float:

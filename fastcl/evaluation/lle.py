@@ -9,6 +9,7 @@ Amplifies Others" (CVPR 2023): one linear head per distribution shift and a shif
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -57,10 +58,13 @@ class LastLayerEnsemble(nn.Module):
         self.shift_predictor.reset_parameters()
 
     def forward_all(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``x [B, in_features] -> (logits [B, K, C], shift_logits [B, K])``."""
+        """``x [B, in_features] -> (logits [B, K, C], shift_logits [B, K])``; integer ``x`` is cast to the
+        parameters' dtype."""
         _check_features(x, self.in_features)
         if x.ndim != 2:
             raise ValueError(f"x must have shape [B, {self.in_features}], got {tuple(x.shape)}")
+        if not (x.is_floating_point() or x.is_complex()):
+            x = x.to(self.weight.dtype)  # integer features (e.g. those fit_last_layer_ensemble was fitted on)
         logits = torch.einsum("bd,kcd->bkc", x, self.weight)
         if self.bias is not None:
             logits = logits + self.bias
@@ -129,7 +133,8 @@ def last_layer_ensemble_loss(
     for name, t, bound in (("targets", targets, c), ("shifts", shifts, k)):
         if b > 0 and (t.min() < 0 or t.max() >= bound):
             raise ValueError(f"{name} must lie in [0, {bound}), got values in [{int(t.min())}, {int(t.max())}]")
-    own = logits[torch.arange(b, device=logits.device), shifts.to(logits.device)]  # [B, C]
+    targets, shifts = targets.to(logits.device), shifts.to(logits.device)
+    own = logits[torch.arange(b, device=logits.device), shifts]  # [B, C]
     return F.cross_entropy(own, targets) + shift_weight * F.cross_entropy(shift_logits, shifts)
 
 
@@ -171,7 +176,7 @@ def fit_last_layer_ensemble(
         with parameters in ``feats.dtype`` (float32 for integer features).
     """
     _check_probe_args(weight_decay, max_iter, tol, dtype)
-    _positive_int(num_shifts, "num_shifts")
+    num_shifts = _positive_int(num_shifts, "num_shifts")
     x = _features(feats, "feats")
     n, d = x.shape
     if n == 0:
@@ -184,11 +189,14 @@ def fit_last_layer_ensemble(
     if num_classes is None:
         num_classes = seen
     else:
-        _positive_int(num_classes, "num_classes")
+        num_classes = _positive_int(num_classes, "num_classes")
         if seen > num_classes:
             raise ValueError(f"labels go up to {seen - 1} but num_classes={num_classes}")
-    if not isinstance(shift_weight, (int, float)) or isinstance(shift_weight, bool) or not shift_weight >= 0:
-        raise ValueError(f"shift_weight must be a number >= 0, got {shift_weight!r}")
+    if not isinstance(shift_weight, numbers.Real) or isinstance(shift_weight, bool) or not (
+        math.isfinite(shift_weight) and shift_weight >= 0
+    ):
+        raise ValueError(f"shift_weight must be a finite number >= 0, got {shift_weight!r}")
+    shift_weight = float(shift_weight)
     out_dtype = x.dtype if x.dtype.is_floating_point else torch.float32
     xd = x.to(dtype)
     mean, std = _standardizer(xd, standardize)

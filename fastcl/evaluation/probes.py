@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -92,12 +93,12 @@ def _fit_logistic(
 
 
 def _check_probe_args(weight_decay: float, max_iter: int, tol: float, dtype: torch.dtype) -> None:
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not (
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or not (
         math.isfinite(weight_decay) and weight_decay >= 0
     ):
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     _positive_int(max_iter, "max_iter")
-    if not isinstance(tol, (int, float)) or not tol > 0:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
@@ -118,7 +119,7 @@ def _prepare(train_feats: Any, train_y: Any, test_feats: Any, test_y: Any,
     if num_classes is None:
         num_classes = seen
     else:
-        _positive_int(num_classes, "num_classes")
+        num_classes = _positive_int(num_classes, "num_classes")
         if seen > num_classes:
             raise ValueError(f"labels go up to {seen - 1} but num_classes={num_classes}")
     return xtr, ytr, xte, yte, num_classes
@@ -208,9 +209,10 @@ def group_balanced_linear_probe(
         whole (unbalanced) training set.
     """
     _check_probe_args(weight_decay, max_iter, tol, dtype)
-    _positive_int(num_repeats, "num_repeats")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    num_repeats = _positive_int(num_repeats, "num_repeats")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = int(seed)
     xtr, ytr, xte, yte, num_classes = _prepare(train_feats, train_y, test_feats, test_y, num_classes)
     groups = _labels(train_groups, xtr.shape[0], "train_groups").to(xtr.device)
     _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)

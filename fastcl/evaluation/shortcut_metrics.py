@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import torch
@@ -87,7 +88,8 @@ def multi_shortcut_metrics(
     that depends on it (``id_acc`` unless its prior is 0, its gap, ``worst_group_acc``) is NaN.
 
     Args:
-        pred: ``[N]`` predicted labels or ``[N, C]`` logits (argmax is taken).
+        pred: ``[N]`` predicted labels or ``[N, C]`` logits with ``C >= 2`` (argmax is taken; NaN logits raise
+            ``ValueError``).
         y: ``[N]`` true labels.
         bg_aligned: ``[N]`` bool or 0/1: background cue agrees with the class.
         coobj_aligned: ``[N]`` bool or 0/1: co-occurring-object cue agrees with the class.
@@ -99,9 +101,7 @@ def multi_shortcut_metrics(
     Returns:
         Dict of Python floats with the keys above.
     """
-    pred = _as_tensor(pred, "pred")
-    if pred.ndim == 2:
-        pred = pred.argmax(dim=1)
+    pred = _predicted_labels(pred, "pred")
     if pred.ndim != 1:
         raise ValueError(f"pred must have shape [N] (labels) or [N, C] (logits), got {tuple(pred.shape)}")
     n = pred.shape[0]
@@ -111,10 +111,11 @@ def multi_shortcut_metrics(
     y = _labels(y, n, "y").to(pred.device)
     bg_al = _binary(bg_aligned, n, "bg_aligned").to(pred.device)
     co_al = _binary(coobj_aligned, n, "coobj_aligned").to(pred.device)
-    if isinstance(train_ratio, bool) or not isinstance(train_ratio, (int, float)) or not (
+    if isinstance(train_ratio, bool) or not isinstance(train_ratio, numbers.Real) or not (
         0.0 <= train_ratio <= 1.0
     ):
         raise ValueError(f"train_ratio must be a number in [0, 1], got {train_ratio!r}")
+    train_ratio = float(train_ratio)
     cells = group_ids(y, _cue_classes(bg, bg_al, y, "bg"), _cue_classes(coobj, co_al, y, "coobj"))
 
     correct = (pred == y).double()
@@ -145,6 +146,20 @@ def multi_shortcut_metrics(
     return out
 
 
+def _predicted_labels(p: Tensor, name: str) -> Tensor:
+    """``[N]`` labels as they are, or the argmax of ``[N, C]`` logits (``C >= 2``, no NaN: a NaN logit would be
+    taken as the largest and counted as a prediction)."""
+    p = _as_tensor(p, name)
+    if p.ndim == 2:
+        if p.shape[1] < 2:
+            raise ValueError(f"{name} has shape {list(p.shape)}: pass [N] labels or [N, C] logits with C >= 2 "
+                             "(the argmax of a single column is always 0)")
+        if (p.is_floating_point() or p.is_complex()) and torch.isnan(p).any():
+            raise ValueError(f"{name} contains NaN logits")
+        p = p.argmax(dim=1)
+    return p
+
+
 def _cue_classes(cue: Tensor | None, aligned: Tensor, y: Tensor, name: str) -> Tensor:
     """The cue's class per sample, or, without it, the aligned flag (enough to tell the cells apart for two
     classes); checked against the flag."""
@@ -173,7 +188,8 @@ def watermark_metrics(pred_clean: Tensor, pred_marked: Tensor, y: Tensor, waterm
       the clean ones (ImageNet-W's "carton gap"): positive when the watermark pulls predictions to its class.
 
     Args:
-        pred_clean, pred_marked: ``[N]`` predicted labels or ``[N, C]`` logits (argmax is taken).
+        pred_clean, pred_marked: ``[N]`` predicted labels or ``[N, C]`` logits with ``C >= 2`` (argmax is taken;
+            NaN logits raise ``ValueError``).
         y: ``[N]`` true labels.
         watermark_class: the class the watermark co-occurs with in training.
 
@@ -182,9 +198,7 @@ def watermark_metrics(pred_clean: Tensor, pred_marked: Tensor, y: Tensor, waterm
     """
     preds = []
     for name, p in (("pred_clean", pred_clean), ("pred_marked", pred_marked)):
-        p = _as_tensor(p, name)
-        if p.ndim == 2:
-            p = p.argmax(dim=1)
+        p = _predicted_labels(p, name)
         if p.ndim != 1 or p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
             raise ValueError(f"{name} must be [N] integer labels or [N, C] logits, got {p.dtype} {tuple(p.shape)}")
         preds.append(p)
@@ -195,8 +209,9 @@ def watermark_metrics(pred_clean: Tensor, pred_marked: Tensor, y: Tensor, waterm
     if n == 0:
         raise ValueError("watermark_metrics needs at least one sample")
     y = _labels(y, n, "y").to(preds[0].device)
-    if isinstance(watermark_class, bool) or not isinstance(watermark_class, int) or watermark_class < 0:
+    if isinstance(watermark_class, bool) or not isinstance(watermark_class, numbers.Integral) or watermark_class < 0:
         raise ValueError(f"watermark_class must be a non-negative int, got {watermark_class!r}")
+    watermark_class = int(watermark_class)
     clean, marked = preds[0], preds[1].to(preds[0].device)
     out = {"wm_clean_acc": _accuracy(clean, y), "wm_acc": _accuracy(marked, y)}
     out["wm_gap"] = out["wm_acc"] - out["wm_clean_acc"]

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
@@ -91,8 +92,8 @@ class ContrastiveModel(nn.Module):
                 raise ValueError(f"views[{i}] has shape {tuple(v.shape)}, expected {tuple(shape)}")
         n_views, bsz = len(views), shape[0]
         h, z = self(torch.cat(list(views), dim=0))
-        return (h.reshape(n_views, bsz, -1).transpose(0, 1),
-                z.reshape(n_views, bsz, -1).transpose(0, 1))
+        return (h.reshape(n_views, bsz, math.prod(h.shape[1:])).transpose(0, 1),
+                z.reshape(n_views, bsz, math.prod(z.shape[1:])).transpose(0, 1))
 
 
 def _pool(out: Tensor, pool: str) -> Tensor:
@@ -100,7 +101,7 @@ def _pool(out: Tensor, pool: str) -> Tensor:
     on the tapped output, must not change the recorded values)."""
     if out.ndim > 2 and pool == "avg":
         return out.mean(dim=tuple(range(2, out.ndim)))
-    return out.reshape(out.shape[0], -1).clone()
+    return out.reshape(out.shape[0], math.prod(out.shape[1:])).clone()  # explicit size: an empty batch too
 
 
 class LayerTaps:
@@ -194,7 +195,7 @@ def collect_representations(
         pool: how to reduce feature maps ``[B, C, ...]`` to ``[B, D]``: ``"avg"`` or ``"flatten"``.
         batch_size: chunk size when ``data`` is a tensor.
         device: where to run; default: the device of the model's first parameter (else CPU).
-        return_targets: also return the concatenated second element of each batch.
+        return_targets: also return the concatenated second element of each batch (a 0-d target counts as [1]).
 
     Returns:
         ``{name: Tensor [N, D_name]}`` on CPU, or ``(that dict, targets [N])`` when
@@ -232,7 +233,7 @@ def collect_representations(
                 if return_targets:
                     if not isinstance(y, Tensor):
                         raise TypeError(f"return_targets=True but batch {i} has no target tensor")
-                    targets.append(y.detach().cpu())
+                    targets.append(torch.atleast_1d(y.detach().cpu()))  # a 0-d target of a one-sample batch
                 taps.clear()
                 model(x.to(device))
                 for n in taps.layers:

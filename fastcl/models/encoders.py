@@ -15,6 +15,7 @@ exposes the integer attribute ``out_dim``, so a projection head can be sized fro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Union
 
@@ -42,6 +43,14 @@ def _check_image_batch(x: Tensor, in_channels: int) -> None:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 4 or x.shape[1] != in_channels:
         raise ValueError(f"x must have shape [B, {in_channels}, H, W], got {tuple(x.shape)}")
+
+
+def _check_batchnorm_batch(module: nn.Module, batch: int, name: str) -> None:
+    """A batch of one sample cannot give BatchNorm1d batch statistics: say so before BatchNorm does."""
+    if batch == 1 and any(isinstance(m, nn.BatchNorm1d) and m.training for m in module.modules()):
+        raise ValueError(f"{name} needs at least 2 samples per batch in train mode (its BatchNorm1d layers use "
+                         "batch statistics), got 1; call .eval() to embed single samples, or build it with "
+                         "batchnorm=False")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,6 +130,9 @@ class ResNet(nn.Module):
         zero_init_residual: zero the last BN scale of every block, so each block starts as identity.
 
     Shapes: ``x [B, in_channels, H, W] -> h [B, out_dim]`` with ``out_dim = 512 * block.expansion``.
+    The stages downsample by 8 in all: in train mode a batch of one sample needs ``H > 8`` or ``W > 8``, so that
+    ``layer4``'s map has more than one position and BatchNorm more than one value per channel (PyTorch raises
+    ``ValueError`` otherwise); eval mode takes any size.
     Submodules ``conv1``, ``bn1``, ``layer1`` ... ``layer4``, ``avgpool`` can be tapped by name with
     :func:`fastcl.models.collect_representations` (names listed in :attr:`layer_names`).
     """
@@ -212,7 +224,9 @@ class ConvNet(nn.Module):
 
     Shapes: ``x [B, in_channels, H, W] -> h [B, widths[-1]]``. Stages are ``blocks.0``,
     ``blocks.1``, ... (names listed in :attr:`layer_names`); the tapped outputs are pre-pooling.
-    Pooling is skipped once the spatial size is below 2, so tiny inputs work.
+    Pooling is skipped once the spatial size is below 2, so tiny inputs work. In train mode BatchNorm needs more
+    than one value per channel (PyTorch raises ``ValueError`` otherwise): a batch of one ``1x1`` image works in eval
+    mode only.
     """
 
     def __init__(
@@ -258,6 +272,8 @@ class MLPEncoder(nn.Module):
 
     Shapes: ``x [B, *] (prod(*) == in_dim) -> h [B, hidden_dims[-1]]``. Layers are ``layers.0``,
     ``layers.1``, ... (names listed in :attr:`layer_names`).
+    With BatchNorm, a batch of one sample in train mode raises ``ValueError`` (no batch statistics); eval mode
+    takes any batch.
     """
 
     def __init__(self, in_dim: int, hidden_dims: Sequence[int] = (512, 512), batchnorm: bool = True) -> None:
@@ -285,9 +301,10 @@ class MLPEncoder(nn.Module):
         """``x [B, *] -> h [B, out_dim]``."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim < 2 or x[0].numel() != self.in_dim:
+        if x.ndim < 2 or math.prod(x.shape[1:]) != self.in_dim:
             raise ValueError(f"x must have shape [B, *] with {self.in_dim} features per sample, "
                              f"got {tuple(x.shape)}")
+        _check_batchnorm_batch(self, x.shape[0], "MLPEncoder")
         x = x.flatten(1)
         for layer in self.layers:
             x = layer(x)

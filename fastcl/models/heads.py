@@ -11,11 +11,13 @@ contrastive loss sees; after training the head is discarded and ``h`` is used do
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor, nn
 
 from fastcl._validation import check_positive_int as _check_positive_int
+from fastcl.models.encoders import _check_batchnorm_batch
 
 __all__ = ["FixedReweightingHead", "IdentityHead", "LinearHead", "MLPHead"]
 
@@ -48,6 +50,7 @@ class MLPHead(nn.Module):
     ``hidden_dim``, then a final ``Linear(hidden_dim, out_dim)`` with bias. ``num_layers=1`` is a
     single linear layer (``hidden_dim`` unused). Shapes: ``h [B, in_dim] -> z [B, out_dim]``
     (``[..., in_dim]`` is also accepted when there is no BatchNorm).
+    With BatchNorm, a batch of one sample in train mode raises ``ValueError`` (no batch statistics).
     """
 
     def __init__(
@@ -74,6 +77,8 @@ class MLPHead(nn.Module):
         _check_features(h, self.in_dim, "h")
         if self.batchnorm and self.num_layers > 1 and h.ndim != 2:
             raise ValueError(f"h must have shape [B, {self.in_dim}] (BatchNorm1d), got {tuple(h.shape)}")
+        if h.ndim == 2:
+            _check_batchnorm_batch(self, h.shape[0], "MLPHead")
         return self.net(h)
 
 
@@ -85,7 +90,13 @@ class FixedReweightingHead(nn.Module):
     makes later coordinates progressively less weighted in the loss, mimicking what a trained
     projection head does, so the pre-head ``h`` keeps features more evenly weighted.
     ``kappa == 1`` is the identity. (A 1-based convention only rescales ``z`` by ``1/kappa``, which a
-    normalised contrastive loss ignores.) Very large ``kappa**dim`` underflows the last scales to 0.
+    normalised contrastive loss ignores.) Very large ``kappa**dim`` underflows the last scales to 0; with
+    ``kappa < 1`` a scale that overflows the dtype (``kappa**-(dim-1)`` above its largest finite value) raises
+    ``ValueError``.
+
+    The scales are computed in float64 and rounded once to the buffer's dtype (again on every ``.to(dtype)``); a
+    floating input of another dtype is multiplied by the scales rounded to its own dtype, so ``z`` keeps the dtype
+    and the precision of ``h``. An integer ``h`` gives ``z`` in the buffer's dtype.
 
     Shapes: ``h [..., dim] -> z [..., dim]``.
     """
@@ -95,18 +106,38 @@ class FixedReweightingHead(nn.Module):
     def __init__(self, dim: int, kappa: float) -> None:
         super().__init__()
         self.in_dim = self.out_dim = self.dim = _check_positive_int(dim, "dim")
-        if isinstance(kappa, bool) or not isinstance(kappa, (int, float)):
+        if isinstance(kappa, bool) or not isinstance(kappa, numbers.Real):
             raise TypeError(f"kappa must be a real number, got {type(kappa).__name__}")
         if not math.isfinite(kappa) or kappa <= 0:
             raise ValueError(f"kappa must be positive and finite, got {kappa}")
         self.kappa = float(kappa)
-        exponents = -torch.arange(dim, dtype=torch.float64)
-        self.register_buffer("scales", torch.pow(torch.tensor(self.kappa, dtype=torch.float64), exponents)
-                             .to(torch.get_default_dtype()))
+        self.register_buffer("scales", self._exact_scales(torch.get_default_dtype()))
+
+    def _exact_scales(self, dtype: torch.dtype) -> Tensor:
+        """``kappa**-i`` computed in float64 on the CPU and rounded once to ``dtype``; checked for overflow except
+        while compiling (the check reads values: a graph break)."""
+        exact = torch.pow(torch.tensor(self.kappa, dtype=torch.float64), -torch.arange(self.dim, dtype=torch.float64))
+        scales = exact.to(dtype)
+        if not torch.compiler.is_compiling() and not torch.isfinite(scales).all():
+            raise ValueError(f"FixedReweightingHead(dim={self.dim}, kappa={self.kappa}): the last scale "
+                             f"kappa**-(dim-1) = {float(exact[-1]):.3g} overflows {dtype}; use a kappa closer to 1 "
+                             "or a smaller dim")
+        return scales
+
+    def _apply(self, fn, *args, **kwargs):
+        # A dtype conversion (``.to(dtype)``, ``.half()``, ...) rounds the scales from float64 again instead of
+        # converting the old rounded values, so a round trip through a low precision leaves them exact.
+        super()._apply(fn, *args, **kwargs)
+        if self.scales.is_floating_point():
+            self.scales = self._exact_scales(self.scales.dtype).to(self.scales.device)
+        return self
 
     def forward(self, h: Tensor) -> Tensor:
         _check_features(h, self.dim, "h")
-        return h * self.scales.to(h.dtype)
+        if not (h.is_floating_point() or h.is_complex()):
+            return h * self.scales  # integer h: promoted to the scales' dtype
+        scales = self.scales if self.scales.dtype == h.dtype else self._exact_scales(h.dtype).to(h.device)
+        return h * scales
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, kappa={self.kappa}"

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -195,3 +196,45 @@ def test_lle_standardisation_is_folded_into_the_module():
         fit_last_layer_ensemble(x32, y, s, 2)
     with pytest.raises(ValueError, match="shift_weight"):
         fit_last_layer_ensemble(x32, y, s, 3, shift_weight=-1.0)
+
+
+def test_lle_fit_rejects_infinite_shift_weight():
+    x, y, s = _shift_data(n_per=20, seed=3)
+    with pytest.raises(ValueError, match="shift_weight must be a finite number >= 0"):
+        fit_last_layer_ensemble(x, y, s, 3, shift_weight=float("inf"))
+    with pytest.raises(ValueError, match="shift_weight must be a finite number >= 0"):
+        fit_last_layer_ensemble(x, y, s, 3, shift_weight=float("nan"))
+
+
+def test_lle_fit_accepts_numpy_scalar_arguments():
+    x, y, s = _shift_data(n_per=30, seed=4)
+    ens = fit_last_layer_ensemble(x, y, s, np.int64(3), num_classes=np.int64(3), shift_weight=np.float32(0.5),
+                                  max_iter=np.int64(100))
+    ref = fit_last_layer_ensemble(x, y, s, 3, num_classes=3, shift_weight=0.5, max_iter=100)
+    assert (ens.num_shifts, ens.num_classes) == (3, 3) and isinstance(ens.num_shifts, int)
+    assert torch.equal(ens.weight, ref.weight) and torch.equal(ens.shift_predictor.weight, ref.shift_predictor.weight)
+
+
+def test_lle_loss_takes_labels_on_another_device():
+    # labels on the CPU, logits on another device (the meta device stands in for an accelerator)
+    logits, shift_logits = make_lle().train()(X)
+    targets, shifts = torch.tensor([1, 0]), torch.tensor([1, 0])
+    loss = last_layer_ensemble_loss(logits.to("meta"), shift_logits.to("meta"), targets, shifts)
+    assert loss.device.type == "meta" and loss.shape == ()
+    ce_cls = ((math.log(math.e ** 3 + 1) - 0.0) + (math.log(math.e ** 3 + math.e ** -1) - 3.0)) / 2
+    ce_shift = ((math.log(math.e + math.e ** 2) - 2.0) + (math.log(math.e ** 3 + math.e ** -1) - 3.0)) / 2
+    cpu = last_layer_ensemble_loss(logits, shift_logits, targets, shifts)
+    assert cpu.item() == pytest.approx(ce_cls + ce_shift, rel=1e-6)
+
+
+def test_lle_fitted_on_integer_features_takes_them_raw():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 10, (60, 3), generator=g)
+    y, s = (x[:, 0] > 4).long(), torch.arange(60) % 2
+    ens = fit_last_layer_ensemble(x, y, s, 2)
+    assert ens.weight.dtype == torch.float32
+    out = ens(x)
+    assert out.dtype == torch.float32 and torch.equal(out, ens(x.float()))
+    assert (out.argmax(1) == y).double().mean() == 1.0
+    logits, shift_logits = ens.forward_all(x.to(torch.uint8))
+    assert torch.equal(logits, ens.forward_all(x.float())[0])

@@ -1,4 +1,5 @@
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,3 +187,47 @@ def test_group_balanced_probe_on_balanced_groups_equals_plain_probe():
     torch.testing.assert_close(bal.weight, plain.weight, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="train_groups must have shape"):
         group_balanced_linear_probe(x, y, y[:5], x, y)
+
+
+def test_probe_accepts_reversed_numpy_views():
+    g = torch.Generator().manual_seed(9)
+    xtr, ytr = clusters(90, 6.0 * torch.eye(3, 4), g)
+    flipped = linear_probe(xtr.numpy()[::-1], ytr.numpy()[::-1], xtr.numpy()[:, ::-1][:, ::-1], ytr.numpy())
+    ref = linear_probe(xtr.flip(0), ytr.flip(0), xtr, ytr)
+    assert torch.equal(flipped.weight, ref.weight) and torch.equal(flipped.test_pred, ref.test_pred)
+    assert flipped.test_acc == ref.test_acc == 1.0
+
+
+def test_probe_accepts_numpy_scalar_arguments():
+    g = torch.Generator().manual_seed(10)
+    x, y = clusters(90, 6.0 * torch.eye(3, 4), g)
+    groups = group_ids(y, torch.arange(90) % 2)
+    ref = linear_probe(x, y, x, y, num_classes=4, weight_decay=1e-3, max_iter=50, tol=1e-6)
+    res = linear_probe(x, y, x, y, num_classes=np.int64(4), weight_decay=np.float64(1e-3), max_iter=np.int64(50),
+                       tol=np.float64(1e-6))
+    assert torch.equal(res.weight, ref.weight) and res.weight.shape == (4, 4) and res.test_acc == ref.test_acc == 1.0
+    assert linear_probe(x, y, x, y, weight_decay=np.float32(1e-3)).test_acc == 1.0
+    bal = group_balanced_linear_probe(x, y, groups, x, y, num_repeats=np.int64(2), seed=np.int64(3))
+    assert torch.equal(bal.weight, group_balanced_linear_probe(x, y, groups, x, y, num_repeats=2, seed=3).weight)
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        linear_probe(x, y, x, y, num_classes=np.float64(4.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int32])
+def test_probe_accepts_integer_features(dtype):
+    g = torch.Generator().manual_seed(11)
+    x, y = clusters(60, 6.0 * torch.eye(2, 3), g)
+    scaled = (x.clamp(-10, 10) * 10).round()  # in [-100, 100]
+    xi = (scaled + 100 if dtype == torch.uint8 else scaled).to(dtype)
+    res = linear_probe(xi, y, xi, y)
+    ref = linear_probe(xi.double(), y, xi.double(), y)
+    assert torch.equal(res.weight, ref.weight) and res.test_acc == ref.test_acc == 1.0
+    assert torch.equal(res.predict(xi), ref.test_pred)
+
+
+def test_probe_rejects_bool_and_complex_features_by_name():
+    x, y = torch.randn(6, 2), torch.tensor([0, 1] * 3)
+    with pytest.raises(TypeError, match=r"test_feats must be a floating-point or integer tensor, got torch\.bool"):
+        linear_probe(x, y, x > 0, y)
+    with pytest.raises(TypeError, match=r"train_feats must be a floating-point or integer tensor, got torch\.complex"):
+        linear_probe(x.to(torch.complex64), y, x, y)

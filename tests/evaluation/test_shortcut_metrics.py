@@ -165,3 +165,37 @@ def test_watermark_metrics_by_hand():
     assert watermark_metrics(clean, logits, y, 0) == m
     with pytest.raises(ValueError, match="same shape"):
         watermark_metrics(clean, marked[:4], y, 0)
+
+
+def test_nan_logits_are_rejected():
+    pred, y, bg, co = build_predictions()
+    logits = F.one_hot(pred, 2).double()
+    logits[3, int(pred[3])] = float("inf")  # an infinite logit is a valid, confident prediction
+    assert multi_shortcut_metrics(logits, y, bg, co) == pytest.approx(multi_shortcut_metrics(pred, y, bg, co))
+    logits[3] = torch.tensor([0.0, float("nan")], dtype=torch.float64)  # argmax would count the row as class 1
+    with pytest.raises(ValueError, match="pred contains NaN"):
+        multi_shortcut_metrics(logits, y, bg, co)
+    with pytest.raises(ValueError, match="pred_marked contains NaN"):
+        watermark_metrics(pred, logits, y, 0)
+
+
+def test_single_column_pred_is_rejected():
+    # one column is neither [N] labels nor [N, C >= 2] logits: its argmax is always 0
+    pred, y, bg, co = build_predictions()
+    with pytest.raises(ValueError, match=r"pred has shape \[100, 1\]"):
+        multi_shortcut_metrics(pred[:, None], y, bg, co)
+    with pytest.raises(ValueError, match=r"pred_clean has shape \[100, 1\]"):
+        watermark_metrics(pred[:, None].float(), pred, y, 0)
+
+
+def test_numpy_views_and_scalars():
+    pred, y, bg, co = build_predictions()
+    ref = multi_shortcut_metrics(pred, y, bg, co)
+    flipped = [t.numpy()[::-1] for t in (pred, y, bg, co)]  # negative strides
+    assert multi_shortcut_metrics(*flipped) == pytest.approx(ref)
+    assert multi_shortcut_metrics(pred, y, bg, co, train_ratio=np.float64(0.95)) == pytest.approx(ref)
+    assert multi_shortcut_metrics(pred, y, bg, co, train_ratio=np.float32(0.5))["id_acc"] == pytest.approx(
+        (1.0 + 0.7 + 0.8 + 0.4) / 4)
+    clean, marked = pred.numpy()[::-1], y.numpy()[::-1]
+    assert watermark_metrics(clean, marked, marked, np.int64(0))["wm_clean_acc"] == pytest.approx(
+        float((pred == y).double().mean()))

@@ -170,3 +170,24 @@ def test_bad_layer_specs():
     twice = nn.Sequential(shared, nn.ReLU(), shared)
     with pytest.raises(RuntimeError, match="more than once"):
         collect_representations(twice, x, ["0"])
+
+
+def test_empty_batch_in_eval_mode():
+    model = small_model().eval()
+    h, z = model.forward_views([torch.randn(0, 6), torch.randn(0, 6)])
+    assert h.shape == (0, 2, 8) and z.shape == (0, 2, 4)
+    conv = ContrastiveModel(ConvNet(widths=(4, 8)), LinearHead(8, 2))
+    reps = collect_representations(conv, torch.randn(0, 3, 5, 5), ["encoder.blocks.0", "encoder", "head"])
+    assert {n: tuple(r.shape) for n, r in reps.items()} == {"encoder.blocks.0": (0, 4), "encoder": (0, 8),
+                                                             "head": (0, 2)}
+    flat = collect_representations(conv, torch.randn(0, 3, 5, 5), ["encoder.blocks.0"], pool="flatten")
+    assert flat["encoder.blocks.0"].shape == (0, 4 * 5 * 5)
+
+
+def test_collect_representations_single_sample_batches_with_scalar_targets():
+    model = small_model()
+    x = torch.randn(3, 6)
+    loader = [(x[i:i + 1], torch.tensor(7 - i)) for i in range(3)]  # one sample per batch, 0-d target
+    reps, targets = collect_representations(model, loader, ["encoder"], return_targets=True)
+    assert torch.equal(targets, torch.tensor([7, 6, 5]))
+    torch.testing.assert_close(reps["encoder"], collect_representations(model, x, ["encoder"])["encoder"])

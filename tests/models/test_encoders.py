@@ -195,3 +195,23 @@ def test_as_encoder_passthrough_and_wrap():
         as_encoder(enc, out_dim=3)
     wrapped = as_encoder(nn.Linear(4, 6), out_dim=6)
     assert isinstance(wrapped, WrappedEncoder) and wrapped.out_dim == 6
+
+
+def test_mlp_encoder_empty_batch_in_eval_mode():
+    enc = MLPEncoder(12, hidden_dims=(8, 4)).eval()
+    h = enc(torch.randn(0, 3, 4))
+    assert h.shape == (0, 4)
+    with pytest.raises(ValueError, match="12 features"):
+        enc(torch.randn(0, 13))
+
+
+def test_mlp_encoder_single_sample_needs_eval_mode():
+    enc = MLPEncoder(6, hidden_dims=(8,))
+    with pytest.raises(ValueError, match="MLPEncoder needs at least 2 samples per batch in train mode"):
+        enc(torch.randn(1, 6))
+    x = torch.randn(4, 6)
+    enc(x)  # train mode: batch statistics, running statistics updated
+    enc.eval()
+    torch.testing.assert_close(enc(x[:1]), enc(x)[:1])
+    assert enc.train()(x[:2]).shape == (2, 8)
+    assert MLPEncoder(6, hidden_dims=(8,), batchnorm=False)(x[:1]).shape == (1, 8)  # no BatchNorm: any batch

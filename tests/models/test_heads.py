@@ -1,4 +1,5 @@
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -103,3 +104,84 @@ def test_identity_head():
     assert IdentityHead(4).out_dim == 4
     with pytest.raises(ValueError, match="h must have shape"):
         IdentityHead(5)(h)
+
+
+def float64_scales(dim: int, kappa: float) -> torch.Tensor:
+    return torch.tensor([kappa ** -i for i in range(dim)], dtype=torch.float64)
+
+
+def test_fixed_reweighting_head_float64_input_gets_float64_scales():
+    h = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = h * float64_scales(6, 3.0)
+    torch.testing.assert_close(FixedReweightingHead(6, kappa=3.0)(h), ref, rtol=1e-15, atol=0)
+    torch.testing.assert_close(FixedReweightingHead(6, kappa=3.0).double()(h), ref, rtol=1e-15, atol=0)
+
+
+def test_fixed_reweighting_head_dtype_round_trip_keeps_exact_scales():
+    head = FixedReweightingHead(6, kappa=3.0)
+    exact32 = head.scales.clone()
+    head.to(torch.bfloat16)
+    assert head.scales.dtype == torch.bfloat16
+    torch.testing.assert_close(head.scales, float64_scales(6, 3.0).bfloat16(), rtol=0, atol=0)
+    head.float()
+    assert head.scales.dtype == torch.float32 and torch.equal(head.scales, exact32)
+    head.double()
+    torch.testing.assert_close(head.scales, float64_scales(6, 3.0), rtol=1e-15, atol=0)
+    h = torch.randn(2, 6)
+    torch.testing.assert_close(head.float()(h), h * exact32, rtol=0, atol=0)
+    loaded = FixedReweightingHead(6, kappa=3.0)
+    loaded.load_state_dict(head.state_dict())
+    assert torch.equal(loaded.scales, exact32)
+
+
+def test_fixed_reweighting_head_integer_input_is_promoted():
+    z = FixedReweightingHead(3, kappa=2.0)(torch.tensor([[4, 4, 4], [1, 2, 3]]))
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z, torch.tensor([[4.0, 2.0, 1.0], [1.0, 1.0, 0.75]]), rtol=0, atol=0)
+
+
+def test_fixed_reweighting_head_kappa_below_one_and_numpy_kappa():
+    torch.testing.assert_close(FixedReweightingHead(4, kappa=0.5)(torch.ones(1, 4)),
+                               torch.tensor([[1.0, 2.0, 4.0, 8.0]]), rtol=0, atol=0)
+    head = FixedReweightingHead(3, kappa=np.float32(2.0))
+    assert head.kappa == 2.0 and isinstance(head.kappa, float)
+    torch.testing.assert_close(head(torch.ones(1, 3)), torch.tensor([[1.0, 0.5, 0.25]]), rtol=0, atol=0)
+
+
+def test_fixed_reweighting_head_rejects_overflowing_scales():
+    # 0.5**-199 = 8.0e59 is finite in float64 but not in float32 (the default dtype of the buffer)
+    with pytest.raises(ValueError, match=r"kappa\*\*-\(dim-1\) = 8\.0\d*e\+59 overflows torch\.float32"):
+        FixedReweightingHead(200, kappa=0.5)
+    with pytest.raises(ValueError, match=r"kappa\*\*-\(dim-1\) = inf overflows"):
+        FixedReweightingHead(2000, kappa=0.5)  # beyond float64 too
+    head = FixedReweightingHead(20, kappa=0.5)  # 2**19 = 524288: fits float32, not float16 (max 65504)
+    assert torch.isfinite(head.scales).all()
+    with pytest.raises(ValueError, match="overflows torch.float16"):
+        head(torch.ones(1, 20, dtype=torch.float16))
+    with pytest.raises(ValueError, match="overflows torch.float16"):
+        head.half()
+    # large kappa underflows the last scales to 0 (documented), it does not raise
+    assert FixedReweightingHead(64, kappa=1e10).scales[-1] == 0
+
+
+def test_fixed_reweighting_head_compiles_fullgraph_for_every_input_dtype():
+    head = FixedReweightingHead(5, kappa=3.0)
+    compiled = torch.compile(head, fullgraph=True)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        h = torch.randn(3, 5, generator=torch.Generator().manual_seed(1)).to(dtype)
+        assert compiled(h).dtype == dtype
+        torch.testing.assert_close(compiled(h), head(h))  # bf16: Inductor multiplies in float32, then rounds
+    h64 = torch.randn(2, 5, dtype=torch.float64)
+    torch.testing.assert_close(compiled(h64), h64 * float64_scales(5, 3.0), rtol=1e-15, atol=0)
+
+
+def test_mlp_head_single_sample_needs_eval_mode():
+    head = MLPHead(4, 8, 2)
+    with pytest.raises(ValueError, match="MLPHead needs at least 2 samples per batch in train mode"):
+        head(torch.randn(1, 4))
+    h = torch.randn(5, 4)
+    head(h)
+    head.eval()
+    torch.testing.assert_close(head(h[:1]), head(h)[:1])
+    assert MLPHead(4, 8, 2, batchnorm=False)(h[:1]).shape == (1, 2)
+    assert MLPHead(4, 8, 2, num_layers=1)(h[:1]).shape == (1, 2)
