@@ -112,6 +112,7 @@ class FixedReweightingHead(nn.Module):
             raise ValueError(f"kappa must be positive and finite, got {kappa}")
         self.kappa = float(kappa)
         self.register_buffer("scales", self._exact_scales(torch.get_default_dtype()))
+        self._scales_by_dtype: dict = {}  # (dtype, device) -> scales for inputs of another dtype (eager calls)
 
     def _exact_scales(self, dtype: torch.dtype) -> Tensor:
         """``kappa**-i`` computed in float64 on the CPU and rounded once to ``dtype``; checked for overflow except
@@ -130,14 +131,27 @@ class FixedReweightingHead(nn.Module):
         super()._apply(fn, *args, **kwargs)
         if self.scales.is_floating_point():
             self.scales = self._exact_scales(self.scales.dtype).to(self.scales.device)
+        self._scales_by_dtype.clear()
         return self
+
+    def _scales_for(self, h: Tensor) -> Tensor:
+        """The scales rounded to ``h``'s dtype on its device: the buffer when it has that dtype, else computed once
+        per (dtype, device) and kept (a bf16 ``h`` under autocast takes no float64 computation and no host-to-device
+        copy per call); computed afresh while compiling (the graph holds them as constants)."""
+        if self.scales.dtype == h.dtype:
+            return self.scales
+        if torch.compiler.is_compiling():
+            return self._exact_scales(h.dtype).to(h.device)
+        key = (h.dtype, h.device)
+        if key not in self._scales_by_dtype:
+            self._scales_by_dtype[key] = self._exact_scales(h.dtype).to(h.device)
+        return self._scales_by_dtype[key]
 
     def forward(self, h: Tensor) -> Tensor:
         _check_features(h, self.dim, "h")
         if not (h.is_floating_point() or h.is_complex()):
             return h * self.scales  # integer h: promoted to the scales' dtype
-        scales = self.scales if self.scales.dtype == h.dtype else self._exact_scales(h.dtype).to(h.device)
-        return h * scales
+        return h * self._scales_for(h)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, kappa={self.kappa}"
