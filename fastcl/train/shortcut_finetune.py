@@ -18,6 +18,7 @@ smaller weight decay). The test split is scored only for the selected model.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -146,6 +147,10 @@ def _train_epoch(clf: ShortcutClassifier, opt: torch.optim.Optimizer, images: Te
 
 
 def _val_worst_group(logits: Tensor, val: ImageSet, train_ratio: float) -> float:
+    """The validation worst-group accuracy, NaN for a diverged model (NaN logits predict nothing: it is recorded as
+    NaN and never selected)."""
+    if torch.isnan(logits).any():
+        return float("nan")
     m = multi_shortcut_metrics(logits, val.labels, val.bg_aligned, val.coobj_aligned, train_ratio, bg=val.bg,
                                coobj=val.coobj)
     return m["worst_group_acc"]
@@ -195,7 +200,7 @@ def finetune(
             curve.append(wga)
             if log:
                 log(f"  wd {wd:g} epoch {epoch}: loss {loss:.4f}, val worst-group {100 * wga:.1f}")
-            if best is None or wga > best[0]:
+            if best is None or wga > best[0] or (math.isnan(best[0]) and not math.isnan(wga)):
                 best = (wga, epoch, wd)
                 best_state = {k: v.detach().clone() for k, v in clf.state_dict().items()}
         curves[f"{wd:g}"] = curve

@@ -152,3 +152,25 @@ def test_cli_errors(tmp_path, capsys):
     assert shortcuts.main(["--checkpoint", str(bogus), "--out", str(tmp_path)]) == 2
     assert "not a fastcl-pretrain checkpoint" in capsys.readouterr().err
     assert os.path.isdir(tmp_path)
+
+
+def test_finetune_records_a_diverged_setting_as_nan_and_selects_another():
+    """A weight decay that makes SGD diverge (NaN logits) is recorded as NaN on its validation curve and never
+    selected; the study goes on and selects the setting that trains."""
+    import math
+
+    from fastcl.models import encoders as E
+    from fastcl.models import heads as H
+    from fastcl.models.contrastive import ContrastiveModel
+    from fastcl.train.data import make_spurious_cues
+    from fastcl.train.shortcut_finetune import FinetuneConfig, finetune
+
+    torch.manual_seed(0)
+    model = ContrastiveModel(E.ConvNet(3, (4, 8)), H.MLPHead(8, 8, 6)).eval()
+    train = make_spurious_cues(64, seed=0, split="train", image_size=16)
+    val = make_spurious_cues(32, seed=0, split="val", image_size=16)
+    config = FinetuneConfig(epochs=2, batch_size=16, weight_decays=(1e8, 0.0))
+    _, rec = finetune(model, "pre_projection", [train], val, 2, 0.95, config)
+    assert all(math.isnan(v) for v in rec["val_curves"]["1e+08"])
+    assert rec["selected_weight_decay"] == 0.0 and math.isfinite(rec["val_worst_group_acc"])
+    assert rec["val_worst_group_acc"] == max(rec["val_curves"]["0"])
