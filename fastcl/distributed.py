@@ -41,6 +41,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from fastcl import _extension, _layout
 from fastcl import _sigmoid_inputs as SI
@@ -238,7 +239,8 @@ def _gather_rows(x: torch.Tensor, counts: Sequence[int], group) -> torch.Tensor:
 
 class _AllGatherRows(torch.autograd.Function):
     """Forward: all-gather (padded, then compacted). Backward: each rank gets the sum over ranks of its rows'
-    gradient, by one reduce-scatter of the padded global gradient."""
+    gradient, by one reduce-scatter of the padded global gradient; the reduce-scatter is not recorded by autograd,
+    so a second backward through it raises."""
 
     @staticmethod
     def forward(ctx, x, counts, rank, group):
@@ -246,6 +248,7 @@ class _AllGatherRows(torch.autograd.Function):
         return _gather_rows(x, counts, group)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         counts, rank = ctx.counts, ctx.rank
         padded_rows = max(counts)

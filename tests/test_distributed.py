@@ -242,6 +242,20 @@ def _bad_inputs(rank, world, group):
     return results
 
 
+def _double_backward(rank, group):
+    """A second derivative through the gather (a gradient penalty): the first-order gradient, and what the second
+    backward raised."""
+    x = (torch.arange(6, dtype=torch.float64).reshape(2, 3) + rank).requires_grad_()
+    (grad,) = torch.autograd.grad((all_gather_with_grad(x, group) ** 2).sum(), x, create_graph=True)
+    try:
+        ((grad**2).sum() + x.sum()).backward()
+        outcome = (None, "")
+    except RuntimeError as err:
+        outcome = (type(err).__name__, str(err))
+    check = all_gather_with_grad(torch.full((1,), float(rank)), group)
+    return (grad.detach(),) + outcome + (check.tolist(),)
+
+
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     join_gloo(rank, WORLD, port)
@@ -271,6 +285,7 @@ def _worker(rank, port, out_dir):
                 except Exception:  # reported by the test
                     results[world]["cases"][name] = {"error": traceback.format_exc()}
             results[world]["bad"] = _bad_inputs(rank, world, group)
+            results[world]["double_backward"] = _double_backward(rank, group)
     finally:
         D.contrastive_loss = core
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -442,6 +457,18 @@ def test_bad_input_on_one_rank_raises_on_every_rank(world_results, case):
             assert needle.format(last=world - 1) in message, (rank, needle, message)
         assert seconds < 10, f"rank {rank} took {seconds:.1f} s to raise"
         assert check == [float(r) for r in range(world)]  # the group is still in step afterwards
+
+
+def test_second_derivative_through_the_gather_raises(world_results):
+    """The backward reduce-scatter is not itself differentiable: a second backward through it raises on every rank
+    (its terms would otherwise be left out of the result), and the first-order gradient is exact."""
+    world, results = world_results
+    for rank, res in enumerate(results):
+        grad, err_type, message, check = res["double_backward"]
+        x = torch.arange(6, dtype=torch.float64).reshape(2, 3) + rank
+        assert torch.equal(grad, 2 * world * x)  # d/dx of sum over ranks of sum(gathered ** 2)
+        assert err_type == "RuntimeError" and "once_differentiable" in message, (rank, err_type, message)
+        assert check == [float(r) for r in range(world)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
