@@ -242,6 +242,11 @@ def _use_extension(x: torch.Tensor) -> bool:
     return has_kernel
 
 
+def _check_rows(x: torch.Tensor) -> None:
+    if x.dim() < 1:
+        raise RuntimeError(f"input must have at least 1 dimension, got shape {tuple(x.shape)}")
+
+
 def _counts(counts: Sequence[int]) -> List[int]:
     counts = [int(c) for c in counts]
     if not counts or min(counts) < 0:
@@ -256,8 +261,9 @@ def _counts(counts: Sequence[int]) -> List[int]:
 
 def compact_segments_torch(padded: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     counts = _counts(counts)
+    _check_rows(padded)
     n_segments = len(counts)
-    if padded.dim() < 1 or padded.shape[0] % n_segments:
+    if padded.shape[0] % n_segments:
         raise RuntimeError(f"padded rows ({tuple(padded.shape)}) must be a multiple of the {n_segments} segments")
     rows = padded.shape[0] // n_segments
     if max(counts) > rows:
@@ -267,7 +273,8 @@ def compact_segments_torch(padded: torch.Tensor, counts: Sequence[int]) -> torch
 
 def pad_segments_torch(rows: torch.Tensor, counts: Sequence[int], padded_rows: int) -> torch.Tensor:
     counts = _counts(counts)
-    if rows.dim() < 1 or rows.shape[0] != sum(counts):
+    _check_rows(rows)
+    if rows.shape[0] != sum(counts):
         raise RuntimeError(f"input has shape {tuple(rows.shape)} but counts {counts} sum to {sum(counts)}")
     if padded_rows < max(counts):
         raise RuntimeError(f"padded_rows ({padded_rows}) must be >= max(counts) = {max(counts)}")
@@ -279,7 +286,8 @@ def pad_segments_torch(rows: torch.Tensor, counts: Sequence[int], padded_rows: i
 
 def repeat_segments_torch(values: torch.Tensor, counts: Sequence[int], repeats: int) -> torch.Tensor:
     counts = _counts(counts)
-    if values.dim() < 1 or values.shape[0] != sum(counts):
+    _check_rows(values)
+    if values.shape[0] != sum(counts):
         raise RuntimeError(f"input has shape {tuple(values.shape)} but counts {counts} sum to {sum(counts)}")
     if repeats < 1:
         raise RuntimeError(f"repeats must be >= 1, got {repeats}")

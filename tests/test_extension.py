@@ -136,6 +136,20 @@ def test_errors_name_the_shapes():
         torch.ops.fastcl.pad_segments(torch.randn(5, 2), [2, 0, 3], 2)
 
 
+@pytest.mark.parametrize("use_extension", [True, False], ids=["compiled", "fallback"])
+@pytest.mark.parametrize(
+    "op,args",
+    [("compact_segments", ([1],)), ("pad_segments", ([1], 1)), ("repeat_segments", ([1], 2))],
+    ids=["compact", "pad", "repeat"],
+)
+def test_zero_dim_input_is_named(op, args, use_extension):
+    if use_extension and not _extension.extension_available():
+        pytest.skip("fastcl._C is not built")
+    fn = getattr(torch.ops.fastcl, op) if use_extension else getattr(_extension, f"{op}_torch")
+    with pytest.raises(RuntimeError, match=r"input must have at least 1 dimension, got shape (\(\)|\[\])"):
+        fn(torch.tensor(3.0), *args)
+
+
 def test_missing_library_warns_once_and_falls_back():
     code = (
         "import sys, warnings, torch; sys.modules['fastcl._C'] = None\n"  # makes `from fastcl import _C` fail
