@@ -67,6 +67,7 @@ def _cases(world):
     # rank with rows and no grad); the others' gradients still hold its loss's share, by its joining the backward
     placeholder = with_empty.index(0)
     cases["gather-no-grad-on-rank-0"] = dict(kind="gather", counts=uneven, frozen=0)
+    cases["gather-strided"] = dict(kind="gather", counts=uneven, strided=True)  # x [n, 3, 2] with strides (2, 1, 3)
     cases["gather-empty-placeholder"] = dict(kind="gather", counts=with_empty, frozen=placeholder)
     cases["supcon-empty-placeholder"] = dict(
         kind="supcon", counts=with_empty, mode="all", labels=True, n_views=2, frozen=placeholder
@@ -180,7 +181,8 @@ def _run_case(name, spec, rank, world, group):
         loss.backward()
         return {"loss": loss.item(), "grads": [_grad(query), _grad(key)]}
     if kind == "gather":
-        x = _input(_shard(inputs["x"], counts, rank), spec, rank)
+        x = _shard(inputs["x"], counts, rank)
+        x = _input(x.transpose(1, 2).contiguous().transpose(1, 2) if spec.get("strided") else x, spec, rank)
         gathered = all_gather_with_grad(x, group)
         # rank-dependent use of the gathered tensor: the gradient of x sums the contributions of all ranks
         (gathered * inputs["weight"] * (rank + 1)).sum().backward()
@@ -231,6 +233,8 @@ def _bad_inputs(rank, world, group):
     attempt("supcon-labels-shape", lambda: FF.supcon_loss(features, wrong_len, gather_distributed=True, group=group))
     x = torch.randn(2 + rank, 5 + (rank == last))
     attempt("gather-shape", lambda: all_gather_with_grad(x, group))
+    x_dtype = torch.zeros(2, 3, dtype=torch.float64 if rank == last else torch.float32)
+    attempt("gather-dtype", lambda: all_gather_with_grad(x_dtype, group))
     not_a_tensor = [0.0, 1.0] if rank == last else torch.zeros(2)
     attempt("gather-not-a-tensor", lambda: all_gather_with_grad(not_a_tensor, group))
     q = torch.randn(2, DIM)
@@ -429,6 +433,7 @@ BAD = [
     "supcon-labels-on-one-rank",
     "supcon-labels-shape",
     "gather-shape",
+    "gather-dtype",
     "gather-not-a-tensor",
     "infonce-label-range",
 ]
@@ -439,6 +444,7 @@ MENTIONS = {  # what every rank's message must name
     "supcon-labels-on-one-rank": ["labels=given", "labels=None"],
     "supcon-labels-shape": ["rank {last}", "labels must have shape [3]"],
     "gather-shape": ["rank 0", "rank {last}", "[2, 5]", "6]"],
+    "gather-dtype": ["rank 0: x [2, 3] float32", "rank {last}: x [2, 3] float64", "same dtype"],
     "gather-not-a-tensor": ["rank {last}", "x must be a torch.Tensor, got list"],
     "infonce-label-range": ["rank {last}", "99", "global key set"],
 }
