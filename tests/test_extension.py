@@ -126,6 +126,27 @@ def test_torch_compile_traces_the_ops():
     assert torch.allclose(x.grad, torch.full_like(x, 4.0))
 
 
+def test_torch_compile_with_the_extension_unavailable(monkeypatch):
+    """fullgraph tracing where the compiled ops failed to load and their one-time warning is still due (after
+    load_extension(), as before torch.compile): the graph runs the PyTorch fallback, the next eager call warns."""
+    monkeypatch.setattr(_extension, "_RESOLVED", True)
+    monkeypatch.setattr(_extension, "_LOAD_ERROR", "ImportError: no C++ compiler found")
+    monkeypatch.setattr(_extension, "_WARNED", False)
+
+    def step(x):
+        padded = _extension.pad_segments(x, [2, 0, 3], 3)
+        return padded, _extension.compact_segments(padded, [2, 0, 3]), _extension.repeat_segments(x, [2, 0, 3], 2)
+
+    x = torch.arange(5.0).reshape(5, 1)
+    torch._dynamo.reset()
+    padded, compact, repeated = torch.compile(step, backend="eager", fullgraph=True)(x)
+    assert padded.flatten().tolist() == [0, 1, 0, 0, 0, 0, 2, 3, 4]
+    assert compact.flatten().tolist() == [0, 1, 2, 3, 4]
+    assert repeated.flatten().tolist() == [0, 1, 0, 1, 2, 3, 4, 2, 3, 4]
+    with pytest.warns(RuntimeWarning, match="fastcl._C is not available"):
+        _extension.compact_segments(padded, [2, 0, 3])
+
+
 @needs_extension
 def test_errors_name_the_shapes():
     with pytest.raises(RuntimeError, match=r"counts \[2, 0, 3\] exceed the 2 padded rows"):
