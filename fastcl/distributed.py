@@ -127,11 +127,18 @@ def _reduce_scatter_flat(out: torch.Tensor, padded: torch.Tensor, group) -> None
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _dtype_code(dtype: torch.dtype) -> int:
+def _crc_code(dtype: torch.dtype) -> int:
     return zlib.crc32(str(dtype).encode()) & 0x7FFFFFFF
 
 
-_DTYPE_NAMES = {_dtype_code(d): str(d) for d in vars(torch).values() if isinstance(d, torch.dtype)}
+_DTYPE_CODES = {d: _crc_code(d) for d in vars(torch).values() if isinstance(d, torch.dtype)}
+_DTYPE_NAMES = {code: str(d) for d, code in _DTYPE_CODES.items()}
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    """A number for ``dtype``, the same in every process; a table lookup, so a compiled graph traces it."""
+    code = _DTYPE_CODES.get(dtype)
+    return _crc_code(dtype) if code is None else code
 
 
 def _dtype_name(code: int) -> str:

@@ -496,6 +496,25 @@ def test_single_process_is_the_plain_loss():
     assert torch.allclose(FF.nt_xent_loss(q, k, gather_distributed=True), FF.nt_xent_loss(q, k), rtol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda f, gathered: FF.supcon_loss(f, torch.tensor([0, 1, 0, 2, 1]), gather_distributed=gathered),
+        lambda f, gathered: FF.nt_xent_loss(f[:, 0], f[:, 1], gather_distributed=gathered),
+        lambda f, gathered: FF.info_nce_loss(f[:, 0], f[:, 1], gather_distributed=gathered),
+        lambda f, gathered: FF.sigmoid_loss(f[:, 0], f[:, 1], torch.tensor(10.0), None, gather_distributed=gathered),
+    ],
+    ids=["supcon", "ntxent", "infonce", "sigmoid"],
+)
+def test_single_process_gathered_loss_compiles_as_one_graph(loss):
+    """Without a process group the gathered form traces with fullgraph=True (its metadata, the dtype included, is
+    Python state) and gives the plain loss."""
+    features = torch.nn.functional.normalize(torch.randn(5, 2, DIM, dtype=torch.float64), dim=-1)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda f: loss(f, True), backend="eager", fullgraph=True)(features)
+    assert torch.allclose(compiled, loss(features, False), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gathered_supcon_takes_a_half_precision_temperature_as_fp32(dtype):
     """A learnable temperature of a half-precision model (a bf16 / fp16 0-dim tensor) with a float base
