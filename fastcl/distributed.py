@@ -577,6 +577,8 @@ def info_nce_loss_distributed(
     (lab, neg, margin), rows = _handshake(check, fields_of, _INFONCE_AGREEMENT, what, group, world)
     query_counts, key_counts = [row["queries"] for row in rows], [row["keys"] for row in rows]
     n_keys = sum(key_counts)
+    if lab is not None and torch.compiler.is_compiling():  # (one process: collectives do not trace) in-graph
+        torch._assert_async(((lab >= 0) & (lab < n_keys)).all(), "labels must index the global key set")
     out_of_range = [r for r, row in enumerate(rows) if row["label_max"] >= n_keys or row["label_min"] < 0]
     if out_of_range:
         listing = "; ".join(f"rank {r}: [{rows[r]['label_min']}, {rows[r]['label_max']}]" for r in out_of_range)
@@ -617,7 +619,7 @@ def _info_nce_fields(query, key, symmetric, lab, neg):
     fields = dict(dtype=_dtype_code(query.dtype), dim=query.shape[1], symmetric=int(symmetric))
     fields.update(labels=int(lab is not None), negatives=-1 if neg is None else neg.shape[0])
     fields.update(queries=query.shape[0], keys=key.shape[0], grad=_needs_grad(key, query if symmetric else None))
-    if lab is not None and lab.numel():
+    if lab is not None and lab.numel() and not torch.compiler.is_compiling():  # (traced: an in-graph assert)
         fields.update(label_min=int(lab.min()), label_max=int(lab.max()))
     return fields
 

@@ -502,9 +502,12 @@ def test_single_process_is_the_plain_loss():
         lambda f, gathered: FF.supcon_loss(f, torch.tensor([0, 1, 0, 2, 1]), gather_distributed=gathered),
         lambda f, gathered: FF.nt_xent_loss(f[:, 0], f[:, 1], gather_distributed=gathered),
         lambda f, gathered: FF.info_nce_loss(f[:, 0], f[:, 1], gather_distributed=gathered),
+        lambda f, gathered: FF.info_nce_loss(
+            f[:, 0], f[:, 1], torch.tensor([4, 0, 0, 2, 1]), symmetric=False, gather_distributed=gathered
+        ),
         lambda f, gathered: FF.sigmoid_loss(f[:, 0], f[:, 1], torch.tensor(10.0), None, gather_distributed=gathered),
     ],
-    ids=["supcon", "ntxent", "infonce", "sigmoid"],
+    ids=["supcon", "ntxent", "infonce", "infonce-labels", "sigmoid"],
 )
 def test_single_process_gathered_loss_compiles_as_one_graph(loss):
     """Without a process group the gathered form traces with fullgraph=True (its metadata, the dtype included, is
@@ -513,6 +516,18 @@ def test_single_process_gathered_loss_compiles_as_one_graph(loss):
     torch._dynamo.reset()
     compiled = torch.compile(lambda f: loss(f, True), backend="eager", fullgraph=True)(features)
     assert torch.allclose(compiled, loss(features, False), rtol=1e-12, atol=0)
+
+
+def test_single_process_gathered_info_nce_checks_the_label_range_in_graph():
+    query = torch.randn(3, DIM)
+    torch._dynamo.reset()
+    traced = torch.compile(
+        lambda labels: FF.info_nce_loss(query, query, labels, symmetric=False, gather_distributed=True),
+        backend="eager",
+        fullgraph=True,
+    )
+    with pytest.raises(RuntimeError, match="labels must index the global key set"):
+        traced(torch.tensor([0, 3, 1]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
