@@ -148,6 +148,20 @@ def test_torch_compile_with_the_extension_unavailable(monkeypatch):
 
 
 @needs_extension
+def test_torch_compile_on_a_device_without_kernels(monkeypatch):
+    """A device type the library has no kernels for (CUDA in a CPU-only build; here the CPU, by the table the
+    loader fills): traced, the PyTorch fallback without a warning; the next eager call warns once."""
+    monkeypatch.setattr(_extension, "_KERNEL_DEVICES", {"meta"})
+    monkeypatch.setattr(_extension, "_NO_KERNEL_WARNED", set())
+    x = torch.arange(5.0).reshape(5, 1)
+    torch._dynamo.reset()
+    padded = torch.compile(lambda t: _extension.pad_segments(t, [2, 0, 3], 3), backend="eager", fullgraph=True)(x)
+    assert padded.flatten().tolist() == [0, 1, 0, 0, 0, 0, 2, 3, 4]
+    with pytest.warns(RuntimeWarning, match="built without CPU kernels"):
+        assert _extension.repeat_segments(x, [2, 0, 3], 2).flatten().tolist() == [0, 1, 0, 1, 2, 3, 4, 2, 3, 4]
+
+
+@needs_extension
 def test_errors_name_the_shapes():
     with pytest.raises(RuntimeError, match=r"counts \[2, 0, 3\] exceed the 2 padded rows"):
         torch.ops.fastcl.compact_segments(torch.randn(6, 2), [2, 0, 3])
