@@ -156,6 +156,11 @@ def _load() -> Optional[str]:
     if not hasattr(torch.ops.fastcl, "compact_segments"):
         return "the compiled library registered no torch.ops.fastcl ops"
     _register_python_parts()
+    try:  # CUDA kernels: built only where torch had CUDA and nvcc was found
+        if torch._C._dispatch_has_kernel_for_dispatch_key("fastcl::compact_segments", "CUDA"):
+            _KERNEL_DEVICES.add("cuda")
+    except RuntimeError:
+        pass
     return None
 
 
@@ -181,6 +186,7 @@ _JIT_NAME = "fastcl_gather_ops"
 _RESOLVED = False
 _LOAD_ERROR: Optional[str] = None
 _WARNED = False
+_KERNEL_DEVICES = {"cpu", "meta"}  # device types the loaded library serves
 _NO_KERNEL_WARNED = set()  # device types the library was built without, already reported
 
 
@@ -207,14 +213,16 @@ def extension_available() -> bool:
 
 
 def _use_extension(x: torch.Tensor) -> bool:
-    """Whether the compiled op serves ``x``'s device; says once why not, otherwise."""
+    """Whether the compiled op serves ``x``'s device; says once why not, otherwise (at an eager call: tracing
+    reads only Python state, no warnings)."""
     global _WARNED
+    compiling = torch.compiler.is_compiling()
     if not _RESOLVED:
-        if torch.compiler.is_compiling():
+        if compiling:
             return False  # no build while tracing: this graph keeps the PyTorch fallback (see load_extension)
         _resolve()
     if _LOAD_ERROR is not None:
-        if not _WARNED and _LOAD_ERROR != "FASTCL_NO_EXTENSION=1":
+        if not _WARNED and _LOAD_ERROR != "FASTCL_NO_EXTENSION=1" and not compiling:
             _WARNED = True
             warnings.warn(
                 f"fastcl: the compiled extension fastcl._C is not available ({_LOAD_ERROR}); the cross-rank gather "
@@ -224,14 +232,10 @@ def _use_extension(x: torch.Tensor) -> bool:
                 stacklevel=3,
             )
         return False
-    if x.device.type in ("cpu", "meta"):
+    if x.device.type in _KERNEL_DEVICES:
         return True
-    key = x.device.type.upper()  # 'CUDA': built only where torch had CUDA and nvcc was found
-    try:
-        has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("fastcl::compact_segments", key)
-    except RuntimeError:
-        has_kernel = False
-    if not has_kernel and key not in _NO_KERNEL_WARNED:
+    key = x.device.type.upper()
+    if key not in _NO_KERNEL_WARNED and not compiling:
         _NO_KERNEL_WARNED.add(key)
         warnings.warn(
             f"fastcl: fastcl._C was built without {key} kernels (no nvcc or no CUDA torch at install time); the "
@@ -239,7 +243,12 @@ def _use_extension(x: torch.Tensor) -> bool:
             RuntimeWarning,
             stacklevel=3,
         )
-    return has_kernel
+    return False
+
+
+def _check_rows(x: torch.Tensor) -> None:
+    if x.dim() < 1:
+        raise RuntimeError(f"input must have at least 1 dimension, got shape {tuple(x.shape)}")
 
 
 def _counts(counts: Sequence[int]) -> List[int]:
@@ -256,8 +265,9 @@ def _counts(counts: Sequence[int]) -> List[int]:
 
 def compact_segments_torch(padded: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     counts = _counts(counts)
+    _check_rows(padded)
     n_segments = len(counts)
-    if padded.dim() < 1 or padded.shape[0] % n_segments:
+    if padded.shape[0] % n_segments:
         raise RuntimeError(f"padded rows ({tuple(padded.shape)}) must be a multiple of the {n_segments} segments")
     rows = padded.shape[0] // n_segments
     if max(counts) > rows:
@@ -267,7 +277,8 @@ def compact_segments_torch(padded: torch.Tensor, counts: Sequence[int]) -> torch
 
 def pad_segments_torch(rows: torch.Tensor, counts: Sequence[int], padded_rows: int) -> torch.Tensor:
     counts = _counts(counts)
-    if rows.dim() < 1 or rows.shape[0] != sum(counts):
+    _check_rows(rows)
+    if rows.shape[0] != sum(counts):
         raise RuntimeError(f"input has shape {tuple(rows.shape)} but counts {counts} sum to {sum(counts)}")
     if padded_rows < max(counts):
         raise RuntimeError(f"padded_rows ({padded_rows}) must be >= max(counts) = {max(counts)}")
@@ -279,7 +290,8 @@ def pad_segments_torch(rows: torch.Tensor, counts: Sequence[int], padded_rows: i
 
 def repeat_segments_torch(values: torch.Tensor, counts: Sequence[int], repeats: int) -> torch.Tensor:
     counts = _counts(counts)
-    if values.dim() < 1 or values.shape[0] != sum(counts):
+    _check_rows(values)
+    if values.shape[0] != sum(counts):
         raise RuntimeError(f"input has shape {tuple(values.shape)} but counts {counts} sum to {sum(counts)}")
     if repeats < 1:
         raise RuntimeError(f"repeats must be >= 1, got {repeats}")

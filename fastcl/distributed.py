@@ -41,6 +41,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from fastcl import _extension, _layout
 from fastcl import _sigmoid_inputs as SI
@@ -126,11 +127,18 @@ def _reduce_scatter_flat(out: torch.Tensor, padded: torch.Tensor, group) -> None
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _dtype_code(dtype: torch.dtype) -> int:
+def _crc_code(dtype: torch.dtype) -> int:
     return zlib.crc32(str(dtype).encode()) & 0x7FFFFFFF
 
 
-_DTYPE_NAMES = {_dtype_code(d): str(d) for d in vars(torch).values() if isinstance(d, torch.dtype)}
+_DTYPE_CODES = {d: _crc_code(d) for d in vars(torch).values() if isinstance(d, torch.dtype)}
+_DTYPE_NAMES = {code: str(d) for d, code in _DTYPE_CODES.items()}
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    """A number for ``dtype``, the same in every process; a table lookup, so a compiled graph traces it."""
+    code = _DTYPE_CODES.get(dtype)
+    return _crc_code(dtype) if code is None else code
 
 
 def _dtype_name(code: int) -> str:
@@ -143,7 +151,8 @@ def _exchange(
     """All-gather one small int64 vector per rank (an error flag, then ``fields``); one dict per rank.
 
     If any rank flagged a local input error, the messages are shared (``all_gather_object``, on this path only)
-    and every rank raises the same error, naming the ranks; the process group stays usable.
+    and every rank raises the same error, naming the ranks: a TypeError when the first failing rank's error is one,
+    else a ValueError; the process group stays usable.
     """
     values = [0 if error is None else 1] + [int(v) for v in fields.values()]
     if len(values) > _META_LEN:
@@ -156,13 +165,15 @@ def _exchange(
     rows = table.view(world, _META_LEN).tolist()
     failed = [r for r, row in enumerate(rows) if row[0] != 0]
     if failed:
-        messages: List[Optional[str]] = [None] * world
-        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
-        detail = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
+        messages: List[Optional[Tuple[bool, str]]] = [None] * world
+        local_message = None if error is None else (isinstance(error, TypeError), f"{type(error).__name__}: {error}")
+        dist.all_gather_object(messages, local_message, group=group)
+        detail = "; ".join(f"rank {r}: {messages[r][1]}" for r in failed)
         message = f"{what}: invalid input on rank {', '.join(map(str, failed))} (raised on every rank): {detail}"
+        kind = TypeError if messages[failed[0]][0] else ValueError
         if error is not None:
-            raise type(error)(message) from error
-        raise ValueError(message)
+            raise kind(message) from error
+        raise kind(message)
     return [dict(zip(fields, row[1 : 1 + len(fields)])) for row in rows]
 
 
@@ -235,7 +246,8 @@ def _gather_rows(x: torch.Tensor, counts: Sequence[int], group) -> torch.Tensor:
 
 class _AllGatherRows(torch.autograd.Function):
     """Forward: all-gather (padded, then compacted). Backward: each rank gets the sum over ranks of its rows'
-    gradient, by one reduce-scatter of the padded global gradient."""
+    gradient, by one reduce-scatter of the padded global gradient; the reduce-scatter is not recorded by autograd,
+    so a second backward through it raises."""
 
     @staticmethod
     def forward(ctx, x, counts, rank, group):
@@ -243,6 +255,7 @@ class _AllGatherRows(torch.autograd.Function):
         return _gather_rows(x, counts, group)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         counts, rank = ctx.counts, ctx.rank
         padded_rows = max(counts)
@@ -254,9 +267,20 @@ class _AllGatherRows(torch.autograd.Function):
         return mine.narrow(0, 0, counts[rank]), None, None, None
 
 
-def _gather_with_grad(x: torch.Tensor, counts: Sequence[int], rank: int, group) -> torch.Tensor:
+def _needs_grad(*tensors: Optional[torch.Tensor]) -> int:
+    """The handshake's ``grad`` field: 1 if autograd records an op on any of ``tensors`` here, else 0."""
+    return int(torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def _gather_with_grad(x: torch.Tensor, counts: Sequence[int], rank: int, group, rows) -> torch.Tensor:
+    """:class:`_AllGatherRows` of ``x``; ``rows``: the handshake's rows, whose ``grad`` fields say whether the
+    gathered tensor requires grad on some rank. It then requires grad on every rank (x that does not stands in as a
+    detached leaf): each rank's loss holds a share of the other ranks' gradients, and the backward reduce-scatter
+    needs every rank."""
     if len(counts) == 1:
         return x
+    if not x.requires_grad and torch.is_grad_enabled() and any(row["grad"] for row in rows):
+        x = x.detach().requires_grad_()
     return _AllGatherRows.apply(x, tuple(counts), rank, group)
 
 
@@ -270,7 +294,9 @@ def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
 
     Returns:
         ``[sum_r n_r, ...]``. Backward gives each rank the sum over all ranks of the gradient of its own rows (one
-        reduce-scatter). Without an initialised process group, or with one rank, ``x`` itself.
+        reduce-scatter). It requires grad on every rank when ``x`` does on any rank (a rank's loss also holds the
+        other ranks' gradients, and the backward needs every rank). Without an initialised process group, or with
+        one rank, ``x`` itself.
 
     Example:
         >>> z = all_gather_with_grad(encoder(x_local))      # [global_batch, D], differentiable
@@ -288,10 +314,10 @@ def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
 
     def fields_of(_):
         dims = {f"d{i}": size for i, size in enumerate(x.shape[1:])}
-        return dict(dtype=_dtype_code(x.dtype), ndim=x.dim(), rows=x.shape[0], **dims)
+        return dict(dtype=_dtype_code(x.dtype), ndim=x.dim(), rows=x.shape[0], grad=_needs_grad(x), **dims)
 
     _, rows = _handshake(check, fields_of, _GATHER_AGREEMENT, "all_gather_with_grad", group, world)
-    return _gather_with_grad(x, [row["rows"] for row in rows], rank, group)
+    return _gather_with_grad(x, [row["rows"] for row in rows], rank, group, rows)
 
 
 def _describe_gather(row):
@@ -302,7 +328,14 @@ def _describe_gather(row):
 
 
 _GATHER_AGREEMENT = _Agreement(
-    {"op": _OP_GATHER, "dtype": -1, "ndim": -1, **{f"d{i}": -1 for i in range(_MAX_TRAILING_DIMS)}, "rows": -1},
+    {
+        "op": _OP_GATHER,
+        "dtype": -1,
+        "ndim": -1,
+        **{f"d{i}": -1 for i in range(_MAX_TRAILING_DIMS)},
+        "rows": -1,
+        "grad": 0,
+    },  # fmt: skip
     ["op", "dtype", "ndim"] + [f"d{i}" for i in range(_MAX_TRAILING_DIMS)],
     "every rank must pass x of shape [n_r, *same dims] with the same dtype (n_r may differ, 0 included)",
     _describe_gather,
@@ -393,7 +426,7 @@ def supcon_loss_distributed(
         bsz, views, dim = feats.shape[0], feats.shape[1], feats.shape[2]
         fields = dict(dtype=_dtype_code(feats.dtype), views=views, dim=dim, labels=int(lab is not None))
         fields.update(negatives=-1 if neg is None else neg.shape[0], negative_labels=int(neg_lab is not None))
-        return dict(fields, mode=int(contrast_mode == "one"), bsz=bsz)
+        return dict(fields, mode=int(contrast_mode == "one"), bsz=bsz, grad=_needs_grad(feats))
 
     (feats, lab, neg, neg_lab), rows = _handshake(check, fields_of, _SUPCON_AGREEMENT, _what, group, world)
     counts = [row["bsz"] for row in rows]  # samples per rank
@@ -402,7 +435,7 @@ def supcon_loss_distributed(
         feats = F.normalize(feats, dim=-1)
         neg = None if neg is None else F.normalize(neg, dim=-1)
     local = _layout.view_major(feats)  # row v * b_r + i is view v of sample i
-    contrast = _gather_with_grad(local, [n_views * c for c in counts], rank, group)
+    contrast = _gather_with_grad(local, [n_views * c for c in counts], rank, group, rows)
     if lab is not None:
         sample_ids = lab if world == 1 else _gather_rows(lab, counts, group)
     else:  # SimCLR: the global sample index
@@ -456,6 +489,7 @@ _SUPCON_AGREEMENT = _Agreement(
         "bsz": -1,
         "negatives": -1,
         "negative_labels": -1,
+        "grad": 0,
     },  # fmt: skip
     ["op", "dtype", "views", "dim", "labels", "mode", "negatives", "negative_labels"],
     "every rank must pass features [b_r, n_views, dim] with the same n_views, dim and dtype (b_r may differ, "
@@ -543,6 +577,8 @@ def info_nce_loss_distributed(
     (lab, neg, margin), rows = _handshake(check, fields_of, _INFONCE_AGREEMENT, what, group, world)
     query_counts, key_counts = [row["queries"] for row in rows], [row["keys"] for row in rows]
     n_keys = sum(key_counts)
+    if lab is not None and torch.compiler.is_compiling():  # (one process: collectives do not trace) in-graph
+        torch._assert_async(((lab >= 0) & (lab < n_keys)).all(), "labels must index the global key set")
     out_of_range = [r for r, row in enumerate(rows) if row["label_max"] >= n_keys or row["label_min"] < 0]
     if out_of_range:
         listing = "; ".join(f"rank {r}: [{rows[r]['label_min']}, {rows[r]['label_max']}]" for r in out_of_range)
@@ -554,11 +590,11 @@ def info_nce_loss_distributed(
     n_query, n_query_total, dim = query.shape[0], sum(query_counts), query.shape[1]
     key_offset = sum(key_counts[:rank])
     if symmetric:  # one all-gather for both towers
-        both = _gather_with_grad(torch.cat([query, key], dim=1), query_counts, rank, group)
+        both = _gather_with_grad(torch.cat([query, key], dim=1), query_counts, rank, group, rows)
         all_queries, all_keys = both[:, :dim].contiguous(), both[:, dim:].contiguous()
         gathered = both
     else:
-        all_keys = gathered = _gather_with_grad(key, key_counts, rank, group)
+        all_keys = gathered = _gather_with_grad(key, key_counts, rank, group, rows)
     if not _contrast_grad:
         all_keys, gathered = all_keys.detach(), gathered.detach()
         all_queries = all_queries.detach() if symmetric else None
@@ -582,8 +618,8 @@ def _info_nce_fields(query, key, symmetric, lab, neg):
     """This rank's metadata row of :func:`info_nce_loss_distributed`'s handshake."""
     fields = dict(dtype=_dtype_code(query.dtype), dim=query.shape[1], symmetric=int(symmetric))
     fields.update(labels=int(lab is not None), negatives=-1 if neg is None else neg.shape[0])
-    fields.update(queries=query.shape[0], keys=key.shape[0])
-    if lab is not None and lab.numel():
+    fields.update(queries=query.shape[0], keys=key.shape[0], grad=_needs_grad(key, query if symmetric else None))
+    if lab is not None and lab.numel() and not torch.compiler.is_compiling():  # (traced: an in-graph assert)
         fields.update(label_min=int(lab.min()), label_max=int(lab.max()))
     return fields
 
@@ -645,6 +681,7 @@ _INFONCE_AGREEMENT = _Agreement(
         label_min=0,
         label_max=-1,
         negatives=-1,
+        grad=0,
     ),  # fmt: skip
     ["op", "dtype", "dim", "symmetric", "labels", "negatives"],
     "every rank must pass query and key with the same dim and dtype (row counts may differ, 0 included), "
@@ -697,13 +734,14 @@ def sigmoid_loss_distributed(
 
     def fields_of(inputs):
         fields = dict(dtype=_dtype_code(image.dtype), dim=image.shape[1], labels=int(inputs.image_labels is not None))
-        return dict(fields, weighting=SI.WEIGHTINGS.index(weighting), images=image.shape[0], texts=text.shape[0])
+        fields.update(weighting=SI.WEIGHTINGS.index(weighting), grad=_needs_grad(inputs.text))
+        return dict(fields, images=image.shape[0], texts=text.shape[0])
 
     inputs, rows = _handshake(check, fields_of, _SIGMOID_AGREEMENT, what, group, world)
     image_counts, text_counts = [row["images"] for row in rows], [row["texts"] for row in rows]
     if normalize:
         inputs = inputs._replace(image=F.normalize(inputs.image, dim=-1), text=F.normalize(inputs.text, dim=-1))
-    all_text = _gather_with_grad(inputs.text, text_counts, rank, group)
+    all_text = _gather_with_grad(inputs.text, text_counts, rank, group, rows)
     all_image_labels = None
     if inputs.image_labels is not None:  # (every rank joins these collectives, one without images too)
         all_text_labels = inputs.text_labels if world == 1 else _gather_rows(inputs.text_labels, text_counts, group)
@@ -736,7 +774,7 @@ def _describe_sigmoid(row):
 
 
 _SIGMOID_AGREEMENT = _Agreement(
-    dict(op=_OP_SIGMOID, dtype=-1, dim=-1, labels=-1, weighting=-1, images=-1, texts=-1),
+    dict(op=_OP_SIGMOID, dtype=-1, dim=-1, labels=-1, weighting=-1, images=-1, texts=-1, grad=0),
     ["op", "dtype", "dim", "labels", "weighting"],
     "every rank must pass image and text features with the same dim and dtype (row counts may differ, 0 included), "
     "labels on all ranks or on none, and the same weighting",

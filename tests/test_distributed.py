@@ -63,6 +63,18 @@ def _cases(world):
     )
     cases["ddp-supcon-empty"] = dict(kind="ddp", counts=with_empty)
     cases["ddp-supcon-uneven"] = dict(kind="ddp", counts=uneven)
+    # "frozen": the rank whose inputs do not require grad (a rank without data passing a plain zero-row tensor, or a
+    # rank with rows and no grad); the others' gradients still hold its loss's share, by its joining the backward
+    placeholder = with_empty.index(0)
+    cases["gather-no-grad-on-rank-0"] = dict(kind="gather", counts=uneven, frozen=0)
+    cases["gather-strided"] = dict(kind="gather", counts=uneven, strided=True)  # x [n, 3, 2] with strides (2, 1, 3)
+    cases["gather-empty-placeholder"] = dict(kind="gather", counts=with_empty, frozen=placeholder)
+    cases["supcon-empty-placeholder"] = dict(
+        kind="supcon", counts=with_empty, mode="all", labels=True, n_views=2, frozen=placeholder
+    )
+    cases["infonce-symmetric-empty-placeholder"] = dict(
+        kind="infonce", counts=with_empty, key_counts=with_empty, symmetric=True, labels=False, frozen=placeholder
+    )
     return cases
 
 
@@ -109,6 +121,17 @@ def _shard(t, counts, rank):
     return t[start : start + counts[rank]]
 
 
+def _input(t, spec, rank):
+    """This rank's copy of a shard: requiring grad, except on the case's "frozen" rank."""
+    t = t.clone()
+    return t if spec.get("frozen") == rank else t.requires_grad_()
+
+
+def _grad(t):
+    """The gradient of an input; zeros for one that does not require grad."""
+    return torch.zeros_like(t) if t.grad is None else t.grad
+
+
 def _model(name):
     torch.manual_seed(_seed(name))
     return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, DIM)).double()
@@ -123,7 +146,7 @@ def _run_case(name, spec, rank, world, group):
     inputs, counts = _global_inputs(name, spec), spec["counts"]
     kind = spec["kind"]
     if kind == "supcon":
-        feats = _shard(inputs["features"], counts, rank).clone().requires_grad_()
+        feats = _input(_shard(inputs["features"], counts, rank), spec, rank)
         labels = _shard(inputs["labels"], counts, rank) if spec["labels"] else None
         loss = FF.supcon_loss(
             feats,
@@ -135,7 +158,7 @@ def _run_case(name, spec, rank, world, group):
             group=group,
         )
         loss.backward()
-        return {"loss": loss.item(), "grads": [feats.grad]}
+        return {"loss": loss.item(), "grads": [_grad(feats)]}
     if kind == "ntxent":
         z_a = _shard(inputs["z_a"], counts, rank).clone().requires_grad_()
         z_b = _shard(inputs["z_b"], counts, rank).clone().requires_grad_()
@@ -143,8 +166,8 @@ def _run_case(name, spec, rank, world, group):
         loss.backward()
         return {"loss": loss.item(), "grads": [z_a.grad, z_b.grad]}
     if kind == "infonce":
-        query = _shard(inputs["query"], counts, rank).clone().requires_grad_()
-        key = _shard(inputs["key"], spec["key_counts"], rank).clone().requires_grad_()
+        query = _input(_shard(inputs["query"], counts, rank), spec, rank)
+        key = _input(_shard(inputs["key"], spec["key_counts"], rank), spec, rank)
         labels = _shard(inputs["labels"], counts, rank) if spec["labels"] else None
         loss = FF.info_nce_loss(
             query,
@@ -156,9 +179,10 @@ def _run_case(name, spec, rank, world, group):
             group=group,
         )
         loss.backward()
-        return {"loss": loss.item(), "grads": [query.grad, key.grad]}
+        return {"loss": loss.item(), "grads": [_grad(query), _grad(key)]}
     if kind == "gather":
-        x = _shard(inputs["x"], counts, rank).clone().requires_grad_()
+        x = _shard(inputs["x"], counts, rank)
+        x = _input(x.transpose(1, 2).contiguous().transpose(1, 2) if spec.get("strided") else x, spec, rank)
         gathered = all_gather_with_grad(x, group)
         # rank-dependent use of the gathered tensor: the gradient of x sums the contributions of all ranks
         (gathered * inputs["weight"] * (rank + 1)).sum().backward()
@@ -209,6 +233,10 @@ def _bad_inputs(rank, world, group):
     attempt("supcon-labels-shape", lambda: FF.supcon_loss(features, wrong_len, gather_distributed=True, group=group))
     x = torch.randn(2 + rank, 5 + (rank == last))
     attempt("gather-shape", lambda: all_gather_with_grad(x, group))
+    x_dtype = torch.zeros(2, 3, dtype=torch.float64 if rank == last else torch.float32)
+    attempt("gather-dtype", lambda: all_gather_with_grad(x_dtype, group))
+    not_a_tensor = [0.0, 1.0] if rank == last else torch.zeros(2)
+    attempt("gather-not-a-tensor", lambda: all_gather_with_grad(not_a_tensor, group))
     q = torch.randn(2, DIM)
     bad_labels = torch.tensor([0, 99 if rank == last else 1])
     attempt(
@@ -216,6 +244,20 @@ def _bad_inputs(rank, world, group):
         lambda: FF.info_nce_loss(q, q.clone(), bad_labels, symmetric=False, gather_distributed=True, group=group),
     )
     return results
+
+
+def _double_backward(rank, group):
+    """A second derivative through the gather (a gradient penalty): the first-order gradient, and what the second
+    backward raised."""
+    x = (torch.arange(6, dtype=torch.float64).reshape(2, 3) + rank).requires_grad_()
+    (grad,) = torch.autograd.grad((all_gather_with_grad(x, group) ** 2).sum(), x, create_graph=True)
+    try:
+        ((grad**2).sum() + x.sum()).backward()
+        outcome = (None, "")
+    except RuntimeError as err:
+        outcome = (type(err).__name__, str(err))
+    check = all_gather_with_grad(torch.full((1,), float(rank)), group)
+    return (grad.detach(),) + outcome + (check.tolist(),)
 
 
 def _worker(rank, port, out_dir):
@@ -247,6 +289,7 @@ def _worker(rank, port, out_dir):
                 except Exception:  # reported by the test
                     results[world]["cases"][name] = {"error": traceback.format_exc()}
             results[world]["bad"] = _bad_inputs(rank, world, group)
+            results[world]["double_backward"] = _double_backward(rank, group)
     finally:
         D.contrastive_loss = core
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -348,7 +391,10 @@ def test_all_gather_with_grad(world_results, name):
     total_weight = inputs["weight"] * sum(rank + 1 for rank in range(world))  # d/dx of sum_r loss_r
     for rank, res in enumerate(per_rank):
         assert torch.equal(res["gathered"], inputs["x"])  # rank order, uneven and empty shards
-        assert _close(res["grads"][0], _shard(total_weight, spec["counts"], rank))
+        if spec.get("frozen") == rank:  # its x does not require grad
+            assert res["grads"][0] is None
+        else:
+            assert _close(res["grads"][0], _shard(total_weight, spec["counts"], rank))
 
 
 @pytest.mark.parametrize("name", _case_names({"ddp"}))
@@ -387,6 +433,8 @@ BAD = [
     "supcon-labels-on-one-rank",
     "supcon-labels-shape",
     "gather-shape",
+    "gather-dtype",
+    "gather-not-a-tensor",
     "infonce-label-range",
 ]
 MENTIONS = {  # what every rank's message must name
@@ -396,20 +444,37 @@ MENTIONS = {  # what every rank's message must name
     "supcon-labels-on-one-rank": ["labels=given", "labels=None"],
     "supcon-labels-shape": ["rank {last}", "labels must have shape [3]"],
     "gather-shape": ["rank 0", "rank {last}", "[2, 5]", "6]"],
+    "gather-dtype": ["rank 0: x [2, 3] float32", "rank {last}: x [2, 3] float64", "same dtype"],
+    "gather-not-a-tensor": ["rank {last}", "x must be a torch.Tensor, got list"],
     "infonce-label-range": ["rank {last}", "99", "global key set"],
 }
+
+ERROR_TYPES = {"gather-not-a-tensor": "TypeError"}  # every other case: ValueError
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_on_one_rank_raises_on_every_rank(world_results, case):
     world, results = world_results
+    raised = [res["bad"][case][0] for res in results]
+    assert raised == [ERROR_TYPES.get(case, "ValueError")] * world  # one exception type on every rank
     for rank, res in enumerate(results):
         err_type, message, seconds, check = res["bad"][case]
-        assert err_type in ("ValueError", "TypeError"), (rank, err_type, message)
         for needle in MENTIONS[case]:
             assert needle.format(last=world - 1) in message, (rank, needle, message)
         assert seconds < 10, f"rank {rank} took {seconds:.1f} s to raise"
         assert check == [float(r) for r in range(world)]  # the group is still in step afterwards
+
+
+def test_second_derivative_through_the_gather_raises(world_results):
+    """The backward reduce-scatter is not itself differentiable: a second backward through it raises on every rank
+    (its terms would otherwise be left out of the result), and the first-order gradient is exact."""
+    world, results = world_results
+    for rank, res in enumerate(results):
+        grad, err_type, message, check = res["double_backward"]
+        x = torch.arange(6, dtype=torch.float64).reshape(2, 3) + rank
+        assert torch.equal(grad, 2 * world * x)  # d/dx of sum over ranks of sum(gathered ** 2)
+        assert err_type == "RuntimeError" and "once_differentiable" in message, (rank, err_type, message)
+        assert check == [float(r) for r in range(world)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,6 +494,40 @@ def test_single_process_is_the_plain_loss():
     q, k = torch.randn(4, DIM, dtype=torch.float64), torch.randn(4, DIM, dtype=torch.float64)
     assert torch.allclose(FF.info_nce_loss(q, k, gather_distributed=True), FF.info_nce_loss(q, k), rtol=1e-12)
     assert torch.allclose(FF.nt_xent_loss(q, k, gather_distributed=True), FF.nt_xent_loss(q, k), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda f, gathered: FF.supcon_loss(f, torch.tensor([0, 1, 0, 2, 1]), gather_distributed=gathered),
+        lambda f, gathered: FF.nt_xent_loss(f[:, 0], f[:, 1], gather_distributed=gathered),
+        lambda f, gathered: FF.info_nce_loss(f[:, 0], f[:, 1], gather_distributed=gathered),
+        lambda f, gathered: FF.info_nce_loss(
+            f[:, 0], f[:, 1], torch.tensor([4, 0, 0, 2, 1]), symmetric=False, gather_distributed=gathered
+        ),
+        lambda f, gathered: FF.sigmoid_loss(f[:, 0], f[:, 1], torch.tensor(10.0), None, gather_distributed=gathered),
+    ],
+    ids=["supcon", "ntxent", "infonce", "infonce-labels", "sigmoid"],
+)
+def test_single_process_gathered_loss_compiles_as_one_graph(loss):
+    """Without a process group the gathered form traces with fullgraph=True (its metadata, the dtype included, is
+    Python state) and gives the plain loss."""
+    features = torch.nn.functional.normalize(torch.randn(5, 2, DIM, dtype=torch.float64), dim=-1)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda f: loss(f, True), backend="eager", fullgraph=True)(features)
+    assert torch.allclose(compiled, loss(features, False), rtol=1e-12, atol=0)
+
+
+def test_single_process_gathered_info_nce_checks_the_label_range_in_graph():
+    query = torch.randn(3, DIM)
+    torch._dynamo.reset()
+    traced = torch.compile(
+        lambda labels: FF.info_nce_loss(query, query, labels, symmetric=False, gather_distributed=True),
+        backend="eager",
+        fullgraph=True,
+    )
+    with pytest.raises(RuntimeError, match="labels must index the global key set"):
+        traced(torch.tensor([0, 3, 1]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

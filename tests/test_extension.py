@@ -126,6 +126,41 @@ def test_torch_compile_traces_the_ops():
     assert torch.allclose(x.grad, torch.full_like(x, 4.0))
 
 
+def test_torch_compile_with_the_extension_unavailable(monkeypatch):
+    """fullgraph tracing where the compiled ops failed to load and their one-time warning is still due (after
+    load_extension(), as before torch.compile): the graph runs the PyTorch fallback, the next eager call warns."""
+    monkeypatch.setattr(_extension, "_RESOLVED", True)
+    monkeypatch.setattr(_extension, "_LOAD_ERROR", "ImportError: no C++ compiler found")
+    monkeypatch.setattr(_extension, "_WARNED", False)
+
+    def step(x):
+        padded = _extension.pad_segments(x, [2, 0, 3], 3)
+        return padded, _extension.compact_segments(padded, [2, 0, 3]), _extension.repeat_segments(x, [2, 0, 3], 2)
+
+    x = torch.arange(5.0).reshape(5, 1)
+    torch._dynamo.reset()
+    padded, compact, repeated = torch.compile(step, backend="eager", fullgraph=True)(x)
+    assert padded.flatten().tolist() == [0, 1, 0, 0, 0, 0, 2, 3, 4]
+    assert compact.flatten().tolist() == [0, 1, 2, 3, 4]
+    assert repeated.flatten().tolist() == [0, 1, 0, 1, 2, 3, 4, 2, 3, 4]
+    with pytest.warns(RuntimeWarning, match="fastcl._C is not available"):
+        _extension.compact_segments(padded, [2, 0, 3])
+
+
+@needs_extension
+def test_torch_compile_on_a_device_without_kernels(monkeypatch):
+    """A device type the library has no kernels for (CUDA in a CPU-only build; here the CPU, by the table the
+    loader fills): traced, the PyTorch fallback without a warning; the next eager call warns once."""
+    monkeypatch.setattr(_extension, "_KERNEL_DEVICES", {"meta"})
+    monkeypatch.setattr(_extension, "_NO_KERNEL_WARNED", set())
+    x = torch.arange(5.0).reshape(5, 1)
+    torch._dynamo.reset()
+    padded = torch.compile(lambda t: _extension.pad_segments(t, [2, 0, 3], 3), backend="eager", fullgraph=True)(x)
+    assert padded.flatten().tolist() == [0, 1, 0, 0, 0, 0, 2, 3, 4]
+    with pytest.warns(RuntimeWarning, match="built without CPU kernels"):
+        assert _extension.repeat_segments(x, [2, 0, 3], 2).flatten().tolist() == [0, 1, 0, 1, 2, 3, 4, 2, 3, 4]
+
+
 @needs_extension
 def test_errors_name_the_shapes():
     with pytest.raises(RuntimeError, match=r"counts \[2, 0, 3\] exceed the 2 padded rows"):
@@ -134,6 +169,20 @@ def test_errors_name_the_shapes():
         torch.ops.fastcl.pad_segments(torch.randn(4, 2), [2, 0, 3], 3)
     with pytest.raises(RuntimeError, match=r"padded_rows \(2\) must be >= max\(counts\) = 3"):
         torch.ops.fastcl.pad_segments(torch.randn(5, 2), [2, 0, 3], 2)
+
+
+@pytest.mark.parametrize("use_extension", [True, False], ids=["compiled", "fallback"])
+@pytest.mark.parametrize(
+    "op,args",
+    [("compact_segments", ([1],)), ("pad_segments", ([1], 1)), ("repeat_segments", ([1], 2))],
+    ids=["compact", "pad", "repeat"],
+)
+def test_zero_dim_input_is_named(op, args, use_extension):
+    if use_extension and not _extension.extension_available():
+        pytest.skip("fastcl._C is not built")
+    fn = getattr(torch.ops.fastcl, op) if use_extension else getattr(_extension, f"{op}_torch")
+    with pytest.raises(RuntimeError, match=r"input must have at least 1 dimension, got shape (\(\)|\[\])"):
+        fn(torch.tensor(3.0), *args)
 
 
 def test_missing_library_warns_once_and_falls_back():
