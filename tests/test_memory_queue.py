@@ -107,12 +107,21 @@ def test_labels_in_the_losses_forms():
     assert queue.labels.dtype == torch.int64 and queue.labels.tolist() == [3, 5, 1, 0]
 
 
+def test_numpy_sizes():
+    np = pytest.importorskip("numpy")
+    queue = MemoryQueue(np.int64(3), np.int32(2))
+    assert (type(queue.size), type(queue.dim), queue.keys.shape) == (int, int, (3, 2))
+    queue.enqueue(torch.arange(8.0).view(4, 2), torch.arange(4))
+    assert queue.negatives[:, 0].tolist() == [2.0, 4.0, 6.0] and queue.labels.tolist() == [1, 2, 3]
+
+
 @pytest.mark.parametrize(
     "call, error, match",
     [
         (lambda: MemoryQueue(0, 4), ValueError, "size must be positive"),
         (lambda: MemoryQueue(-3, 4), ValueError, "size must be positive"),
         (lambda: MemoryQueue(4.0, 4), TypeError, "size must be an int"),
+        (lambda: MemoryQueue(True, 4), TypeError, "size must be an int"),
         (lambda: MemoryQueue(4, 0), ValueError, "dim must be positive"),
         (lambda: MemoryQueue(4, 4, dtype=torch.int64), TypeError, "dtype must be a floating-point"),
         (lambda: MemoryQueue(4, 4).enqueue(torch.ones(2, 5), torch.arange(2)), ValueError, r"\[n, 4\]"),
