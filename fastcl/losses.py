@@ -178,8 +178,8 @@ class InfoNCELoss(nn.Module):
         e.g. ``model.logit_scale.exp()``) overrides the constructor's temperature for that call (not both); either
         may be a 0-dim tensor (learnable), as in ``SupConLoss``. ``forward(..., negatives=Q)``: extra keys
         ``[M, D]`` (a queue, hard negatives); with ``in_batch_negatives`` / ``false_negative_margin`` of the
-        constructor as in :func:`fastcl.functional.info_nce_loss` (these need ``symmetric=False``: a ``ValueError`` in the
-        constructor otherwise).
+        constructor as in :func:`fastcl.functional.info_nce_loss` (these need ``symmetric=False``: a ``ValueError``
+        in the constructor otherwise).
     """
 
     def __init__(

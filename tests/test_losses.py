@@ -90,7 +90,10 @@ def test_losses_train_a_model():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(in_batch_negatives=False), "in_batch_negatives=False"), (dict(false_negative_margin=0.1), "false_negative_margin")],
+    [
+        (dict(in_batch_negatives=False), "in_batch_negatives=False"),
+        (dict(false_negative_margin=0.1), "false_negative_margin"),
+    ],
 )
 def test_info_nce_module_query_direction_settings_need_one_direction(kwargs, match):
     """``in_batch_negatives=False`` and ``false_negative_margin`` are query -> key settings: refused in the constructor
