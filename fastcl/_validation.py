@@ -50,10 +50,17 @@ def check_temperature(name: str, value):
     return value
 
 
-def check_positive_int(value: object, name: str) -> int:
-    """A strictly positive Python int (sizes, counts); bools are rejected."""
-    if isinstance(value, bool) or not isinstance(value, int):
+def check_int(value: object, name: str) -> int:
+    """An integer (a Python or numpy int), returned as a Python int; bools are rejected."""
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """A strictly positive integer (sizes, counts; a Python or numpy int), returned as a Python int; bools are
+    rejected."""
+    value = check_int(value, name)
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
     return value

@@ -50,11 +50,12 @@ class ClipLoss(nn.Module):
             global matrix on every rank.
         gather_with_grad: the gathered rows carry gradients back to their ranks (a reduce-scatter).
         cache_labels: accepted for open_clip compatibility (fastcl forms no label tensor).
-        rank, world_size: this process's rank and the number of ranks in ``group``; checked against
+        rank, world_size: this process's rank and the number of ranks in ``group`` (ints); checked against
             ``torch.distributed`` when ``world_size > 1``.
         use_horovod: not supported (``torch.distributed`` only).
         group: the process group (default: the world).
-        backend: fastcl's backend (``'auto'``, ``'chunked'``, ``'triton'``).
+        backend: fastcl's backend (``'auto'``, ``'chunked'``, ``'triton'``; ``'reference'`` in one process or
+            with ``local_loss=False``).
 
     Shape:
         ``forward(image_features [B, D], text_features [B, D], logit_scale, logit_bias=None, output_dict=False)``:
@@ -82,8 +83,15 @@ class ClipLoss(nn.Module):
         super().__init__()
         if use_horovod:
             raise ValueError("fastcl.ClipLoss runs on torch.distributed: use_horovod=True is not supported")
+        rank, world_size = V.check_int(rank, "rank"), V.check_int(world_size, "world_size")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        V.check_backend(backend)
+        if backend == "reference" and local_loss and world_size > 1:
+            raise ValueError(
+                "backend='reference' (the dense single-process formulation) has no distributed form; "
+                "use 'auto', 'chunked' or 'triton' with local_loss=True and world_size > 1"
+            )
         self.local_loss, self.gather_with_grad, self.cache_labels = bool(local_loss), bool(gather_with_grad), cache_labels
         self.rank, self.world_size, self.group, self.backend = rank, world_size, group, backend
 
@@ -99,6 +107,12 @@ class ClipLoss(nn.Module):
         if logit_bias is not None:  # (softmax is shift-invariant: no effect on the loss, a zero gradient)
             loss = loss + SI.scalar_tensor("logit_bias", logit_bias, text_features).to(loss.dtype).mul(0)
         return {"contrastive_loss": loss} if output_dict else loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, rank={self.rank}, "
+            f"world_size={self.world_size}, backend={self.backend!r}"
+        )
 
     def _loss(self, image, text, logit_scale):
         logit_scale = V.check_temperature("logit_scale", logit_scale)

@@ -178,7 +178,8 @@ class InfoNCELoss(nn.Module):
         e.g. ``model.logit_scale.exp()``) overrides the constructor's temperature for that call (not both); either
         may be a 0-dim tensor (learnable), as in ``SupConLoss``. ``forward(..., negatives=Q)``: extra keys
         ``[M, D]`` (a queue, hard negatives); with ``in_batch_negatives`` / ``false_negative_margin`` of the
-        constructor as in :func:`fastcl.functional.info_nce_loss` (these need ``symmetric=False``).
+        constructor as in :func:`fastcl.functional.info_nce_loss` (these need ``symmetric=False``: a ``ValueError``
+        in the constructor otherwise).
     """
 
     def __init__(
@@ -198,6 +199,11 @@ class InfoNCELoss(nn.Module):
         self.false_negative_margin = V.check_margin(false_negative_margin)
         self.temperature = V.check_temperature("temperature", temperature)
         self.symmetric = bool(symmetric)
+        if self.symmetric and (not self.in_batch_negatives or self.false_negative_margin is not None):
+            raise ValueError(
+                "in_batch_negatives=False / false_negative_margin are columns of the query -> key direction only: "
+                "pass symmetric=False with them"
+            )
         self.normalize = bool(normalize)
         self.backend = V.check_backend(backend)
         self.gather_distributed = _check_distributed(gather_distributed, backend)

@@ -128,6 +128,33 @@ def test_logit_bias_is_one_number():
             fastcl.ClipLoss()(img, txt, s, bias)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(backend="cuda"), ValueError, "backend must be one of"),
+        (dict(backend="reference", local_loss=True, rank=0, world_size=2), ValueError, "backend='reference'"),
+        (dict(world_size=1.5), TypeError, "world_size must be an int"),
+        (dict(world_size=True), TypeError, "world_size must be an int"),
+        (dict(rank="0", world_size=2), TypeError, "rank must be an int"),
+    ],
+)
+def test_constructor_refuses_bad_settings_naming_them(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastcl.ClipLoss(**kwargs)
+
+
+def test_constructor_takes_numpy_ints_and_shows_its_settings():
+    np = pytest.importorskip("numpy")
+    img, txt = _inputs([6], 5)
+    s = torch.tensor(10.0, dtype=torch.float64)
+    criterion = fastcl.ClipLoss(rank=np.int64(0), world_size=np.int64(1), backend="reference")
+    assert (type(criterion.rank), type(criterion.world_size)) == (int, int)
+    torch.testing.assert_close(criterion(img, txt, s), fastcl.ClipLoss()(img, txt, s), **TOL)
+    assert repr(fastcl.ClipLoss(local_loss=True, gather_with_grad=True, rank=1, world_size=2)) == (
+        "ClipLoss(local_loss=True, gather_with_grad=True, rank=1, world_size=2, backend='auto')"
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Across ranks: the workers
 # ----------------------------------------------------------------------------------------------------------------

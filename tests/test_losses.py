@@ -86,3 +86,27 @@ def test_losses_train_a_model():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.2
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(in_batch_negatives=False), "in_batch_negatives=False"),
+        (dict(false_negative_margin=0.1), "false_negative_margin"),
+    ],
+)
+def test_info_nce_module_query_direction_settings_need_one_direction(kwargs, match):
+    """``in_batch_negatives=False`` and ``false_negative_margin`` are query -> key settings: refused in the constructor
+    with the default ``symmetric=True``, and with ``symmetric=False`` the functional form's numbers."""
+    with pytest.raises(ValueError, match=match) as refused:
+        InfoNCELoss(**kwargs)
+    assert "symmetric=False" in str(refused.value)
+    query, key = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    negatives = torch.randn(4, 5, dtype=torch.float64)
+    loss = InfoNCELoss(symmetric=False, **kwargs)(query, key, negatives=negatives)
+    expected = FF.info_nce_loss(query, key, negatives=negatives, symmetric=False, **kwargs)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    if "in_batch_negatives" in kwargs:  # MoCo: its own key and the negatives
+        q, k, n = (F.normalize(x, dim=-1) for x in (query, key, negatives))
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ n.T], 1) / 0.07
+        torch.testing.assert_close(loss, F.cross_entropy(logits, torch.zeros(7, dtype=torch.long)), rtol=1e-10, atol=0)

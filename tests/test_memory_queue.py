@@ -107,12 +107,63 @@ def test_labels_in_the_losses_forms():
     assert queue.labels.dtype == torch.int64 and queue.labels.tolist() == [3, 5, 1, 0]
 
 
+def test_supcon_with_a_queue_equals_pml_cross_batch_memory_through_wrap_around():
+    """PML ``CrossBatchMemory(SupConLoss, memory_size)`` holds the current batch too: ``MemoryQueue(memory_size - B)``
+    with ``SupConLoss(negatives=, negative_labels=)`` gives its loss times ``N / N_pos`` (the README's PML mapping, the
+    positives counted in the batch and the queue) at every step, the queue filling and wrapping.
+    PML's memory holds the batch detached, so its gradient reaches the batch only through the anchors."""
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    import torch.nn.functional as F
+
+    from fastcl import SupConLoss
+
+    batch, memory_size = 6, 20
+    memory = pml_losses.CrossBatchMemory(pml_losses.SupConLoss(temperature=0.1), 4, memory_size=memory_size)
+    queue = MemoryQueue(memory_size - batch, 4, dtype=torch.float64)
+    criterion = SupConLoss(0.1, base_temperature=0.1, normalize=True)
+    g = torch.Generator().manual_seed(3)
+    anchors_without_positive = []
+    for _ in range(6):
+        emb = torch.randn(batch, 4, generator=g, dtype=torch.float64, requires_grad=True)
+        labels = torch.randint(0, 3, (batch,), generator=g)
+        expected = memory(emb, labels)
+        (expected_grad,) = torch.autograd.grad(expected, emb)
+        ours = criterion(emb[:, None], labels, negatives=queue.negatives, negative_labels=queue.labels)
+        # PML averages over the anchors with a positive (in the batch or the memory), fastcl over all anchors
+        same = labels[:, None] == torch.cat([labels, queue.labels])
+        n_pos = int((same.sum(1) > 1).sum())
+        anchors_without_positive.append(batch - n_pos)
+        torch.testing.assert_close(ours * batch / max(n_pos, 1), expected, rtol=1e-10, atol=1e-12)
+        # the anchors-only gradient: the batch as constant contrast rows, as PML's memory holds it
+        anchors = F.normalize(emb, dim=-1)
+        contrast = torch.cat([anchors.detach(), F.normalize(queue.negatives, dim=-1)])
+        logits = (anchors @ contrast.T / 0.1).masked_fill(
+            torch.eye(batch, len(contrast), dtype=torch.bool), float("-inf")
+        )
+        log_prob = logits - logits.logsumexp(1, keepdim=True)
+        positive = (labels[:, None] == torch.cat([labels, queue.labels])) & ~torch.eye(batch, len(contrast)).bool()
+        per_anchor = -log_prob.masked_fill(~positive, 0).sum(1) / positive.sum(1).clamp(min=1)
+        (anchor_grad,) = torch.autograd.grad(per_anchor[per_anchor > 0].mean(), emb)
+        torch.testing.assert_close(anchor_grad, expected_grad, rtol=1e-10, atol=1e-12)
+        queue.enqueue(emb.detach(), labels)
+    assert queue.filled == memory_size - batch and anchors_without_positive[0] > 0
+
+
+def test_numpy_sizes():
+    np = pytest.importorskip("numpy")
+    queue = MemoryQueue(np.int64(3), np.int32(2))
+    assert (type(queue.size), type(queue.dim), queue.keys.shape) == (int, int, (3, 2))
+    queue.enqueue(torch.arange(8.0).view(4, 2), torch.arange(4))
+    assert queue.negatives[:, 0].tolist() == [2.0, 4.0, 6.0] and queue.labels.tolist() == [1, 2, 3]
+
+
 @pytest.mark.parametrize(
     "call, error, match",
     [
         (lambda: MemoryQueue(0, 4), ValueError, "size must be positive"),
         (lambda: MemoryQueue(-3, 4), ValueError, "size must be positive"),
         (lambda: MemoryQueue(4.0, 4), TypeError, "size must be an int"),
+        (lambda: MemoryQueue(True, 4), TypeError, "size must be an int"),
         (lambda: MemoryQueue(4, 0), ValueError, "dim must be positive"),
         (lambda: MemoryQueue(4, 4, dtype=torch.int64), TypeError, "dtype must be a floating-point"),
         (lambda: MemoryQueue(4, 4).enqueue(torch.ones(2, 5), torch.arange(2)), ValueError, r"\[n, 4\]"),
