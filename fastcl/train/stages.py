@@ -48,7 +48,7 @@ from fastcl.train.checkpoint import (
     save_checkpoint,
 )
 from fastcl.train.cli import BASE_LR, MIN_BATCHNORM_ROWS, build_parser, training_config
-from fastcl.train.data import load_dataset
+from fastcl.train.data import UnreadableImageError, load_dataset
 from fastcl.train.data.loader import EpochBatchSampler, InMemoryBatches, StreamingBatches, load_streaming
 from fastcl.train.errors import ConfigError, RunError
 from fastcl.train.evaluate import describe_error, quick_probe
@@ -394,6 +394,16 @@ def crash_after_steps() -> int:
     return steps
 
 
+def _epoch_batches(run: Run, epoch: int):
+    """The batches of ``epoch`` from its current step; an image that cannot be read (``--stream`` decodes while
+    training) stops the run with :class:`RunError`, the last checkpoint kept."""
+    try:
+        yield from run.batches.epoch(epoch, run.epoch_step)
+    except UnreadableImageError as e:
+        raise RunError(f"{e}: replace or remove that file, then rerun with --resume (the last checkpoint, if any, "
+                       f"is kept)") from None
+
+
 def train(run: Run) -> None:
     """Stage 5: the remaining epochs; a checkpoint after each one (and every ``--checkpoint-every`` steps)."""
     args, d = run.args, run.d
@@ -406,7 +416,7 @@ def train(run: Run) -> None:
         if run.key_model is not None:
             run.key_model.train()  # BatchNorm on batch statistics, as the model's
         epoch_start = last = time.perf_counter()
-        for images, labels in run.batches.epoch(epoch, run.epoch_step):
+        for images, labels in _epoch_batches(run, epoch):
             loss = train_step(run, images, labels)
             run.global_step += 1
             run.epoch_step += 1

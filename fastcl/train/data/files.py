@@ -27,6 +27,7 @@ from fastcl.train.data.splits import (
     DatasetSplits,
     ImageSet,
     MissingDependencyError,
+    UnreadableImageError,
 )
 from fastcl.train.data.spurious_cues import spurious_cues_splits
 
@@ -116,10 +117,13 @@ def _read_images(paths: Sequence[str], image_size: int) -> Tensor:
     Image = _pillow()
     out = torch.empty(len(paths), 3, image_size, image_size, dtype=torch.uint8)
     for i, p in enumerate(paths):
-        with Image.open(p) as im:
-            im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-            out[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3) \
-                .permute(2, 0, 1)
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+        except Exception as e:  # corrupt, truncated, not an image
+            raise UnreadableImageError.reading(p, e) from None
+        out[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3) \
+            .permute(2, 0, 1)
     return out
 
 

@@ -35,7 +35,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastcl.train.data.files import folder_layout, folder_split_files, list_images
-from fastcl.train.data.splits import DatasetNotFoundError, DatasetSplits, ImageSet, MissingDependencyError
+from fastcl.train.data.splits import (
+    DatasetNotFoundError,
+    DatasetSplits,
+    ImageSet,
+    MissingDependencyError,
+    UnreadableImageError,
+)
 
 __all__ = [
     "EpochBatchSampler",
@@ -49,6 +55,7 @@ __all__ = [
     "decoder_name",
     "iter_image_batches",
     "load_streaming",
+    "read_image",
 ]
 
 STREAMING_DATASETS = ("folder", "urbancars")
@@ -201,6 +208,16 @@ def decode_resized(path: str, size: int, offset: float | None = None) -> Tensor:
             .contiguous()
 
 
+def read_image(path: str, size: int, offset: float | None = None) -> Tensor:
+    """:func:`decode_resized`; a file that cannot be decoded raises :class:`UnreadableImageError` naming it."""
+    try:
+        return decode_resized(path, size, offset)
+    except MissingDependencyError:
+        raise
+    except Exception as e:  # corrupt, truncated, not an image
+        raise UnreadableImageError.reading(path, e) from None
+
+
 class ImageFileDataset(Dataset):
     """``(image uint8 [3, S, S], label)`` for ``paths[i]``; with ``random_crop`` the crop along the long side is
     drawn from ``(seed, epoch, i)`` (keys ``(i, epoch)``), so it does not depend on the worker that decodes it."""
@@ -222,13 +239,7 @@ class ImageFileDataset(Dataset):
         offset = None
         if self.random_crop:
             offset = random.Random((self.seed * 1_000_003 + epoch) * 100_000_007 + i).random()
-        try:
-            img = decode_resized(str(self.paths[i]), self.image_size, offset)
-        except MissingDependencyError:
-            raise
-        except Exception as e:
-            raise RuntimeError(f"could not read image {self.paths[i]!r}: {type(e).__name__}: {e}") from e
-        return img, self.labels[i]
+        return read_image(str(self.paths[i]), self.image_size, offset), self.labels[i]
 
 
 def _loader(dataset: Dataset, *, batch_sampler: Any = None, batch_size: int | None = None, workers: int = 0,
@@ -319,7 +330,7 @@ class StreamingBatches:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         self.sampler.set_epoch(epoch, start_step)
-        for images, labels in _iterate(self.loader):
+        for images, labels in _batches(self.loader):
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
@@ -336,6 +347,19 @@ def _iterate(loader: DataLoader) -> Iterator[Any]:
         gc.unfreeze()
 
 
+def _batches(loader: DataLoader) -> Iterator[Any]:
+    """The batches of ``loader``; an :class:`UnreadableImageError` raised in a worker process arrives with the
+    worker's traceback in its message and is raised again with its own one-line message."""
+    try:
+        yield from _iterate(loader)
+    except UnreadableImageError as e:
+        lines = str(e).strip().splitlines()
+        if len(lines) <= 1:
+            raise
+        name = f"{UnreadableImageError.__module__}.{UnreadableImageError.__qualname__}: "
+        raise UnreadableImageError(lines[-1].removeprefix(name)) from None
+
+
 def iter_image_batches(images: ImageSet | StreamingImageSet, batch_size: int, *, workers: int = 0,
                        prefetch: int = 2) -> Iterator[Tensor]:
     """The images of a split in order, ``batch_size`` at a time, as ``uint8 [b, C, S, S]`` on the CPU
@@ -345,7 +369,7 @@ def iter_image_batches(images: ImageSet | StreamingImageSet, batch_size: int, *,
             yield images.images[s:s + batch_size]
         return
     loader = _loader(images.dataset(), batch_size=batch_size, workers=workers, prefetch=prefetch)
-    for x, _ in _iterate(loader):
+    for x, _ in _batches(loader):
         yield x
 
 
@@ -359,7 +383,7 @@ def _cap(split: StreamingImageSet, limit: int | None, seed: int) -> StreamingIma
 def _channel_stats(split: StreamingImageSet, limit: int = 256) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of up to ``limit`` images spread over the split (centre crops)."""
     rows = torch.linspace(0, len(split) - 1, min(limit, len(split))).round().long().unique()
-    x = torch.stack([decode_resized(split.paths[i], split.image_size) for i in rows.tolist()]).float() / 255.0
+    x = torch.stack([read_image(split.paths[i], split.image_size) for i in rows.tolist()]).float() / 255.0
     mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp(min=1e-3)
     return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
 

@@ -207,3 +207,18 @@ def test_urbancars_release_layout_gives_groups(tmp_path):
         assert split.bg_aligned.sum() == 4 and split.coobj_aligned.sum() == 4
         assert torch.equal(split.bg_aligned, split.bg == split.labels)
     assert s.train.labels.tolist() == [0] * 4 + [1] * 4
+
+
+def test_an_unreadable_folder_image_is_named(tmp_path):
+    """A corrupt file with an image extension stops the in-memory folder loader with a one-line error naming it."""
+    from fastcl.train.data import UnreadableImageError
+
+    Image = pytest.importorskip("PIL.Image")
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / split / "cat")
+        Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / split / "cat" / "0.png")
+    bad = tmp_path / "train" / "cat" / "1.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    with pytest.raises(UnreadableImageError, match="could not read image") as e:
+        load_dataset("folder", data_dir=str(tmp_path), image_size=8)
+    assert isinstance(e.value, ValueError) and str(bad) in str(e.value) and "\n" not in str(e.value)
