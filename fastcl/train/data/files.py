@@ -17,6 +17,7 @@ import os
 import pickle
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,7 +33,7 @@ from fastcl.train.data.splits import (
 from fastcl.train.data.spurious_cues import spurious_cues_splits
 
 __all__ = ["folder_layout", "folder_split_files", "list_images", "load_cifar", "load_dataset", "load_folder",
-           "load_urbancars"]
+           "load_urbancars", "rgb_image"]
 
 # --------------------------------------------------------------------------------------------------
 # CIFAR (python pickle release)
@@ -108,6 +109,14 @@ def _pillow():
     return Image
 
 
+def rgb_image(im):
+    """The Pillow image ``im`` in mode RGB; 16-bit greyscale (``I;16`` PNG and TIFF files) keeps its high byte,
+    which Pillow's own conversion would clip at 255."""
+    if im.mode.startswith("I;16"):
+        im = _pillow().fromarray((np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8))
+    return im.convert("RGB")
+
+
 def list_images(folder: str) -> list[str]:
     """The image files (by extension) directly in ``folder``, sorted."""
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -119,7 +128,7 @@ def _read_images(paths: Sequence[str], image_size: int) -> Tensor:
     for i, p in enumerate(paths):
         try:
             with Image.open(p) as im:
-                im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+                im = rgb_image(im).resize((image_size, image_size), Image.BILINEAR)
         except Exception as e:  # corrupt, truncated, not an image
             raise UnreadableImageError.reading(p, e) from None
         out[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3) \

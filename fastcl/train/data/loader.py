@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fastcl.train.data.files import folder_layout, folder_split_files, list_images
+from fastcl.train.data.files import folder_layout, folder_split_files, list_images, rgb_image
 from fastcl.train.data.splits import (
     DatasetNotFoundError,
     DatasetSplits,
@@ -184,6 +184,8 @@ def decode_resized(path: str, size: int, offset: float | None = None) -> Tensor:
     if tv is not None:
         decode_image, read_file, rgb, resize = tv
         img = decode_image(read_file(path), mode=rgb)
+        if img.dtype != torch.uint8:  # 16-bit PNG: the high byte
+            img = img.to(torch.int32).div(256, rounding_mode="floor").to(torch.uint8)
         h, w = img.shape[-2:]
         if min(h, w) != size:
             scale = size / min(h, w)
@@ -195,7 +197,7 @@ def decode_resized(path: str, size: int, offset: float | None = None) -> Tensor:
     with Image.open(path) as im:
         if im.format == "JPEG":
             im.draft("RGB", (size, size))  # decode at 1/2, 1/4 or 1/8 scale while the short side stays >= size
-        im = im.convert("RGB")
+        im = rgb_image(im)
         w, h = im.size
         if min(w, h) != size:
             scale = size / min(w, h)

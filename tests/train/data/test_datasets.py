@@ -222,3 +222,13 @@ def test_an_unreadable_folder_image_is_named(tmp_path):
     with pytest.raises(UnreadableImageError, match="could not read image") as e:
         load_dataset("folder", data_dir=str(tmp_path), image_size=8)
     assert isinstance(e.value, ValueError) and str(bad) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_folder_images_of_16_bits_keep_their_grey_level(tmp_path):
+    """A 16-bit greyscale PNG is read at its grey level (the high byte), not clipped to white."""
+    Image = pytest.importorskip("PIL.Image")
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / split / "cat")
+        Image.fromarray(np.full((10, 20), 100 * 257, np.uint16)).save(tmp_path / split / "cat" / "0.png")
+    s = load_dataset("folder", data_dir=str(tmp_path), image_size=8)
+    assert s.train.images.shape == (1, 3, 8, 8) and (s.train.images.int() - 100).abs().max() <= 1

@@ -112,6 +112,22 @@ def test_decode_keeps_the_aspect_ratio_and_crops_the_long_side(tmp_path):
     assert torch.equal(decode_resized(tall, 15), torch.full((3, 15, 15), 77, dtype=torch.uint8))
 
 
+def test_decode_reads_every_image_mode_as_rgb(tmp_path):
+    """Greyscale, 16-bit greyscale, palette and RGBA files and an image smaller than the crop all decode to
+    ``uint8 [3, S, S]`` with their grey levels (16-bit: the high byte, not clipped at 255)."""
+    grey = np.full((30, 40), 100, np.uint8)
+    files = {"grey.png": Image.fromarray(grey), "grey16.png": Image.fromarray(grey.astype(np.uint16) * 257),
+             "palette.png": Image.fromarray(np.stack([grey] * 3, -1)).convert("P", palette=Image.Palette.ADAPTIVE),
+             "rgba.png": Image.fromarray(np.stack([grey] * 3 + [np.full_like(grey, 255)], -1)),
+             "tiny.png": Image.fromarray(np.full((3, 5), 100, np.uint8))}
+    for name, im in files.items():
+        path = str(tmp_path / name)
+        im.save(path)
+        x = decode_resized(path, 16)
+        assert x.shape == (3, 16, 16) and x.dtype == torch.uint8, name
+        assert (x.int() - 100).abs().max() <= 1, (name, x.unique())
+
+
 def test_jpeg_reduced_scale_decode_matches_a_full_decode(tmp_path):
     g = torch.Generator().manual_seed(0)
     base = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 12, generator=g), size=(256, 384), mode="bilinear")
