@@ -159,14 +159,19 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
         back = _read_checkpoint(tmp)
         if back["epoch"] != state["epoch"] or back["step"] != state["step"]:
             raise ValueError(f"reads back epoch {back['epoch']} step {back['step']}")
-    except ValueError as e:
+        if os.path.exists(path):
+            os.replace(path, prev)
+        os.replace(tmp, path)
+    except BaseException as e:  # also Ctrl-C: no temporary stays behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise RunError(f"the checkpoint written to {path} did not read back ({e}); the previous checkpoint is "
-                       f"intact: check the disk and rerun with --resume") from None
-    if os.path.exists(path):
-        os.replace(path, prev)
-    os.replace(tmp, path)
+        if isinstance(e, ValueError):
+            raise RunError(f"the checkpoint written to {path} did not read back ({e}); the previous checkpoint is "
+                           f"intact: check the disk and rerun with --resume") from None
+        if isinstance(e, OSError):
+            raise RunError(f"could not rotate the checkpoint {path} in: {e.strerror or e} (the previous checkpoint "
+                           f"is {path if os.path.exists(path) else prev}; rerun with --resume)") from None
+        raise
     _fsync_dir(path)
 
 

@@ -13,6 +13,7 @@ from fastcl.train.checkpoint import (
     atomic_json,
     load_checkpoint,
     read_checkpoint,
+    save_checkpoint,
 )
 
 STATE = {"version": 2, "epoch": 1, "step": 4, "epoch_step": 0, "model": {}, "optimizer": {}, "scheduler": {},
@@ -49,3 +50,26 @@ def test_load_checkpoint_finds_the_one_to_resume_from(tmp_path):
     torch.save(STATE | {"epoch": 2, "step": 8}, tmp_path / CHECKPOINT)
     ckpt, path = load_checkpoint(str(tmp_path))
     assert path.endswith(CHECKPOINT) and ckpt["epoch"] == 2
+
+
+@pytest.mark.parametrize("stage", ["read back", "rotation"])
+def test_an_interrupted_checkpoint_write_leaves_no_temporary(tmp_path, monkeypatch, stage):
+    """Ctrl-C (KeyboardInterrupt) while the new checkpoint is read back or rotated in: the temporary file is removed,
+    the interrupt goes on, and the current checkpoint is intact."""
+    from fastcl.train import checkpoint
+
+    path = str(tmp_path / CHECKPOINT)
+    save_checkpoint(path, STATE)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if stage == "read back":
+        monkeypatch.setattr(checkpoint, "_read_checkpoint", interrupt)
+    else:
+        monkeypatch.setattr(checkpoint.os, "replace", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, STATE | {"epoch": 2, "step": 8})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == [CHECKPOINT]
+    assert read_checkpoint(path)["epoch"] == 1

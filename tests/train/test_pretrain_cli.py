@@ -254,6 +254,28 @@ def test_evaluation_failure_keeps_checkpoint_and_partial_summary(tmp_path, monke
     assert torch.load(s["checkpoint"], map_location="cpu", weights_only=True)["epoch"] == 1
 
 
+def test_ctrl_c_is_one_line_and_resume_continues(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (KeyboardInterrupt) stops the run with one line saying how to continue, exit status 130, the last
+    checkpoint kept and no temporary file; --resume then finishes the run."""
+    real = pretrain.train
+
+    def train_then_interrupt(run):
+        real(run)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "train", train_then_interrupt)
+    out = str(tmp_path / "run")
+    assert pretrain.main([*TINY, "--epochs", "1", "--out", out]) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[-1].startswith("fastcl-pretrain: interrupted") and f"{out}/checkpoint.pt" in err[-1], err
+    assert "--resume" in err[-1] and not [line for line in err if "Traceback" in line], err
+    assert not [name for name in listing(out) if ".tmp" in name] and "summary.json" not in listing(out)
+    monkeypatch.undo()
+    assert pretrain.main([*TINY, "--epochs", "1", "--out", out, "--resume"]) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["training"]["completed"] is True
+
+
 def test_non_finite_weights_are_not_evaluated(tmp_path, monkeypatch):
     real = pretrain.train
 
