@@ -236,6 +236,8 @@ def _check_device(name: str) -> None:
 
 def _check_out(args: argparse.Namespace) -> None:
     out = args.out
+    if not out:
+        raise ConfigError("--out must name a directory, got an empty string")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out} is a file, not a directory: choose another --out")
     present = run_files(out)

@@ -204,6 +204,7 @@ def test_out_that_is_a_file_or_not_writable(tmp_path):
     path.write_text("x")
     assert "is a file" in one_line_error(cli(*TINY, "--out", str(path)))
     assert "not writable" in one_line_error(cli(*TINY, "--out", str(path / "sub")))
+    assert "--out must name a directory" in one_line_error(cli(*TINY, "--out", ""))
     if os.geteuid() != 0:  # root writes anywhere
         ro = tmp_path / "ro"
         ro.mkdir()
