@@ -253,6 +253,11 @@ def restore_checkpoint(run: Run) -> None:
         if diff:
             raise ConfigError(f"--resume: {path} was written with different training arguments "
                               f"(checkpoint, now): {diff}; use the same arguments or another --out")
+        n_train = len(run.splits.train)
+        if ckpt.get("train_size", n_train) != n_train:  # the data, not the arguments, changed
+            raise ConfigError(f"--resume: the training set has {n_train} images, {path} was written with "
+                              f"{ckpt['train_size']}: the data changed since; restore it, or start over with "
+                              f"--overwrite or another --out")
         run.model.load_state_dict(ckpt["model"])
         _restore_queue(run, ckpt, path)
         run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -369,6 +374,7 @@ def write_checkpoint(run: Run) -> None:
         save_checkpoint(run.path(CHECKPOINT), {
             "version": CHECKPOINT_VERSION, "epoch": run.epoch, "epoch_step": run.epoch_step,
             "step": run.global_step, "epoch_loss_sum": run.epoch_loss_sum, "train_time_s": run.train_time,
+            "train_size": len(run.splits.train),
             "model": run.model.state_dict(), **_queue_state(run), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "rng": rngs, "config": run.config,
             "fastcl": str(fastcl.__version__), "torch": str(torch.__version__),

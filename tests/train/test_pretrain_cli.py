@@ -215,6 +215,31 @@ def test_out_that_is_a_file_or_not_writable(tmp_path):
             ro.chmod(0o755)
 
 
+def test_resume_after_the_training_set_changed_is_refused(tmp_path):
+    """Images added to a folder dataset between a kill and --resume: the epochs and the schedule would no longer be
+    the checkpoint's, so the resume stops with one line saying what changed."""
+    Image = pytest.importorskip("PIL.Image")
+    data = tmp_path / "data"
+
+    def images(split, n):
+        for c in ("a", "b"):
+            os.makedirs(data / split / c, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (20, 20), (10 * i, 0, 100 * (c == "b"))).save(data / split / c / f"{i}.png")
+
+    images("train", 12)
+    images("test", 2)
+    args = ["--dataset", "folder", "--data-dir", str(data), "--image-size", "16", "--widths", "4,8", "--proj-dim",
+            "8", "--batch-size", "8", "--epochs", "2", "--threads", "1", "--probe-every", "0", "--quiet",
+            "--no-plots", "--out", str(tmp_path / "run")]
+    crashed = subprocess.run([sys.executable, "-m", "fastcl.train.pretrain", *args], env=env() | {
+        CRASH_AFTER_STEPS_ENV: "4"}, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == 137, crashed.stderr  # 3 steps per epoch: killed in the second epoch
+    images("train", 30)
+    line = one_line_error(cli(*args, "--resume"))
+    assert "training set has 60 images" in line and "written with 24" in line, line
+
+
 def test_batchnorm_micro_batches_warn(tmp_path):
     proc = ok(cli(*[x for x in TINY if x != "--quiet"], "--epochs", "1", "--micro-batch-size", "8",
                   "--out", str(tmp_path / "o")))
