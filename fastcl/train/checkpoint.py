@@ -69,9 +69,12 @@ def _write_tmp(path: str, write) -> str:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e.__context__, KeyboardInterrupt) and not isinstance(e, KeyboardInterrupt):
+            # Ctrl-C during torch.save's writes: its zip writer then fails on closing, which hides the interrupt
+            raise e.__context__ from None
         raise
     return tmp
 

@@ -73,3 +73,30 @@ def test_an_interrupted_checkpoint_write_leaves_no_temporary(tmp_path, monkeypat
     monkeypatch.undo()
     assert os.listdir(tmp_path) == [CHECKPOINT]
     assert read_checkpoint(path)["epoch"] == 1
+
+
+def test_ctrl_c_while_torch_save_writes_stays_an_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of ``torch.save``'s writes: its zip writer fails on closing (a RuntimeError about the
+    file position); the interrupt, not that error, comes out, and no temporary file stays."""
+    import io
+
+    from fastcl.train import checkpoint
+
+    path = str(tmp_path / CHECKPOINT)
+    save_checkpoint(path, STATE)
+
+    class InterruptedFile(io.FileIO):
+        writes = 0
+
+        def write(self, b):
+            InterruptedFile.writes += 1
+            if InterruptedFile.writes == 3:
+                raise KeyboardInterrupt
+            return super().write(b)
+
+    monkeypatch.setattr(checkpoint, "open", lambda name, mode: InterruptedFile(name, mode), raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, STATE | {"epoch": 2, "step": 8, "model": {"w": torch.zeros(1000)}})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == [CHECKPOINT]
+    assert read_checkpoint(path)["epoch"] == 1
