@@ -29,6 +29,19 @@ def test_atomic_json_writes_the_object_and_leaves_no_temporary(tmp_path):
     assert os.listdir(tmp_path) == ["summary.json"]
 
 
+def test_atomic_json_writes_numbers_json_cannot_hold_as_strings(tmp_path):
+    """NaN and infinities (a metric of an empty cue group) are written as strings: the file stays strict JSON."""
+    path = str(tmp_path / "summary.json")
+    atomic_json(path, {"a": float("nan"), "b": [1.5, float("inf"), (float("-inf"),)], "c": {"d": None}})
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    with open(path) as f:
+        assert json.loads(f.read(), parse_constant=refuse) == {"a": "nan", "b": [1.5, "inf", ["-inf"]],
+                                                               "c": {"d": None}}
+
+
 def test_read_checkpoint_names_the_file_and_what_is_wrong(tmp_path):
     with pytest.raises(CheckpointError, match="nope.pt does not exist"):
         read_checkpoint(str(tmp_path / "nope.pt"))
