@@ -28,8 +28,8 @@ import torch
 from fastcl.train.errors import ConfigError, RunError
 
 __all__ = ["CHECKPOINT", "CONFIG", "METRICS", "NON_FINITE_JSON", "PREVIOUS_CHECKPOINT", "RUN_FILES", "SUMMARY",
-           "CheckpointError", "atomic_json", "atomic_write", "load_checkpoint", "read_checkpoint", "read_metrics",
-           "remove_stale_temporaries", "rng_restore", "rng_snapshot", "run_files", "save_checkpoint"]
+           "CheckpointError", "atomic_json", "atomic_write", "json_safe", "load_checkpoint", "read_checkpoint",
+           "read_metrics", "remove_stale_temporaries", "rng_restore", "rng_snapshot", "run_files", "save_checkpoint"]
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
@@ -89,21 +89,21 @@ def atomic_write(path: str, write) -> None:
 NON_FINITE_JSON = ("nan", "inf", "-inf")  # how atomic_json writes NaN and the infinities
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """``obj`` with its NaN and infinite floats as strings (``'nan'``, ``'inf'``, ``'-inf'``), tuples as lists."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else str(obj)
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
 def atomic_json(path: str, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically (values JSON cannot hold, NaN and infinities included,
     are written as strings)."""
-    text = json.dumps(_json_safe(obj), indent=2, default=str, allow_nan=False)
+    text = json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False)
     atomic_write(path, lambda f: f.write(text.encode()))
 
 

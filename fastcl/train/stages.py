@@ -39,6 +39,7 @@ from fastcl.train.checkpoint import (
     SUMMARY,
     atomic_json,
     atomic_write,
+    json_safe,
     load_checkpoint,
     read_metrics,
     remove_stale_temporaries,
@@ -123,7 +124,7 @@ class Run:
 
     def log_record(self, rec: dict[str, Any]) -> None:
         if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps(rec) + "\n")
+            self.metrics_file.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
             self.metrics_file.flush()
 
 
