@@ -78,9 +78,15 @@ def load_cifar(name: str, data_dir: str | None, train_samples: int | None = None
     def read(files: Sequence[str]) -> ImageSet:
         xs, ys = [], []
         for fname in files:
-            d = _unpickle(os.path.join(root, fname))
-            xs.append(torch.as_tensor(d[b"data"], dtype=torch.uint8).view(-1, 3, 32, 32))
-            ys.append(torch.as_tensor(d[spec["label_key"]], dtype=torch.long))
+            path = os.path.join(root, fname)
+            try:
+                d = _unpickle(path)
+                xs.append(torch.as_tensor(d[b"data"], dtype=torch.uint8).view(-1, 3, 32, 32))
+                ys.append(torch.as_tensor(d[spec["label_key"]], dtype=torch.long))
+            except Exception as e:  # truncated (an interrupted download), not a pickle, not a CIFAR batch
+                what = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+                raise ValueError(f"{path!r} is not a readable {name} batch ({what}): download {spec['url']} and "
+                                 f"extract it again") from None
         return ImageSet(torch.cat(xs), torch.cat(ys))
 
     train, test = read(spec["train"]), read(spec["test"])

@@ -232,3 +232,18 @@ def test_folder_images_of_16_bits_keep_their_grey_level(tmp_path):
         Image.fromarray(np.full((10, 20), 100 * 257, np.uint16)).save(tmp_path / split / "cat" / "0.png")
     s = load_dataset("folder", data_dir=str(tmp_path), image_size=8)
     assert s.train.images.shape == (1, 3, 8, 8) and (s.train.images.int() - 100).abs().max() <= 1
+
+
+def test_a_damaged_cifar_file_is_named_with_what_to_do(tmp_path):
+    """A truncated batch (an interrupted download) or one that is not a CIFAR batch: a ValueError naming the file and
+    saying to download the release again (fastcl-pretrain prints it as one line, exit status 2)."""
+    folder = _write_cifar10(tmp_path)
+    with open(folder / "data_batch_3", "rb") as f:
+        whole = f.read()
+    for damage in (whole[: len(whole) // 2], b"garbage\n", pickle.dumps({b"other": 1})):
+        with open(folder / "data_batch_3", "wb") as f:
+            f.write(damage)
+        with pytest.raises(ValueError) as e:
+            load_dataset("cifar10", data_dir=str(tmp_path))
+        msg = str(e.value)
+        assert str(folder / "data_batch_3") in msg and "cifar-10-python.tar.gz" in msg and "\n" not in msg, msg
