@@ -180,6 +180,7 @@ def test_temporaries_of_killed_processes_are_removed(tmp_path, two_epoch_run):
     (["--micro-batch-size", "1"], "BatchNorm statistics would come from 1 sample(s) per micro-batch"),
     (["--stream"], "--stream reads image files"),
     (["--encoder", "vgg"], "invalid choice: 'vgg'"),
+    (["--probe-every", "-2"], "--probe-every must be >= 0 (or -1 for every max(1, epochs // 5)), got -2"),
 ])
 def test_configuration_errors_are_one_line_before_training(tmp_path, args, message):
     out = str(tmp_path / "o")
