@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import math
 import os
 import random
 import re
@@ -26,9 +27,9 @@ import torch
 
 from fastcl.train.errors import ConfigError, RunError
 
-__all__ = ["CHECKPOINT", "CONFIG", "METRICS", "PREVIOUS_CHECKPOINT", "RUN_FILES", "SUMMARY", "CheckpointError",
-           "atomic_json", "atomic_write", "load_checkpoint", "read_checkpoint", "read_metrics",
-           "remove_stale_temporaries", "rng_restore", "rng_snapshot", "run_files", "save_checkpoint"]
+__all__ = ["CHECKPOINT", "CONFIG", "METRICS", "NON_FINITE_JSON", "PREVIOUS_CHECKPOINT", "RUN_FILES", "SUMMARY",
+           "CheckpointError", "atomic_json", "atomic_write", "json_safe", "load_checkpoint", "read_checkpoint",
+           "read_metrics", "remove_stale_temporaries", "rng_restore", "rng_snapshot", "run_files", "save_checkpoint"]
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
@@ -69,9 +70,12 @@ def _write_tmp(path: str, write) -> str:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e.__context__, KeyboardInterrupt) and not isinstance(e, KeyboardInterrupt):
+            # Ctrl-C during torch.save's writes: its zip writer then fails on closing, which hides the interrupt
+            raise e.__context__ from None
         raise
     return tmp
 
@@ -82,9 +86,25 @@ def atomic_write(path: str, write) -> None:
     _fsync_dir(path)
 
 
+NON_FINITE_JSON = ("nan", "inf", "-inf")  # how atomic_json writes NaN and the infinities
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with its NaN and infinite floats as strings (``'nan'``, ``'inf'``, ``'-inf'``), tuples as lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically (values JSON cannot hold are written as strings)."""
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
+    """Write ``obj`` as indented JSON to ``path`` atomically (values JSON cannot hold, NaN and infinities included,
+    are written as strings)."""
+    text = json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def remove_stale_temporaries(out_dir: str) -> list[str]:
@@ -159,14 +179,19 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
         back = _read_checkpoint(tmp)
         if back["epoch"] != state["epoch"] or back["step"] != state["step"]:
             raise ValueError(f"reads back epoch {back['epoch']} step {back['step']}")
-    except ValueError as e:
+        if os.path.exists(path):
+            os.replace(path, prev)
+        os.replace(tmp, path)
+    except BaseException as e:  # also Ctrl-C: no temporary stays behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise RunError(f"the checkpoint written to {path} did not read back ({e}); the previous checkpoint is "
-                       f"intact: check the disk and rerun with --resume") from None
-    if os.path.exists(path):
-        os.replace(path, prev)
-    os.replace(tmp, path)
+        if isinstance(e, ValueError):
+            raise RunError(f"the checkpoint written to {path} did not read back ({e}); the previous checkpoint is "
+                           f"intact: check the disk and rerun with --resume") from None
+        if isinstance(e, OSError):
+            raise RunError(f"could not rotate the checkpoint {path} in: {e.strerror or e} (the previous checkpoint "
+                           f"is {path if os.path.exists(path) else prev}; rerun with --resume)") from None
+        raise
     _fsync_dir(path)
 
 

@@ -157,6 +157,8 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not value >= 0 or (isinstance(value, float) and not math.isfinite(value)):
             raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")
+    if args.probe_every < -1:
+        raise ConfigError(f"--probe-every must be >= 0 (or -1 for every max(1, epochs // 5)), got {args.probe_every}")
     if args.train_samples is not None and args.train_samples <= 0:
         raise ConfigError(f"--train-samples must be positive (leave it out for the default), got {args.train_samples}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
@@ -236,6 +238,8 @@ def _check_device(name: str) -> None:
 
 def _check_out(args: argparse.Namespace) -> None:
     out = args.out
+    if not out:
+        raise ConfigError("--out must name a directory, got an empty string")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out} is a file, not a directory: choose another --out")
     present = run_files(out)

@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace, d: Dist) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``fastcl-pretrain``: returns the exit status (0; 1 when the run failed; 2 for a configuration error,
-    reported in one line). argparse's own errors raise ``SystemExit(2)``."""
+    reported in one line; 130 after Ctrl-C). argparse's own errors raise ``SystemExit(2)``."""
     parser = build_parser()
     args = parser.parse_args(argv)
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -130,6 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if d.main:
             print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if d.main:
+            print(f"{parser.prog}: interrupted; the last checkpoint ({os.path.join(args.out, CHECKPOINT)}, if any) "
+                  f"stays: rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
     finally:
         torch.set_num_threads(threads)
         if d.enabled and dist.is_initialized():

@@ -68,7 +68,14 @@ from fastcl.evaluation.lle import fit_last_layer_ensemble
 from fastcl.evaluation.probes import linear_probe
 from fastcl.evaluation.shortcut_metrics import multi_shortcut_metrics, watermark_metrics
 from fastcl.train.augment import BatchAugment
-from fastcl.train.checkpoint import CHECKPOINT, SUMMARY, CheckpointError, atomic_json, read_checkpoint
+from fastcl.train.checkpoint import (
+    CHECKPOINT,
+    NON_FINITE_JSON,
+    SUMMARY,
+    CheckpointError,
+    atomic_json,
+    read_checkpoint,
+)
 from fastcl.train.cli import build_parser as build_pretrain_parser
 from fastcl.train.data import CueLayers, ImageSet, make_spurious_cues
 from fastcl.train.evaluate import embed
@@ -568,7 +575,7 @@ def aggregate(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 entries = [s["studies"][study][method][rep] for s in summaries]
                 agg = {}
                 for k, v in entries[0].items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    if (isinstance(v, (int, float)) and not isinstance(v, bool)) or v in NON_FINITE_JSON:
                         vals = torch.tensor([float(e[k]) for e in entries], dtype=torch.float64)
                         sd = float(vals.std()) if len(vals) > 1 else 0.0
                         agg[k] = {"mean": float(vals.mean()), "sd": sd, "values": vals.tolist()}

@@ -39,6 +39,7 @@ from fastcl.train.checkpoint import (
     SUMMARY,
     atomic_json,
     atomic_write,
+    json_safe,
     load_checkpoint,
     read_metrics,
     remove_stale_temporaries,
@@ -48,7 +49,7 @@ from fastcl.train.checkpoint import (
     save_checkpoint,
 )
 from fastcl.train.cli import BASE_LR, MIN_BATCHNORM_ROWS, build_parser, training_config
-from fastcl.train.data import load_dataset
+from fastcl.train.data import UnreadableImageError, load_dataset
 from fastcl.train.data.loader import EpochBatchSampler, InMemoryBatches, StreamingBatches, load_streaming
 from fastcl.train.errors import ConfigError, RunError
 from fastcl.train.evaluate import describe_error, quick_probe
@@ -123,7 +124,7 @@ class Run:
 
     def log_record(self, rec: dict[str, Any]) -> None:
         if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps(rec) + "\n")
+            self.metrics_file.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
             self.metrics_file.flush()
 
 
@@ -253,6 +254,11 @@ def restore_checkpoint(run: Run) -> None:
         if diff:
             raise ConfigError(f"--resume: {path} was written with different training arguments "
                               f"(checkpoint, now): {diff}; use the same arguments or another --out")
+        n_train = len(run.splits.train)
+        if ckpt.get("train_size", n_train) != n_train:  # the data, not the arguments, changed
+            raise ConfigError(f"--resume: the training set has {n_train} images, {path} was written with "
+                              f"{ckpt['train_size']}: the data changed since; restore it, or start over with "
+                              f"--overwrite or another --out")
         run.model.load_state_dict(ckpt["model"])
         _restore_queue(run, ckpt, path)
         run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -369,6 +375,7 @@ def write_checkpoint(run: Run) -> None:
         save_checkpoint(run.path(CHECKPOINT), {
             "version": CHECKPOINT_VERSION, "epoch": run.epoch, "epoch_step": run.epoch_step,
             "step": run.global_step, "epoch_loss_sum": run.epoch_loss_sum, "train_time_s": run.train_time,
+            "train_size": len(run.splits.train),
             "model": run.model.state_dict(), **_queue_state(run), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "rng": rngs, "config": run.config,
             "fastcl": str(fastcl.__version__), "torch": str(torch.__version__),
@@ -394,6 +401,16 @@ def crash_after_steps() -> int:
     return steps
 
 
+def _epoch_batches(run: Run, epoch: int):
+    """The batches of ``epoch`` from its current step; an image that cannot be read (``--stream`` decodes while
+    training) stops the run with :class:`RunError`, the last checkpoint kept."""
+    try:
+        yield from run.batches.epoch(epoch, run.epoch_step)
+    except UnreadableImageError as e:
+        raise RunError(f"{e}: replace or remove that file, then rerun with --resume (the last checkpoint, if any, "
+                       f"is kept)") from None
+
+
 def train(run: Run) -> None:
     """Stage 5: the remaining epochs; a checkpoint after each one (and every ``--checkpoint-every`` steps)."""
     args, d = run.args, run.d
@@ -406,7 +423,7 @@ def train(run: Run) -> None:
         if run.key_model is not None:
             run.key_model.train()  # BatchNorm on batch statistics, as the model's
         epoch_start = last = time.perf_counter()
-        for images, labels in run.batches.epoch(epoch, run.epoch_step):
+        for images, labels in _epoch_batches(run, epoch):
             loss = train_step(run, images, labels)
             run.global_step += 1
             run.epoch_step += 1

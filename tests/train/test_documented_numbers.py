@@ -66,7 +66,7 @@ def off_by_more(rows: dict, summary: dict, tolerance: float) -> dict:
     off = {}
     for label, layer in LAYERS.items():
         for column, (section, key) in COLUMNS.items():
-            measured = 100.0 * summary[section][layer][key]
+            measured = 100.0 * float(summary[section][layer][key])  # NaN is written as "nan"
             if not abs(measured - rows[label][column]) <= tolerance:  # (NaN is off too)
                 off[(label, column)] = (rows[label][column], round(measured, 2))
     return off

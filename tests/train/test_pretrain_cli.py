@@ -180,6 +180,7 @@ def test_temporaries_of_killed_processes_are_removed(tmp_path, two_epoch_run):
     (["--micro-batch-size", "1"], "BatchNorm statistics would come from 1 sample(s) per micro-batch"),
     (["--stream"], "--stream reads image files"),
     (["--encoder", "vgg"], "invalid choice: 'vgg'"),
+    (["--probe-every", "-2"], "--probe-every must be >= 0 (or -1 for every max(1, epochs // 5)), got -2"),
 ])
 def test_configuration_errors_are_one_line_before_training(tmp_path, args, message):
     out = str(tmp_path / "o")
@@ -204,6 +205,7 @@ def test_out_that_is_a_file_or_not_writable(tmp_path):
     path.write_text("x")
     assert "is a file" in one_line_error(cli(*TINY, "--out", str(path)))
     assert "not writable" in one_line_error(cli(*TINY, "--out", str(path / "sub")))
+    assert "--out must name a directory" in one_line_error(cli(*TINY, "--out", ""))
     if os.geteuid() != 0:  # root writes anywhere
         ro = tmp_path / "ro"
         ro.mkdir()
@@ -212,6 +214,31 @@ def test_out_that_is_a_file_or_not_writable(tmp_path):
             assert "not writable" in one_line_error(cli(*TINY, "--out", str(ro / "run")))
         finally:
             ro.chmod(0o755)
+
+
+def test_resume_after_the_training_set_changed_is_refused(tmp_path):
+    """Images added to a folder dataset between a kill and --resume: the epochs and the schedule would no longer be
+    the checkpoint's, so the resume stops with one line saying what changed."""
+    Image = pytest.importorskip("PIL.Image")
+    data = tmp_path / "data"
+
+    def images(split, n):
+        for c in ("a", "b"):
+            os.makedirs(data / split / c, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (20, 20), (10 * i, 0, 100 * (c == "b"))).save(data / split / c / f"{i}.png")
+
+    images("train", 12)
+    images("test", 2)
+    args = ["--dataset", "folder", "--data-dir", str(data), "--image-size", "16", "--widths", "4,8", "--proj-dim",
+            "8", "--batch-size", "8", "--epochs", "2", "--threads", "1", "--probe-every", "0", "--quiet",
+            "--no-plots", "--out", str(tmp_path / "run")]
+    crashed = subprocess.run([sys.executable, "-m", "fastcl.train.pretrain", *args], env=env() | {
+        CRASH_AFTER_STEPS_ENV: "4"}, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == 137, crashed.stderr  # 3 steps per epoch: killed in the second epoch
+    images("train", 30)
+    line = one_line_error(cli(*args, "--resume"))
+    assert "training set has 60 images" in line and "written with 24" in line, line
 
 
 def test_batchnorm_micro_batches_warn(tmp_path):
@@ -252,6 +279,28 @@ def test_evaluation_failure_keeps_checkpoint_and_partial_summary(tmp_path, monke
     assert 0 <= s["linear_probe"]["pre_projection"]["accuracy"] <= 1
     assert s["training"]["completed"] is True and s["checkpoint"].endswith("checkpoint.pt")
     assert torch.load(s["checkpoint"], map_location="cpu", weights_only=True)["epoch"] == 1
+
+
+def test_ctrl_c_is_one_line_and_resume_continues(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (KeyboardInterrupt) stops the run with one line saying how to continue, exit status 130, the last
+    checkpoint kept and no temporary file; --resume then finishes the run."""
+    real = pretrain.train
+
+    def train_then_interrupt(run):
+        real(run)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "train", train_then_interrupt)
+    out = str(tmp_path / "run")
+    assert pretrain.main([*TINY, "--epochs", "1", "--out", out]) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[-1].startswith("fastcl-pretrain: interrupted") and f"{out}/checkpoint.pt" in err[-1], err
+    assert "--resume" in err[-1] and not [line for line in err if "Traceback" in line], err
+    assert not [name for name in listing(out) if ".tmp" in name] and "summary.json" not in listing(out)
+    monkeypatch.undo()
+    assert pretrain.main([*TINY, "--epochs", "1", "--out", out, "--resume"]) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["training"]["completed"] is True
 
 
 def test_non_finite_weights_are_not_evaluated(tmp_path, monkeypatch):

@@ -174,3 +174,26 @@ def test_finetune_records_a_diverged_setting_as_nan_and_selects_another():
     assert all(math.isnan(v) for v in rec["val_curves"]["1e+08"])
     assert rec["selected_weight_decay"] == 0.0 and math.isfinite(rec["val_worst_group_acc"])
     assert rec["val_worst_group_acc"] == max(rec["val_curves"]["0"])
+
+
+def test_aggregate_reads_non_finite_metrics_written_as_strings(tmp_path):
+    """A summary.json holds NaN and infinite metrics as strings (strict JSON); aggregating reads them back as
+    numbers, whichever run comes first."""
+    from fastcl.train.checkpoint import atomic_json
+    from fastcl.train.shortcuts import REPRESENTATIONS, aggregate
+
+    def summary(value):
+        return {"studies": {"frozen": {"dfr": {rep: {"bg_gap": value, "method": "dfr"} for rep in REPRESENTATIONS}}}}
+
+    paths = []
+    for i, value in enumerate((float("nan"), 0.5)):
+        paths.append(str(tmp_path / f"{i}.json"))
+        atomic_json(paths[-1], summary(value))
+    runs = []
+    for p in paths:
+        with open(p) as f:
+            runs.append(json.load(f))
+    for order in (runs, runs[::-1]):
+        cell = aggregate(order)["studies"]["frozen"]["dfr"]["pre_projection"]
+        assert set(cell) == {"bg_gap"} and math.isnan(cell["bg_gap"]["mean"])
+        assert sorted(cell["bg_gap"]["values"], key=math.isnan) == [0.5, pytest.approx(float("nan"), nan_ok=True)]

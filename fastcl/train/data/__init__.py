@@ -28,6 +28,7 @@ from fastcl.train.data.splits import (
     DatasetSplits,
     ImageSet,
     MissingDependencyError,
+    UnreadableImageError,
 )
 from fastcl.train.data.spurious_cues import (
     CORE_SHAPES,
@@ -51,6 +52,7 @@ __all__ = [
     "DatasetSplits",
     "ImageSet",
     "MissingDependencyError",
+    "UnreadableImageError",
     "add_watermark",
     "compose_cue_layers",
     "folder_layout",

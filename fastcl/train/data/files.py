@@ -17,6 +17,7 @@ import os
 import pickle
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,11 +28,12 @@ from fastcl.train.data.splits import (
     DatasetSplits,
     ImageSet,
     MissingDependencyError,
+    UnreadableImageError,
 )
 from fastcl.train.data.spurious_cues import spurious_cues_splits
 
 __all__ = ["folder_layout", "folder_split_files", "list_images", "load_cifar", "load_dataset", "load_folder",
-           "load_urbancars"]
+           "load_urbancars", "rgb_image"]
 
 # --------------------------------------------------------------------------------------------------
 # CIFAR (python pickle release)
@@ -76,9 +78,15 @@ def load_cifar(name: str, data_dir: str | None, train_samples: int | None = None
     def read(files: Sequence[str]) -> ImageSet:
         xs, ys = [], []
         for fname in files:
-            d = _unpickle(os.path.join(root, fname))
-            xs.append(torch.as_tensor(d[b"data"], dtype=torch.uint8).view(-1, 3, 32, 32))
-            ys.append(torch.as_tensor(d[spec["label_key"]], dtype=torch.long))
+            path = os.path.join(root, fname)
+            try:
+                d = _unpickle(path)
+                xs.append(torch.as_tensor(d[b"data"], dtype=torch.uint8).view(-1, 3, 32, 32))
+                ys.append(torch.as_tensor(d[spec["label_key"]], dtype=torch.long))
+            except Exception as e:  # truncated (an interrupted download), not a pickle, not a CIFAR batch
+                what = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+                raise ValueError(f"{path!r} is not a readable {name} batch ({what}): download {spec['url']} and "
+                                 f"extract it again") from None
         return ImageSet(torch.cat(xs), torch.cat(ys))
 
     train, test = read(spec["train"]), read(spec["test"])
@@ -107,6 +115,14 @@ def _pillow():
     return Image
 
 
+def rgb_image(im):
+    """The Pillow image ``im`` in mode RGB; 16-bit greyscale (``I;16`` PNG and TIFF files) keeps its high byte,
+    which Pillow's own conversion would clip at 255."""
+    if im.mode.startswith("I;16"):
+        im = _pillow().fromarray((np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8))
+    return im.convert("RGB")
+
+
 def list_images(folder: str) -> list[str]:
     """The image files (by extension) directly in ``folder``, sorted."""
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -116,10 +132,13 @@ def _read_images(paths: Sequence[str], image_size: int) -> Tensor:
     Image = _pillow()
     out = torch.empty(len(paths), 3, image_size, image_size, dtype=torch.uint8)
     for i, p in enumerate(paths):
-        with Image.open(p) as im:
-            im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-            out[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3) \
-                .permute(2, 0, 1)
+        try:
+            with Image.open(p) as im:
+                im = rgb_image(im).resize((image_size, image_size), Image.BILINEAR)
+        except Exception as e:  # corrupt, truncated, not an image
+            raise UnreadableImageError.reading(p, e) from None
+        out[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3) \
+            .permute(2, 0, 1)
     return out
 
 

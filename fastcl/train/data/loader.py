@@ -34,8 +34,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fastcl.train.data.files import folder_layout, folder_split_files, list_images
-from fastcl.train.data.splits import DatasetNotFoundError, DatasetSplits, ImageSet, MissingDependencyError
+from fastcl.train.data.files import folder_layout, folder_split_files, list_images, rgb_image
+from fastcl.train.data.splits import (
+    DatasetNotFoundError,
+    DatasetSplits,
+    ImageSet,
+    MissingDependencyError,
+    UnreadableImageError,
+)
 
 __all__ = [
     "EpochBatchSampler",
@@ -49,6 +55,7 @@ __all__ = [
     "decoder_name",
     "iter_image_batches",
     "load_streaming",
+    "read_image",
 ]
 
 STREAMING_DATASETS = ("folder", "urbancars")
@@ -177,6 +184,8 @@ def decode_resized(path: str, size: int, offset: float | None = None) -> Tensor:
     if tv is not None:
         decode_image, read_file, rgb, resize = tv
         img = decode_image(read_file(path), mode=rgb)
+        if img.dtype != torch.uint8:  # 16-bit PNG: the high byte
+            img = img.to(torch.int32).div(256, rounding_mode="floor").to(torch.uint8)
         h, w = img.shape[-2:]
         if min(h, w) != size:
             scale = size / min(h, w)
@@ -188,7 +197,7 @@ def decode_resized(path: str, size: int, offset: float | None = None) -> Tensor:
     with Image.open(path) as im:
         if im.format == "JPEG":
             im.draft("RGB", (size, size))  # decode at 1/2, 1/4 or 1/8 scale while the short side stays >= size
-        im = im.convert("RGB")
+        im = rgb_image(im)
         w, h = im.size
         if min(w, h) != size:
             scale = size / min(w, h)
@@ -199,6 +208,16 @@ def decode_resized(path: str, size: int, offset: float | None = None) -> Tensor:
         im = im.crop((x0, y0, x0 + size, y0 + size))
         return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1) \
             .contiguous()
+
+
+def read_image(path: str, size: int, offset: float | None = None) -> Tensor:
+    """:func:`decode_resized`; a file that cannot be decoded raises :class:`UnreadableImageError` naming it."""
+    try:
+        return decode_resized(path, size, offset)
+    except MissingDependencyError:
+        raise
+    except Exception as e:  # corrupt, truncated, not an image
+        raise UnreadableImageError.reading(path, e) from None
 
 
 class ImageFileDataset(Dataset):
@@ -222,13 +241,7 @@ class ImageFileDataset(Dataset):
         offset = None
         if self.random_crop:
             offset = random.Random((self.seed * 1_000_003 + epoch) * 100_000_007 + i).random()
-        try:
-            img = decode_resized(str(self.paths[i]), self.image_size, offset)
-        except MissingDependencyError:
-            raise
-        except Exception as e:
-            raise RuntimeError(f"could not read image {self.paths[i]!r}: {type(e).__name__}: {e}") from e
-        return img, self.labels[i]
+        return read_image(str(self.paths[i]), self.image_size, offset), self.labels[i]
 
 
 def _loader(dataset: Dataset, *, batch_sampler: Any = None, batch_size: int | None = None, workers: int = 0,
@@ -319,7 +332,7 @@ class StreamingBatches:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         self.sampler.set_epoch(epoch, start_step)
-        for images, labels in _iterate(self.loader):
+        for images, labels in _batches(self.loader):
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
@@ -336,6 +349,19 @@ def _iterate(loader: DataLoader) -> Iterator[Any]:
         gc.unfreeze()
 
 
+def _batches(loader: DataLoader) -> Iterator[Any]:
+    """The batches of ``loader``; an :class:`UnreadableImageError` raised in a worker process arrives with the
+    worker's traceback in its message and is raised again with its own one-line message."""
+    try:
+        yield from _iterate(loader)
+    except UnreadableImageError as e:
+        lines = str(e).strip().splitlines()
+        if len(lines) <= 1:
+            raise
+        name = f"{UnreadableImageError.__module__}.{UnreadableImageError.__qualname__}: "
+        raise UnreadableImageError(lines[-1].removeprefix(name)) from None
+
+
 def iter_image_batches(images: ImageSet | StreamingImageSet, batch_size: int, *, workers: int = 0,
                        prefetch: int = 2) -> Iterator[Tensor]:
     """The images of a split in order, ``batch_size`` at a time, as ``uint8 [b, C, S, S]`` on the CPU
@@ -345,7 +371,7 @@ def iter_image_batches(images: ImageSet | StreamingImageSet, batch_size: int, *,
             yield images.images[s:s + batch_size]
         return
     loader = _loader(images.dataset(), batch_size=batch_size, workers=workers, prefetch=prefetch)
-    for x, _ in _iterate(loader):
+    for x, _ in _batches(loader):
         yield x
 
 
@@ -359,7 +385,7 @@ def _cap(split: StreamingImageSet, limit: int | None, seed: int) -> StreamingIma
 def _channel_stats(split: StreamingImageSet, limit: int = 256) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of up to ``limit`` images spread over the split (centre crops)."""
     rows = torch.linspace(0, len(split) - 1, min(limit, len(split))).round().long().unique()
-    x = torch.stack([decode_resized(split.paths[i], split.image_size) for i in rows.tolist()]).float() / 255.0
+    x = torch.stack([read_image(split.paths[i], split.image_size) for i in rows.tolist()]).float() / 255.0
     mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp(min=1e-3)
     return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["DATASETS", "IMAGE_EXTENSIONS", "DatasetNotFoundError", "DatasetSplits", "ImageSet",
-           "MissingDependencyError"]
+           "MissingDependencyError", "UnreadableImageError"]
 
 DATASETS = ("spurious-cues", "cifar10", "cifar100", "folder", "urbancars")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
@@ -22,6 +22,17 @@ class DatasetNotFoundError(FileNotFoundError):
 
 class MissingDependencyError(ImportError):
     """An optional dependency a dataset needs (Pillow) is not installed; the message says how to install it."""
+
+
+class UnreadableImageError(ValueError):
+    """An image file of a dataset cannot be decoded (corrupt, truncated, not an image); the message is one line
+    naming the file."""
+
+    @classmethod
+    def reading(cls, path: str, e: BaseException) -> UnreadableImageError:
+        """The error for ``path``, whose decoding raised ``e``."""
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return cls(f"could not read image {path!r}: {type(e).__name__}{f': {text}' if text else ''}")
 
 
 @dataclass

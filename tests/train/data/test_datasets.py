@@ -207,3 +207,43 @@ def test_urbancars_release_layout_gives_groups(tmp_path):
         assert split.bg_aligned.sum() == 4 and split.coobj_aligned.sum() == 4
         assert torch.equal(split.bg_aligned, split.bg == split.labels)
     assert s.train.labels.tolist() == [0] * 4 + [1] * 4
+
+
+def test_an_unreadable_folder_image_is_named(tmp_path):
+    """A corrupt file with an image extension stops the in-memory folder loader with a one-line error naming it."""
+    from fastcl.train.data import UnreadableImageError
+
+    Image = pytest.importorskip("PIL.Image")
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / split / "cat")
+        Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / split / "cat" / "0.png")
+    bad = tmp_path / "train" / "cat" / "1.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    with pytest.raises(UnreadableImageError, match="could not read image") as e:
+        load_dataset("folder", data_dir=str(tmp_path), image_size=8)
+    assert isinstance(e.value, ValueError) and str(bad) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_folder_images_of_16_bits_keep_their_grey_level(tmp_path):
+    """A 16-bit greyscale PNG is read at its grey level (the high byte), not clipped to white."""
+    Image = pytest.importorskip("PIL.Image")
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / split / "cat")
+        Image.fromarray(np.full((10, 20), 100 * 257, np.uint16)).save(tmp_path / split / "cat" / "0.png")
+    s = load_dataset("folder", data_dir=str(tmp_path), image_size=8)
+    assert s.train.images.shape == (1, 3, 8, 8) and (s.train.images.int() - 100).abs().max() <= 1
+
+
+def test_a_damaged_cifar_file_is_named_with_what_to_do(tmp_path):
+    """A truncated batch (an interrupted download) or one that is not a CIFAR batch: a ValueError naming the file and
+    saying to download the release again (fastcl-pretrain prints it as one line, exit status 2)."""
+    folder = _write_cifar10(tmp_path)
+    with open(folder / "data_batch_3", "rb") as f:
+        whole = f.read()
+    for damage in (whole[: len(whole) // 2], b"garbage\n", pickle.dumps({b"other": 1})):
+        with open(folder / "data_batch_3", "wb") as f:
+            f.write(damage)
+        with pytest.raises(ValueError) as e:
+            load_dataset("cifar10", data_dir=str(tmp_path))
+        msg = str(e.value)
+        assert str(folder / "data_batch_3") in msg and "cifar-10-python.tar.gz" in msg and "\n" not in msg, msg

@@ -112,6 +112,22 @@ def test_decode_keeps_the_aspect_ratio_and_crops_the_long_side(tmp_path):
     assert torch.equal(decode_resized(tall, 15), torch.full((3, 15, 15), 77, dtype=torch.uint8))
 
 
+def test_decode_reads_every_image_mode_as_rgb(tmp_path):
+    """Greyscale, 16-bit greyscale, palette and RGBA files and an image smaller than the crop all decode to
+    ``uint8 [3, S, S]`` with their grey levels (16-bit: the high byte, not clipped at 255)."""
+    grey = np.full((30, 40), 100, np.uint8)
+    files = {"grey.png": Image.fromarray(grey), "grey16.png": Image.fromarray(grey.astype(np.uint16) * 257),
+             "palette.png": Image.fromarray(np.stack([grey] * 3, -1)).convert("P", palette=Image.Palette.ADAPTIVE),
+             "rgba.png": Image.fromarray(np.stack([grey] * 3 + [np.full_like(grey, 255)], -1)),
+             "tiny.png": Image.fromarray(np.full((3, 5), 100, np.uint8))}
+    for name, im in files.items():
+        path = str(tmp_path / name)
+        im.save(path)
+        x = decode_resized(path, 16)
+        assert x.shape == (3, 16, 16) and x.dtype == torch.uint8, name
+        assert (x.int() - 100).abs().max() <= 1, (name, x.unique())
+
+
 def test_jpeg_reduced_scale_decode_matches_a_full_decode(tmp_path):
     g = torch.Generator().manual_seed(0)
     base = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 12, generator=g), size=(256, 384), mode="bilinear")
@@ -281,3 +297,57 @@ def test_folder_split_without_images_names_the_folder(tmp_path):
     for load in (lambda: load_folder(str(tmp_path)), lambda: load_streaming("folder", data_dir=str(tmp_path))):
         with pytest.raises(DatasetNotFoundError, match=r"no images .* under .*test.*class-per-subfolder"):
             load()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_is_named_in_one_line(tmp_path, workers):
+    """A corrupt image stops listing (channel statistics) and streaming (training batches, evaluation batches, with
+    or without worker processes) with an UnreadableImageError whose message is one line naming the file."""
+    from fastcl.train.data import UnreadableImageError
+
+    root = _folder(str(tmp_path / "data"), n_per_class=4)
+    bad = os.path.join(root, "train", "a", "002.png")
+    with open(bad, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(UnreadableImageError, match="could not read image") as e:
+        load_streaming("folder", data_dir=root, image_size=16)
+    assert bad in str(e.value) and "\n" not in str(e.value)
+    paths = [os.path.join(root, "train", c, f"{i:03d}.png") for c in "ab" for i in range(4)]
+    train = StreamingImageSet(paths, torch.tensor([0] * 4 + [1] * 4), 16)
+    src = StreamingBatches(train, EpochBatchSampler(8, 8, seed=0), torch.device("cpu"), workers=workers)
+    for batches in (lambda: list(src.epoch(0)), lambda: list(iter_image_batches(train, 4, workers=workers))):
+        with pytest.raises(UnreadableImageError) as e:
+            batches()
+        assert str(e.value).startswith(f"could not read image {bad!r}: ") and "\n" not in str(e.value)
+
+
+def test_pretrain_with_an_unreadable_image_stops_in_one_line(tmp_path):
+    """fastcl-pretrain --stream: a corrupt image among those read for the channel statistics is a configuration
+    error before training (exit 2); one met while training stops the run (exit 1) with a summary saying why. Both
+    errors are one line naming the file."""
+    root = str(tmp_path / "data")
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            os.makedirs(os.path.join(root, split, c))
+            for i in range(132 if split == "train" else 4):  # 264 training images
+                Image.fromarray(np.full((20, 20, 3), i, np.uint8)).save(os.path.join(root, split, c, f"{i:03d}.png"))
+    # the statistics read 256 images spread over the split: the first is one of them, image 16 is not
+    first, skipped = (os.path.join(root, "train", "a", f"{i:03d}.png") for i in (0, 16))
+    base = ["--dataset", "folder", "--data-dir", root, "--stream", "--image-size", "16", "--widths", "4,8",
+            "--proj-dim", "8", "--batch-size", "88", "--epochs", "1", "--threads", "1", "--probe-every", "0",
+            "--quiet", "--no-plots"]
+    for bad, out, code in ((first, tmp_path / "listing", 2), (skipped, tmp_path / "training", 1)):
+        with open(bad, "rb") as f:
+            good = f.read()
+        with open(bad, "wb") as f:
+            f.write(b"not an image")
+        proc = _cli(*base, "--out", str(out))
+        with open(bad, "wb") as f:
+            f.write(good)
+        assert proc.returncode == code, proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("fastcl-pretrain: error: ")]
+        assert len(errors) == 1 and f"could not read image {bad!r}" in errors[0], proc.stderr
+    with open(tmp_path / "training" / "summary.json") as f:
+        s = json.load(f)
+    assert s["training"]["completed"] is False and skipped in s["training"]["error"]
