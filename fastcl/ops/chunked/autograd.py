@@ -120,13 +120,14 @@ class _ChunkedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_a, grad_c, grad_s):
         if grad_a is not None or grad_c is not None or grad_s is not None:
-            raise RuntimeError(_FIRST_DERIVATIVES_ONLY)
+            raise RuntimeError(FIRST_DERIVATIVES_ONLY)
         if grad_loss is None:
             return (None,) * 5
         return *input_gradients(ctx, grad_loss, *ctx.saved_tensors), None, None, _scale_input_gradient(ctx, grad_loss)
 
 
-_FIRST_DERIVATIVES_ONLY = (
+# the error of a second derivative through the chunked backend (its nodes hold first derivatives as constants)
+FIRST_DERIVATIVES_ONLY = (
     "fastcl's chunked backend forms first derivatives only: a second derivative through the loss (create_graph=True, "
     "nested torch.func transforms) would silently treat them as constants; use backend='reference' for that"
 )
@@ -153,7 +154,7 @@ class _EagerChunkedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if torch.is_grad_enabled():  # create_graph=True: the stored first derivatives would enter as constants
-            raise RuntimeError(_FIRST_DERIVATIVES_ONLY)
+            raise RuntimeError(FIRST_DERIVATIVES_ONLY)
         grad_scale = _scale_input_gradient(ctx, grad_loss)
         return *input_gradients(ctx, grad_loss, *ctx.saved_tensors), None, None, grad_scale
 

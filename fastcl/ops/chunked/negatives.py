@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from fastcl.ops.chunked import passes
+from fastcl.ops.chunked.autograd import FIRST_DERIVATIVES_ONLY
 from fastcl.ops.problem import (
     Problem,
     compute_dtype,
@@ -281,10 +282,7 @@ class _NegativesFunction(torch.autograd.Function):
         # a second derivative, which would treat them as constants
         nested = any(g is not None for g in grad_outputs)
         if nested or (torch.is_grad_enabled() and not functorch_transforms_active()):
-            raise RuntimeError(
-                "fastcl's chunked backend forms first derivatives only (create_graph=True or nested torch.func "
-                "transforms would treat them as constants); use backend='reference' for a second derivative"
-            )
+            raise RuntimeError(FIRST_DERIVATIVES_ONLY)
         if grad_loss is None:
             return (None,) * 6
         needs = ctx.needs_input_grad
